@@ -1,0 +1,48 @@
+"""Queries and writes used by the service."""
+
+from __future__ import annotations
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from database.models import Patient, Prediction
+
+
+def add_prediction(session: Session, prediction: Prediction) -> None:
+    """Insert a prediction, creating its patient or pointing the patient at this latest upload."""
+    patient = session.get(Patient, prediction.patient_id, with_for_update=False)
+    if patient is None:
+        session.add(Patient(patient_id=prediction.patient_id, image_path=prediction.image_path,
+                            first_upload_at=prediction.created_at))
+    else:
+        patient.image_path = prediction.image_path
+    session.add(prediction)
+
+
+def get_patient(session: Session, patient_id: str) -> Patient | None:
+    return session.get(Patient, patient_id)
+
+
+def list_predictions(session: Session, patient_id: str) -> list[Prediction]:
+    """A patient's predictions, newest first."""
+    query = (select(Prediction).where(Prediction.patient_id == patient_id)
+             .order_by(Prediction.created_at.desc(), Prediction.id.desc()))
+    return list(session.scalars(query))
+
+
+def untracked_predictions(session: Session, limit: int = 50) -> list[Prediction]:
+    """Predictions whose MLflow run has not been logged yet, oldest first."""
+    query = select(Prediction).where(Prediction.mlflow_run_id.is_(None)).order_by(Prediction.created_at).limit(limit)
+    return list(session.scalars(query))
+
+
+def set_run_id(session: Session, prediction_id: str, run_id: str) -> None:
+    session.execute(update(Prediction).where(Prediction.id == prediction_id).values(mlflow_run_id=run_id))
+
+
+def known_prediction_ids(session: Session) -> set[str]:
+    return set(session.scalars(select(Prediction.id)))
+
+
+def count_untracked(session: Session) -> int:
+    return int(session.scalar(select(func.count()).select_from(Prediction).where(Prediction.mlflow_run_id.is_(None))) or 0)

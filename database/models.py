@@ -1,0 +1,49 @@
+"""ORM tables: `patients` and `predictions` (SQLAlchemy 2.x typed mappings)."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import DateTime, Float, ForeignKey, Index, String
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Patient(Base):
+    __tablename__ = "patients"
+
+    patient_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    image_path: Mapped[str] = mapped_column(String(512), comment="original image of the latest upload")
+    first_upload_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    predictions: Mapped[list[Prediction]] = relationship(back_populates="patient")
+
+
+class Prediction(Base):
+    __tablename__ = "predictions"
+    __table_args__ = (Index("ix_predictions_patient_created", "patient_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True, comment="also the storage folder name")
+    patient_id: Mapped[str] = mapped_column(ForeignKey("patients.patient_id"))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    image_path: Mapped[str] = mapped_column(String(512))
+    image_sha256: Mapped[str] = mapped_column(String(64))
+    image_width: Mapped[int]
+    image_height: Mapped[int]
+    given_sex: Mapped[str] = mapped_column(String(8))
+    male_age_months: Mapped[float] = mapped_column(Float)
+    male_sigma_months: Mapped[float] = mapped_column(Float)
+    male_group_probs: Mapped[str] = mapped_column(String(128), comment="JSON list of 4 probabilities")
+    male_gradcam_path: Mapped[str] = mapped_column(String(512))
+    male_model_version: Mapped[str] = mapped_column(String(128))
+    female_age_months: Mapped[float] = mapped_column(Float)
+    female_sigma_months: Mapped[float] = mapped_column(Float)
+    female_group_probs: Mapped[str] = mapped_column(String(128))
+    female_gradcam_path: Mapped[str] = mapped_column(String(512))
+    female_model_version: Mapped[str] = mapped_column(String(128))
+    female_fallback: Mapped[bool] = mapped_column(default=False, comment="the male model served as female")
+    mlflow_run_id: Mapped[str | None] = mapped_column(String(64), default=None, index=True)
+
+    patient: Mapped[Patient] = relationship(back_populates="predictions")

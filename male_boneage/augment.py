@@ -1,0 +1,121 @@
+"""Preprocessing and augmentation shared by training, evaluation and the service's test-time augmentation.
+
+One path from pixels to model input: grayscale -> squash to `size` x `size` (as the RSNA 100 px set was made)
+-> float in [0, 1] -> geometric / photometric variants -> per-image standardisation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+
+def to_model_pixels(image: Image.Image, size: int) -> np.ndarray:
+    """An 8-bit grayscale PIL image -> `size` x `size` float32 array in [0, 1] (aspect ratio not kept)."""
+    if image.mode != "L":
+        raise ValueError(f"expected an 8-bit grayscale image, got mode {image.mode}")
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    return np.asarray(image, dtype=np.float32) / 255.0
+
+
+def standardize(batch: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    """Per-image zero mean, unit variance: removes exposure differences between films."""
+    mean = batch.mean(dim=(1, 2, 3), keepdim=True)
+    std = batch.std(dim=(1, 2, 3), keepdim=True)
+    return (batch - mean) / (std + eps)
+
+
+def affine_matrices(rotation_deg: torch.Tensor, scale: torch.Tensor, aspect: torch.Tensor,
+                    shift_x: torch.Tensor, shift_y: torch.Tensor) -> torch.Tensor:
+    """Batch of 2x3 matrices for `F.affine_grid` (output -> input coordinates, normalised to [-1, 1]).
+
+    `scale` > 1 zooms in; `aspect` stretches x against y, as films of other proportions squashed to a square do.
+    """
+    theta = rotation_deg * math.pi / 180.0
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    sx = 1.0 / (scale * aspect.sqrt())
+    sy = aspect.sqrt() / scale
+    row0 = torch.stack([cos * sx, -sin * sx, shift_x], dim=1)
+    row1 = torch.stack([sin * sy, cos * sy, shift_y], dim=1)
+    return torch.stack([row0, row1], dim=1)
+
+
+def warp(batch: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
+    """Apply affine matrices to a (N, 1, H, W) batch; pixels from outside the image are black (film border)."""
+    grid = F.affine_grid(matrices, list(batch.shape), align_corners=False)
+    return F.grid_sample(batch, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+@dataclass(frozen=True)
+class TrainAugmentation:
+    """Random variants that look like real uploads: framing, rotation, film proportions, exposure, markers."""
+
+    max_rotation_deg: float = 15.0
+    scale_range: tuple[float, float] = (0.85, 1.3)
+    aspect_range: tuple[float, float] = (0.8, 1.25)
+    max_shift: float = 0.08
+    gamma_range: tuple[float, float] = (0.7, 1.5)
+    background_cut_prob: float = 0.3
+    marker_prob: float = 0.3
+    border_prob: float = 0.2
+
+    def __call__(self, batch: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(N, 1, H, W) in [0, 1] -> augmented (N, 1, H, W) in [0, 1] (not yet standardised)."""
+        n, _, h, w = batch.shape
+
+        def uniform(low: float, high: float) -> torch.Tensor:
+            return torch.rand(n, generator=generator) * (high - low) + low
+
+        # Log-uniform scale and aspect so zoom in and out are equally likely.
+        scale = torch.exp(uniform(math.log(self.scale_range[0]), math.log(self.scale_range[1])))
+        aspect = torch.exp(uniform(math.log(self.aspect_range[0]), math.log(self.aspect_range[1])))
+        matrices = affine_matrices(
+            uniform(-self.max_rotation_deg, self.max_rotation_deg), scale, aspect,
+            uniform(-self.max_shift, self.max_shift) * 2, uniform(-self.max_shift, self.max_shift) * 2,
+        )
+        out = warp(batch, matrices)
+
+        gamma = torch.exp(uniform(math.log(self.gamma_range[0]), math.log(self.gamma_range[1])))
+        out = out.clamp(0, 1) ** gamma.view(n, 1, 1, 1)
+
+        # Background removal as in registered test films: crush the darkest levels to black.
+        cut = uniform(0.1, 0.35) * (torch.rand(n, generator=generator) < self.background_cut_prob)
+        cut = cut.view(n, 1, 1, 1)
+        out = ((out - cut) / (1 - cut)).clamp(0, 1)
+
+        ys = torch.arange(h).view(1, h, 1)
+        xs = torch.arange(w).view(1, 1, w)
+        # A bright "L"-style marker: a small white rectangle somewhere near the film's edge.
+        has_marker = (torch.rand(n, generator=generator) < self.marker_prob).view(n, 1, 1)
+        mx = (torch.rand(n, generator=generator) * (w - 10)).long().view(n, 1, 1)
+        my = (torch.rand(n, generator=generator) * (h * 0.3)).long().view(n, 1, 1)
+        marker = has_marker & (xs >= mx) & (xs < mx + max(2, w // 12)) & (ys >= my) & (ys < my + max(2, h // 10))
+        out = torch.where(marker.unsqueeze(1), torch.ones_like(out), out)
+        # A white film border on one side.
+        has_border = (torch.rand(n, generator=generator) < self.border_prob).view(n, 1, 1)
+        bw = (torch.rand(n, generator=generator) * 0.08 * w).long().view(n, 1, 1) + 1
+        border = has_border & ((xs < bw) | (xs >= w - bw) | (ys < bw))
+        out = torch.where(border.unsqueeze(1), torch.full_like(out, 0.9), out)
+        return out
+
+
+# Default test-time variants: identity first (its Grad-CAM is shown), then small rotations and zooms.
+DEFAULT_TTA: tuple[tuple[float, float], ...] = ((0.0, 1.0), (-6.0, 1.0), (6.0, 1.0), (0.0, 1.08))
+
+
+def tta_batch(pixels: np.ndarray, variants: tuple[tuple[float, float], ...] = DEFAULT_TTA) -> torch.Tensor:
+    """One preprocessed image (H, W) in [0, 1] -> standardised (len(variants), 1, H, W) model input.
+
+    Each variant is (rotation in degrees, zoom); the first should be the identity.
+    """
+    base = torch.from_numpy(pixels).view(1, 1, *pixels.shape).expand(len(variants), 1, *pixels.shape)
+    rotation = torch.tensor([v[0] for v in variants], dtype=torch.float32)
+    scale = torch.tensor([v[1] for v in variants], dtype=torch.float32)
+    zeros, ones = torch.zeros(len(variants)), torch.ones(len(variants))
+    return standardize(warp(base.contiguous(), affine_matrices(rotation, scale, ones, zeros, zeros)))

@@ -1,0 +1,63 @@
+"""Labelled radiograph folders (`labels.csv`: image,boneage_months,male) and the seeded split by id."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SPLITS = ("train", "val", "calib")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One labelled radiograph."""
+
+    image_id: str
+    path: Path
+    boneage_months: float
+    male: bool
+
+
+def read_labels(folder: Path) -> list[Case]:
+    """All cases of a folder with a `labels.csv`, in file order."""
+    labels = folder / "labels.csv"
+    if not labels.is_file():
+        raise FileNotFoundError(f"{labels} not found: a data folder needs labels.csv (image,boneage_months,male)")
+    with labels.open(newline="") as f:
+        return [
+            Case(Path(row["image"]).stem, folder / row["image"], float(row["boneage_months"]), row["male"] == "1")
+            for row in csv.DictReader(f)
+        ]
+
+
+def split_of(image_id: str, seed: int, val_percent: int = 10, calib_percent: int = 10) -> str:
+    """Deterministic split by id: the same id lands in the same split on every machine and run."""
+    bucket = int(hashlib.sha256(f"{seed}:{image_id}".encode()).hexdigest(), 16) % 100
+    if bucket < val_percent:
+        return "val"
+    if bucket < val_percent + calib_percent:
+        return "calib"
+    return "train"
+
+
+def select(cases: list[Case], split: str, sex: str, seed: int) -> list[Case]:
+    """Cases of one split ("train", "val", "calib" or "all") and sex ("male", "female" or "both")."""
+    return [
+        c for c in cases
+        if (split == "all" or split_of(c.image_id, seed) == split)
+        and (sex == "both" or c.male == (sex == "male"))
+    ]
+
+
+def load_pixels(cases: list[Case], size: int) -> np.ndarray:
+    """(N, size, size) float32 array in [0, 1], through the service's own preprocessing."""
+    from utils.image_io import decode_for_model  # the upload path, so training sees what the service sees
+
+    out = np.empty((len(cases), size, size), dtype=np.float32)
+    for i, case in enumerate(cases):
+        out[i] = decode_for_model(case.path.read_bytes(), size)
+    return out

@@ -1,0 +1,246 @@
+"""Train a BoneAgeNet on a labelled folder, calibrate its sigma, and write a weights file with metadata.
+
+    python -m male_boneage.train --data ../shared/data/rsna-train-100px --sex both --epochs 14 \\
+        --out checkpoints/joint.pt
+    python -m male_boneage.train --data ../shared/data/rsna-train-100px --sex male --epochs 5 \\
+        --init checkpoints/joint.pt --out male_boneage/weights/male.pt
+
+Every epoch writes a checkpoint next to `--out` (`<out>.ckpt`); running the same command again resumes from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from male_boneage.augment import DEFAULT_TTA, TrainAugmentation, standardize
+from male_boneage.data import load_pixels, read_labels, select
+from male_boneage.inference import BoneAgeModel, load_weights, state_digest
+from male_boneage.metrics import calibrate_sigma_scale, summarize
+from male_boneage.model import ARCHITECTURE, BoneAgeNet, age_group_index, months_to_target
+
+logger = logging.getLogger(__name__)
+NORMALIZATION = "grayscale, squashed to input_size x input_size, per-image zero mean / unit std"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: Path
+    sex: str
+    out: Path
+    epochs: int = 14
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    input_size: int = 100
+    width: int = 32
+    seed: int = 17
+    init: Path | None = None
+    limit: int | None = None
+    tracking_uri: str | None = None
+    experiment: str = "bone-age-training"
+    group_loss_weight: float = 0.2
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save to a temp file, then rename: a killed run never leaves a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def loss_fn(grp: torch.Tensor, unc: torch.Tensor, months: torch.Tensor, group_weight: float) -> torch.Tensor:
+    """L1 on the mean + Gaussian NLL of log sigma around the *detached* mean + cross-entropy on the age group.
+
+    Gaussian NLL alone collapses towards predicting the mean age; the L1 term drives the mean, the NLL on the
+    detached mean only teaches sigma.
+    """
+    target = months_to_target(months)
+    mean, log_sigma = unc[:, 0], unc[:, 1].clamp(-3, 3)
+    l1 = (mean - target).abs().mean()
+    nll = (log_sigma + 0.5 * ((mean.detach() - target) / log_sigma.exp()) ** 2).mean()
+    ce = F.cross_entropy(grp, age_group_index(months))
+    return l1 + nll + group_weight * ce
+
+
+def _tracker(cfg: TrainConfig):  # -> (client, run_id) or (None, None)
+    from mlflow import MlflowClient
+
+    from mlflow_config import ensure_experiment, tracking_uri
+
+    client = MlflowClient(tracking_uri=cfg.tracking_uri or tracking_uri())
+    experiment_id = ensure_experiment(client, cfg.experiment)
+    run = client.create_run(experiment_id, run_name=f"train-{cfg.sex}")
+    for key, value in vars(cfg).items():
+        client.log_param(run.info.run_id, key, str(value))
+    return client, run.info.run_id
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run training (resuming from `<out>.ckpt` if present), calibrate, write `cfg.out`; returns its metadata."""
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    cases = read_labels(cfg.data)
+    splits = {name: select(cases, name, cfg.sex, cfg.seed) for name in ("train", "val", "calib")}
+    if cfg.limit:
+        splits = {name: items[: cfg.limit if name == "train" else max(8, cfg.limit // 4)]
+                  for name, items in splits.items()}
+    logger.info("split sizes: %s", {k: len(v) for k, v in splits.items()})
+    pixels = {name: load_pixels(items, cfg.input_size) for name, items in splits.items()}
+    ages = {name: torch.tensor([c.boneage_months for c in items], dtype=torch.float32)
+            for name, items in splits.items()}
+
+    net = BoneAgeNet(input_size=cfg.input_size, width=cfg.width)
+    if cfg.init:
+        state_dict, _ = load_weights(cfg.init)
+        net.load_state_dict(state_dict, strict=True)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(splits["train"]) / cfg.batch_size)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.15 if not cfg.init else 0.05
+    )
+    checkpoint = cfg.out.with_name(cfg.out.name + ".ckpt")
+    start_epoch, history = 0, []
+    run_id = None
+    if checkpoint.is_file():
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        net.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["generator"])
+        start_epoch, history, run_id = state["epoch"], state["history"], state.get("run_id")
+        logger.info("resumed from %s at epoch %d", checkpoint, start_epoch)
+
+    client, new_run_id = (None, None)
+    try:
+        if run_id is None:
+            client, run_id = _tracker(cfg)
+        else:
+            from mlflow import MlflowClient
+
+            from mlflow_config import tracking_uri
+            client = MlflowClient(tracking_uri=cfg.tracking_uri or tracking_uri())
+    except Exception:  # training must not depend on the tracking server
+        logger.warning("MLflow tracking unavailable; training continues without it", exc_info=True)
+        client, run_id = None, None
+
+    augment = TrainAugmentation()
+    train_x = torch.from_numpy(pixels["train"]).unsqueeze(1)
+    for epoch in range(start_epoch, cfg.epochs):
+        net.train()
+        order = torch.randperm(len(train_x), generator=generator)
+        total, seen, started = 0.0, 0, time.monotonic()
+        bar = tqdm(range(steps_per_epoch), desc=f"{cfg.sex} epoch {epoch + 1}/{cfg.epochs}", leave=False)
+        for step in bar:
+            idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+            batch = standardize(augment(train_x[idx], generator))
+            grp, unc = net(batch)
+            loss = loss_fn(grp, unc, ages["train"][idx], cfg.group_loss_weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total += loss.item() * len(idx)
+            seen += len(idx)
+            bar.set_postfix(loss=f"{total / seen:.3f}")
+        val_mae = _quick_mae(net, pixels["val"], ages["val"])
+        history.append({"epoch": epoch + 1, "train_loss": total / seen, "val_mae_months": val_mae,
+                        "seconds": time.monotonic() - started})
+        logger.info("epoch %d/%d: train loss %.4f, val MAE %.2f months (%.0f s)",
+                    epoch + 1, cfg.epochs, total / seen, val_mae, time.monotonic() - started)
+        if client is not None:
+            client.log_metric(run_id, "train_loss", total / seen, step=epoch + 1)
+            client.log_metric(run_id, "val_mae_months", val_mae, step=epoch + 1)
+        atomic_save({"model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
+                     "epoch": epoch + 1, "history": history, "run_id": run_id}, checkpoint)
+
+    net.eval()
+    metadata: dict[str, Any] = {
+        "architecture": ARCHITECTURE, "sex": cfg.sex, "input_size": cfg.input_size, "width": cfg.width,
+        "normalization": NORMALIZATION, "sigma_scale": 1.0, "tta": [list(v) for v in DEFAULT_TTA],
+        "training_data": f"{cfg.data.name} (RSNA Pediatric Bone Age Challenge 2017 training split)",
+        "split": f"sha256(seed:id) % 100: <10 val, <20 calib, rest train; seed {cfg.seed}",
+        "split_sizes": {k: len(v) for k, v in splits.items()}, "epochs": cfg.epochs,
+        "trained_on": dt.datetime.now(dt.UTC).date().isoformat(), "init": str(cfg.init) if cfg.init else "scratch",
+        "history": history,
+    }
+    model = BoneAgeModel(net, metadata, torch.device("cpu"))
+    calib = model.predict_many(pixels["calib"])
+    metadata["sigma_scale"] = calibrate_sigma_scale(calib, ages["calib"].tolist())
+    model.metadata["sigma_scale"] = metadata["sigma_scale"]
+    val_metrics = summarize(model.predict_many(pixels["val"]), ages["val"].tolist())
+    metadata["val_metrics"] = val_metrics
+    state_dict = net.state_dict()
+    metadata["version"] = f"{cfg.sex}-{metadata['trained_on']}-{state_digest(state_dict)}"
+    atomic_save({"state_dict": state_dict, "metadata": metadata}, cfg.out)
+    logger.info("wrote %s: version %s, sigma scale %.3f, validation %s",
+                cfg.out, metadata["version"], metadata["sigma_scale"], val_metrics)
+    if client is not None:
+        for key, value in val_metrics.items():
+            client.log_metric(run_id, f"final_val_{key}", float(value))
+        client.log_metric(run_id, "sigma_scale", metadata["sigma_scale"])
+        client.log_param(run_id, "version", metadata["version"])
+        client.log_artifact(run_id, str(cfg.out))
+        client.set_terminated(run_id)
+    return metadata
+
+
+def _quick_mae(net: BoneAgeNet, pixels: np.ndarray, ages: torch.Tensor) -> float:
+    """Validation MAE in months without TTA (cheap, for per-epoch monitoring)."""
+    from male_boneage.model import target_to_months
+
+    net.eval()
+    preds = []
+    with torch.no_grad():
+        for start in range(0, len(pixels), 256):
+            x = standardize(torch.from_numpy(pixels[start:start + 256]).unsqueeze(1))
+            preds.append(target_to_months(net(x)[1][:, 0]))
+    return float((torch.cat(preds) - ages).abs().mean())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True, help="folder with labels.csv and the images")
+    parser.add_argument("--sex", choices=("male", "female", "both"), required=True)
+    parser.add_argument("--out", type=Path, required=True, help="weights file to write")
+    parser.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    parser.add_argument("--lr", type=float, default=TrainConfig.lr)
+    parser.add_argument("--input-size", type=int, default=TrainConfig.input_size)
+    parser.add_argument("--width", type=int, default=TrainConfig.width)
+    parser.add_argument("--seed", type=int, default=TrainConfig.seed)
+    parser.add_argument("--init", type=Path, help="weights file to start from (fine-tuning)")
+    parser.add_argument("--limit", type=int, help="use only this many training images (smoke tests)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: mlflow_config)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    train(TrainConfig(data=args.data, sex=args.sex, out=args.out, epochs=args.epochs, batch_size=args.batch_size,
+                      lr=args.lr, input_size=args.input_size, width=args.width, seed=args.seed, init=args.init,
+                      limit=args.limit, tracking_uri=args.tracking_uri))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""MLflow settings: the experiment name and the tracking URI (`MLFLOW_TRACKING_URI` overrides the default).
+
+The default store is `sqlite:///<project root>/mlflow.db` with artifacts under `<project root>/mlruns`, the same
+place `mlflow ui` looks when started in the project root with no options.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from mlflow import MlflowClient
+
+PROJECT_ROOT = Path(__file__).resolve().parent
+EXPERIMENT_NAME = "bone-age-estimation"
+TRAINING_EXPERIMENT_NAME = "bone-age-training"
+DEFAULT_TRACKING_URI = f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
+DEFAULT_ARTIFACT_ROOT = (PROJECT_ROOT / "mlruns").as_uri()
+
+
+def tracking_uri() -> str:
+    """The tracking URI in force: `MLFLOW_TRACKING_URI` if set, else the project's SQLite store."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def ensure_experiment(client: MlflowClient, name: str = EXPERIMENT_NAME, artifact_root: str | None = None) -> str:
+    """Id of the experiment called `name`, created if missing (artifacts under `artifact_root` if given)."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return str(experiment.experiment_id)
+    if artifact_root is None and client.tracking_uri == DEFAULT_TRACKING_URI:
+        artifact_root = DEFAULT_ARTIFACT_ROOT
+    try:
+        return str(client.create_experiment(name, artifact_location=artifact_root))
+    except Exception:  # another process created it first
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return str(experiment.experiment_id)

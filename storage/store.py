@@ -1,0 +1,111 @@
+"""Per-patient, per-prediction folders with atomic writes; nothing is ever overwritten."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+from utils.errors import InvalidPatientId, StorageUnavailable
+
+logger = logging.getLogger(__name__)
+
+PATIENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$")
+PREDICTION_ID_PATTERN = re.compile(r"^\d{8}T\d{6}\d{6}Z-[0-9a-f]{12}$")
+FILE_NAME_PATTERN = re.compile(r"^(original\.(png|jpg)|male_gradcam\.png|female_gradcam\.png)$")
+
+
+def check_patient_id(patient_id: str) -> str:
+    """The id itself if valid, else `InvalidPatientId` saying what is allowed."""
+    if not PATIENT_ID_PATTERN.fullmatch(patient_id):
+        raise InvalidPatientId(
+            "patient_id must be 1-64 characters of letters, digits, '-', '_' or '.', not starting with '.'"
+        )
+    return patient_id
+
+
+def new_prediction_id(now: dt.datetime) -> str:
+    """Sortable by time, unique without coordination: `20261127T101500123456Z-<12 hex>`."""
+    return f"{now.strftime('%Y%m%dT%H%M%S%f')}Z-{uuid.uuid4().hex[:12]}"
+
+
+class PatientStore:
+    """Files under `root` (= `<storage_dir>/patients`), addressed by relative paths like `P1/<prediction>/x.png`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def ensure_writable(self) -> None:
+        """Create the root if needed and prove a file can be written there; raises StorageUnavailable."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=self.root, prefix=".probe-"):
+                pass
+        except OSError:
+            raise StorageUnavailable("patient storage is not writable (read-only or full disk)") from None
+
+    def write_prediction(self, patient_id: str, prediction_id: str, files: dict[str, bytes]) -> dict[str, str]:
+        """Write a new prediction folder atomically; returns {name: path relative to the storage root}.
+
+        Files are written into a hidden temp folder which is renamed into place only when complete, so a crash
+        never leaves a partial prediction folder visible, and an existing folder is never replaced.
+        """
+        check_patient_id(patient_id)
+        patient_dir = self.root / patient_id
+        final = patient_dir / prediction_id
+        try:
+            patient_dir.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(dir=patient_dir, prefix=f".{prediction_id}."))
+            try:
+                for name, data in files.items():
+                    with open(staging / name, "wb") as f:
+                        f.write(data)
+                        f.flush()
+                        os.fsync(f.fileno())
+                if final.exists():
+                    raise FileExistsError(final)
+                staging.chmod(0o755)  # mkdtemp makes it private; the finished folder is like any other
+                os.rename(staging, final)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+        except OSError:
+            logger.exception("storage write failed for prediction %s", prediction_id)
+            raise StorageUnavailable("patient storage is not writable (read-only or full disk); retry later") from None
+        return {name: f"patients/{patient_id}/{prediction_id}/{name}" for name in files}
+
+    def remove_prediction(self, patient_id: str, prediction_id: str) -> None:
+        """Delete a prediction folder (used when the database refused the row that would point at it)."""
+        shutil.rmtree(self.root / patient_id / prediction_id, ignore_errors=True)
+
+    def resolve(self, patient_id: str, prediction_id: str, file_name: str) -> Path | None:
+        """The file for a /storage URL, or None; only well-formed names inside the root are ever resolved."""
+        if not (PATIENT_ID_PATTERN.fullmatch(patient_id) and PREDICTION_ID_PATTERN.fullmatch(prediction_id)
+                and FILE_NAME_PATTERN.fullmatch(file_name)):
+            return None
+        path = (self.root / patient_id / prediction_id / file_name).resolve()
+        if not path.is_relative_to(self.root.resolve()) or not path.is_file():
+            return None
+        return path
+
+    def prediction_folders(self) -> list[tuple[str, str]]:
+        """(patient_id, prediction_id) of every complete prediction folder on disk."""
+        if not self.root.is_dir():
+            return []
+        return [(p.name, f.name) for p in self.root.iterdir() if p.is_dir()
+                for f in p.iterdir() if f.is_dir() and PREDICTION_ID_PATTERN.fullmatch(f.name)]
+
+    def remove_staging_leftovers(self) -> int:
+        """Delete hidden temp folders a killed process left behind; returns how many."""
+        removed = 0
+        if self.root.is_dir():
+            for patient_dir in self.root.iterdir():
+                for leftover in patient_dir.glob(".*") if patient_dir.is_dir() else []:
+                    shutil.rmtree(leftover, ignore_errors=True)
+                    removed += 1
+        return removed

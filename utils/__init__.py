@@ -1,0 +1,1 @@
+"""Service code: settings, upload validation, the prediction pipeline, heatmaps, tracking, API schemas."""

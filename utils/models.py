@@ -1,0 +1,47 @@
+"""The two served models, loaded once at start-up; the male model stands in when the female weights are missing."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from male_boneage.augment import DEFAULT_TTA
+from male_boneage.inference import BoneAgeModel
+from utils.config import Settings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelPair:
+    male: BoneAgeModel
+    female: BoneAgeModel
+    female_fallback: bool
+    device: torch.device
+
+
+def pick_device(setting: str) -> torch.device:
+    if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def load_models(settings: Settings) -> ModelPair:
+    """Load both weights files (strict, `weights_only=True`); raises ModelUnavailable naming a bad file."""
+    device = pick_device(settings.device)
+    tta = DEFAULT_TTA[: settings.tta_variants]
+    male = BoneAgeModel.from_file(settings.male_weights, device, tta)
+    if settings.female_weights.is_file():
+        female, fallback = BoneAgeModel.from_file(settings.female_weights, device, tta), False
+    else:
+        logger.warning("female weights %s not found: the male model serves female predictions too",
+                       settings.female_weights)
+        female, fallback = male, True
+    # Warm-up: imports pytorch-grad-cam (~7 s) and runs one CAM pass now, not in the first request.
+    male.predict(np.zeros((male.input_size, male.input_size), dtype=np.float32), with_heatmap=True)
+    logger.info("models loaded on %s: male %s, female %s%s", device, male.version, female.version,
+                " (fallback)" if fallback else "")
+    return ModelPair(male, female, fallback, device)

@@ -1,0 +1,132 @@
+"""Response schemas of the HTTP API, and their construction from stored predictions."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from database.models import Patient, Prediction
+from male_boneage.metrics import Z_90
+from male_boneage.model import AGE_GROUPS_YEARS
+
+NOTICE = ("Research model, not a medical device: not for clinical use or diagnosis. Trained on the RSNA "
+          "Pediatric Bone Age Challenge (2017) data.")
+MESSAGE = "Male & Female Bone Age Results"
+GROUP_LABELS = tuple(f"{low}-{high} years" for low, high in AGE_GROUPS_YEARS)
+
+
+class Interval(BaseModel):
+    level: float = Field(0.9, description="coverage the interval is calibrated for")
+    low_months: float
+    high_months: float
+    low_years: float
+    high_years: float
+
+
+class AgeGroup(BaseModel):
+    label: str = Field(description="most probable 5-year group")
+    probabilities: dict[str, float]
+
+
+class ModelPrediction(BaseModel):
+    age: float = Field(description="bone age in years")
+    uncertainty_sigma: float = Field(description="calibrated standard deviation, years")
+    age_months: float
+    sigma_months: float
+    interval_90: Interval
+    age_group: AgeGroup
+    model_version: str
+    gradcam_path: str = Field(description="path under the storage folder")
+    gradcam_url: str
+
+
+class PredictionResponse(BaseModel):
+    status: Literal["success"] = "success"
+    patient_id: str
+    prediction_id: str
+    mlflow_run_id: str | None = Field(description="None while tracking is pending (logged later)")
+    tracking: Literal["logged", "pending"]
+    sex: Literal["male", "female", "unknown"] = Field(description="the sex given with the upload")
+    applicable_prediction: Literal["male_prediction", "female_prediction"] | None = Field(
+        description="which estimate applies to this patient, when the sex was given")
+    male_prediction: ModelPrediction
+    female_prediction: ModelPrediction
+    female_model_fallback: bool = Field(description="true when the male model served the female estimate")
+    original_url: str
+    original_path: str
+    image_sha256: str
+    timestamp: dt.datetime
+    message: str = MESSAGE
+    notice: str = NOTICE
+
+
+class PatientResults(BaseModel):
+    patient_id: str
+    first_upload_at: dt.datetime
+    latest_image_path: str
+    predictions: list[PredictionResponse] = Field(description="newest first")
+    notice: str = NOTICE
+
+
+class ModelHealth(BaseModel):
+    version: str
+    input_size: int
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok", "degraded"]
+    failing: list[str] = Field(description="names of the failing parts")
+    models: dict[str, ModelHealth]
+    female_model_fallback: bool
+    device: str
+    database: str
+    mlflow: str
+    tracking_backlog: int | None = Field(description="predictions whose MLflow run is not logged yet")
+    storage: str
+    notice: str = NOTICE
+
+
+class ErrorResponse(BaseModel):
+    detail: str
+
+
+def _as_utc(value: dt.datetime) -> dt.datetime:
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)  # SQLite drops the zone
+
+
+def _model_prediction(age: float, sigma: float, probs_json: str, version: str, cam_path: str) -> ModelPrediction:
+    probs = json.loads(probs_json)
+    half = Z_90 * sigma
+    return ModelPrediction(
+        age=round(age / 12, 4), uncertainty_sigma=round(sigma / 12, 4), age_months=round(age, 2),
+        sigma_months=round(sigma, 2),
+        interval_90=Interval(low_months=round(max(0.0, age - half), 2), high_months=round(age + half, 2),
+                             low_years=round(max(0.0, age - half) / 12, 3), high_years=round((age + half) / 12, 3)),
+        age_group=AgeGroup(label=GROUP_LABELS[max(range(len(probs)), key=probs.__getitem__)],
+                           probabilities={label: round(p, 4) for label, p in zip(GROUP_LABELS, probs)}),
+        model_version=version, gradcam_path=cam_path, gradcam_url=f"/storage/{cam_path}",
+    )
+
+
+def prediction_response(p: Prediction) -> PredictionResponse:
+    applicable = {"male": "male_prediction", "female": "female_prediction"}.get(p.given_sex)
+    return PredictionResponse(
+        patient_id=p.patient_id, prediction_id=p.id, mlflow_run_id=p.mlflow_run_id,
+        tracking="logged" if p.mlflow_run_id else "pending", sex=p.given_sex,  # type: ignore[arg-type]
+        applicable_prediction=applicable,  # type: ignore[arg-type]
+        male_prediction=_model_prediction(p.male_age_months, p.male_sigma_months, p.male_group_probs,
+                                          p.male_model_version, p.male_gradcam_path),
+        female_prediction=_model_prediction(p.female_age_months, p.female_sigma_months, p.female_group_probs,
+                                            p.female_model_version, p.female_gradcam_path),
+        female_model_fallback=p.female_fallback, original_url=f"/storage/{p.image_path}",
+        original_path=p.image_path, image_sha256=p.image_sha256, timestamp=_as_utc(p.created_at),
+    )
+
+
+def patient_results(patient: Patient, predictions: list[Prediction]) -> PatientResults:
+    return PatientResults(patient_id=patient.patient_id, first_upload_at=_as_utc(patient.first_upload_at),
+                          latest_image_path=patient.image_path,
+                          predictions=[prediction_response(p) for p in predictions])

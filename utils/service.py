@@ -1,0 +1,137 @@
+"""The prediction pipeline behind POST /predict and the reads behind GET /results.
+
+validate -> preprocess -> infer both models (+ Grad-CAM) -> render heatmaps -> store files -> database -> MLflow
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+
+from male_boneage.augment import to_model_pixels
+from male_boneage.inference import BoneAgeModel, ModelEstimate
+from database import crud
+from database.db import Database
+from database.models import Patient, Prediction
+from storage.store import PatientStore, check_patient_id, new_prediction_id
+from utils.errors import DatabaseUnavailable, InvalidInput, PatientNotFound
+from utils.heatmap import overlay_png
+from utils.image_io import DecodedImage, UploadLimits, decode_upload
+from utils.models import ModelPair
+from utils.tracking import PredictionTracker
+
+logger = logging.getLogger(__name__)
+SEXES = ("male", "female", "unknown")
+
+
+def check_sex(value: str | None) -> str:
+    """Normalised sex hint; `InvalidInput` for anything but male, female or unknown."""
+    sex = (value or "unknown").strip().lower()
+    if sex not in SEXES:
+        raise InvalidInput("sex must be 'male', 'female' or 'unknown'")
+    return sex
+
+
+@dataclass
+class PredictionOutcome:
+    """A stored prediction, its stage timings (ms) and whether its MLflow run was logged."""
+
+    prediction: Prediction
+    female_fallback: bool
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+class _Stopwatch:
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.timings[stage] = (now - self._last) * 1000
+        self._last = now
+
+
+class BoneAgeService:
+    """Runs and stores predictions; one instance per app, created in the lifespan."""
+
+    def __init__(self, models: ModelPair, store: PatientStore, database: Database, tracker: PredictionTracker,
+                 limits: UploadLimits, heatmap_max_side: int) -> None:
+        self.models = models
+        self.store = store
+        self.database = database
+        self.tracker = tracker
+        self.limits = limits
+        self.heatmap_max_side = heatmap_max_side
+
+    def predict(self, data: bytes, patient_id: str, sex: str | None) -> PredictionOutcome:
+        """Validate, infer, store and log one upload. Blocking: call it from a worker thread."""
+        watch = _Stopwatch()
+        check_patient_id(patient_id)
+        given_sex = check_sex(sex)
+        image = decode_upload(data, self.limits)
+        watch.lap("decode")
+        male = self._estimate(self.models.male, image, watch, "male")
+        female = self._estimate(self.models.female, image, watch, "female")
+        heatmaps = {
+            "male_gradcam.png": overlay_png(image.gray, male.heatmap, self.heatmap_max_side),  # type: ignore[arg-type]
+            "female_gradcam.png": overlay_png(image.gray, female.heatmap, self.heatmap_max_side),  # type: ignore[arg-type]
+        }
+        watch.lap("heatmap_png")
+
+        created_at = dt.datetime.now(dt.UTC)
+        prediction_id = new_prediction_id(created_at)
+        original_name = f"original{image.extension}"
+        paths = self.store.write_prediction(patient_id, prediction_id, {original_name: image.data, **heatmaps})
+        watch.lap("storage")
+        prediction = self._row(prediction_id, patient_id, created_at, given_sex, image, male, female,
+                               paths[original_name], paths["male_gradcam.png"], paths["female_gradcam.png"])
+        try:
+            with self.database.session() as session:
+                crud.add_prediction(session, prediction)
+        except DatabaseUnavailable:
+            # The database does not know these files: remove them so nothing is left half-stored.
+            self.store.remove_prediction(patient_id, prediction_id)
+            logger.error("database write failed for prediction %s; its files were removed", prediction_id)
+            raise
+        watch.lap("database")
+        run_id = self.tracker.log_and_record(self.database, prediction)
+        prediction.mlflow_run_id = run_id
+        watch.lap("mlflow")
+        logger.info("prediction %s stored (male %.1f, female %.1f months; run %s; %.0f ms)", prediction_id,
+                    male.age_months, female.age_months, run_id or "pending", sum(watch.timings.values()))
+        return PredictionOutcome(prediction, self.models.female_fallback, watch.timings)
+
+    def _estimate(self, model: BoneAgeModel, image: DecodedImage, watch: _Stopwatch, name: str) -> ModelEstimate:
+        pixels = to_model_pixels(image.gray, model.input_size)
+        watch.lap(f"{name}_preprocess")
+        estimate = model.predict(pixels, with_heatmap=True)
+        watch.lap(f"{name}_inference_gradcam")
+        return estimate
+
+    def _row(self, prediction_id: str, patient_id: str, created_at: dt.datetime, given_sex: str,
+             image: DecodedImage, male: ModelEstimate, female: ModelEstimate, original: str,
+             male_cam: str, female_cam: str) -> Prediction:
+        return Prediction(
+            id=prediction_id, patient_id=patient_id, created_at=created_at, image_path=original,
+            image_sha256=image.sha256, image_width=image.width, image_height=image.height, given_sex=given_sex,
+            male_age_months=male.age_months, male_sigma_months=male.sigma_months,
+            male_group_probs=json.dumps(male.group_probabilities), male_gradcam_path=male_cam,
+            male_model_version=self.models.male.version,
+            female_age_months=female.age_months, female_sigma_months=female.sigma_months,
+            female_group_probs=json.dumps(female.group_probabilities), female_gradcam_path=female_cam,
+            female_model_version=self.models.female.version, female_fallback=self.models.female_fallback,
+            mlflow_run_id=None,
+        )
+
+    def results(self, patient_id: str) -> tuple[Patient, list[Prediction]]:
+        """A patient and all their predictions, newest first; PatientNotFound if none."""
+        check_patient_id(patient_id)
+        with self.database.session() as session:
+            patient = crud.get_patient(session, patient_id)
+            if patient is None:
+                raise PatientNotFound(f"no predictions stored for patient '{patient_id}'")
+            return patient, crud.list_predictions(session, patient_id)
