@@ -115,7 +115,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        database = Database(settings.database_url)
+        database = Database(settings.database_url, settings.database_busy_timeout)
         database.create_tables()
         store = PatientStore(settings.patients_dir)
         store.ensure_writable()

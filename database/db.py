@@ -16,11 +16,11 @@ from database.models import Base
 from utils.errors import DatabaseUnavailable
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, busy_timeout: float = 5.0) -> Engine:
     """An engine; SQLite gets WAL, a busy timeout and foreign keys so concurrent requests do not trip."""
     if not url.startswith("sqlite"):
         return create_engine(url, pool_pre_ping=True)
-    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 10})
+    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": busy_timeout})
 
     @event.listens_for(engine, "connect")
     def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
@@ -35,9 +35,9 @@ def make_engine(url: str) -> Engine:
 class Database:
     """One engine and its session factory, created in the app's lifespan."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, busy_timeout: float = 5.0) -> None:
         self.url = url
-        self.engine = make_engine(url)
+        self.engine = make_engine(url, busy_timeout)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def create_tables(self) -> None:

@@ -22,6 +22,7 @@ class Settings(BaseSettings):
     port: int = Field(8000, description="port to listen on")
     database_url: str = Field(f"sqlite:///{PROJECT_ROOT / 'boneage_predictions.db'}",
                               description="SQLAlchemy URL of the predictions database")
+    database_busy_timeout: float = Field(5.0, gt=0, description="seconds to wait for a locked SQLite database")
     storage_dir: Path = Field(PROJECT_ROOT / "storage", description="uploads and heatmaps go to <dir>/patients")
     male_weights: Path = Field(PROJECT_ROOT / "male_boneage" / "weights" / "male.pt")
     female_weights: Path = Field(PROJECT_ROOT / "male_boneage" / "weights" / "female.pt",

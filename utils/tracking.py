@@ -33,19 +33,37 @@ class PredictionTracker:
         self.tracking_uri = tracking_uri
         self.experiment_name = experiment_name
         self.files_root = files_root
-        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self._client: MlflowClient | None = None
         self._experiment_id: str | None = None
         self._lock = threading.Lock()
 
+    @property
+    def client(self) -> MlflowClient:
+        """The client, created on first use and again after a failure (a SQLite store fails at creation)."""
+        with self._lock:
+            if self._client is None:
+                self._client = MlflowClient(tracking_uri=self.tracking_uri)
+            return self._client
+
     def experiment_id(self) -> str:
+        client = self.client
         with self._lock:
             if self._experiment_id is None:
-                self._experiment_id = mlflow_config.ensure_experiment(self.client, self.experiment_name)
+                self._experiment_id = mlflow_config.ensure_experiment(client, self.experiment_name)
             return self._experiment_id
+
+    def reset(self) -> None:
+        """Forget the client and experiment so the next call reconnects."""
+        with self._lock:
+            self._client, self._experiment_id = None, None
 
     def ping(self) -> None:
         """Raises if the tracking store cannot be reached."""
-        self.client.get_experiment(self.experiment_id())
+        try:
+            self.client.get_experiment(self.experiment_id())
+        except Exception:
+            self.reset()
+            raise
 
     def existing_run(self, prediction_id: str) -> str | None:
         """Run id already logged for this prediction (a retry after the DB missed the id), if any."""
@@ -81,6 +99,7 @@ class PredictionTracker:
         try:
             run_id = (self.existing_run(prediction.id) if retry else None) or self.log(prediction)
         except Exception:  # any MLflow/network/store failure: the retrier will try again
+            self.reset()
             logger.warning("MLflow logging failed for prediction %s; will retry", prediction.id, exc_info=True)
             return None
         with database.session() as session:

@@ -1,0 +1,93 @@
+"""Training (tiny), strict loading with clear refusals, and evaluation, on the real shared radiographs."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from conftest import TEST20, TRAIN100, WEIGHTS
+from male_boneage.evaluate import evaluate
+from male_boneage.inference import BoneAgeModel, load_weights
+from male_boneage.model import BoneAgeNet
+from male_boneage.train import TrainConfig, train
+from utils.errors import ModelUnavailable
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    tmp = tmp_path_factory.mktemp("train")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    cfg = TrainConfig(data=TRAIN100, sex="female", out=tmp / "female.pt", epochs=1, batch_size=32, limit=256,
+                      tracking_uri=uri)
+    train(cfg)
+    return cfg.out, uri
+
+
+def test_tiny_training_writes_loadable_calibrated_weights(tiny_weights: tuple[Path, str]) -> None:
+    path, uri = tiny_weights
+    state_dict, metadata = load_weights(path)
+    assert metadata["sex"] == "female" and metadata["input_size"] == 100
+    assert metadata["sigma_scale"] > 0 and metadata["split_sizes"]["train"] == 256
+    assert 0 < metadata["val_metrics"]["mae_months"] < 240
+    assert path.stat().st_size < 20 * 1024 * 1024
+    model = BoneAgeModel.from_file(path, torch.device("cpu"))
+    assert model.version == metadata["version"]
+    client = MlflowClient(uri)
+    run = client.search_runs([client.get_experiment_by_name("bone-age-training").experiment_id])[0]
+    assert "val_mae_months" in run.data.metrics and run.data.params["sex"] == "female"
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["female.pt"]
+
+
+def test_training_resumes_from_checkpoint(tiny_weights: tuple[Path, str], tmp_path: Path) -> None:
+    path, uri = tiny_weights
+    checkpoint = path.with_name(path.name + ".ckpt")
+    assert checkpoint.is_file()
+    # Asking for the same epochs again resumes at the end: no epoch re-run, same weights.
+    before = load_weights(path)[0]
+    train(TrainConfig(data=TRAIN100, sex="female", out=path, epochs=1, batch_size=32, limit=256, tracking_uri=uri))
+    after = load_weights(path)[0]
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_wrong_shape_or_metadata_refused(tiny_weights: tuple[Path, str], tmp_path: Path) -> None:
+    state_dict, metadata = load_weights(tiny_weights[0])
+    wrong_shape = tmp_path / "wide.pt"
+    torch.save({"state_dict": BoneAgeNet(width=16).state_dict(), "metadata": metadata}, wrong_shape)
+    with pytest.raises(ModelUnavailable, match="does not match"):
+        BoneAgeModel.from_file(wrong_shape, torch.device("cpu"))
+    wrong_arch = tmp_path / "arch.pt"
+    torch.save({"state_dict": state_dict, "metadata": metadata | {"architecture": "ResNet50"}}, wrong_arch)
+    with pytest.raises(ModelUnavailable, match="ResNet50"):
+        BoneAgeModel.from_file(wrong_arch, torch.device("cpu"))
+    no_meta = tmp_path / "nometa.pt"
+    torch.save({"state_dict": state_dict, "metadata": {"architecture": metadata["architecture"]}}, no_meta)
+    with pytest.raises(ModelUnavailable, match="lacks metadata"):
+        BoneAgeModel.from_file(no_meta, torch.device("cpu"))
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"state_dict": state_dict, "metadata": metadata, "evil": object()}, pickled)
+    with pytest.raises(ModelUnavailable, match="corrupt or not a weights file"):
+        BoneAgeModel.from_file(pickled, torch.device("cpu"))  # weights_only=True refuses arbitrary objects
+
+
+def test_evaluate_writes_csv_and_metrics(tmp_path: Path) -> None:
+    out = tmp_path / "eval.csv"
+    results = evaluate(TEST20, WEIGHTS / "male.pt", WEIGHTS / "female.pt", out)
+    assert results["matching"]["n"] == 20 and results["male"]["n"] == 7 and results["female"]["n"] == 13
+    for metrics in results.values():
+        assert 0 < metrics["mae_months"] < 240 and 0 <= metrics["coverage_90"] <= 1
+    with out.open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 20 and {r["image"] for r in rows} == {p.name for p in TEST20.glob("*.png")}
+
+
+def test_shipped_weights_metadata() -> None:
+    for sex in ("male", "female"):
+        path = WEIGHTS / f"{sex}.pt"
+        _, metadata = load_weights(path)
+        assert metadata["sex"] == sex and metadata["input_size"] == 100
+        assert "rsna-train-100px" in metadata["training_data"]
+        assert path.stat().st_size < 20 * 1024 * 1024

@@ -1,0 +1,115 @@
+"""Parts failing: MLflow down (predictions kept, logged later), database locked, storage unwritable, bad weights."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from mlflow import MlflowClient
+from sqlalchemy import create_engine, text
+
+from app import create_app
+from conftest import RAW, make_settings, post_image, stored_files
+from utils.config import Settings
+from utils.errors import ModelUnavailable
+
+FILM = (RAW / "7043.png").read_bytes()
+
+
+def _wait_for_run_id(client: TestClient, patient_id: str, timeout: float = 30.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run_id = client.get(f"/results/{patient_id}").json()["predictions"][0]["mlflow_run_id"]
+        if run_id:
+            return str(run_id)
+        time.sleep(0.2)
+    raise AssertionError("the pending MLflow run was never logged")
+
+
+def test_mlflow_store_failing_then_back(tmp_path: Path) -> None:
+    blocker = tmp_path / "mlflow-store"
+    blocker.write_text("a file where the store's folder should be")
+    settings = make_settings(tmp_path, mlflow_tracking_uri=f"sqlite:///{blocker / 'mlflow.db'}")
+    with TestClient(create_app(settings)) as client:
+        response = post_image(client, FILM, "P-ml")
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["tracking"] == "pending" and body["mlflow_run_id"] is None
+        assert (settings.storage_dir / body["original_path"]).is_file()
+        health = client.get("/health").json()
+        assert health["status"] == "degraded" and "mlflow" in health["failing"]
+
+        blocker.unlink()
+        blocker.mkdir()  # the store is back
+        run_id = _wait_for_run_id(client, "P-ml")
+    run = MlflowClient(settings.mlflow_tracking_uri).get_run(run_id)
+    assert run.data.params["patient_id"] == "P-ml"
+    assert len(MlflowClient(settings.mlflow_tracking_uri).list_artifacts(run_id)) == 3
+
+
+def test_mlflow_server_down_backlog_survives_restart(tmp_path: Path) -> None:
+    down = make_settings(tmp_path, mlflow_tracking_uri="http://127.0.0.1:9")  # discard port: nothing listens
+    with TestClient(create_app(down)) as client:
+        body = post_image(client, FILM, "P-restart").json()
+        assert body["tracking"] == "pending"
+    up = make_settings(tmp_path)  # same database and storage, a working store
+    with TestClient(create_app(up)) as client:
+        run_id = _wait_for_run_id(client, "P-restart")
+    assert MlflowClient(up.mlflow_tracking_uri).get_run(run_id).data.params["patient_id"] == "P-restart"
+
+
+def test_database_locked_gives_503_and_leaves_nothing(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, database_busy_timeout=0.3)
+    with TestClient(create_app(settings)) as client:
+        lock = sqlite3.connect(tmp_path / "predictions.db")
+        lock.execute("BEGIN EXCLUSIVE")
+        try:
+            response = post_image(client, FILM, "P-locked")
+        finally:
+            lock.rollback()
+            lock.close()
+        assert response.status_code == 503
+        assert "database" in response.json()["detail"] and response.headers["Retry-After"]
+        assert stored_files(settings) == []
+        with create_engine(settings.database_url).connect() as conn:
+            assert conn.execute(text("SELECT COUNT(*) FROM predictions")).scalar() == 0
+        experiment = MlflowClient(settings.mlflow_tracking_uri).get_experiment_by_name(settings.mlflow_experiment)
+        assert experiment is None or not MlflowClient(settings.mlflow_tracking_uri).search_runs(
+            [experiment.experiment_id])
+        # and the service recovers once the lock is gone
+        assert post_image(client, FILM, "P-locked").status_code == 200
+
+
+def test_storage_unwritable_gives_503_and_no_rows(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    with TestClient(create_app(settings)) as client:
+        (settings.patients_dir / "P-ro").write_text("a file where the patient's folder should be")
+        response = post_image(client, FILM, "P-ro")
+        assert response.status_code == 503 and "storage" in response.json()["detail"]
+        assert "Retry-After" in response.headers
+        with create_engine(settings.database_url).connect() as conn:
+            assert conn.execute(text("SELECT COUNT(*) FROM predictions")).scalar() == 0
+
+
+@pytest.mark.parametrize("content", [b"not a torch file", b""])
+def test_corrupt_male_weights_refuse_to_start(tmp_path: Path, content: bytes) -> None:
+    bad = tmp_path / "male.pt"
+    bad.write_bytes(content)
+    with pytest.raises(ModelUnavailable, match="male.pt"):
+        with TestClient(create_app(make_settings(tmp_path, male_weights=bad))):
+            pass
+
+
+def test_missing_male_weights_refuse_to_start(tmp_path: Path) -> None:
+    with pytest.raises(ModelUnavailable, match="not found"):
+        with TestClient(create_app(make_settings(tmp_path, male_weights=tmp_path / "none.pt"))):
+            pass
+
+
+def test_errors_carry_no_internal_paths(client: TestClient, settings: Settings) -> None:
+    for response in (post_image(client, b"junk", "P1"), client.get("/results/nobody"),
+                     client.get("/storage/patients/x/y/z")):
+        assert str(settings.storage_dir) not in response.text and "Traceback" not in response.text

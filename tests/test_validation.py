@@ -1,0 +1,147 @@
+"""Bad input gets a clear 4xx and nothing is stored; odd but valid images are accepted."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+from sqlalchemy import create_engine, text
+
+from app import create_app
+from conftest import RAW, TRAIN100, make_settings, png_bytes, post_image, stored_files
+from utils.config import Settings
+
+FILM = (RAW / "7037.png").read_bytes()
+
+
+def _bomb_png(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims huge dimensions (a decompression bomb)."""
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 1024)) + chunk(b"IEND", b"")
+
+
+def _nothing_stored(settings: Settings) -> None:
+    assert stored_files(settings) == []
+    with create_engine(settings.database_url).connect() as conn:
+        assert conn.execute(text("SELECT COUNT(*) FROM predictions")).scalar() == 0
+        assert conn.execute(text("SELECT COUNT(*) FROM patients")).scalar() == 0
+
+
+def _gif(frames: int) -> bytes:
+    images = [Image.new("L", (128, 128), color=i * 40) for i in range(frames)]
+    buffer = io.BytesIO()
+    images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:])
+    return buffer.getvalue()
+
+
+def _apng() -> bytes:
+    frames = [Image.new("L", (128, 128), color=c) for c in (10, 200)]
+    return png_bytes(frames[0], save_all=True, append_images=frames[1:])
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "phrase"),
+    [
+        (b"", 422, "empty"),
+        (b"\x00" * 1000, 422, "not a readable image"),
+        (np.random.default_rng(0).bytes(5000), 422, "not a readable image"),
+        (FILM[: len(FILM) // 2], 422, "truncated or corrupt"),
+        (_bomb_png(60_000, 60_000), 422, "limit"),
+        (png_bytes(Image.new("L", (63, 300))), 422, "at least 64"),
+        (_gif(1), 422, "GIF is not accepted"),
+        (_apng(), 422, "multi-frame"),
+    ],
+    ids=["empty", "zeros", "random", "truncated-png", "bomb", "too-small", "gif", "animated-png"],
+)
+def test_bad_images_rejected_and_nothing_stored(client: TestClient, settings: Settings, data: bytes, status: int,
+                                                phrase: str) -> None:
+    response = post_image(client, data, "P-bad")
+    assert response.status_code == status, response.text
+    assert phrase in response.json()["detail"]
+    _nothing_stored(settings)
+
+
+def test_truncated_jpeg_rejected(client: TestClient, settings: Settings) -> None:
+    buffer = io.BytesIO()
+    Image.open(RAW / "7038.png").convert("L").save(buffer, format="JPEG", quality=90)
+    response = post_image(client, buffer.getvalue()[:3000], "P-bad", content_type="image/jpeg")
+    assert response.status_code == 422
+    _nothing_stored(settings)
+
+
+@pytest.mark.parametrize(
+    "patient_id",
+    ["../escape", "..", ".hidden", "a/b", "x" * 65, "x" * 5000, "Ωmega", "1; DROP TABLE patients;--", "", " "],
+)
+def test_bad_patient_ids_rejected(client: TestClient, settings: Settings, patient_id: str) -> None:
+    response = post_image(client, FILM, patient_id)
+    assert response.status_code == 422, response.text
+    assert "patient_id" in response.json()["detail"]
+    _nothing_stored(settings)
+
+
+def test_bad_sex_and_missing_fields(client: TestClient, settings: Settings) -> None:
+    assert post_image(client, FILM, "P1", sex="yes").status_code == 422
+    missing_image = client.post("/predict", data={"patient_id": "P1"})
+    assert missing_image.status_code == 422 and "image" in missing_image.json()["detail"]
+    missing_id = client.post("/predict", files={"image": ("x.png", FILM, "image/png")})
+    assert missing_id.status_code == 422 and "patient_id" in missing_id.json()["detail"]
+    _nothing_stored(settings)
+
+
+def test_limits_are_settings(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, max_upload_bytes=100_000, max_image_pixels=500_000, min_image_side=200)
+    with TestClient(create_app(settings)) as client:
+        too_big = post_image(client, FILM, "P1")
+        assert too_big.status_code == 413 and "limit" in too_big.json()["detail"]
+        many_pixels = post_image(client, png_bytes(Image.new("L", (1000, 1000))), "P1")
+        assert many_pixels.status_code == 422 and "pixels" in many_pixels.json()["detail"]
+        small = post_image(client, (TRAIN100 / "1377.png").read_bytes(), "P1")
+        assert small.status_code == 422 and "at least 200" in small.json()["detail"]
+    _nothing_stored(settings)
+
+
+def _film() -> Image.Image:
+    return Image.open(RAW / "7040.png").convert("L")
+
+
+def test_odd_formats_accepted(shared_client: TestClient) -> None:
+    film = _film()
+    sixteen = np.asarray(film, dtype=np.uint16) * 257
+    palette = film.convert("P")
+    buffer = io.BytesIO()
+    film.save(buffer, format="JPEG", quality=92)
+    for name, data in [("16-bit", png_bytes(Image.fromarray(sixteen))), ("palette", png_bytes(palette)),
+                       ("jpeg", buffer.getvalue())]:
+        response = post_image(shared_client, data, f"P-{name}")
+        assert response.status_code == 200, (name, response.text)
+
+
+def test_jpeg_exif_orientation_is_applied() -> None:
+    from utils.image_io import UploadLimits, decode_upload
+
+    film = _film().resize((300, 400))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees when shown
+    buffer = io.BytesIO()
+    film.save(buffer, format="JPEG", exif=exif)
+    decoded = decode_upload(buffer.getvalue(), UploadLimits())
+    assert (decoded.width, decoded.height) == (400, 300)
+
+
+def test_sixteen_bit_is_windowed_not_clipped() -> None:
+    from utils.image_io import UploadLimits, decode_upload
+
+    ramp = np.tile(np.linspace(1000, 4000, 256, dtype=np.uint16), (256, 1))  # a 12-bit film in 16-bit PNG
+    decoded = decode_upload(png_bytes(Image.fromarray(ramp)), UploadLimits())
+    values = np.asarray(decoded.gray)
+    assert values.min() == 0 and values.max() == 255
+    assert len(np.unique(values)) > 200  # a full range of grays, not a clipped white
