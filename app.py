@@ -6,20 +6,23 @@ uvicorn app:app --reload --port 8000
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, FastAPI, File, Form, Request, UploadFile
+from fastapi import APIRouter, Depends, FastAPI, File, Form, Request, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, JSONResponse
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse, JSONResponse
 
 from database.db import Database
 from storage.store import PatientStore, check_patient_id
 from utils.config import Settings
-from utils.errors import PatientNotFound, ServiceError, UploadTooLarge
+from utils.errors import NotAuthenticated, PatientNotFound, ServiceError, UploadTooLarge
 from utils.image_io import UploadLimits
 from utils.models import load_models
 from utils.schemas import (
@@ -38,12 +41,11 @@ logger = logging.getLogger("boneage")
 
 ERRORS = {
     404: {"model": ErrorResponse, "description": "not found"},
+    401: {"model": ErrorResponse, "description": "missing or wrong API key (only when keys are configured)"},
     413: {"model": ErrorResponse, "description": "upload larger than the limit"},
     422: {"model": ErrorResponse, "description": "invalid image, patient id or sex"},
     503: {"model": ErrorResponse, "description": "database or storage unavailable; retry later"},
 }
-
-router = APIRouter()
 
 
 def get_service(request: Request) -> BoneAgeService:
@@ -60,6 +62,25 @@ def get_settings(request: Request) -> Settings:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
+def require_api_key(request: Request, settings: SettingsDep) -> None:
+    """When API keys are configured, demand one (`Authorization: Bearer <key>` or `X-API-Key`)."""
+    keys = settings.api_key_list
+    if not keys:
+        return
+    given = request.headers.get("x-api-key", "")
+    authorization = request.headers.get("authorization", "")
+    if not given and authorization.lower().startswith("bearer "):
+        given = authorization[7:].strip()
+    # Compare against every key in constant time, without stopping at the first match.
+    matches = [hmac.compare_digest(given.encode(), key.encode()) for key in keys]
+    if not given or not any(matches):
+        raise NotAuthenticated("a valid API key is required (Authorization: Bearer <key> or X-API-Key)")
+
+
+router = APIRouter()
+patient_router = APIRouter(dependencies=[Depends(require_api_key)])
+
+
 def content_length_within_limit(request: Request, settings: SettingsDep) -> None:
     """Reject an oversized upload from its Content-Length before the body is read."""
     length = request.headers.get("content-length")
@@ -67,10 +88,11 @@ def content_length_within_limit(request: Request, settings: SettingsDep) -> None
         raise UploadTooLarge(f"upload is {length} bytes; the limit is {settings.max_upload_bytes} bytes")
 
 
-@router.post(
+@patient_router.post(
     "/predict", response_model=PredictionResponse, responses=ERRORS, dependencies=[Depends(content_length_within_limit)]
 )
 async def predict(
+    response: Response,
     service: ServiceDep,
     settings: SettingsDep,
     image: Annotated[UploadFile, File(description="hand radiograph, PNG or JPEG")],
@@ -81,16 +103,17 @@ async def predict(
     check_patient_id(patient_id)
     data = await image.read(settings.max_upload_bytes + 1)
     outcome = await run_in_threadpool(service.predict, data, patient_id, sex)
+    response.headers["Server-Timing"] = ", ".join(f"{k};dur={v:.1f}" for k, v in outcome.timings_ms.items())
     return prediction_response(outcome.prediction)
 
 
-@router.get("/results/{patient_id}", response_model=PatientResults, responses=ERRORS)
+@patient_router.get("/results/{patient_id}", response_model=PatientResults, responses=ERRORS)
 def results(patient_id: str, service: ServiceDep) -> PatientResults:
     """A patient's predictions, newest first."""
     return patient_results(*service.results(patient_id))
 
 
-@router.get(
+@patient_router.get(
     "/storage/patients/{patient_id}/{prediction_id}/{file_name}",
     response_class=FileResponse,
     responses={404: {"model": ErrorResponse, "description": "no such file"}},
@@ -115,13 +138,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if not logging.getLogger().handlers:  # started by `uvicorn app:app`: give our loggers a handler
+            logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        warn_if_exposed(settings)
         database = Database(settings.database_url, settings.database_busy_timeout)
         database.create_tables()
         store = PatientStore(settings.patients_dir)
         store.ensure_writable()
-        removed = store.remove_staging_leftovers()
-        if removed:
-            logger.warning("removed %d incomplete upload folders left by an earlier crash", removed)
+        reconcile_storage(store, database)
         models = await run_in_threadpool(load_models, settings)
         tracker = PredictionTracker(settings.mlflow_tracking_uri, settings.mlflow_experiment, settings.storage_dir)
         retrier = TrackingRetrier(tracker, database, settings.tracking_retry_seconds)
@@ -151,10 +175,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    origins = settings.cors_origin_list
+    if origins:
+        # Credentials are never allowed together with a wildcard origin.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_credentials="*" not in origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "X-API-Key"],
+        )
 
     @app.exception_handler(ServiceError)
     async def service_error(_request: Request, exc: ServiceError) -> JSONResponse:
         headers = {"Retry-After": "5"} if exc.status_code == 503 else None
+        if exc.status_code == 401:
+            headers = {"WWW-Authenticate": "Bearer"}
         return JSONResponse({"detail": exc.message}, status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(RequestValidationError)
@@ -168,7 +204,42 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse({"detail": "internal error; the failure was logged"}, status_code=500)
 
     app.include_router(router)
+    app.include_router(patient_router)
     return app
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def warn_if_exposed(settings: Settings) -> None:
+    if not settings.api_key_list and not is_loopback(settings.host):
+        logger.warning(
+            "no API key configured (BONEAGE_API_KEYS): patient data must not be exposed beyond this "
+            "machine; python app.py listens on 127.0.0.1 only until a key is set"
+        )
+
+
+def reconcile_storage(store: PatientStore, database: Database) -> None:
+    """After a crash: drop temp folders and prediction folders the database never recorded (no client was told
+    they succeeded), so storage and database agree."""
+    from database import crud
+
+    removed = store.remove_staging_leftovers()
+    with database.session() as session:
+        known = crud.known_prediction_ids(session)
+    orphans = [(patient, prediction) for patient, prediction in store.prediction_folders() if prediction not in known]
+    for patient, prediction in orphans:
+        store.remove_prediction(patient, prediction)
+    if removed or orphans:
+        logger.warning(
+            "start-up clean-up: removed %d incomplete and %d unrecorded prediction folders from an interrupted run",
+            removed,
+            len(orphans),
+        )
 
 
 def _health(service: BoneAgeService) -> HealthResponse:
@@ -220,4 +291,5 @@ if __name__ == "__main__":
 
     _settings = Settings()
     logging.basicConfig(level=_settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run("app:app", host=_settings.host, port=_settings.port)
+    _host = _settings.host if _settings.api_key_list or is_loopback(_settings.host) else "127.0.0.1"
+    uvicorn.run("app:app", host=_host, port=_settings.port)

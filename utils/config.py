@@ -20,24 +20,39 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, description="port to listen on")
-    database_url: str = Field(f"sqlite:///{PROJECT_ROOT / 'boneage_predictions.db'}",
-                              description="SQLAlchemy URL of the predictions database")
+    database_url: str = Field(
+        f"sqlite:///{PROJECT_ROOT / 'boneage_predictions.db'}", description="SQLAlchemy URL of the predictions database"
+    )
     database_busy_timeout: float = Field(5.0, gt=0, description="seconds to wait for a locked SQLite database")
     storage_dir: Path = Field(PROJECT_ROOT / "storage", description="uploads and heatmaps go to <dir>/patients")
     male_weights: Path = Field(PROJECT_ROOT / "male_boneage" / "weights" / "male.pt")
-    female_weights: Path = Field(PROJECT_ROOT / "male_boneage" / "weights" / "female.pt",
-                                 description="if missing, the male model serves both (reported as a fallback)")
+    female_weights: Path = Field(
+        PROJECT_ROOT / "male_boneage" / "weights" / "female.pt",
+        description="if missing, the male model serves both (reported as a fallback)",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available, else CPU")
     tta_variants: int = Field(4, ge=1, le=4, description="test-time augmentation variants per model (1: off)")
     max_upload_bytes: int = Field(20 * 1024 * 1024, gt=0)
     max_image_pixels: int = Field(50_000_000, gt=0)
     min_image_side: int = Field(64, gt=0)
     heatmap_max_side: int = Field(1024, ge=64, description="longest side of the stored Grad-CAM overlays")
-    mlflow_tracking_uri: str = Field(default_factory=mlflow_config.tracking_uri,
-                                     description="defaults to MLFLOW_TRACKING_URI, else sqlite:///<root>/mlflow.db")
+    mlflow_tracking_uri: str = Field(
+        default_factory=mlflow_config.tracking_uri,
+        description="defaults to MLFLOW_TRACKING_URI, else sqlite:///<root>/mlflow.db",
+    )
     mlflow_experiment: str = Field(mlflow_config.EXPERIMENT_NAME)
     tracking_retry_seconds: float = Field(30.0, gt=0, description="how often runs that failed to log are retried")
     log_level: str = Field("INFO")
+    api_keys: str = Field("", description="comma-separated API keys; when set, patient routes require one")
+    cors_origins: str = Field("", description="comma-separated origins allowed by CORS (none by default)")
+
+    @property
+    def api_key_list(self) -> list[str]:
+        return [key.strip() for key in self.api_keys.split(",") if key.strip()]
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]
 
     @property
     def patients_dir(self) -> Path:

@@ -33,6 +33,12 @@ class InvalidPatientId(InvalidInput):
     """The patient id does not match the allowed pattern."""
 
 
+class NotAuthenticated(ServiceError):
+    """An API key is configured and the request did not carry a valid one."""
+
+    status_code = 401
+
+
 class PatientNotFound(ServiceError):
     """No prediction was ever stored for this patient."""
 

@@ -66,29 +66,47 @@ class PredictionTracker:
             raise
 
     def existing_run(self, prediction_id: str) -> str | None:
-        """Run id already logged for this prediction (a retry after the DB missed the id), if any."""
-        runs = self.client.search_runs([self.experiment_id()], f"tags.prediction_id = '{prediction_id}'",
-                                       max_results=1)
-        return runs[0].info.run_id if runs else None
+        """Run id already logged in full for this prediction (a retry after the DB missed the id), if any.
+
+        A run left unfinished by a crash is deleted, so it is logged again whole rather than kept half-logged.
+        """
+        runs = self.client.search_runs([self.experiment_id()], f"tags.prediction_id = '{prediction_id}'")
+        finished = None
+        for run in runs:
+            if run.info.status == "FINISHED" and finished is None:
+                finished = run.info.run_id
+            elif run.info.status != "FINISHED":
+                self.client.delete_run(run.info.run_id)
+        return finished
 
     def log(self, p: Prediction) -> str:
         """Log the run for a stored prediction; returns its run id."""
-        run = self.client.create_run(self.experiment_id(), run_name=p.id,
-                                     tags={"prediction_id": p.id, "patient_id": p.patient_id})
+        run = self.client.create_run(
+            self.experiment_id(), run_name=p.id, tags={"prediction_id": p.id, "patient_id": p.patient_id}
+        )
         run_id = run.info.run_id
         timestamp_ms = int(p.created_at.timestamp() * 1000)
         params = {
-            "patient_id": p.patient_id, "gender": p.given_sex, "image_size": f"{p.image_width}x{p.image_height}",
-            "timestamp": p.created_at.isoformat(), "male_model_version": p.male_model_version,
-            "female_model_version": p.female_model_version, "female_fallback": str(p.female_fallback).lower(),
+            "patient_id": p.patient_id,
+            "gender": p.given_sex,
+            "image_size": f"{p.image_width}x{p.image_height}",
+            "timestamp": p.created_at.isoformat(),
+            "male_model_version": p.male_model_version,
+            "female_model_version": p.female_model_version,
+            "female_fallback": str(p.female_fallback).lower(),
             "image_sha256": p.image_sha256,
         }
         metrics = {
-            "male_age": p.male_age_months / 12, "male_uncertainty": p.male_sigma_months / 12,
-            "female_age": p.female_age_months / 12, "female_uncertainty": p.female_sigma_months / 12,
+            "male_age": p.male_age_months / 12,
+            "male_uncertainty": p.male_sigma_months / 12,
+            "female_age": p.female_age_months / 12,
+            "female_uncertainty": p.female_sigma_months / 12,
         }
-        self.client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()],
-                              metrics=[Metric(k, v, timestamp_ms, 0) for k, v in metrics.items()])
+        self.client.log_batch(
+            run_id,
+            params=[Param(k, v) for k, v in params.items()],
+            metrics=[Metric(k, v, timestamp_ms, 0) for k, v in metrics.items()],
+        )
         for relative in (p.image_path, p.male_gradcam_path, p.female_gradcam_path):
             self.client.log_artifact(run_id, str(self.files_root / relative))
         self.client.set_terminated(run_id)
