@@ -147,6 +147,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         store.ensure_writable()
         reconcile_storage(store, database)
         models = await run_in_threadpool(load_models, settings)
+        models.start()
         tracker = PredictionTracker(settings.mlflow_tracking_uri, settings.mlflow_experiment, settings.storage_dir)
         retrier = TrackingRetrier(tracker, database, settings.tracking_retry_seconds)
         retrier.start()
@@ -165,6 +166,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             retrier.stop()
+            models.stop()
             database.dispose()
 
     app = FastAPI(

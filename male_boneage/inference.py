@@ -118,31 +118,32 @@ class BoneAgeModel:
         return float(self.metadata["sigma_scale"])
 
     def predict(self, pixels: np.ndarray, with_heatmap: bool = True) -> ModelEstimate:
-        """One preprocessed image (input_size x input_size, [0, 1]) -> estimate, with Grad-CAM if asked.
+        """One preprocessed image (input_size x input_size, [0, 1]) -> estimate, with Grad-CAM if asked."""
+        return self.predict_batch([pixels], with_heatmap)[0]
 
-        One forward pass over the TTA batch gives both the estimate and (by its backward pass) the heatmap.
+    def predict_batch(self, images: list[np.ndarray], with_heatmap: bool = True) -> list[ModelEstimate]:
+        """Estimates for several preprocessed images in one batched pass over all their TTA variants.
+
+        One forward pass gives the estimates and, by its backward pass, the Grad-CAM of each image's identity
+        variant. Results do not depend on what else is in the batch (eval mode: BatchNorm uses running stats).
         """
-        batch = tta_batch(pixels, self.tta).to(self.device)
+        n_variants = len(self.tta)
+        batch = torch.cat([tta_batch(p, self.tta) for p in images]).to(self.device)
         if not with_heatmap:
             with torch.no_grad():
-                outputs = self.flat(batch)
-            return ModelEstimate(*combine_tta(outputs.cpu(), self.sigma_scale), heatmap=None)
+                outputs = self.flat(batch).cpu().view(len(images), n_variants, -1)
+            return [ModelEstimate(*combine_tta(o, self.sigma_scale), heatmap=None) for o in outputs]
         from pytorch_grad_cam import GradCAM  # imported lazily: it pulls OpenCV and matplotlib (~7 s)
 
         with self._lock, GradCAM(model=self.flat, target_layers=[self.net.cam_layer]) as cam:
-            # Only the identity variant's map is shown; targets for the others are still needed by the API.
             maps = cam(input_tensor=batch, targets=[_AgeTarget()] * len(batch))
-            outputs = cam.outputs.detach().cpu()
-        return ModelEstimate(*combine_tta(outputs, self.sigma_scale), heatmap=maps[0].astype(np.float32))
+            outputs = cam.outputs.detach().cpu().view(len(images), n_variants, -1)
+        return [
+            ModelEstimate(*combine_tta(o, self.sigma_scale), heatmap=maps[i * n_variants].astype(np.float32))
+            for i, o in enumerate(outputs)
+        ]
 
     def predict_many(self, pixels: np.ndarray, batch_size: int = 64) -> list[ModelEstimate]:
         """Estimates for many preprocessed images (N, H, W), without heatmaps: evaluation and calibration."""
         return [est for start in range(0, len(pixels), batch_size)
-                for est in self._predict_chunk(pixels[start:start + batch_size])]
-
-    def _predict_chunk(self, pixels: np.ndarray) -> list[ModelEstimate]:
-        n_variants = len(self.tta)
-        batch = torch.cat([tta_batch(p, self.tta) for p in pixels]).to(self.device)
-        with torch.no_grad():
-            outputs = self.flat(batch).cpu().view(len(pixels), n_variants, -1)
-        return [ModelEstimate(*combine_tta(o, self.sigma_scale), heatmap=None) for o in outputs]
+                for est in self.predict_batch(list(pixels[start:start + batch_size]), with_heatmap=False)]

@@ -10,6 +10,7 @@ import torch
 
 from male_boneage.augment import DEFAULT_TTA
 from male_boneage.inference import BoneAgeModel
+from utils.batching import MicroBatcher
 from utils.config import Settings
 
 logger = logging.getLogger(__name__)
@@ -17,10 +18,22 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ModelPair:
+    """Both models and their batching workers (one worker per distinct model)."""
+
     male: BoneAgeModel
     female: BoneAgeModel
     female_fallback: bool
     device: torch.device
+    male_batcher: MicroBatcher
+    female_batcher: MicroBatcher
+
+    def start(self) -> None:
+        for batcher in {id(b): b for b in (self.male_batcher, self.female_batcher)}.values():
+            batcher.start()
+
+    def stop(self) -> None:
+        for batcher in {id(b): b for b in (self.male_batcher, self.female_batcher)}.values():
+            batcher.stop()
 
 
 def pick_device(setting: str) -> torch.device:
@@ -42,6 +55,10 @@ def load_models(settings: Settings) -> ModelPair:
         female, fallback = male, True
     # Warm-up: imports pytorch-grad-cam (~7 s) and runs one CAM pass now, not in the first request.
     male.predict(np.zeros((male.input_size, male.input_size), dtype=np.float32), with_heatmap=True)
+    male_batcher = MicroBatcher(male, "male", settings.batch_max_size, settings.batch_max_wait_ms)
+    # The fallback shares the male worker: one model is never run by two workers at once.
+    female_batcher = male_batcher if fallback else MicroBatcher(
+        female, "female", settings.batch_max_size, settings.batch_max_wait_ms)
     logger.info("models loaded on %s: male %s, female %s%s", device, male.version, female.version,
                 " (fallback)" if fallback else "")
-    return ModelPair(male, female, fallback, device)
+    return ModelPair(male, female, fallback, device, male_batcher, female_batcher)

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 from male_boneage.augment import to_model_pixels
-from male_boneage.inference import BoneAgeModel, ModelEstimate
+from male_boneage.inference import ModelEstimate
 from database import crud
 from database.db import Database
 from database.models import Patient, Prediction
@@ -25,6 +25,8 @@ from utils.tracking import PredictionTracker
 
 logger = logging.getLogger(__name__)
 SEXES = ("male", "female", "unknown")
+# Where the sex used for a prediction came from (Prediction.sex_source).
+SEX_SOURCES = ("form", "dicom", "none")
 
 
 def check_sex(value: str | None) -> str:
@@ -33,6 +35,19 @@ def check_sex(value: str | None) -> str:
     if sex not in SEXES:
         raise InvalidInput("sex must be 'male', 'female' or 'unknown'")
     return sex
+
+
+def resolve_sex(form_sex: str, image: DecodedImage) -> tuple[str, str]:
+    """(sex used, where it came from): the caller's sex always wins; a DICOM's Patient's Sex only fills a gap.
+
+    `form_sex` is `check_sex` of the form field, so an absent field and 'unknown' (its default) are the same:
+    both say the caller does not know the sex, and only then is a DICOM's M or F used.
+    """
+    if form_sex in ("male", "female"):
+        return form_sex, "form"
+    if image.sex_hint in ("male", "female"):
+        return image.sex_hint, "dicom"
+    return "unknown", "none"
 
 
 @dataclass
@@ -71,11 +86,11 @@ class BoneAgeService:
         """Validate, infer, store and log one upload. Blocking: call it from a worker thread."""
         watch = _Stopwatch()
         check_patient_id(patient_id)
-        given_sex = check_sex(sex)
+        form_sex = check_sex(sex)
         image = decode_upload(data, self.limits)
+        given_sex, sex_source = resolve_sex(form_sex, image)
         watch.lap("decode")
-        male = self._estimate(self.models.male, image, watch, "male")
-        female = self._estimate(self.models.female, image, watch, "female")
+        male, female = self._estimate_both(image, watch)
         heatmaps = {
             "male_gradcam.png": overlay_png(image.gray, male.heatmap, self.heatmap_max_side),  # type: ignore[arg-type]
             "female_gradcam.png": overlay_png(image.gray, female.heatmap, self.heatmap_max_side),  # type: ignore[arg-type]
@@ -87,37 +102,45 @@ class BoneAgeService:
         original_name = f"original{image.extension}"
         paths = self.store.write_prediction(patient_id, prediction_id, {original_name: image.data, **heatmaps})
         watch.lap("storage")
-        prediction = self._row(prediction_id, patient_id, created_at, given_sex, image, male, female,
+        prediction = self._row(prediction_id, patient_id, created_at, given_sex, sex_source, image, male, female,
                                paths[original_name], paths["male_gradcam.png"], paths["female_gradcam.png"])
-        try:
-            with self.database.session() as session:
-                crud.add_prediction(session, prediction)
-        except DatabaseUnavailable:
-            # The database does not know these files: remove them so nothing is left half-stored.
-            self.store.remove_prediction(patient_id, prediction_id)
-            logger.error("database write failed for prediction %s; its files were removed", prediction_id)
-            raise
-        watch.lap("database")
-        run_id = self.tracker.log_and_record(self.database, prediction)
-        prediction.mlflow_run_id = run_id
-        watch.lap("mlflow")
+        with self.tracker.claim(prediction_id):  # the retrier leaves this prediction to us
+            try:
+                with self.database.session() as session:
+                    crud.add_prediction(session, prediction)
+            except DatabaseUnavailable:
+                # The database does not know these files: remove them so nothing is left half-stored.
+                self.store.remove_prediction(patient_id, prediction_id)
+                logger.error("database write failed for prediction %s; its files were removed", prediction_id)
+                raise
+            watch.lap("database")
+            run_id = self.tracker.log_and_record(self.database, prediction)
+            prediction.mlflow_run_id = run_id
+            watch.lap("mlflow")
         logger.info("prediction %s stored (male %.1f, female %.1f months; run %s; %.0f ms)", prediction_id,
                     male.age_months, female.age_months, run_id or "pending", sum(watch.timings.values()))
         return PredictionOutcome(prediction, self.models.female_fallback, watch.timings)
 
-    def _estimate(self, model: BoneAgeModel, image: DecodedImage, watch: _Stopwatch, name: str) -> ModelEstimate:
-        pixels = to_model_pixels(image.gray, model.input_size)
-        watch.lap(f"{name}_preprocess")
-        estimate = model.predict(pixels, with_heatmap=True)
-        watch.lap(f"{name}_inference_gradcam")
-        return estimate
+    def _estimate_both(self, image: DecodedImage, watch: _Stopwatch) -> tuple[ModelEstimate, ModelEstimate]:
+        """Both models at once, each through its micro-batching worker (one batched pass per model)."""
+        models = self.models
+        male_pixels = to_model_pixels(image.gray, models.male.input_size)
+        female_pixels = (male_pixels if models.female.input_size == models.male.input_size
+                         else to_model_pixels(image.gray, models.female.input_size))
+        watch.lap("preprocess")
+        male_future = models.male_batcher.submit(male_pixels)
+        female_future = models.female_batcher.submit(female_pixels)
+        male, female = male_future.result(), female_future.result()
+        watch.lap("inference_gradcam")
+        return male, female
 
-    def _row(self, prediction_id: str, patient_id: str, created_at: dt.datetime, given_sex: str,
+    def _row(self, prediction_id: str, patient_id: str, created_at: dt.datetime, given_sex: str, sex_source: str,
              image: DecodedImage, male: ModelEstimate, female: ModelEstimate, original: str,
              male_cam: str, female_cam: str) -> Prediction:
         return Prediction(
             id=prediction_id, patient_id=patient_id, created_at=created_at, image_path=original,
             image_sha256=image.sha256, image_width=image.width, image_height=image.height, given_sex=given_sex,
+            sex_source=sex_source,
             male_age_months=male.age_months, male_sigma_months=male.sigma_months,
             male_group_probs=json.dumps(male.group_probabilities), male_gradcam_path=male_cam,
             male_model_version=self.models.male.version,

@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from mlflow import MlflowClient
@@ -36,6 +38,7 @@ class PredictionTracker:
         self._client: MlflowClient | None = None
         self._experiment_id: str | None = None
         self._lock = threading.Lock()
+        self._in_flight: set[str] = set()  # predictions being logged right now (by a request or the retrier)
 
     @property
     def client(self) -> MlflowClient:
@@ -112,6 +115,23 @@ class PredictionTracker:
         self.client.set_terminated(run_id)
         return run_id
 
+    @contextmanager
+    def claim(self, prediction_id: str) -> Iterator[bool]:
+        """Mark a prediction as being logged by this thread; yields False if another thread already is.
+
+        The service claims a prediction before its row is committed, so the retrier never races a request.
+        """
+        with self._lock:
+            if prediction_id in self._in_flight:
+                yield False
+                return
+            self._in_flight.add(prediction_id)
+        try:
+            yield True
+        finally:
+            with self._lock:
+                self._in_flight.discard(prediction_id)
+
     def log_and_record(self, database: Database, prediction: Prediction, retry: bool = False) -> str | None:
         """Log the run and store its id on the prediction row; None (and a warning) if tracking failed."""
         try:
@@ -152,8 +172,11 @@ class TrackingRetrier:
         with self.database.session() as session:
             pending = crud.untracked_predictions(session)
         for done, prediction in enumerate(pending):
-            if self._stop.is_set() or self.tracker.log_and_record(self.database, prediction, retry=True) is None:
-                return len(pending) - done  # tracking is down: wait for the next round instead of hammering it
+            if self._stop.is_set():
+                return len(pending) - done
+            with self.tracker.claim(prediction.id) as mine:
+                if mine and self.tracker.log_and_record(self.database, prediction, retry=True) is None:
+                    return len(pending) - done  # tracking is down: wait for the next round, do not hammer it
         return 0
 
     def _run(self) -> None:

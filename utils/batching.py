@@ -1,0 +1,79 @@
+"""Dynamic micro-batching: requests that arrive within a few milliseconds share one batched model pass.
+
+Each model gets one worker thread that owns it, so Grad-CAM hooks are never used by two passes at once and the
+CPU is not oversubscribed by many request threads each running their own small forward/backward.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+
+import numpy as np
+
+from male_boneage.inference import BoneAgeModel, ModelEstimate
+
+logger = logging.getLogger(__name__)
+_STOP = object()
+
+
+class MicroBatcher:
+    """Collects images for one model and runs them in batches of at most `max_batch` images."""
+
+    def __init__(self, model: BoneAgeModel, name: str, max_batch: int = 8, max_wait_ms: float = 2.0) -> None:
+        self.model = model
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_ms / 1000
+        self._queue: queue.Queue[object] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name=f"batcher-{name}", daemon=True)
+        self.batches = 0
+        self.images = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._queue.put(_STOP)
+        self._thread.join(timeout=30)
+
+    def submit(self, pixels: np.ndarray) -> Future[ModelEstimate]:
+        """Queue one preprocessed image; the future gets its estimate (with heatmap)."""
+        future: Future[ModelEstimate] = Future()
+        self._queue.put((pixels, future))
+        return future
+
+    def _collect(self, first: tuple[np.ndarray, Future[ModelEstimate]]) -> tuple[list, bool]:
+        batch = [first]
+        deadline = time.monotonic() + self.max_wait_s
+        while len(batch) < self.max_batch:
+            try:
+                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if item is _STOP:
+                return batch, True
+            batch.append(item)  # type: ignore[arg-type]
+        return batch, False
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            item = self._queue.get()
+            if item is _STOP:
+                break
+            batch, stopping = self._collect(item)  # type: ignore[arg-type]
+            futures = [future for _, future in batch]
+            try:
+                estimates = self.model.predict_batch([pixels for pixels, _ in batch], with_heatmap=True)
+            except Exception as exc:  # the requests get the error; the worker lives on
+                logger.exception("batched inference failed for %d images", len(batch))
+                for future in futures:
+                    future.set_exception(exc)
+                continue
+            self.batches += 1
+            self.images += len(batch)
+            for future, estimate in zip(futures, estimates):
+                future.set_result(estimate)
