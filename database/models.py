@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import DateTime, Float, ForeignKey, Index, String
+from sqlalchemy import Connection, DateTime, Float, ForeignKey, Index, MetaData, String, event, inspect, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -32,7 +32,9 @@ class Prediction(Base):
     image_sha256: Mapped[str] = mapped_column(String(64))
     image_width: Mapped[int]
     image_height: Mapped[int]
-    given_sex: Mapped[str] = mapped_column(String(8))
+    given_sex: Mapped[str] = mapped_column(String(8), comment="sex used: the form's, else the DICOM's, else unknown")
+    sex_source: Mapped[str] = mapped_column(String(8), default="none", server_default="none",
+                                            comment="where given_sex came from: form, dicom or none")
     male_age_months: Mapped[float] = mapped_column(Float)
     male_sigma_months: Mapped[float] = mapped_column(Float)
     male_group_probs: Mapped[str] = mapped_column(String(128), comment="JSON list of 4 probabilities")
@@ -47,3 +49,18 @@ class Prediction(Base):
     mlflow_run_id: Mapped[str | None] = mapped_column(String(64), default=None, index=True)
 
     patient: Mapped[Patient] = relationship(back_populates="predictions")
+
+
+@event.listens_for(Base.metadata, "after_create")
+def _add_missing_columns(metadata: MetaData, connection: Connection, **_kw: object) -> None:
+    """`create_all` makes missing tables only: add columns newer than an existing database, once.
+
+    predictions.sex_source: rows stored before it existed had only the form's sex, so male/female -> 'form'.
+    """
+    inspector = inspect(connection)
+    if not inspector.has_table("predictions"):
+        return
+    columns = {column["name"] for column in inspector.get_columns("predictions")}
+    if "sex_source" not in columns:
+        connection.execute(text("ALTER TABLE predictions ADD COLUMN sex_source VARCHAR(8) NOT NULL DEFAULT 'none'"))
+        connection.execute(text("UPDATE predictions SET sex_source = 'form' WHERE given_sex IN ('male', 'female')"))

@@ -49,7 +49,11 @@ class PredictionResponse(BaseModel):
     prediction_id: str
     mlflow_run_id: str | None = Field(description="None while tracking is pending (logged later)")
     tracking: Literal["logged", "pending"]
-    sex: Literal["male", "female", "unknown"] = Field(description="the sex given with the upload")
+    sex: Literal["male", "female", "unknown"] = Field(
+        description="the sex the prediction applies to: the form's, else a DICOM's Patient's Sex (see sex_source)")
+    sex_source: Literal["form", "dicom", "none"] = Field(
+        description="where `sex` came from: the form field, the uploaded DICOM's Patient's Sex (0010,0040) when the "
+                    "form gave none or 'unknown', or none at all")
     applicable_prediction: Literal["male_prediction", "female_prediction"] | None = Field(
         description="which estimate applies to this patient, when the sex was given")
     male_prediction: ModelPrediction
@@ -116,6 +120,7 @@ def prediction_response(p: Prediction) -> PredictionResponse:
     return PredictionResponse(
         patient_id=p.patient_id, prediction_id=p.id, mlflow_run_id=p.mlflow_run_id,
         tracking="logged" if p.mlflow_run_id else "pending", sex=p.given_sex,  # type: ignore[arg-type]
+        sex_source=p.sex_source or "none",  # type: ignore[arg-type]
         applicable_prediction=applicable,  # type: ignore[arg-type]
         male_prediction=_model_prediction(p.male_age_months, p.male_sigma_months, p.male_group_probs,
                                           p.male_model_version, p.male_gradcam_path),
