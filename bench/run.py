@@ -1,0 +1,819 @@
+#!/usr/bin/env python
+"""Benchmark for "Fast on two cores": the real service against its floor and against a seed-style baseline.
+
+    .venv/bin/python bench/run.py                 # full run (minutes); writes bench/RESULTS.md
+    .venv/bin/python bench/run.py --quick         # smoke check with tiny counts; writes bench/out/RESULTS-quick.md
+
+Measures, in this order:
+  1. the floor, in this process: decode_upload + one forward and backward pass (batch of 1) of each model;
+  2. the service (uvicorn subprocess, fresh temporary database, storage and MLflow store): cold start, peak RSS,
+     single-request latency of POST /predict for a full-resolution and a 100 px film, the Server-Timing stages,
+     throughput and latency at concurrency 1, 4 and 16;
+  3. the seed-style baseline (bench/seed_baseline.py), started and loaded the same way.
+Only 127.0.0.1 is contacted. Every server started here is stopped at the end, also on errors and Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import math
+import os
+import platform
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+DEFAULT_DATA = REPO.parent / "shared" / "data"
+HOST = "127.0.0.1"
+CONCURRENCY_LEVELS = (1, 4, 16)
+# The issue's minimum counts; a run below them is marked as a smoke run in the report.
+MIN_FLOOR_REPS, MIN_SINGLE, MIN_LOAD = 20, 20, 64
+WARMUP_REQUESTS = 3
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# small helpers
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolation percentile (q in [0, 1]); NaN for no values."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q
+    low, high = math.floor(k), math.ceil(k)
+    return ordered[low] + (ordered[high] - ordered[low]) * (k - low)
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else math.nan
+
+
+def fmt(value: float, digits: int = 1) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def ratio(a: float, b: float) -> float:
+    return a / b if b and not math.isnan(a) and not math.isnan(b) else math.nan
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table padded so it also reads well in a terminal."""
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"  # noqa: E731
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+class PatientIds:
+    """Distinct patient ids for every request of the run (thread-safe)."""
+
+    def __init__(self) -> None:
+        self.prefix = f"bench-{uuid.uuid4().hex[:8]}-"
+        self._n = 0
+        self._lock = threading.Lock()
+
+    def __call__(self) -> str:
+        with self._lock:
+            self._n += 1
+            return f"{self.prefix}{self._n}"
+
+    @property
+    def issued(self) -> int:
+        return self._n
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# machine
+
+
+def machine_info() -> dict[str, str]:
+    info: dict[str, str] = {}
+    try:
+        info["nproc"] = subprocess.run(["nproc"], capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        info["nproc"] = str(len(os.sched_getaffinity(0)))
+    info["cpu"] = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                info["ram"] = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
+    except OSError:
+        info["ram"] = "unknown"
+    info["os"] = platform.platform()
+    info["python"] = platform.python_version()
+    return info
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "n/a"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# processes and memory
+
+
+def _proc_status_kib(pid: int, key: str) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def descendants(root: int) -> list[int]:
+    """Pids of all live descendants of `root` (scans /proc once)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [root]
+    while todo and len(found) < 10_000:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+# Runs first in each server process, then execs uvicorn in the same pid: asks Linux for a SIGTERM when the
+# benchmark dies (PR_SET_PDEATHSIG survives exec), so even a killed benchmark leaves no server behind. Done this
+# way rather than with `preexec_fn`, which is unsafe once this process has threads (torch's, the samplers).
+PARENT_DEATH_WRAPPER = """
+import ctypes, os, signal, sys
+try:
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)
+except Exception:
+    pass
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(1)
+os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
+"""
+
+
+class MemorySampler(threading.Thread):
+    """Samples VmRSS of a process tree and remembers each process's VmHWM."""
+
+    def __init__(self, pid: int, interval: float = 0.2) -> None:
+        super().__init__(name=f"rss-{pid}", daemon=True)
+        self.pid = pid
+        self.interval = interval
+        self.peak_rss_kib = 0
+        self.window_peak_kib = 0
+        self.hwm_kib: dict[int, int] = {}
+        self.max_processes = 1
+        self._stop_event = threading.Event()
+
+    def sample(self) -> None:
+        pids = [self.pid, *descendants(self.pid)]
+        total = 0
+        for pid in pids:
+            rss = _proc_status_kib(pid, "VmRSS")
+            hwm = _proc_status_kib(pid, "VmHWM")
+            if rss is not None:
+                total += rss
+            if hwm is not None:
+                self.hwm_kib[pid] = max(self.hwm_kib.get(pid, 0), hwm)
+        self.max_processes = max(self.max_processes, len(pids))
+        self.peak_rss_kib = max(self.peak_rss_kib, total)
+        self.window_peak_kib = max(self.window_peak_kib, total)
+
+    def reset_window(self) -> None:
+        self.window_peak_kib = 0
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.interval):
+            self.sample()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+
+@dataclass
+class Server:
+    """A uvicorn subprocess with its own temporary database, storage and MLflow store."""
+
+    name: str
+    app: str
+    app_dir: Path
+    workdir: Path
+    extra_env: dict[str, str]
+    device: str
+    port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+    sampler: MemorySampler | None = None
+    cold_start_s: float = math.nan
+    log_path: Path | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith("BONEAGE_") and k not in ("MLFLOW_TRACKING_URI", "PYTHONPATH")}
+        env.update({
+            "BONEAGE_HOST": HOST,
+            "BONEAGE_PORT": str(self.port),
+            "BONEAGE_DATABASE_URL": f"sqlite:///{self.workdir / 'predictions.db'}",
+            "BONEAGE_STORAGE_DIR": str(self.workdir / "storage"),
+            "MLFLOW_TRACKING_URI": f"sqlite:///{self.workdir / 'mlflow.db'}",
+            "BONEAGE_DEVICE": self.device,
+            "PYTHONPATH": str(REPO),
+            "NO_PROXY": "127.0.0.1,localhost",
+        })
+        env.update(self.extra_env)
+        return env
+
+    def start(self, timeout_s: float) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.log_path = self.workdir / "server.log"
+        argv = [sys.executable, "-c", PARENT_DEATH_WRAPPER, str(os.getpid()),
+                "-m", "uvicorn", self.app, "--app-dir", str(self.app_dir), "--host", HOST, "--port", str(self.port),
+                "--log-level", "warning", "--no-access-log"]
+        log = open(self.log_path, "wb")  # noqa: SIM115 - closed with the process
+        started = time.perf_counter()
+        # cwd is the temporary folder, so anything written relative to it (MLflow's ./mlruns) stays there.
+        self.proc = subprocess.Popen(argv, cwd=self.workdir, env=self.env(), stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        log.close()
+        self.sampler = MemorySampler(self.proc.pid)
+        self.sampler.start()
+        deadline = started + timeout_s
+        with httpx.Client(timeout=5.0, trust_env=False) as client:
+            while time.perf_counter() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"{self.name} exited with code {self.proc.returncode} while starting:\n"
+                                       + self.log_tail())
+                try:
+                    if client.get(f"{self.base_url}/health").status_code == 200:
+                        self.cold_start_s = time.perf_counter() - started
+                        return
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.05)
+        raise RuntimeError(f"{self.name} did not answer GET /health with 200 within {timeout_s:.0f} s:\n"
+                           + self.log_tail())
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])  # type: ignore[union-attr]
+        except (OSError, AttributeError):
+            return "(no log)"
+
+    def memory(self) -> dict[str, float]:
+        """VmHWM (per process, summed over the tree) and the sampled RSS peaks, in MiB."""
+        if self.sampler is None:
+            return {}
+        self.sampler.sample()
+        return {"vmhwm_mib": sum(self.sampler.hwm_kib.values()) / 1024,
+                "sampled_peak_mib": self.sampler.peak_rss_kib / 1024,
+                "sampled_load_peak_mib": self.sampler.window_peak_kib / 1024,
+                "processes": float(self.sampler.max_processes)}
+
+    def stop(self) -> None:
+        """SIGTERM to the server's own process group, SIGKILL after 20 s."""
+        if self.sampler is not None:
+            self.sampler.stop()
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)  # the group this script created for the server
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        except ProcessLookupError:
+            pass
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the floor
+
+
+def measure_floor(images: dict[str, bytes], reps: int, warmup: int, device_name: str) -> dict[str, object]:
+    """decode_upload + per model one forward and backward pass of a batch of 1 at the input size (median)."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    import torch
+
+    from male_boneage.augment import standardize, to_model_pixels
+    from male_boneage.inference import MEAN_INDEX, BoneAgeModel
+    from utils.image_io import UploadLimits, decode_upload
+
+    device = torch.device("cuda" if device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    weights = REPO / "male_boneage" / "weights"
+    models = {sex: BoneAgeModel.from_file(weights / f"{sex}.pt", device) for sex in ("male", "female")}
+    limits = UploadLimits()
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def forward_backward(model: BoneAgeModel, x: torch.Tensor) -> None:
+        out = model.flat(x)  # gradients on, as Grad-CAM needs
+        out[0, MEAN_INDEX].backward()
+        sync()
+
+    result: dict[str, object] = {"torch_threads": torch.get_num_threads(), "device": str(device),
+                                 "input_sizes": {s: m.input_size for s, m in models.items()}}
+    for image_name, data in images.items():
+        gray = decode_upload(data, limits).gray
+        inputs = {s: standardize(torch.from_numpy(to_model_pixels(gray, m.input_size)).view(1, 1, m.input_size,
+                                                                                            m.input_size)).to(device)
+                  for s, m in models.items()}
+        parts: dict[str, list[float]] = {"decode": [], "male": [], "female": [], "total": []}
+        for rep in range(warmup + reps):
+            t0 = time.perf_counter()
+            decode_upload(data, limits)
+            t1 = time.perf_counter()
+            times = {}
+            for sex, model in models.items():
+                start = time.perf_counter()
+                forward_backward(model, inputs[sex])
+                times[sex] = time.perf_counter() - start
+            total = time.perf_counter() - t0
+            for model in models.values():
+                model.flat.zero_grad(set_to_none=True)
+            if rep >= warmup:
+                parts["decode"].append((t1 - t0) * 1000)
+                parts["male"].append(times["male"] * 1000)
+                parts["female"].append(times["female"] * 1000)
+                parts["total"].append(total * 1000)
+        result[image_name] = {k: median(v) for k, v in parts.items()} | {"n": reps}
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# requests
+
+
+@dataclass
+class Sample:
+    status: str
+    latency_ms: float
+    server_timing: str | None = None
+    body: dict | None = None  # type: ignore[type-arg]
+
+
+def _form(image: tuple[str, bytes], patient_id: str, sex: str) -> dict[str, object]:
+    name, data = image
+    return {"files": {"image": (name, data, "image/png")}, "data": {"patient_id": patient_id, "sex": sex}}
+
+
+def post_once(client: httpx.Client, image: tuple[str, bytes], patient_id: str, sex: str) -> Sample:
+    start = time.perf_counter()
+    try:
+        response = client.post("/predict", **_form(image, patient_id, sex))  # type: ignore[arg-type]
+    except httpx.HTTPError as exc:
+        return Sample(type(exc).__name__, (time.perf_counter() - start) * 1000)
+    latency = (time.perf_counter() - start) * 1000
+    body = None
+    try:
+        body = response.json()
+    except ValueError:
+        pass
+    return Sample(str(response.status_code), latency, response.headers.get("server-timing"), body)
+
+
+def single_requests(base_url: str, image: tuple[str, bytes], n: int, ids: PatientIds, timeout_s: float,
+                    deadline: float, warmup: int = WARMUP_REQUESTS) -> tuple[list[Sample], list[Sample]]:
+    """`warmup` requests, then `n` sequential ones; returns (warm-up samples, measured samples)."""
+    warm: list[Sample] = []
+    measured: list[Sample] = []
+    with httpx.Client(base_url=base_url, timeout=timeout_s, trust_env=False) as client:
+        for i in range(warmup + n):
+            if time.monotonic() > deadline:
+                print(f"    time limit reached after {len(measured)} measured requests")
+                break
+            sample = post_once(client, image, ids(), ("male", "female")[i % 2])
+            (warm if i < warmup else measured).append(sample)
+            if sample.status != "200" and len(warm) + len(measured) <= warmup + 1:
+                print(f"    request answered {sample.status}: {json.dumps(sample.body)[:300]}")
+    return warm, measured
+
+
+def parse_server_timing(header: str) -> dict[str, float]:
+    """`name;dur=12.3;desc="x", other;dur=4` -> {name: 12.3, other: 4.0}; entries without dur are skipped."""
+    stages: dict[str, float] = {}
+    for entry in header.split(","):
+        parts = [p.strip() for p in entry.split(";")]
+        if not parts or not parts[0]:
+            continue
+        for param in parts[1:]:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "dur":
+                try:
+                    stages[parts[0]] = stages.get(parts[0], 0.0) + float(value.strip().strip('"'))
+                except ValueError:
+                    pass
+    return stages
+
+
+async def _load(base_url: str, image: tuple[str, bytes], n: int, concurrency: int, ids: PatientIds,
+                timeout_s: float, deadline: float) -> tuple[list[Sample], float]:
+    samples: list[Sample] = []
+    todo = iter(range(n))
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=base_url, timeout=timeout_s, limits=limits, trust_env=False) as client:
+
+        async def worker() -> None:
+            for i in todo:  # shared iterator: each request is taken by exactly one worker
+                if time.monotonic() > deadline:
+                    return
+                start = time.perf_counter()
+                try:
+                    response = await client.post("/predict", **_form(image, ids(), ("male", "female")[i % 2]))  # type: ignore[arg-type]
+                    status = str(response.status_code)
+                except httpx.HTTPError as exc:
+                    status = type(exc).__name__
+                samples.append(Sample(status, (time.perf_counter() - start) * 1000))
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - started
+    return samples, wall
+
+
+def load_level(base_url: str, image: tuple[str, bytes], n: int, concurrency: int, ids: PatientIds,
+               timeout_s: float, phase_s: float) -> dict[str, object]:
+    samples, wall = asyncio.run(_load(base_url, image, n, concurrency, ids, timeout_s, time.monotonic() + phase_s))
+    ok = [s.latency_ms for s in samples if s.status == "200"]
+    errors = Counter(s.status for s in samples if s.status != "200")
+    return {"concurrency": concurrency, "sent": len(samples), "ok": len(ok), "errors": dict(errors),
+            "wall_s": wall, "rps": len(ok) / wall if wall > 0 else math.nan,
+            "p50_ms": percentile(ok, 0.5), "p95_ms": percentile(ok, 0.95),
+            "mean_ms": statistics.fmean(ok) if ok else math.nan}
+
+
+def run_load(server: Server, image: tuple[str, bytes], n: int, ids: PatientIds, args: argparse.Namespace
+             ) -> list[dict[str, object]]:
+    levels = []
+    assert server.sampler is not None
+    server.sampler.reset_window()
+    for concurrency in CONCURRENCY_LEVELS:
+        print(f"  load: {n} requests at concurrency {concurrency} ...", flush=True)
+        level = load_level(server.base_url, image, n, concurrency, ids, args.request_timeout, args.phase_timeout)
+        print(f"    {level['ok']}/{level['sent']} ok, {fmt(level['rps'], 2)} req/s, "  # type: ignore[arg-type]
+              f"p50 {fmt(level['p50_ms'], 0)} ms, p95 {fmt(level['p95_ms'], 0)} ms, errors {level['errors'] or 'none'}")  # type: ignore[arg-type]
+        levels.append(level)
+    return levels
+
+
+def errors_text(errors: dict[str, int]) -> str:
+    return ", ".join(f"{code}: {count}" for code, count in sorted(errors.items())) or "0"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, help=f"requests per concurrency level (default {MIN_LOAD}; quick 8)")
+    parser.add_argument("--single", type=int,
+                        help=f"measured single requests per image (default {MIN_SINGLE}; quick 3)")
+    parser.add_argument("--floor-reps", type=int, help="repetitions of the floor (default 30; quick 5)")
+    parser.add_argument("--quick", action="store_true", help="tiny counts: a smoke check, not a result")
+    parser.add_argument("--load-image", choices=("full", "small"), default="full",
+                        help="film used for the concurrency runs (default: the full-resolution one)")
+    parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
+                        help="BONEAGE_DEVICE of both servers and the floor (default cpu)")
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra environment for both servers, e.g. BONEAGE_TTA_VARIANTS=1 (repeatable)")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the seed-style baseline")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"RSNA data folder (default {DEFAULT_DATA})")
+    parser.add_argument("--out", type=Path,
+                        help="report file (default bench/RESULTS.md; quick: bench/out/RESULTS-quick.md)")
+    parser.add_argument("--start-timeout", type=float, default=300.0, help="seconds a server may take to start")
+    parser.add_argument("--request-timeout", type=float, default=300.0, help="seconds one request may take")
+    parser.add_argument("--phase-timeout", type=float, default=1800.0,
+                        help="seconds after which a phase stops sending new requests")
+    parser.add_argument("--keep-tmp", action="store_true", help="keep the temporary folders (logs, databases)")
+    args = parser.parse_args(argv)
+    args.requests = args.requests if args.requests is not None else (8 if args.quick else MIN_LOAD)
+    args.single = args.single if args.single is not None else (3 if args.quick else MIN_SINGLE)
+    args.floor_reps = args.floor_reps if args.floor_reps is not None else (5 if args.quick else 30)
+    for name in ("requests", "single", "floor_reps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    args.out = args.out or (BENCH_DIR / "out" / "RESULTS-quick.md" if args.quick else BENCH_DIR / "RESULTS.md")
+    extra = {}
+    for item in args.env:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            parser.error(f"--env expects KEY=VALUE, got {item!r}")
+        extra[key] = value
+    args.extra_env = extra
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    command = shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join([sys.executable, __file__, *argv])
+    images_paths = {"full": args.data / "rsna-test-20" / "4360.png",
+                    "small": args.data / "rsna-train-100px" / "1377.png"}
+    for path in images_paths.values():
+        if not path.is_file():
+            print(f"missing image {path}; pass --data <RSNA data folder>", file=sys.stderr)
+            return 2
+    images = {name: (path.name, path.read_bytes()) for name, path in images_paths.items()}
+    smoke = args.quick or args.floor_reps < MIN_FLOOR_REPS or args.single < MIN_SINGLE or args.requests < MIN_LOAD
+    started_at = dt.datetime.now().astimezone()
+    machine = machine_info()
+    results: dict[str, object] = {"command": command, "date": started_at.isoformat(timespec="seconds"),
+                                  "machine": machine, "loadavg_start": loadavg(), "smoke": smoke,
+                                  "counts": {"floor_reps": args.floor_reps, "single": args.single,
+                                             "warmup": WARMUP_REQUESTS, "load": args.requests},
+                                  "device": args.device, "extra_env": args.extra_env, "load_image": args.load_image}
+    print(f"bone age benchmark: {machine['nproc']} cores ({machine['cpu']}), load average {results['loadavg_start']}")
+    tmp = Path(tempfile.mkdtemp(prefix="boneage-bench-"))
+    servers: list[Server] = []
+
+    def on_sigterm(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C, also when started in background
+    ids = PatientIds()
+    try:
+        print(f"floor: {args.floor_reps} repetitions per image (+3 warm-up) ...", flush=True)
+        results["floor"] = measure_floor({k: v[1] for k, v in images.items()}, args.floor_reps, 3, args.device)
+        for name in images:
+            print(f"  {name}: {fmt(results['floor'][name]['total'])} ms")  # type: ignore[index]
+
+        service = Server("service", "app:app", REPO, tmp / "service", args.extra_env, args.device)
+        servers.append(service)
+        print("service: starting ...", flush=True)
+        service.start(args.start_timeout)
+        print(f"  ready after {service.cold_start_s:.2f} s on port {service.port} (pid {service.proc.pid})")  # type: ignore[union-attr]
+        single: dict[str, object] = {}
+        for name, image in images.items():
+            print(f"  single requests, {name} image: {WARMUP_REQUESTS} warm-up + {args.single} ...", flush=True)
+            warm, measured = single_requests(service.base_url, image, args.single, ids, args.request_timeout,
+                                             time.monotonic() + args.phase_timeout)
+            ok = [s for s in measured if s.status == "200"]
+            latencies = [s.latency_ms for s in ok]
+            headers = [s.server_timing for s in ok if s.server_timing]
+            stages: dict[str, list[float]] = {}
+            for header in headers:
+                for stage, ms in parse_server_timing(header).items():
+                    stages.setdefault(stage, []).append(ms)
+            single[name] = {
+                "n": len(measured), "ok": len(ok), "errors": dict(Counter(s.status for s in measured + warm
+                                                                          if s.status != "200")),
+                "median_ms": median(latencies), "p95_ms": percentile(latencies, 0.95),
+                "mean_ms": statistics.fmean(latencies) if latencies else math.nan,
+                "server_timing_responses": len(headers),
+                "stages_mean_ms": {k: statistics.fmean(v) for k, v in stages.items()},
+                "first_body": next((s.body for s in ok), None),
+            }
+            print(f"    median {fmt(single[name]['median_ms'], 0)} ms, p95 {fmt(single[name]['p95_ms'], 0)} ms")  # type: ignore[index]
+        results["single"] = single
+        results["service_load"] = run_load(service, images[args.load_image], args.requests, ids, args)
+        results["service_memory"] = service.memory()
+        results["service_cold_start_s"] = service.cold_start_s
+        service.stop()
+
+        if not args.no_baseline:
+            baseline = Server("seed baseline", "seed_baseline:app", BENCH_DIR, tmp / "baseline", args.extra_env,
+                              args.device)
+            servers.append(baseline)
+            print("seed baseline: starting ...", flush=True)
+            baseline.start(args.start_timeout)
+            print(f"  ready after {baseline.cold_start_s:.2f} s on port {baseline.port} (pid {baseline.proc.pid})")  # type: ignore[union-attr]
+            # Warm-up (its first request creates the MLflow store), then one request with the small film to
+            # compare its estimates with the service's.
+            warm, _ = single_requests(baseline.base_url, images[args.load_image], 0, ids, args.request_timeout,
+                                      time.monotonic() + args.phase_timeout)
+            _, check = single_requests(baseline.base_url, images["small"], 1, ids, args.request_timeout,
+                                       time.monotonic() + args.phase_timeout, warmup=0)
+            results["baseline_warmup_errors"] = dict(Counter(s.status for s in warm + check if s.status != "200"))
+            results["agreement"] = agreement(single["small"]["first_body"],  # type: ignore[index]
+                                             check[-1].body if check and check[-1].status == "200" else None)
+            results["baseline_load"] = run_load(baseline, images[args.load_image], args.requests, ids, args)
+            results["baseline_memory"] = baseline.memory()
+            results["baseline_cold_start_s"] = baseline.cold_start_s
+            baseline.stop()
+    except KeyboardInterrupt:
+        print("\ninterrupted: stopping the servers", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        print(f"\nbenchmark failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        for server in servers:
+            if server.proc is not None:
+                print(f"--- last lines of the {server.name} log ---\n{server.log_tail()}", file=sys.stderr)
+        raise
+    finally:
+        for server in servers:
+            server.stop()
+        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
+        if args.keep_tmp:
+            print(f"temporary files kept in {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    results["loadavg_end"] = loadavg()
+    results["patient_ids_used"] = ids.issued
+    results["duration_s"] = (dt.datetime.now().astimezone() - started_at).total_seconds()
+    report = render(results, args)
+    print("\n" + report)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(report)
+    raw = BENCH_DIR / "out" / f"results-{started_at.strftime('%Y%m%dT%H%M%S')}.json"
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    for part in results.get("single", {}).values():  # type: ignore[union-attr]
+        part.pop("first_body", None)
+    raw.write_text(json.dumps(results, indent=2, default=str))
+    print(f"\nreport written to {args.out}; raw figures in {raw}")
+    return 0
+
+
+def agreement(service_body: dict | None, baseline_body: dict | None) -> dict[str, object]:  # type: ignore[type-arg]
+    """Largest difference (months) between the service's and the baseline's estimates for the same film."""
+    if not service_body or not baseline_body:
+        return {"checked": False}
+    diffs = {}
+    for key in ("male_prediction", "female_prediction"):
+        for field_name in ("age_months", "sigma_months"):
+            try:
+                diffs[f"{key}.{field_name}"] = abs(float(service_body[key][field_name])
+                                                   - float(baseline_body[key][field_name]))
+            except (KeyError, TypeError, ValueError):
+                return {"checked": False}
+    return {"checked": True, "max_abs_diff_months": max(diffs.values()),
+            "service_male_months": service_body["male_prediction"]["age_months"],
+            "baseline_male_months": baseline_body["male_prediction"]["age_months"]}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# report
+
+
+def busy(load: str, nproc: str) -> bool:
+    """True when the 1-minute load average at start was above a quarter of the cores."""
+    try:
+        return float(load.split()[0]) > 0.25 * max(1, int(nproc))
+    except (ValueError, IndexError):
+        return False
+
+
+def render(r: dict, args: argparse.Namespace) -> str:  # type: ignore[type-arg]
+    m = r["machine"]
+    floor = r["floor"]
+    out: list[str] = ["# Benchmark: bone age service (issue \"Fast on two cores\")", ""]
+    if r["smoke"]:
+        out += [f"> **Smoke run** (counts below the issue's minimums of {MIN_FLOOR_REPS} floor repetitions, "
+                f"{MIN_SINGLE} single requests, {MIN_LOAD} requests per concurrency level): the figures only show "
+                "that the benchmark works; they are not a result.", ""]
+    out += [
+        f"- date: {r['date']} (took {r['duration_s']:.0f} s)",
+        f"- command: `{r['command']}`",
+        f"- machine: `nproc` = {m['nproc']}, CPU {m['cpu']}, RAM {m.get('ram', 'n/a')}, {m['os']}, "
+        f"Python {m['python']}",
+        f"- load average (1/5/15 min) at start {r['loadavg_start']}, at end {r['loadavg_end']} "
+        "(anything else running on the machine shares its cores with the servers and this client)",
+        *([f"- **warning: the machine was busy** (1-min load average {r['loadavg_start'].split()[0]} at start on "
+           f"{m['nproc']} cores): other processes competed for the CPU, so the figures are pessimistic and noisy"]
+          if busy(r["loadavg_start"], m["nproc"]) else []),
+        f"- device {floor['device']}; torch threads in the benchmark process {floor['torch_threads']}; model input "
+        + ", ".join(f"{s} {v} px" for s, v in floor["input_sizes"].items())
+        + (f"; extra server environment {r['extra_env']}" if r["extra_env"] else ""),
+        f"- counts: floor {r['counts']['floor_reps']} repetitions (+3 warm-up); single requests "
+        f"{r['counts']['single']} per film after {r['counts']['warmup']} warm-up; {r['counts']['load']} requests "
+        f"per concurrency level (film: {args.load_image}); {r['patient_ids_used']} distinct patient ids",
+        "",
+        "## Floor (in the benchmark process)",
+        "",
+        "The unavoidable work of one request: `decode_upload` of the upload, then for each model one forward and "
+        "backward pass (batch of 1, at the model's input size, gradients on as Grad-CAM needs). Medians.",
+        "",
+    ]
+    rows = [[name, fmt(floor[name]["decode"]), fmt(floor[name]["male"]), fmt(floor[name]["female"]),
+             fmt(floor[name]["total"])] for name in ("full", "small")]
+    out += [table(["film", "decode ms", "male fwd+bwd ms", "female fwd+bwd ms", "floor ms (median of sums)"], rows), ""]
+
+    out += ["## Start-up and memory", ""]
+    mem_rows = []
+    for key, label in (("service", "service"), ("baseline", "seed baseline")):
+        memory = r.get(f"{key}_memory")
+        if memory:
+            mem_rows.append([label, fmt(r[f"{key}_cold_start_s"], 2), fmt(memory["vmhwm_mib"], 0),
+                             fmt(memory["sampled_peak_mib"], 0), fmt(memory["sampled_load_peak_mib"], 0),
+                             str(int(memory["processes"]))])
+    out += [table(["server", "cold start s", "peak RSS (VmHWM) MiB", "sampled peak RSS MiB",
+                   "sampled peak during load MiB", "processes"], mem_rows), "",
+            "Cold start: from starting the uvicorn process until `GET /health` answers 200. VmHWM is summed over the "
+            "server process and any children; RSS was sampled every 0.2 s.", ""]
+
+    out += ["## Single-request latency of POST /predict (service)", ""]
+    rows = []
+    for name in ("full", "small"):
+        s = r["single"][name]
+        rows.append([name, f"{s['ok']}/{s['n']}", fmt(s["median_ms"]), fmt(s["p95_ms"]), fmt(floor[name]["total"]),
+                     fmt(ratio(s["median_ms"], floor[name]["total"]), 2), errors_text(s["errors"])])
+    out += [table(["film", "ok", "median ms", "p95 ms", "floor ms", "median / floor", "errors (incl. warm-up)"], rows),
+            "", "Films: `rsna-test-20/4360.png` (1600x2080, full resolution) and `rsna-train-100px/1377.png` "
+            "(100x100). Sequential requests from one client; latency as the client sees it.", ""]
+
+    out += ["## Stages (Server-Timing, mean over the single requests)", ""]
+    for name in ("full", "small"):
+        s = r["single"][name]
+        if not s["stages_mean_ms"]:
+            out += [f"{name} film: no Server-Timing header", ""]
+            continue
+        stages = s["stages_mean_ms"]
+        summed = sum(v for k, v in stages.items() if k.lower() != "total")
+        rows = [[k, fmt(v), fmt(100 * v / summed, 0) if k.lower() != "total" and summed else ""]
+                for k, v in stages.items()]
+        rows.append(["(sum of stages)", fmt(summed), "100"])
+        rows.append(["(client median - sum: HTTP, multipart, JSON)", fmt(s["median_ms"] - summed), ""])
+        out += [f"{name} film ({s['server_timing_responses']} responses with the header):", "",
+                table(["stage", "mean ms", "% of stages"], rows), ""]
+
+    out += ["## Throughput and latency under load", ""]
+    rows = []
+    for key, label in (("service_load", "service"), ("baseline_load", "seed baseline")):
+        for level in r.get(key, []):
+            rows.append([label, str(level["concurrency"]), f"{level['ok']}/{level['sent']}",
+                         errors_text(level["errors"]), fmt(level["rps"], 2), fmt(level["p50_ms"], 0),
+                         fmt(level["p95_ms"], 0), fmt(level["wall_s"], 1)])
+    out += [table(["server", "concurrency", "ok", "errors by status", "req/s", "p50 ms", "p95 ms", "wall s"], rows),
+            "", "Throughput counts successful (200) requests over the wall time of the level; percentiles are over the "
+            "successful requests. Every request has its own patient id. The client (httpx, asyncio) runs on the same "
+            "cores as the server.", ""]
+
+    if r.get("baseline_load"):
+        out += ["## Service / seed baseline", ""]
+        rows = []
+        for svc, base in zip(r["service_load"], r["baseline_load"], strict=False):
+            rows.append([str(svc["concurrency"]), fmt(ratio(svc["rps"], base["rps"]), 2),
+                         fmt(ratio(svc["p50_ms"], base["p50_ms"]), 2), fmt(ratio(svc["p95_ms"], base["p95_ms"]), 2)])
+        out += [table(["concurrency", "throughput ratio (>1: service faster)", "p50 ratio (<1: service faster)",
+                       "p95 ratio (<1: service faster)"], rows), "",
+                f"Cold start ratio {fmt(ratio(r['service_cold_start_s'], r['baseline_cold_start_s']), 2)}; "
+                f"peak RSS (VmHWM) ratio "
+                f"{fmt(ratio(r['service_memory']['vmhwm_mib'], r['baseline_memory']['vmhwm_mib']), 2)}.", ""]
+        agree = r.get("agreement", {})
+        if agree.get("checked"):
+            out += [f"Same estimates: for the 100 px film the service and the baseline differ by at most "
+                    f"{agree['max_abs_diff_months']:.3f} months (male age {agree['service_male_months']:.2f} vs "
+                    f"{float(agree['baseline_male_months']):.2f} months).", ""]
+        else:
+            out += ["Same estimates: not checked (a request failed).", ""]
+        if r.get("baseline_warmup_errors"):
+            out += [f"Baseline warm-up errors: {errors_text(r['baseline_warmup_errors'])}", ""]
+        out += ["The seed baseline (`bench/seed_baseline.py`) runs the same models, test-time variants and "
+                "calibration in one `async def` handler on the event loop: PIL decode, a new GradCAM per model and "
+                "request, full-size PIL heatmaps, a SQLAlchemy insert and an MLflow run via the fluent API. Its "
+                "cold start is not like for like: its `GET /health` checks nothing, and it creates its MLflow store "
+                "on its first request (the service's start-up warms the models and `/health` opens the MLflow "
+                "store).", ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
