@@ -35,7 +35,7 @@ from utils.schemas import (
     prediction_response,
 )
 from utils.service import BoneAgeService
-from utils.tracking import PredictionTracker, TrackingRetrier
+from utils.tracking import PredictionTracker, TrackingWorker
 
 logger = logging.getLogger("boneage")
 
@@ -149,11 +149,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         models = await run_in_threadpool(load_models, settings)
         models.start()
         tracker = PredictionTracker(settings.mlflow_tracking_uri, settings.mlflow_experiment, settings.storage_dir)
-        retrier = TrackingRetrier(tracker, database, settings.tracking_retry_seconds)
-        retrier.start()
+        tracking = TrackingWorker(tracker, database, settings.tracking_retry_seconds)
+        tracking.start()
         limits = UploadLimits(settings.max_upload_bytes, settings.max_image_pixels, settings.min_image_side)
-        app.state.service = BoneAgeService(models, store, database, tracker, limits, settings.heatmap_max_side)
-        app.state.retrier = retrier
+        app.state.service = BoneAgeService(models, store, database, tracking, limits, settings.heatmap_max_side)
         logger.info(
             "bone age service ready on %s:%d (storage %s, database %s, MLflow %s)",
             settings.host,
@@ -165,7 +164,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
-            retrier.stop()
+            tracking.stop()
             models.stop()
             database.dispose()
 
@@ -258,7 +257,7 @@ def _health(service: BoneAgeService) -> HealthResponse:
             return "unavailable"
 
     database = check("database", service.database.ping)
-    mlflow = check("mlflow", service.tracker.ping)
+    mlflow = check("mlflow", service.tracking.tracker.ping)
     storage = check("storage", service.store.ensure_writable)
     backlog = None
     if database == "ok":

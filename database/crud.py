@@ -31,18 +31,23 @@ def list_predictions(session: Session, patient_id: str) -> list[Prediction]:
 
 
 def untracked_predictions(session: Session, limit: int = 50) -> list[Prediction]:
-    """Predictions whose MLflow run has not been logged yet, oldest first."""
-    query = select(Prediction).where(Prediction.mlflow_run_id.is_(None)).order_by(Prediction.created_at).limit(limit)
+    """Predictions whose MLflow run is not complete yet, oldest first."""
+    query = select(Prediction).where(Prediction.mlflow_logged.is_(False)).order_by(Prediction.created_at).limit(limit)
     return list(session.scalars(query))
+
+
+def count_untracked(session: Session) -> int:
+    query = select(func.count()).select_from(Prediction).where(Prediction.mlflow_logged.is_(False))
+    return int(session.scalar(query) or 0)
 
 
 def set_run_id(session: Session, prediction_id: str, run_id: str) -> None:
     session.execute(update(Prediction).where(Prediction.id == prediction_id).values(mlflow_run_id=run_id))
 
 
+def mark_logged(session: Session, prediction_id: str) -> None:
+    session.execute(update(Prediction).where(Prediction.id == prediction_id).values(mlflow_logged=True))
+
+
 def known_prediction_ids(session: Session) -> set[str]:
     return set(session.scalars(select(Prediction.id)))
-
-
-def count_untracked(session: Session) -> int:
-    return int(session.scalar(select(func.count()).select_from(Prediction).where(Prediction.mlflow_run_id.is_(None))) or 0)

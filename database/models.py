@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import Connection, DateTime, Float, ForeignKey, Index, MetaData, String, event, inspect, text
+from sqlalchemy import DateTime, Float, ForeignKey, Index, String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -46,21 +46,8 @@ class Prediction(Base):
     female_gradcam_path: Mapped[str] = mapped_column(String(512))
     female_model_version: Mapped[str] = mapped_column(String(128))
     female_fallback: Mapped[bool] = mapped_column(default=False, comment="the male model served as female")
-    mlflow_run_id: Mapped[str | None] = mapped_column(String(64), default=None, index=True)
+    mlflow_run_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    mlflow_logged: Mapped[bool] = mapped_column(default=False, index=True,
+                                                comment="params, metrics and artifacts all in MLflow")
 
     patient: Mapped[Patient] = relationship(back_populates="predictions")
-
-
-@event.listens_for(Base.metadata, "after_create")
-def _add_missing_columns(metadata: MetaData, connection: Connection, **_kw: object) -> None:
-    """`create_all` makes missing tables only: add columns newer than an existing database, once.
-
-    predictions.sex_source: rows stored before it existed had only the form's sex, so male/female -> 'form'.
-    """
-    inspector = inspect(connection)
-    if not inspector.has_table("predictions"):
-        return
-    columns = {column["name"] for column in inspector.get_columns("predictions")}
-    if "sex_source" not in columns:
-        connection.execute(text("ALTER TABLE predictions ADD COLUMN sex_source VARCHAR(8) NOT NULL DEFAULT 'none'"))
-        connection.execute(text("UPDATE predictions SET sex_source = 'form' WHERE given_sex IN ('male', 'female')"))

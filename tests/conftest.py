@@ -69,3 +69,16 @@ def png_bytes(image: Image.Image, **save_args: object) -> bytes:
 def stored_files(settings: Settings) -> list[Path]:
     root = settings.patients_dir
     return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+def wait_until_logged(client: TestClient, patient_id: str, timeout: float = 60.0) -> dict:  # type: ignore[type-arg]
+    """Poll /results until every prediction of the patient has its MLflow run complete; returns the results."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        results = client.get(f"/results/{patient_id}").json()
+        if all(p["tracking"] == "logged" for p in results["predictions"]):
+            return results  # type: ignore[no-any-return]
+        time.sleep(0.1)
+    raise AssertionError(f"MLflow runs of {patient_id} were not logged within {timeout} s")

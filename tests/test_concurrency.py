@@ -15,7 +15,7 @@ from PIL import Image
 from sqlalchemy import create_engine, text
 
 from app import create_app
-from conftest import RAW, TEST20, make_settings, post_image
+from conftest import RAW, TEST20, make_settings, post_image, wait_until_logged
 
 FILMS = sorted(RAW.glob("*.png")) + sorted(TEST20.glob("*.png"))
 
@@ -42,6 +42,8 @@ def test_32_concurrent_predictions_match_sequential_ones(tmp_path: Path) -> None
             responses = list(pool.map(lambda i: post_image(client, datas[i], f"C{i}"), range(32)))
         done.set()
         prober.join()
+        for i in range(32):
+            wait_until_logged(client, f"C{i}")
         batcher = client.app.state.service.models.male_batcher  # type: ignore[attr-defined]
         batched = batcher.images > batcher.batches  # some requests shared a batch
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import RAW, TEST20, post_image, stored_files
+from conftest import RAW, TEST20, post_image, stored_files, wait_until_logged
 from fastapi.testclient import TestClient
 from mlflow import MlflowClient
 from PIL import Image
@@ -262,20 +262,6 @@ def test_compressed_frame_must_match_the_header() -> None:
         decode_upload(data, UploadLimits())
 
 
-def test_old_database_gets_sex_source_column(tmp_path: Path) -> None:
-    from database.db import Database
-
-    url = f"sqlite:///{tmp_path / 'old.db'}"
-    with create_engine(url).begin() as conn:  # the predictions table as stored before sex_source existed
-        conn.execute(text("CREATE TABLE predictions (id VARCHAR(64) PRIMARY KEY, given_sex VARCHAR(8))"))
-        conn.execute(text("INSERT INTO predictions VALUES ('a', 'female'), ('b', 'unknown')"))
-    Database(url).create_tables()
-    Database(url).create_tables()  # twice: the column is added once
-    with create_engine(url).connect() as conn:
-        rows = conn.execute(text("SELECT id, sex_source FROM predictions ORDER BY id")).all()
-    assert [tuple(r) for r in rows] == [("a", "form"), ("b", "none")]
-
-
 # --- through the app ------------------------------------------------------------------------------------------
 
 
@@ -369,12 +355,16 @@ def test_dicom_sex_fills_a_gap_and_never_overrides(client: TestClient, settings:
         rows = dict(conn.execute(text("SELECT patient_id, sex_source FROM predictions")).all())
     assert rows == {"P-tag": "dicom", "P-tag-unknown": "dicom", "P-form": "form", "P-none": "none"}
 
-    # MLflow: no identifying DICOM tag in any run's params or tags
+    # MLflow: no identifying DICOM tag in any run's params or tags, and no DICOM file among the artifacts
+    for patient in rows:
+        wait_until_logged(client, patient)
     mlflow = MlflowClient(tracking_uri=settings.mlflow_tracking_uri)
     experiment = mlflow.get_experiment_by_name(settings.mlflow_experiment)
     runs = mlflow.search_runs([experiment.experiment_id])
     assert len(runs) == len(cases)
     for run in runs:
+        assert [a.path for a in mlflow.list_artifacts(run.info.run_id)] == [
+            "female_gradcam.png", "male_gradcam.png", "original.png"]
         logged = " ".join(f"{k}={v}" for k, v in {**run.data.params, **run.data.tags}.items())
         for secret in (NAME, "Testpatient", "Identifying", PATIENT_ID_TAG, BIRTH_DATE):
             assert secret not in logged, (secret, run.data.params)

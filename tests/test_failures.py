@@ -12,21 +12,15 @@ from mlflow import MlflowClient
 from sqlalchemy import create_engine, text
 
 from app import create_app
-from conftest import RAW, make_settings, post_image, stored_files
+from conftest import RAW, make_settings, post_image, stored_files, wait_until_logged
 from utils.config import Settings
 from utils.errors import ModelUnavailable
 
 FILM = (RAW / "7043.png").read_bytes()
 
 
-def _wait_for_run_id(client: TestClient, patient_id: str, timeout: float = 30.0) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        run_id = client.get(f"/results/{patient_id}").json()["predictions"][0]["mlflow_run_id"]
-        if run_id:
-            return str(run_id)
-        time.sleep(0.2)
-    raise AssertionError("the pending MLflow run was never logged")
+def _wait_for_run_id(client: TestClient, patient_id: str) -> str:
+    return str(wait_until_logged(client, patient_id)["predictions"][0]["mlflow_run_id"])
 
 
 def test_mlflow_store_failing_then_back(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from mlflow import MlflowClient
 from sqlalchemy import create_engine, text
 
 from app import create_app
-from conftest import RAW, TEST20, make_settings, post_image
+from conftest import RAW, TEST20, make_settings, post_image, wait_until_logged
 from fastapi.testclient import TestClient
 from utils.config import Settings
 
@@ -24,7 +24,7 @@ def test_predict_stores_files_row_and_mlflow_run(client: TestClient, settings: S
     assert body["message"] == "Male & Female Bone Age Results"
     assert "not for clinical use" in body["notice"]
     assert body["applicable_prediction"] == "male_prediction"
-    assert body["tracking"] == "logged" and body["mlflow_run_id"]
+    assert body["tracking"] in ("logging", "logged") and body["mlflow_run_id"]
     for key in ("male_prediction", "female_prediction"):
         p = body[key]
         assert 0 < p["age_months"] < 240 and p["sigma_months"] > 0
@@ -50,6 +50,8 @@ def test_predict_stores_files_row_and_mlflow_run(client: TestClient, settings: S
     assert row["female_gradcam_path"] == body["female_prediction"]["gradcam_path"]
     assert patient["patient_id"] == "P-100" and patient["image_path"] == body["original_path"]
 
+    listed = wait_until_logged(client, "P-100")["predictions"][0]  # the run is completed off the request path
+    assert listed["mlflow_run_id"] == body["mlflow_run_id"] and listed["tracking"] == "logged"
     mlflow = MlflowClient(settings.mlflow_tracking_uri)
     run = mlflow.get_run(body["mlflow_run_id"])
     assert run.data.params["patient_id"] == "P-100"
@@ -76,6 +78,7 @@ def test_second_upload_keeps_the_first_and_results_list_newest_first(shared_clie
     assert [p["prediction_id"] for p in body["predictions"]] == [second["prediction_id"], first["prediction_id"]]
     assert body["latest_image_path"] == second["original_path"]
     assert body["predictions"][0]["female_prediction"] == second["female_prediction"]
+    assert body["predictions"][0]["mlflow_run_id"] == second["mlflow_run_id"]
     assert body["predictions"][0]["applicable_prediction"] == "female_prediction"
 
 

@@ -94,7 +94,9 @@ def test_sigkill_mid_prediction_then_restart_is_consistent(server: Server) -> No
 
     server.start()  # starts cleanly and reconciles
     assert httpx.get(f"{server.url}/health", timeout=10).json()["database"] == "ok"
-    time.sleep(2.0)  # let the retrier log any run the kill interrupted
+    deadline = time.monotonic() + 60  # let the worker complete the runs the kill interrupted
+    while httpx.get(f"{server.url}/health", timeout=10).json()["tracking_backlog"] and time.monotonic() < deadline:
+        time.sleep(0.2)
     patients = server.tmp / "storage" / "patients"
     with create_engine(server.env["BONEAGE_DATABASE_URL"]).connect() as conn:
         rows = list(conn.execute(text("SELECT * FROM predictions")).mappings())

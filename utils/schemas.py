@@ -47,8 +47,10 @@ class PredictionResponse(BaseModel):
     status: Literal["success"] = "success"
     patient_id: str
     prediction_id: str
-    mlflow_run_id: str | None = Field(description="None while tracking is pending (logged later)")
-    tracking: Literal["logged", "pending"]
+    mlflow_run_id: str | None = Field(description="None while MLflow is unreachable (the run is created later)")
+    tracking: Literal["logged", "logging", "pending"] = Field(
+        description="logged: run complete; logging: run created, params and artifacts being logged in the "
+                    "background; pending: MLflow unreachable, the run is logged once it is back")
     sex: Literal["male", "female", "unknown"] = Field(
         description="the sex the prediction applies to: the form's, else a DICOM's Patient's Sex (see sex_source)")
     sex_source: Literal["form", "dicom", "none"] = Field(
@@ -119,7 +121,7 @@ def prediction_response(p: Prediction) -> PredictionResponse:
     applicable = {"male": "male_prediction", "female": "female_prediction"}.get(p.given_sex)
     return PredictionResponse(
         patient_id=p.patient_id, prediction_id=p.id, mlflow_run_id=p.mlflow_run_id,
-        tracking="logged" if p.mlflow_run_id else "pending", sex=p.given_sex,  # type: ignore[arg-type]
+        tracking="logged" if p.mlflow_logged else "logging" if p.mlflow_run_id else "pending", sex=p.given_sex,  # type: ignore[arg-type]
         sex_source=p.sex_source or "none",  # type: ignore[arg-type]
         applicable_prediction=applicable,  # type: ignore[arg-type]
         male_prediction=_model_prediction(p.male_age_months, p.male_sigma_months, p.male_group_probs,

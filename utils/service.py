@@ -21,7 +21,7 @@ from utils.errors import DatabaseUnavailable, InvalidInput, PatientNotFound
 from utils.heatmap import overlay_png
 from utils.image_io import DecodedImage, UploadLimits, decode_upload
 from utils.models import ModelPair
-from utils.tracking import PredictionTracker
+from utils.tracking import TrackingWorker
 
 logger = logging.getLogger(__name__)
 SEXES = ("male", "female", "unknown")
@@ -73,12 +73,12 @@ class _Stopwatch:
 class BoneAgeService:
     """Runs and stores predictions; one instance per app, created in the lifespan."""
 
-    def __init__(self, models: ModelPair, store: PatientStore, database: Database, tracker: PredictionTracker,
+    def __init__(self, models: ModelPair, store: PatientStore, database: Database, tracking: TrackingWorker,
                  limits: UploadLimits, heatmap_max_side: int) -> None:
         self.models = models
         self.store = store
         self.database = database
-        self.tracker = tracker
+        self.tracking = tracking
         self.limits = limits
         self.heatmap_max_side = heatmap_max_side
 
@@ -104,19 +104,22 @@ class BoneAgeService:
         watch.lap("storage")
         prediction = self._row(prediction_id, patient_id, created_at, given_sex, sex_source, image, male, female,
                                paths[original_name], paths["male_gradcam.png"], paths["female_gradcam.png"])
-        with self.tracker.claim(prediction_id):  # the retrier leaves this prediction to us
-            try:
-                with self.database.session() as session:
-                    crud.add_prediction(session, prediction)
-            except DatabaseUnavailable:
-                # The database does not know these files: remove them so nothing is left half-stored.
-                self.store.remove_prediction(patient_id, prediction_id)
-                logger.error("database write failed for prediction %s; its files were removed", prediction_id)
-                raise
-            watch.lap("database")
-            run_id = self.tracker.log_and_record(self.database, prediction)
-            prediction.mlflow_run_id = run_id
-            watch.lap("mlflow")
+        # The run is only created here (one quick call) so the response can name it; the worker fills it in.
+        prediction.mlflow_run_id = self.tracking.tracker.try_create_run(prediction_id, patient_id)
+        watch.lap("mlflow_create_run")
+        try:
+            with self.database.session() as session:
+                crud.add_prediction(session, prediction)
+        except DatabaseUnavailable:
+            # The database does not know these files or this run: remove them so nothing is left half-stored.
+            self.store.remove_prediction(patient_id, prediction_id)
+            if prediction.mlflow_run_id:
+                self.tracking.tracker.delete_run(prediction.mlflow_run_id)
+            logger.error("database write failed for prediction %s; its files and run were removed", prediction_id)
+            raise
+        watch.lap("database")
+        self.tracking.wake()
+        run_id = prediction.mlflow_run_id
         logger.info("prediction %s stored (male %.1f, female %.1f months; run %s; %.0f ms)", prediction_id,
                     male.age_months, female.age_months, run_id or "pending", sum(watch.timings.values()))
         return PredictionOutcome(prediction, self.models.female_fallback, watch.timings)

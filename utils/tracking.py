@@ -1,16 +1,17 @@
 """MLflow logging of predictions through `MlflowClient` with explicit run ids (safe across threads).
 
-A run that cannot be logged (tracking server down, store failing) leaves the prediction's `mlflow_run_id` empty
-in the database; `TrackingRetrier` logs those later, also after a restart, so nothing is lost.
+The request creates the run (one quick call, so the response can name it) and stores its id with the prediction;
+`TrackingWorker` then logs params, metrics and artifacts off the request path and marks the row logged. A row
+not marked logged is picked up again after a failure or a restart, so nothing is lost. If MLflow is unreachable
+the row has no run id yet and the worker creates the run once MLflow is back.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from mlflow import MlflowClient
@@ -23,13 +24,13 @@ from database.models import Prediction
 
 logger = logging.getLogger(__name__)
 
-# Fail fast when a tracking server is down instead of MLflow's default minutes of retries; the retrier retries.
+# Fail fast when a tracking server is down instead of MLflow's default minutes of retries; the worker retries.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
 
 
 class PredictionTracker:
-    """Logs one MLflow run per prediction: params, metrics, the original and both Grad-CAMs as artifacts."""
+    """One MLflow run per prediction: params, metrics, the original and both Grad-CAMs as artifacts."""
 
     def __init__(self, tracking_uri: str, experiment_name: str, files_root: Path) -> None:
         self.tracking_uri = tracking_uri
@@ -38,7 +39,6 @@ class PredictionTracker:
         self._client: MlflowClient | None = None
         self._experiment_id: str | None = None
         self._lock = threading.Lock()
-        self._in_flight: set[str] = set()  # predictions being logged right now (by a request or the retrier)
 
     @property
     def client(self) -> MlflowClient:
@@ -68,122 +68,144 @@ class PredictionTracker:
             self.reset()
             raise
 
-    def existing_run(self, prediction_id: str) -> str | None:
-        """Run id already logged in full for this prediction (a retry after the DB missed the id), if any.
+    def try_create_run(self, prediction_id: str, patient_id: str) -> str | None:
+        """Create the (still empty) run for a prediction; None if MLflow is unreachable."""
+        try:
+            run = self.client.create_run(self.experiment_id(), run_name=prediction_id,
+                                         tags={"prediction_id": prediction_id, "patient_id": patient_id})
+            return str(run.info.run_id)
+        except Exception:
+            self.reset()
+            logger.warning("MLflow unreachable: the run of prediction %s will be logged later", prediction_id,
+                           exc_info=True)
+            return None
 
-        A run left unfinished by a crash is deleted, so it is logged again whole rather than kept half-logged.
-        """
-        runs = self.client.search_runs([self.experiment_id()], f"tags.prediction_id = '{prediction_id}'")
-        finished = None
-        for run in runs:
-            if run.info.status == "FINISHED" and finished is None:
-                finished = run.info.run_id
-            elif run.info.status != "FINISHED":
-                self.client.delete_run(run.info.run_id)
-        return finished
+    def delete_run(self, run_id: str) -> None:
+        """Best effort: remove a run whose prediction was not stored."""
+        try:
+            self.client.delete_run(run_id)
+        except Exception:
+            logger.warning("could not delete MLflow run %s of an unstored prediction", run_id, exc_info=True)
 
-    def log(self, p: Prediction) -> str:
-        """Log the run for a stored prediction; returns its run id."""
-        run = self.client.create_run(
-            self.experiment_id(), run_name=p.id, tags={"prediction_id": p.id, "patient_id": p.patient_id}
-        )
-        run_id = run.info.run_id
+    def complete_run(self, p: Prediction) -> None:
+        """Log params, metrics and artifacts into the prediction's run and finish it (safe to repeat)."""
+        assert p.mlflow_run_id is not None
+        run_id = p.mlflow_run_id
         timestamp_ms = int(p.created_at.timestamp() * 1000)
         params = {
-            "patient_id": p.patient_id,
-            "gender": p.given_sex,
-            "image_size": f"{p.image_width}x{p.image_height}",
-            "timestamp": p.created_at.isoformat(),
-            "male_model_version": p.male_model_version,
-            "female_model_version": p.female_model_version,
-            "female_fallback": str(p.female_fallback).lower(),
-            "image_sha256": p.image_sha256,
+            "patient_id": p.patient_id, "gender": p.given_sex, "sex_source": p.sex_source,
+            "image_size": f"{p.image_width}x{p.image_height}", "timestamp": p.created_at.isoformat(),
+            "male_model_version": p.male_model_version, "female_model_version": p.female_model_version,
+            "female_fallback": str(p.female_fallback).lower(), "image_sha256": p.image_sha256,
         }
         metrics = {
-            "male_age": p.male_age_months / 12,
-            "male_uncertainty": p.male_sigma_months / 12,
-            "female_age": p.female_age_months / 12,
-            "female_uncertainty": p.female_sigma_months / 12,
+            "male_age": p.male_age_months / 12, "male_uncertainty": p.male_sigma_months / 12,
+            "female_age": p.female_age_months / 12, "female_uncertainty": p.female_sigma_months / 12,
         }
+        logged_params = self.client.get_run(run_id).data.params
         self.client.log_batch(
-            run_id,
-            params=[Param(k, v) for k, v in params.items()],
-            metrics=[Metric(k, v, timestamp_ms, 0) for k, v in metrics.items()],
-        )
-        for relative in (p.image_path, p.male_gradcam_path, p.female_gradcam_path):
-            self.client.log_artifact(run_id, str(self.files_root / relative))
+            run_id, params=[Param(k, v) for k, v in params.items() if k not in logged_params],
+            metrics=[Metric(k, v, timestamp_ms, 0) for k, v in metrics.items()])
+        with tempfile.TemporaryDirectory() as tmp:
+            for relative in (self._artifact_original(p, Path(tmp)), p.male_gradcam_path, p.female_gradcam_path):
+                self.client.log_artifact(run_id, str(self.files_root / relative))
         self.client.set_terminated(run_id)
-        return run_id
 
-    @contextmanager
-    def claim(self, prediction_id: str) -> Iterator[bool]:
-        """Mark a prediction as being logged by this thread; yields False if another thread already is.
+    def _artifact_original(self, p: Prediction, tmp: Path) -> Path:
+        """The original as logged: a DICOM goes in as a PNG of its pixels, never with its identifying tags."""
+        original = self.files_root / p.image_path
+        if original.suffix != ".dcm":
+            return original
+        from utils.image_io import UploadLimits, decode_upload
 
-        The service claims a prediction before its row is committed, so the retrier never races a request.
-        """
-        with self._lock:
-            if prediction_id in self._in_flight:
-                yield False
-                return
-            self._in_flight.add(prediction_id)
+        rendered = tmp / "original.png"
+        decode_upload(original.read_bytes(), UploadLimits(max_bytes=1 << 40, max_pixels=1 << 40)).gray.save(rendered)
+        return rendered
+
+    def log_pending(self, database: Database, prediction: Prediction) -> bool:
+        """Create (if needed) and complete the run of a stored prediction; False if MLflow failed."""
         try:
-            yield True
-        finally:
-            with self._lock:
-                self._in_flight.discard(prediction_id)
-
-    def log_and_record(self, database: Database, prediction: Prediction, retry: bool = False) -> str | None:
-        """Log the run and store its id on the prediction row; None (and a warning) if tracking failed."""
-        try:
-            run_id = (self.existing_run(prediction.id) if retry else None) or self.log(prediction)
-        except Exception:  # any MLflow/network/store failure: the retrier will try again
+            if prediction.mlflow_run_id is None:
+                prediction.mlflow_run_id = self._existing_run(prediction.id) or self.client.create_run(
+                    self.experiment_id(), run_name=prediction.id,
+                    tags={"prediction_id": prediction.id, "patient_id": prediction.patient_id}).info.run_id
+                with database.session() as session:
+                    crud.set_run_id(session, prediction.id, prediction.mlflow_run_id)
+            self.complete_run(prediction)
+        except Exception:  # any MLflow/network/store failure: try again later
             self.reset()
             logger.warning("MLflow logging failed for prediction %s; will retry", prediction.id, exc_info=True)
-            return None
+            return False
         with database.session() as session:
-            crud.set_run_id(session, prediction.id, run_id)
-        return run_id
+            crud.mark_logged(session, prediction.id)
+        return True
+
+    def _existing_run(self, prediction_id: str) -> str | None:
+        """A run created for this prediction whose id the database missed (a crash in between), if any."""
+        runs = self.client.search_runs([self.experiment_id()], f"tags.prediction_id = '{prediction_id}'",
+                                       max_results=1)
+        return str(runs[0].info.run_id) if runs else None
+
+    def delete_unrecorded_runs(self, known_ids: set[str]) -> int:
+        """Delete runs whose prediction the database does not know (a crash before the row was committed)."""
+        removed = 0
+        for run in self.client.search_runs([self.experiment_id()], "attributes.status = 'RUNNING'",
+                                           max_results=1000):
+            if run.data.tags.get("prediction_id") not in known_ids:
+                self.client.delete_run(run.info.run_id)
+                removed += 1
+        return removed
 
 
-class TrackingRetrier:
-    """Background thread that logs predictions whose MLflow run is still missing."""
+class TrackingWorker:
+    """Background thread that completes the MLflow runs of stored predictions (woken per prediction)."""
 
-    def __init__(self, tracker: PredictionTracker, database: Database, interval_seconds: float) -> None:
+    def __init__(self, tracker: PredictionTracker, database: Database, retry_seconds: float) -> None:
         self.tracker = tracker
         self.database = database
-        self.interval_seconds = interval_seconds
+        self.retry_seconds = retry_seconds
         self._stop = threading.Event()
         self._wake = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="mlflow-retrier", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="mlflow-worker", daemon=True)
 
     def start(self) -> None:
+        try:
+            with self.database.session() as session:
+                known = crud.known_prediction_ids(session)
+            removed = self.tracker.delete_unrecorded_runs(known)
+            if removed:
+                logger.warning("deleted %d MLflow runs of predictions that were never stored", removed)
+        except Exception:
+            logger.warning("could not check MLflow for runs of unstored predictions", exc_info=True)
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop after the current run; whatever is still pending is logged after the next start."""
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout=10)
+        self._thread.join(timeout=30)
 
     def wake(self) -> None:
         self._wake.set()
 
     def run_once(self) -> int:
-        """Try the pending predictions in order, stopping at the first failure; returns how many remain."""
+        """Complete pending runs in order, stopping at the first failure; returns how many remain."""
         with self.database.session() as session:
             pending = crud.untracked_predictions(session)
         for done, prediction in enumerate(pending):
-            if self._stop.is_set():
-                return len(pending) - done
-            with self.tracker.claim(prediction.id) as mine:
-                if mine and self.tracker.log_and_record(self.database, prediction, retry=True) is None:
-                    return len(pending) - done  # tracking is down: wait for the next round, do not hammer it
+            if self._stop.is_set() or not self.tracker.log_pending(self.database, prediction):
+                return len(pending) - done  # MLflow is down: wait for the next round, do not hammer it
         return 0
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.run_once()
-            except Exception:
-                logger.warning("tracking retry round failed", exc_info=True)
-            self._wake.wait(self.interval_seconds)
+        while True:
             self._wake.clear()
+            try:
+                remaining = self.run_once()
+            except Exception:
+                logger.warning("tracking round failed", exc_info=True)
+                remaining = 1
+            if self._stop.is_set():
+                return
+            # More work queued while we ran: go on at once; after a failure, wait before retrying.
+            self._wake.wait(self.retry_seconds if remaining else None)
