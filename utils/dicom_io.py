@@ -1,0 +1,264 @@
+"""DICOM uploads: header checks before decoding, pixel data to an 8-bit film, and the Patient's Sex hint.
+
+Only pixel-module tags and Patient's Sex are ever read. Nothing identifying (name, id, birth date, ...) is read,
+logged or put in an error message; pydicom's own warnings are silenced while a file is read, since a warning about
+an odd value could quote it. Compressed frames are decoded by pydicom's plugins: pylibjpeg-libjpeg for JPEG
+lossless and JPEG-LS, Pillow (or pylibjpeg) for JPEG baseline/extended, Pillow for JPEG 2000.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import struct
+import warnings
+
+import numpy as np
+from PIL import Image
+
+from utils.errors import InvalidImage
+from utils.image_io import UploadLimits, check_min_side, percentile_window
+
+logger = logging.getLogger(__name__)
+
+# DICOM Part 10 files: a 128-byte preamble, then this magic.
+DICOM_MAGIC_OFFSET = 128
+DICOM_MAGIC = b"DICM"
+# Patient's Sex (0010,0040) values that are a usable hint; anything else ('O', empty, absent) is no hint.
+DICOM_SEX_HINTS = {"M": "male", "F": "female"}
+
+# Only pixel-module tags and Patient's Sex are ever read. Nothing identifying (name, id, birth date, ...) is read,
+# logged or put in an error message; pydicom's own warnings are silenced while a file is read, since a warning
+# about an odd value could quote it.
+
+
+def looks_like_dicom(data: bytes) -> bool:
+    """A DICOM Part 10 file: 'DICM' at byte 128 (whatever the preamble holds, which may mimic another format)."""
+    return data[DICOM_MAGIC_OFFSET:DICOM_MAGIC_OFFSET + len(DICOM_MAGIC)] == DICOM_MAGIC
+
+
+def read_dicom(data: bytes):  # type: ignore[no-untyped-def]
+    """Parse a DICOM file (pixel data read as bytes, not decoded); InvalidImage if pydicom cannot."""
+    import pydicom
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dataset = pydicom.dcmread(io.BytesIO(data), force=True)
+            list(dataset.keys())  # the whole top level parsed now, so a truncated file fails here
+    except Exception:  # pydicom raises many kinds on malformed input; the content is untrusted
+        raise InvalidImage("the DICOM file is unreadable (malformed or truncated)") from None
+    return dataset
+
+
+def read_dicom_without_preamble(data: bytes):  # type: ignore[no-untyped-def]
+    """A DICOM dataset written without preamble and magic, or None when the bytes are not one.
+
+    pydicom parses almost anything when forced, so only a dataset that starts with a group 0002 or 0008 element
+    and carries image pixel module tags (Rows, Columns) counts as DICOM.
+    """
+    if len(data) < 8 or data[:2] not in (b"\x02\x00", b"\x08\x00"):
+        return None
+    try:
+        dataset = read_dicom(data)
+        if "Rows" in dataset and "Columns" in dataset:
+            return dataset
+    except InvalidImage:
+        pass
+    return None
+
+
+def _dicom_int(dataset, keyword: str, default: int | None = None) -> int:  # type: ignore[no-untyped-def]
+    value = dataset.get(keyword, default)
+    if value is None or value == "":
+        if default is None:
+            raise InvalidImage(f"the DICOM file lacks {keyword}, which an image needs")
+        return default
+    return int(value)
+
+
+def _check_dicom_header(dataset, limits: UploadLimits) -> tuple[int, int]:  # type: ignore[no-untyped-def]
+    """Everything checked from the header, before any pixel data is decoded; returns (width, height)."""
+    if "PixelData" not in dataset:
+        if "FloatPixelData" in dataset or "DoubleFloatPixelData" in dataset:
+            raise InvalidImage("DICOM float pixel data is not accepted: an integer radiograph is expected")
+        raise InvalidImage("the DICOM file has no pixel data: a radiograph image is expected")
+    samples = _dicom_int(dataset, "SamplesPerPixel", 1)
+    photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2") or "MONOCHROME2").strip().upper()
+    if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise InvalidImage(f"colour DICOM images are not accepted ({samples} samples per pixel, photometric "
+                           f"{photometric[:16]}): a grayscale radiograph (MONOCHROME1 or MONOCHROME2) is expected")
+    frames = _dicom_int(dataset, "NumberOfFrames", 1)
+    if frames > 1:
+        raise InvalidImage(f"multi-frame DICOM images are not accepted ({frames} frames): upload a single radiograph")
+    rows, columns = _dicom_int(dataset, "Rows"), _dicom_int(dataset, "Columns")
+    if rows * columns > limits.max_pixels:
+        raise InvalidImage(f"image is {columns}x{rows} pixels; the limit is {limits.max_pixels} pixels")
+    allocated = _dicom_int(dataset, "BitsAllocated")
+    stored = _dicom_int(dataset, "BitsStored", allocated)
+    if allocated not in (8, 16) or not 8 <= stored <= allocated:
+        raise InvalidImage(f"DICOM images of {stored} bits stored in {allocated} are not accepted: 8 to 16 bits "
+                           "are expected")
+    return columns, rows
+
+
+def _codestream_size(frame: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG / JPEG-LS SOF segment or a JPEG 2000 SIZ segment; None if not found."""
+    try:
+        if frame[:4] == b"\xff\x4f\xff\x51":  # JPEG 2000: SOC, then SIZ
+            x_size, y_size, x_offset, y_offset = struct.unpack(">IIII", frame[8:24])
+            return x_size - x_offset, y_size - y_offset
+        if frame[:2] != b"\xff\xd8":
+            return None
+        offset = 2
+        while offset + 4 <= len(frame):
+            marker = frame[offset + 1]
+            if frame[offset] != 0xFF:
+                return None
+            if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7):
+                height, width = struct.unpack(">HH", frame[offset + 5:offset + 9])
+                return width, height
+            offset += 2 + struct.unpack(">H", frame[offset + 2:offset + 4])[0]
+    except (struct.error, IndexError):
+        return None
+    return None
+
+
+def _check_compressed_frame(dataset, syntax, columns: int, rows: int) -> None:  # type: ignore[no-untyped-def]
+    """A compressed frame must be the size the header says, or a small header could hide a huge image."""
+    if not syntax.is_compressed or syntax.is_deflated:
+        return
+    from pydicom.encaps import get_frame
+
+    try:
+        frame = get_frame(dataset.PixelData, 0, number_of_frames=1)
+    except Exception:
+        raise InvalidImage("the DICOM pixel data is truncated or corrupt") from None
+    size = _codestream_size(frame[:65536])
+    if size is not None and size != (columns, rows):
+        raise InvalidImage(f"the DICOM compressed image is {size[0]}x{size[1]} but its header says {columns}x{rows}")
+
+
+def _dicom_pixels(dataset, columns: int, rows: int) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """Decode the single frame; InvalidImage for an unsupported compression or damaged pixel data."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta = getattr(dataset, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if syntax is None:  # no file meta (a dataset without preamble): uncompressed, encoded as it was parsed
+        implicit, little = dataset.original_encoding
+        if not little:
+            raise InvalidImage("big endian DICOM without a transfer syntax is not accepted")
+        if meta is None:
+            dataset.file_meta = meta = FileMetaDataset()
+        meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+        syntax = meta.TransferSyntaxUID
+    syntax = UID(str(syntax))
+    try:
+        decoder = get_decoder(syntax)
+        available = decoder.is_available
+    except NotImplementedError:
+        available = False
+    if not available:
+        raise InvalidImage(f"DICOM transfer syntax {syntax.name or 'unknown'} is not supported (uncompressed, "
+                           "deflated, RLE, JPEG, JPEG-LS and JPEG 2000 are)")
+    _check_compressed_frame(dataset, syntax, columns, rows)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pixels = dataset.pixel_array
+    except Exception:  # includes MemoryError; decoders raise many kinds on damaged data
+        raise InvalidImage("the DICOM pixel data is truncated or corrupt") from None
+    if pixels.ndim != 2:
+        raise InvalidImage("the DICOM pixel data is not a single grayscale frame")
+    return pixels
+
+
+def _widen_8bit_voi_luts(dataset) -> None:  # type: ignore[no-untyped-def]
+    """Read 8-bit VOI LUT entries as 16-bit ones (the same values).
+
+    pydicom 3.0 indexes a LUT with an array of the LUT's own dtype, so with 8-bit entries every input value over
+    255 wraps around (a 4096-entry LUT for 12-bit data would be applied modulo 256). The entries are the same
+    numbers either way, and the output range is taken from the LUT itself, so only the indexing changes.
+    """
+    for item in dataset.get("VOILUTSequence") or []:
+        descriptor = [int(value) for value in item.LUTDescriptor]
+        if len(descriptor) == 3 and descriptor[2] == 8:
+            item.LUTDescriptor = [descriptor[0], descriptor[1], 16]
+
+
+def _voi_output_range(dataset) -> tuple[float, float] | None:  # type: ignore[no-untyped-def]
+    """The range the VOI LUT or window maps onto, so it becomes 0-255; None when the dataset has neither."""
+    from pydicom.pixels import apply_voi_lut
+
+    if dataset.get("VOILUTSequence"):
+        descriptor = dataset.VOILUTSequence[0].LUTDescriptor
+        entries, first = int(descriptor[0]) or 2 ** 16, int(descriptor[1])
+        lut = apply_voi_lut(np.arange(first, first + entries, dtype=np.int64), dataset)
+        return float(lut.min()), float(lut.max())
+    if "WindowCenter" in dataset and "WindowWidth" in dataset:
+        with np.errstate(over="ignore"):  # SIGMOID of the extreme probes
+            ends = apply_voi_lut(np.array([-1e30, 1e30]), dataset)
+        return float(ends.min()), float(ends.max())
+    return None
+
+
+def _dicom_to_gray8(pixels: np.ndarray, dataset) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """Stored values -> 8-bit display values, as a viewer shows them.
+
+    Rescale Slope/Intercept (or a Modality LUT), then the VOI LUT or the first Window Center/Width; without
+    either, 8-bit data is taken as it is (like an 8-bit PNG) and wider data gets the percentile window of the
+    16-bit PNG path. MONOCHROME1 (white is low) is inverted last.
+    """
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            values = apply_modality_lut(pixels, dataset)
+        except Exception:
+            raise InvalidImage("the DICOM Modality LUT or Rescale Slope/Intercept is invalid") from None
+        if values.dtype.kind == "f" and np.array_equal(values, np.floor(values)):
+            values = values.astype(np.int64)  # an identity rescale: keep integers so a VOI LUT can index them
+        gray: np.ndarray | None = None
+        try:
+            _widen_8bit_voi_luts(dataset)
+            output_range = _voi_output_range(dataset)
+            if output_range is not None and output_range[1] > output_range[0]:
+                low, high = output_range
+                shown = apply_voi_lut(values, dataset).astype(np.float64)
+                gray = np.round(np.clip((shown - low) / (high - low), 0.0, 1.0) * 255.0).astype(np.uint8)
+        except Exception:  # a broken VOI LUT or window (e.g. width 0): fall back to the percentile window
+            logger.info("DICOM VOI LUT or window unusable; percentile window used instead")
+            gray = None
+    if gray is None:
+        if (_dicom_int(dataset, "BitsStored", 8) <= 8 and values.dtype.kind in "iu" and values.min() >= 0
+                and values.max() <= 255):
+            gray = values.astype(np.uint8)
+        else:
+            gray = percentile_window(values)
+    if str(dataset.get("PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1":
+        gray = 255 - gray
+    return gray
+
+
+def _dicom_sex_hint(dataset) -> str | None:  # type: ignore[no-untyped-def]
+    try:
+        value = str(dataset.get("PatientSex", "") or "").strip().upper()
+    except Exception:
+        return None
+    return DICOM_SEX_HINTS.get(value)
+
+
+def decode_dicom(dataset, limits: UploadLimits) -> tuple[Image.Image, str | None]:  # type: ignore[no-untyped-def]
+    try:
+        columns, rows = _check_dicom_header(dataset, limits)
+    except InvalidImage:
+        raise
+    except Exception:  # a value pydicom cannot convert (wrong VR, multi-valued, ...)
+        raise InvalidImage("the DICOM image header is malformed") from None
+    gray = Image.fromarray(_dicom_to_gray8(_dicom_pixels(dataset, columns, rows), dataset), mode="L")
+    check_min_side(gray, limits)
+    return gray, _dicom_sex_hint(dataset)
