@@ -114,6 +114,12 @@ class BoneAgeModel:
         return int(self.metadata["input_size"])
 
     @property
+    def ood_sigma_months(self) -> float | None:
+        """Sigma above which an input is out of distribution (1.5x the largest on validation films), if known."""
+        value = self.metadata.get("ood_sigma_months")
+        return None if value is None else float(value)
+
+    @property
     def sigma_scale(self) -> float:
         return float(self.metadata["sigma_scale"])
 

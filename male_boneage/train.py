@@ -33,6 +33,7 @@ from male_boneage.metrics import calibrate_sigma_scale, summarize
 from male_boneage.model import ARCHITECTURE, BoneAgeNet, age_group_index, months_to_target
 
 logger = logging.getLogger(__name__)
+OOD_SIGMA_FACTOR = 1.5
 NORMALIZATION = "grayscale, squashed to input_size x input_size, per-image zero mean / unit std"
 
 
@@ -188,8 +189,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     calib = model.predict_many(pixels["calib"])
     metadata["sigma_scale"] = calibrate_sigma_scale(calib, ages["calib"].tolist())
     model.metadata["sigma_scale"] = metadata["sigma_scale"]
-    val_metrics = summarize(model.predict_many(pixels["val"]), ages["val"].tolist())
+    val_estimates = model.predict_many(pixels["val"])
+    val_metrics = summarize(val_estimates, ages["val"].tolist())
     metadata["val_metrics"] = val_metrics
+    # Out-of-distribution threshold: a sigma well above any seen on real validation films.
+    metadata["val_sigma_max_months"] = max(e.sigma_months for e in val_estimates)
+    metadata["ood_sigma_months"] = OOD_SIGMA_FACTOR * metadata["val_sigma_max_months"]
     state_dict = net.state_dict()
     metadata["version"] = f"{cfg.sex}-{metadata['trained_on']}-{state_digest(state_dict)}"
     atomic_save({"state_dict": state_dict, "metadata": metadata}, cfg.out)

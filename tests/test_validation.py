@@ -145,3 +145,48 @@ def test_sixteen_bit_is_windowed_not_clipped() -> None:
     values = np.asarray(decoded.gray)
     assert values.min() == 0 and values.max() == 255
     assert len(np.unique(values)) > 200  # a full range of grays, not a clipped white
+
+
+def _photo() -> bytes:
+    rng = np.random.default_rng(1)
+    sky = np.zeros((300, 400, 3), np.uint8)
+    sky[..., 0], sky[..., 1], sky[..., 2] = 60, 140, 230  # a blue sky
+    sky[200:] = (40, 160, 50)  # green grass
+    noisy = np.clip(sky + rng.normal(0, 12, sky.shape), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noisy).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("data", "phrase"),
+    [(_photo(), "colour"), (png_bytes(Image.new("L", (400, 500), 128)), "blank"),
+     (png_bytes(Image.new("RGB", (400, 500), (250, 250, 250))), "blank")],
+    ids=["colour-photo", "gray-blank", "white-rgb"],
+)
+def test_not_a_radiograph_refused(client: TestClient, settings: Settings, data: bytes, phrase: str) -> None:
+    response = post_image(client, data, "P-photo")
+    assert response.status_code == 422 and phrase in response.json()["detail"]
+    assert "radiograph" in response.json()["detail"]
+    _nothing_stored(settings)
+
+
+def test_every_shared_film_passes_the_image_checks() -> None:
+    from conftest import DATA
+    from utils.image_io import UploadLimits, decode_upload
+
+    films = [f for folder in ("rsna-raw-12", "rsna-test-20", "rsna-train-100px") for f in (DATA / folder).glob("*.png")]
+    assert len(films) == 12 + 20 + 12611
+    for film in films:
+        decode_upload(film.read_bytes(), UploadLimits())  # raises if refused
+
+
+def test_out_of_distribution_by_model_uncertainty_refused(client: TestClient, settings: Settings) -> None:
+    models = client.app.state.service.models  # type: ignore[attr-defined]
+    shipped = models.male.ood_sigma_months
+    assert shipped is not None and shipped > 0  # measured on the validation split at training time
+    for model in (models.male, models.female):
+        model.metadata["ood_sigma_months"] = 1e-3  # every input is now "far less certain than validation"
+    response = post_image(client, FILM, "P-ood")
+    assert response.status_code == 422 and "does not look like a hand radiograph" in response.json()["detail"]
+    _nothing_stored(settings)

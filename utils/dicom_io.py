@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from utils.errors import InvalidImage
-from utils.image_io import UploadLimits, check_min_side, percentile_window
+from utils.image_io import UploadLimits, check_min_side, check_not_blank, percentile_window
 
 logger = logging.getLogger(__name__)
 
@@ -261,4 +261,5 @@ def decode_dicom(dataset, limits: UploadLimits) -> tuple[Image.Image, str | None
         raise InvalidImage("the DICOM image header is malformed") from None
     gray = Image.fromarray(_dicom_to_gray8(_dicom_pixels(dataset, columns, rows), dataset), mode="L")
     check_min_side(gray, limits)
+    check_not_blank(gray)
     return gray, _dicom_sex_hint(dataset)

@@ -120,7 +120,38 @@ def decode_upload(data: bytes, limits: UploadLimits) -> DecodedImage:
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, MemoryError):
         raise InvalidImage("the image data is truncated or corrupt") from None
     check_min_side(gray, limits)
+    check_not_colour_photo(image)
+    check_not_blank(gray)
     return DecodedImage(data, hashlib.sha256(data).hexdigest(), fmt, gray.width, gray.height, gray)
+
+
+# Mean HSV saturation above which an upload is a colour photograph, not a radiograph (grayscale films saved as
+# RGB have none: the shared RSNA films stored as RGBA or palette measure 0.00).
+MAX_MEAN_SATURATION = 0.2
+# Standard deviation (of 255 gray levels) below which an image is blank or near-constant.
+MIN_GRAY_STD = 4.0
+
+
+def check_not_colour_photo(image: Image.Image) -> None:
+    """Refuse strongly coloured images (photographs); grayscale films stored as RGB pass."""
+    if image.mode in ("L", "I", "I;16", "I;16B", "I;16L", "I;16N", "F", "1", "LA"):
+        return
+    small = image.convert("RGB")
+    small.thumbnail((128, 128))
+    saturation = np.asarray(small.convert("HSV"), dtype=np.float32)[..., 1].mean() / 255.0
+    if saturation > MAX_MEAN_SATURATION:
+        raise InvalidImage(f"the image is in colour (mean saturation {saturation:.2f}): it does not look like a "
+                           "hand radiograph")
+
+
+def check_not_blank(gray: Image.Image) -> None:
+    """Refuse blank or near-constant images."""
+    small = gray.copy()
+    small.thumbnail((256, 256))
+    spread = float(np.asarray(small, dtype=np.float32).std())
+    if spread < MIN_GRAY_STD:
+        raise InvalidImage(f"the image is blank or nearly uniform (gray-level spread {spread:.1f}): it does not "
+                           "look like a hand radiograph")
 
 
 def check_min_side(gray: Image.Image, limits: UploadLimits) -> None:

@@ -17,7 +17,7 @@ from database import crud
 from database.db import Database
 from database.models import Patient, Prediction
 from storage.store import PatientStore, check_patient_id, new_prediction_id
-from utils.errors import DatabaseUnavailable, InvalidInput, PatientNotFound
+from utils.errors import DatabaseUnavailable, InvalidImage, InvalidInput, PatientNotFound
 from utils.heatmap import overlay_png
 from utils.image_io import DecodedImage, UploadLimits, decode_upload
 from utils.models import ModelPair
@@ -91,6 +91,7 @@ class BoneAgeService:
         given_sex, sex_source = resolve_sex(form_sex, image)
         watch.lap("decode")
         male, female = self._estimate_both(image, watch)
+        self._check_in_distribution(male, female)
         heatmaps = {
             "male_gradcam.png": overlay_png(image.gray, male.heatmap, self.heatmap_max_side),  # type: ignore[arg-type]
             "female_gradcam.png": overlay_png(image.gray, female.heatmap, self.heatmap_max_side),  # type: ignore[arg-type]
@@ -136,6 +137,15 @@ class BoneAgeService:
         male, female = male_future.result(), female_future.result()
         watch.lap("inference_gradcam")
         return male, female
+
+    def _check_in_distribution(self, male: ModelEstimate, female: ModelEstimate) -> None:
+        """Refuse inputs both models are far less sure of than of any validation film (not a hand radiograph)."""
+        checks = [(model.ood_sigma_months, estimate.sigma_months)
+                  for model, estimate in ((self.models.male, male), (self.models.female, female))]
+        if all(limit is not None and sigma > limit for limit, sigma in checks):
+            limit, sigma = checks[0]
+            raise InvalidImage(f"the models are far less certain than on any real radiograph (sigma {sigma:.0f} "
+                               f"months, limit {limit:.0f}): this does not look like a hand radiograph")
 
     def _row(self, prediction_id: str, patient_id: str, created_at: dt.datetime, given_sex: str, sex_source: str,
              image: DecodedImage, male: ModelEstimate, female: ModelEstimate, original: str,
