@@ -25,8 +25,6 @@ from utils.tracking import TrackingWorker
 
 logger = logging.getLogger(__name__)
 SEXES = ("male", "female", "unknown")
-# Where the sex used for a prediction came from (Prediction.sex_source).
-SEX_SOURCES = ("form", "dicom", "none")
 
 
 def check_sex(value: str | None) -> str:
@@ -52,10 +50,9 @@ def resolve_sex(form_sex: str, image: DecodedImage) -> tuple[str, str]:
 
 @dataclass
 class PredictionOutcome:
-    """A stored prediction, its stage timings (ms) and whether its MLflow run was logged."""
+    """A stored prediction and its stage timings (ms)."""
 
     prediction: Prediction
-    female_fallback: bool
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
@@ -92,10 +89,10 @@ class BoneAgeService:
         watch.lap("decode")
         male, female = self._estimate_both(image, watch)
         self._check_in_distribution(male, female)
-        heatmaps = {
-            "male_gradcam.png": overlay_png(image.gray, male.heatmap, self.heatmap_max_side),  # type: ignore[arg-type]
-            "female_gradcam.png": overlay_png(image.gray, female.heatmap, self.heatmap_max_side),  # type: ignore[arg-type]
-        }
+        male_png = overlay_png(image.gray, male.heatmap, self.heatmap_max_side)  # type: ignore[arg-type]
+        female_png = male_png if female is male else overlay_png(image.gray, female.heatmap,  # type: ignore[arg-type]
+                                                                 self.heatmap_max_side)
+        heatmaps = {"male_gradcam.png": male_png, "female_gradcam.png": female_png}
         watch.lap("heatmap_png")
 
         created_at = dt.datetime.now(dt.UTC)
@@ -123,7 +120,7 @@ class BoneAgeService:
         run_id = prediction.mlflow_run_id
         logger.info("prediction %s stored (male %.1f, female %.1f months; run %s; %.0f ms)", prediction_id,
                     male.age_months, female.age_months, run_id or "pending", sum(watch.timings.values()))
-        return PredictionOutcome(prediction, self.models.female_fallback, watch.timings)
+        return PredictionOutcome(prediction, watch.timings)
 
     def _estimate_both(self, image: DecodedImage, watch: _Stopwatch) -> tuple[ModelEstimate, ModelEstimate]:
         """Both models at once, each through its micro-batching worker (one batched pass per model)."""
@@ -133,7 +130,8 @@ class BoneAgeService:
                          else to_model_pixels(image.gray, models.female.input_size))
         watch.lap("preprocess")
         male_future = models.male_batcher.submit(male_pixels)
-        female_future = models.female_batcher.submit(female_pixels)
+        # The fallback is the male model itself: its estimate is the female one, computed once.
+        female_future = male_future if models.female_fallback else models.female_batcher.submit(female_pixels)
         male, female = male_future.result(), female_future.result()
         watch.lap("inference_gradcam")
         return male, female
