@@ -24,6 +24,7 @@ from storage.store import PatientStore, check_patient_id
 from utils.config import Settings
 from utils.errors import NotAuthenticated, PatientNotFound, ServiceError, UploadTooLarge
 from utils.image_io import UploadLimits
+from utils.memory import limit_malloc_arenas
 from utils.models import load_models
 from utils.schemas import (
     ErrorResponse,
@@ -135,6 +136,7 @@ def health(request: Request, service: ServiceDep) -> HealthResponse:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; models, database and tracking are set up in its lifespan."""
     settings = settings or Settings()
+    limit_malloc_arenas()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
