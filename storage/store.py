@@ -17,7 +17,7 @@ logger = logging.getLogger(__name__)
 
 PATIENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$")
 PREDICTION_ID_PATTERN = re.compile(r"^\d{8}T\d{6}\d{6}Z-[0-9a-f]{12}$")
-FILE_NAME_PATTERN = re.compile(r"^(original\.(png|jpg|dcm)|male_gradcam\.png|female_gradcam\.png)$")
+FILE_NAME_PATTERN = re.compile(r"^(original\.(png|jpg|tif|dcm)|male_gradcam\.png|female_gradcam\.png)$")
 
 
 def check_patient_id(patient_id: str) -> str:

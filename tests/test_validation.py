@@ -119,10 +119,13 @@ def test_odd_formats_accepted(shared_client: TestClient) -> None:
     palette = film.convert("P")
     buffer = io.BytesIO()
     film.save(buffer, format="JPEG", quality=92)
+    tiff = io.BytesIO()
+    Image.fromarray(sixteen).save(tiff, format="TIFF")
     for name, data in [("16-bit", png_bytes(Image.fromarray(sixteen))), ("palette", png_bytes(palette)),
-                       ("jpeg", buffer.getvalue())]:
+                       ("jpeg", buffer.getvalue()), ("tiff-16", tiff.getvalue())]:
         response = post_image(shared_client, data, f"P-{name}")
         assert response.status_code == 200, (name, response.text)
+        assert shared_client.get(response.json()["original_url"]).content == data
 
 
 def test_jpeg_exif_orientation_is_applied() -> None:
@@ -137,11 +140,15 @@ def test_jpeg_exif_orientation_is_applied() -> None:
     assert (decoded.width, decoded.height) == (400, 300)
 
 
-def test_sixteen_bit_is_windowed_not_clipped() -> None:
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
+def test_sixteen_bit_is_windowed_not_clipped(fmt: str) -> None:
     from utils.image_io import UploadLimits, decode_upload
 
-    ramp = np.tile(np.linspace(1000, 4000, 256, dtype=np.uint16), (256, 1))  # a 12-bit film in 16-bit PNG
-    decoded = decode_upload(png_bytes(Image.fromarray(ramp)), UploadLimits())
+    ramp = np.tile(np.linspace(1000, 4000, 256, dtype=np.uint16), (256, 1))  # a 12-bit film in 16 bits
+    buffer = io.BytesIO()
+    Image.fromarray(ramp).save(buffer, format=fmt)
+    decoded = decode_upload(buffer.getvalue(), UploadLimits())
+    assert decoded.format == fmt
     values = np.asarray(decoded.gray)
     assert values.min() == 0 and values.max() == 255
     assert len(np.unique(values)) > 200  # a full range of grays, not a clipped white

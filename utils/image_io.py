@@ -22,8 +22,8 @@ logger = logging.getLogger(__name__)
 
 # Formats accepted, by what Pillow detects in the bytes (never the file name or Content-Type); DICOM is detected
 # separately (see `utils.dicom_io`).
-ACCEPTED_FORMATS = frozenset({"PNG", "JPEG"})
-EXPECTED = "PNG, JPEG or DICOM expected"
+ACCEPTED_FORMATS = frozenset({"PNG", "JPEG", "TIFF"})
+EXPECTED = "PNG, JPEG, TIFF or DICOM expected"
 # Window for images with more than 8 bits: percentiles, so a few extreme pixels do not wash the film out.
 WINDOW_PERCENTILES = (0.5, 99.5)
 
@@ -56,7 +56,7 @@ class DecodedImage:
     @property
     def extension(self) -> str:
         """File extension that matches the content."""
-        return {"JPEG": ".jpg", "DICOM": ".dcm"}.get(self.format, ".png")
+        return {"JPEG": ".jpg", "TIFF": ".tif", "DICOM": ".dcm"}.get(self.format, ".png")
 
 
 def percentile_window(values: np.ndarray) -> np.ndarray:
