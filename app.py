@@ -155,14 +155,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         tracking.start()
         limits = UploadLimits(settings.max_upload_bytes, settings.max_image_pixels, settings.min_image_side)
         app.state.service = BoneAgeService(models, store, database, tracking, limits, settings.heatmap_max_side)
-        logger.info(
-            "bone age service ready on %s:%d (storage %s, database %s, MLflow %s)",
-            settings.host,
-            settings.port,
-            settings.storage_dir,
-            settings.database_url,
-            settings.mlflow_tracking_uri,
-        )
+        logger.info("bone age service ready (storage %s, database %s, MLflow %s)", settings.storage_dir,
+                    settings.database_url, settings.mlflow_tracking_uri)
         try:
             yield
         finally:

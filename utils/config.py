@@ -37,7 +37,7 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(20 * 1024 * 1024, gt=0)
     max_image_pixels: int = Field(50_000_000, gt=0)
     min_image_side: int = Field(64, gt=0)
-    heatmap_max_side: int = Field(1024, ge=64, description="longest side of the stored Grad-CAM overlays")
+    heatmap_max_side: int = Field(640, ge=64, description="longest side of the stored Grad-CAM overlays")
     mlflow_tracking_uri: str = Field(
         default_factory=mlflow_config.tracking_uri,
         description="defaults to MLFLOW_TRACKING_URI, else sqlite:///<root>/mlflow.db",

@@ -18,7 +18,7 @@ from database.db import Database
 from database.models import Patient, Prediction
 from storage.store import PatientStore, check_patient_id, new_prediction_id
 from utils.errors import DatabaseUnavailable, InvalidImage, InvalidInput, PatientNotFound
-from utils.heatmap import overlay_png
+from utils.heatmap import film_background, overlay_png
 from utils.image_io import DecodedImage, UploadLimits, decode_upload
 from utils.models import ModelPair
 from utils.tracking import TrackingWorker
@@ -89,9 +89,9 @@ class BoneAgeService:
         watch.lap("decode")
         male, female = self._estimate_both(image, watch)
         self._check_in_distribution(male, female)
-        male_png = overlay_png(image.gray, male.heatmap, self.heatmap_max_side)  # type: ignore[arg-type]
-        female_png = male_png if female is male else overlay_png(image.gray, female.heatmap,  # type: ignore[arg-type]
-                                                                 self.heatmap_max_side)
+        film = film_background(image.gray, self.heatmap_max_side)
+        male_png = overlay_png(film, male.heatmap)  # type: ignore[arg-type]
+        female_png = male_png if female is male else overlay_png(film, female.heatmap)  # type: ignore[arg-type]
         heatmaps = {"male_gradcam.png": male_png, "female_gradcam.png": female_png}
         watch.lap("heatmap_png")
 
