@@ -32,6 +32,8 @@ class Settings(BaseSettings):
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available, else CPU")
     tta_variants: int = Field(4, ge=1, le=4, description="test-time augmentation variants per model (1: off)")
+    torch_threads: int = Field(0, ge=0, description="CPU threads per model pass (0: half the cores, at least 1, "
+                                                   "since the two models run at the same time)")
     batch_max_size: int = Field(8, ge=1, description="most images per batched model pass (micro-batching)")
     batch_max_wait_ms: float = Field(2.0, ge=0, description="how long a batch waits for more requests")
     max_upload_bytes: int = Field(20 * 1024 * 1024, gt=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,6 +46,9 @@ def pick_device(setting: str) -> torch.device:
 def load_models(settings: Settings) -> ModelPair:
     """Load both weights files (strict, `weights_only=True`); raises ModelUnavailable naming a bad file."""
     device = pick_device(settings.device)
+    # The male and female workers run at the same time: give each its share of the cores, not all of them
+    # (measured on 2 cores: 1 thread each cut inference from 126 to 107 ms per request).
+    torch.set_num_threads(settings.torch_threads or max(1, (os.cpu_count() or 2) // 2))
     tta = DEFAULT_TTA[: settings.tta_variants]
     male = BoneAgeModel.from_file(settings.male_weights, device, tta)
     if settings.female_weights.is_file():
