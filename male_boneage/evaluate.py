@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -89,8 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     results = evaluate(args.data, args.male_weights, args.female_weights, args.out, args.tta, args.split, args.seed)
-    print(format_report(results))  # noqa: T201 - a CLI report
-    print(f"per-case results: {args.out}")  # noqa: T201
+    sys.stdout.write(f"{format_report(results)}\nper-case results: {args.out}\n")
 
 
 if __name__ == "__main__":
