@@ -52,6 +52,13 @@ def evaluate(data: Path, male_weights: Path, female_weights: Path, out_csv: Path
     for sex in ("male", "female"):
         idx = [i for i, c in enumerate(cases) if c.male == (sex == "male")]
         results[sex] = summarize([matching[i] for i in idx], [ages[i] for i in idx])
+    # The service's out-of-distribution check on these films: refused when both models exceed their limit.
+    limits = {sex: model.ood_sigma_months for sex, model in models.items()}
+    refused = sum(all(limits[s] is not None and by_model[s][i].sigma_months > limits[s] for s in models)  # type: ignore[operator]
+                  for i in range(len(cases)))
+    results["ood_check"] = {"refused": float(refused), "n": float(len(cases)),
+                            **{f"max_sigma_{s}": max(e.sigma_months for e in by_model[s]) for s in models},
+                            **{f"limit_{s}": float(limits[s] or float("nan")) for s in models}}
     if out_csv is not None:
         out_csv.parent.mkdir(parents=True, exist_ok=True)
         with out_csv.open("w", newline="") as f:
@@ -68,12 +75,19 @@ def evaluate(data: Path, male_weights: Path, female_weights: Path, out_csv: Path
 
 def format_report(results: dict[str, dict[str, float]]) -> str:
     lines = []
+    ood = results.get("ood_check")
     for name, m in results.items():
+        if name == "ood_check":
+            continue
         bands = ", ".join(f"{k[4:]}: {v:.1f} (n={int(m['n_' + k[4:]])})" for k, v in m.items()
                           if k.startswith("mae_") and k.endswith("y") and not np.isnan(v))
         lines.append(f"{name:10s} n={int(m['n']):4d}  MAE {m['mae_months']:.2f}  RMSE {m['rmse_months']:.2f}  "
                      f"90% coverage {m['coverage_90'] * 100:.0f}%  mean sigma {m['mean_sigma_months']:.2f}  "
                      f"(months)\n           MAE by band (years): {bands}")
+    if ood:
+        lines.append(f"OOD check: {int(ood['refused'])} of {int(ood['n'])} films refused; largest sigma male "
+                     f"{ood['max_sigma_male']:.1f} (limit {ood['limit_male']:.1f}), female {ood['max_sigma_female']:.1f} "
+                     f"(limit {ood['limit_female']:.1f}) months")
     return "\n".join(lines)
 
 

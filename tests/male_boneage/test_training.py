@@ -77,6 +77,8 @@ def test_evaluate_writes_csv_and_metrics(tmp_path: Path) -> None:
     out = tmp_path / "eval.csv"
     results = evaluate(TEST20, WEIGHTS / "male.pt", WEIGHTS / "female.pt", out)
     assert results["matching"]["n"] == 20 and results["male"]["n"] == 7 and results["female"]["n"] == 13
+    ood = results.pop("ood_check")
+    assert ood["refused"] == 0 and ood["n"] == 20  # real test films pass the service's out-of-distribution check
     for metrics in results.values():
         assert 0 < metrics["mae_months"] < 240 and 0 <= metrics["coverage_90"] <= 1
     with out.open() as f:
