@@ -83,17 +83,18 @@ def loss_fn(grp: torch.Tensor, unc: torch.Tensor, months: torch.Tensor, group_we
     return l1 + nll + group_weight * ce
 
 
-def _tracker(cfg: TrainConfig):  # -> (client, run_id) or (None, None)
+def _tracker(cfg: TrainConfig, run_id: str | None) -> tuple[Any, str | None]:
+    """(MlflowClient, run id): the run being resumed, else a new one with the config as params."""
     from mlflow import MlflowClient
 
     from mlflow_config import ensure_experiment, tracking_uri
 
     client = MlflowClient(tracking_uri=cfg.tracking_uri or tracking_uri())
-    experiment_id = ensure_experiment(client, cfg.experiment)
-    run = client.create_run(experiment_id, run_name=f"train-{cfg.sex}")
-    for key, value in vars(cfg).items():
-        client.log_param(run.info.run_id, key, str(value))
-    return client, run.info.run_id
+    if run_id is None:
+        run_id = client.create_run(ensure_experiment(client, cfg.experiment), run_name=f"train-{cfg.sex}").info.run_id
+        for key, value in vars(cfg).items():
+            client.log_param(run_id, key, str(value))
+    return client, run_id
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -131,15 +132,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         start_epoch, history, run_id = state["epoch"], state["history"], state.get("run_id")
         logger.info("resumed from %s at epoch %d", checkpoint, start_epoch)
 
-    client, new_run_id = (None, None)
     try:
-        if run_id is None:
-            client, run_id = _tracker(cfg)
-        else:
-            from mlflow import MlflowClient
-
-            from mlflow_config import tracking_uri
-            client = MlflowClient(tracking_uri=cfg.tracking_uri or tracking_uri())
+        client, run_id = _tracker(cfg, run_id)
     except Exception:  # training must not depend on the tracking server
         logger.warning("MLflow tracking unavailable; training continues without it", exc_info=True)
         client, run_id = None, None
