@@ -128,7 +128,7 @@ def stored_file(patient_id: str, prediction_id: str, file_name: str, service: Se
 
 
 @router.get("/health", response_model=HealthResponse)
-def health(request: Request, service: ServiceDep) -> HealthResponse:
+def health(service: ServiceDep) -> HealthResponse:
     """Checks the models, database, MLflow store and storage for real."""
     return _health(service)
 

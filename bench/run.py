@@ -540,14 +540,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     args.out = args.out or (BENCH_DIR / "out" / "RESULTS-quick.md" if args.quick else BENCH_DIR / "RESULTS.md")
+    args.extra_env = parse_env_pairs(parser, args.env)
+    return args
+
+
+def parse_env_pairs(parser: argparse.ArgumentParser, items: list[str]) -> dict[str, str]:
+    """`--env KEY=VALUE` options -> a dict; a malformed one is a usage error."""
     extra = {}
-    for item in args.env:
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
             parser.error(f"--env expects KEY=VALUE, got {item!r}")
         extra[key] = value
-    args.extra_env = extra
-    return args
+    return extra
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -560,13 +560,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.max_seconds <= 0 or args.request_timeout <= 0:
         parser.error("--max-seconds and --request-timeout must be positive")
     args.warmup = args.warmup if args.warmup is not None else 4 * args.concurrency
-    extra = {}
-    for item in args.env:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            parser.error(f"--env expects KEY=VALUE, got {item!r}")
-        extra[key] = value
-    args.extra_env = extra
+    args.extra_env = bench.parse_env_pairs(parser, args.env)
     return args
 
 

@@ -10,7 +10,7 @@ from database.models import Patient, Prediction
 
 def add_prediction(session: Session, prediction: Prediction) -> None:
     """Insert a prediction, creating its patient or pointing the patient at this latest upload."""
-    patient = session.get(Patient, prediction.patient_id, with_for_update=False)
+    patient = session.get(Patient, prediction.patient_id)
     if patient is None:
         session.add(Patient(patient_id=prediction.patient_id, image_path=prediction.image_path,
                             first_upload_at=prediction.created_at))

@@ -68,12 +68,15 @@ class PredictionTracker:
             self.reset()
             raise
 
+    def _create_run(self, prediction_id: str, patient_id: str) -> str:
+        run = self.client.create_run(self.experiment_id(), run_name=prediction_id,
+                                     tags={"prediction_id": prediction_id, "patient_id": patient_id})
+        return str(run.info.run_id)
+
     def try_create_run(self, prediction_id: str, patient_id: str) -> str | None:
         """Create the (still empty) run for a prediction; None if MLflow is unreachable."""
         try:
-            run = self.client.create_run(self.experiment_id(), run_name=prediction_id,
-                                         tags={"prediction_id": prediction_id, "patient_id": patient_id})
-            return str(run.info.run_id)
+            return self._create_run(prediction_id, patient_id)
         except Exception:
             self.reset()
             logger.warning("MLflow unreachable: the run of prediction %s will be logged later", prediction_id,
@@ -126,9 +129,8 @@ class PredictionTracker:
         """Create (if needed) and complete the run of a stored prediction; False if MLflow failed."""
         try:
             if prediction.mlflow_run_id is None:
-                prediction.mlflow_run_id = self._existing_run(prediction.id) or self.client.create_run(
-                    self.experiment_id(), run_name=prediction.id,
-                    tags={"prediction_id": prediction.id, "patient_id": prediction.patient_id}).info.run_id
+                prediction.mlflow_run_id = (self._existing_run(prediction.id)
+                                            or self._create_run(prediction.id, prediction.patient_id))
                 with database.session() as session:
                     crud.set_run_id(session, prediction.id, prediction.mlflow_run_id)
             self.complete_run(prediction)
