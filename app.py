@@ -154,12 +154,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         tracking = TrackingWorker(tracker, database, settings.tracking_retry_seconds)
         tracking.start()
         limits = UploadLimits(settings.max_upload_bytes, settings.max_image_pixels, settings.min_image_side)
-        app.state.service = BoneAgeService(models, store, database, tracking, limits, settings.heatmap_max_side)
+        service = BoneAgeService(models, store, database, tracking, limits, settings.heatmap_max_side)
+        app.state.service = service
         logger.info("bone age service ready (storage %s, database %s, MLflow %s)", settings.storage_dir,
                     settings.database_url, settings.mlflow_tracking_uri)
         try:
             yield
         finally:
+            service.close()
             tracking.stop()
             models.stop()
             database.dispose()

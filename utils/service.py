@@ -9,7 +9,10 @@ import datetime as dt
 import json
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from male_boneage.augment import to_model_pixels
 from male_boneage.inference import ModelEstimate
@@ -78,63 +81,90 @@ class BoneAgeService:
         self.tracking = tracking
         self.limits = limits
         self.heatmap_max_side = heatmap_max_side
+        # Helpers for steps that overlap within one request (female heatmap, MLflow run creation).
+        self._helpers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="predict-helper")
 
     def predict(self, data: bytes, patient_id: str, sex: str | None) -> PredictionOutcome:
-        """Validate, infer, store and log one upload. Blocking: call it from a worker thread."""
+        """Validate, infer, store and log one upload. Blocking: call it from a worker thread.
+
+        Steps that do not depend on each other overlap: the film is shrunk for the heatmaps while the models
+        run, and the MLflow run is created and the female heatmap encoded while the male one is encoded.
+        """
         watch = _Stopwatch()
         check_patient_id(patient_id)
         form_sex = check_sex(sex)
         image = decode_upload(data, self.limits)
         given_sex, sex_source = resolve_sex(form_sex, image)
         watch.lap("decode")
-        male, female = self._estimate_both(image, watch)
-        self._check_in_distribution(male, female)
+        male_future, female_future = self._submit_both(image)
         film = film_background(image.gray, self.heatmap_max_side)
-        male_png = overlay_png(film, male.heatmap)  # type: ignore[arg-type]
-        female_png = male_png if female is male else overlay_png(film, female.heatmap)  # type: ignore[arg-type]
-        heatmaps = {"male_gradcam.png": male_png, "female_gradcam.png": female_png}
-        watch.lap("heatmap_png")
+        watch.lap("preprocess")
+        male, female = male_future.result(), female_future.result()
+        watch.lap("inference_gradcam")
+        self._check_in_distribution(male, female)
 
         created_at = dt.datetime.now(dt.UTC)
         prediction_id = new_prediction_id(created_at)
+        # The run is only created here (one quick call, beside the heatmaps) so the response can name it; the
+        # tracking worker fills it in. If the prediction is not stored in the end, the run is deleted.
+        run_future = self._helpers.submit(self.tracking.tracker.try_create_run, prediction_id, patient_id)
+        try:
+            prediction = self._store(prediction_id, patient_id, created_at, given_sex, sex_source, image, film,
+                                     male, female, run_future, watch)
+        except BaseException:
+            run_id = run_future.result()
+            if run_id:
+                self.tracking.tracker.delete_run(run_id)
+            raise
+        self.tracking.wake()
+        logger.info("prediction %s stored (male %.1f, female %.1f months; run %s; %.0f ms)", prediction_id,
+                    male.age_months, female.age_months, prediction.mlflow_run_id or "pending",
+                    sum(watch.timings.values()))
+        return PredictionOutcome(prediction, watch.timings)
+
+    def _store(self, prediction_id: str, patient_id: str, created_at: dt.datetime, given_sex: str, sex_source: str,
+               image: DecodedImage, film: np.ndarray, male: ModelEstimate, female: ModelEstimate,
+               run_future: Future[str | None], watch: _Stopwatch) -> Prediction:
+        """Heatmaps, files and the database row of one prediction; nothing is left behind if a step fails."""
+        female_png = (None if female is male
+                      else self._helpers.submit(overlay_png, film, female.heatmap))  # type: ignore[arg-type]
+        male_png = overlay_png(film, male.heatmap)  # type: ignore[arg-type]
+        heatmaps = {"male_gradcam.png": male_png,
+                    "female_gradcam.png": male_png if female_png is None else female_png.result()}
+        watch.lap("heatmap_png")
         original_name = f"original{image.extension}"
         paths = self.store.write_prediction(patient_id, prediction_id, {original_name: image.data, **heatmaps})
         watch.lap("storage")
         prediction = self._row(prediction_id, patient_id, created_at, given_sex, sex_source, image, male, female,
                                paths[original_name], paths["male_gradcam.png"], paths["female_gradcam.png"])
-        # The run is only created here (one quick call) so the response can name it; the worker fills it in.
-        prediction.mlflow_run_id = self.tracking.tracker.try_create_run(prediction_id, patient_id)
+        prediction.mlflow_run_id = run_future.result()
         watch.lap("mlflow_create_run")
         try:
             with self.database.session() as session:
                 crud.add_prediction(session, prediction)
         except DatabaseUnavailable:
-            # The database does not know these files or this run: remove them so nothing is left half-stored.
+            # The database does not know these files: remove them so nothing is left half-stored.
             self.store.remove_prediction(patient_id, prediction_id)
-            if prediction.mlflow_run_id:
-                self.tracking.tracker.delete_run(prediction.mlflow_run_id)
-            logger.error("database write failed for prediction %s; its files and run were removed", prediction_id)
+            logger.error("database write failed for prediction %s; its files and run are removed", prediction_id)
             raise
         watch.lap("database")
-        self.tracking.wake()
-        run_id = prediction.mlflow_run_id
-        logger.info("prediction %s stored (male %.1f, female %.1f months; run %s; %.0f ms)", prediction_id,
-                    male.age_months, female.age_months, run_id or "pending", sum(watch.timings.values()))
-        return PredictionOutcome(prediction, watch.timings)
+        return prediction
 
-    def _estimate_both(self, image: DecodedImage, watch: _Stopwatch) -> tuple[ModelEstimate, ModelEstimate]:
-        """Both models at once, each through its micro-batching worker (one batched pass per model)."""
+    def _submit_both(self, image: DecodedImage) -> tuple[Future[ModelEstimate], Future[ModelEstimate]]:
+        """Queue the film for both models at once, each on its micro-batching worker (one batched pass each)."""
         models = self.models
         male_pixels = to_model_pixels(image.gray, models.male.input_size)
+        male_future = models.male_batcher.submit(male_pixels)
+        if models.female_fallback:
+            # The fallback is the male model itself: its estimate is the female one, computed once.
+            return male_future, male_future
         female_pixels = (male_pixels if models.female.input_size == models.male.input_size
                          else to_model_pixels(image.gray, models.female.input_size))
-        watch.lap("preprocess")
-        male_future = models.male_batcher.submit(male_pixels)
-        # The fallback is the male model itself: its estimate is the female one, computed once.
-        female_future = male_future if models.female_fallback else models.female_batcher.submit(female_pixels)
-        male, female = male_future.result(), female_future.result()
-        watch.lap("inference_gradcam")
-        return male, female
+        return male_future, models.female_batcher.submit(female_pixels)
+
+    def close(self) -> None:
+        """Wait for the helper threads (called once no request is running)."""
+        self._helpers.shutdown(wait=True)
 
     def _check_in_distribution(self, male: ModelEstimate, female: ModelEstimate) -> None:
         """Refuse inputs both models are far less sure of than of any validation film (not a hand radiograph)."""
