@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -27,6 +28,19 @@ logger = logging.getLogger(__name__)
 # Fail fast when a tracking server is down instead of MLflow's default minutes of retries; the worker retries.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+# Nice value of the worker thread: logging a run costs ~30 ms of CPU, which should come from idle time, not
+# from the requests being served (on Linux a thread has its own nice value).
+WORKER_NICE = 10
+
+
+def lower_thread_priority(nice: int) -> None:
+    """Raise the calling thread's nice value on Linux (elsewhere the call would address a process: skipped)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except OSError:
+        logger.debug("could not lower the MLflow worker's priority", exc_info=True)
 
 
 class PredictionTracker:
@@ -105,10 +119,10 @@ class PredictionTracker:
             "male_age": p.male_age_months / 12, "male_uncertainty": p.male_sigma_months / 12,
             "female_age": p.female_age_months / 12, "female_uncertainty": p.female_sigma_months / 12,
         }
-        logged_params = self.client.get_run(run_id).data.params
-        self.client.log_batch(
-            run_id, params=[Param(k, v) for k, v in params.items() if k not in logged_params],
-            metrics=[Metric(k, v, timestamp_ms, 0) for k, v in metrics.items()])
+        # Logging a param again with the same value is accepted, so a retry after a partial failure needs no
+        # look-up of what is already there (measured: get_run ~5 ms of ~35 ms per run).
+        self.client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()],
+                              metrics=[Metric(k, v, timestamp_ms, 0) for k, v in metrics.items()])
         with tempfile.TemporaryDirectory() as tmp:
             for relative in (self._artifact_original(p, Path(tmp)), p.male_gradcam_path, p.female_gradcam_path):
                 self.client.log_artifact(run_id, str(self.files_root / relative))
@@ -200,6 +214,7 @@ class TrackingWorker:
         return 0
 
     def _run(self) -> None:
+        lower_thread_priority(WORKER_NICE)
         while True:
             self._wake.clear()
             try:
