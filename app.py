@@ -151,11 +151,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         models = await run_in_threadpool(load_models, settings)
         models.start()
         tracker = PredictionTracker(settings.mlflow_tracking_uri, settings.mlflow_experiment, settings.storage_dir)
-        tracking = TrackingWorker(tracker, database, settings.tracking_retry_seconds)
+        tracking = TrackingWorker(tracker, database, settings.tracking_retry_seconds, settings.tracking_max_deferred)
         tracking.start()
         limits = UploadLimits(settings.max_upload_bytes, settings.max_image_pixels, settings.min_image_side)
         service = BoneAgeService(models, store, database, tracking, limits, settings.heatmap_max_side)
         app.state.service = service
+        tracking.defer_while(service.busy)
         logger.info("bone age service ready (storage %s, database %s, MLflow %s)", settings.storage_dir,
                     settings.database_url, settings.mlflow_tracking_uri)
         try:

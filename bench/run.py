@@ -503,12 +503,30 @@ def run_load(server: Server, image: tuple[str, bytes], n: int, ids: PatientIds, 
     assert server.sampler is not None
     server.sampler.reset_window()
     for concurrency in CONCURRENCY_LEVELS:
+        wait_for_tracking(server.base_url)  # every level starts with no MLflow work left from the one before
         print(f"  load: {n} requests at concurrency {concurrency} ...", flush=True)
         level = load_level(server.base_url, image, n, concurrency, ids, args.request_timeout, args.phase_timeout)
+        level["backlog_after"], level["drain_s"] = wait_for_tracking(server.base_url)
         print(f"    {level['ok']}/{level['sent']} ok, {fmt(level['rps'], 2)} req/s, "  # type: ignore[arg-type]
-              f"p50 {fmt(level['p50_ms'], 0)} ms, p95 {fmt(level['p95_ms'], 0)} ms, errors {level['errors'] or 'none'}")  # type: ignore[arg-type]
+              f"p50 {fmt(level['p50_ms'], 0)} ms, p95 {fmt(level['p95_ms'], 0)} ms, errors {level['errors'] or 'none'}; "  # type: ignore[arg-type]
+              f"MLflow runs pending after it {level['backlog_after']}, logged within {fmt(level['drain_s'], 1)} s")  # type: ignore[arg-type]
         levels.append(level)
     return levels
+
+
+def wait_for_tracking(base_url: str, timeout_s: float = 300.0) -> tuple[int | None, float]:
+    """(MLflow runs pending now, seconds until none are): from /health's `tracking_backlog`; (None, nan) if the
+    server does not report one (the seed baseline logs inside the request)."""
+    start = time.monotonic()
+    first = None
+    with httpx.Client(timeout=30) as client:
+        while time.monotonic() - start < timeout_s:
+            backlog = client.get(f"{base_url}/health").json().get("tracking_backlog")
+            first = backlog if first is None else first
+            if not backlog:
+                return first, (time.monotonic() - start) if backlog is not None else math.nan
+            time.sleep(0.1)
+    return first, math.nan
 
 
 def errors_text(errors: dict[str, int]) -> str:
@@ -797,13 +815,19 @@ def render(r: dict, args: argparse.Namespace) -> str:  # type: ignore[type-arg]
     rows = []
     for key, label in (("service_load", "service"), ("baseline_load", "seed baseline")):
         for level in r.get(key, []):
+            pending = level.get("backlog_after")
             rows.append([label, str(level["concurrency"]), f"{level['ok']}/{level['sent']}",
                          errors_text(level["errors"]), fmt(level["rps"], 2), fmt(level["p50_ms"], 0),
-                         fmt(level["p95_ms"], 0), fmt(level["wall_s"], 1)])
-    out += [table(["server", "concurrency", "ok", "errors by status", "req/s", "p50 ms", "p95 ms", "wall s"], rows),
+                         fmt(level["p95_ms"], 0), fmt(level["wall_s"], 1),
+                         "in the request" if pending is None else f"{pending} / {fmt(level['drain_s'], 1)} s"])
+    out += [table(["server", "concurrency", "ok", "errors by status", "req/s", "p50 ms", "p95 ms", "wall s",
+                   "MLflow runs pending at the end / logged within"], rows),
             "", "Throughput counts successful (200) requests over the wall time of the level; percentiles are over the "
             "successful requests. Every request has its own patient id. The client (httpx, asyncio) runs on the same "
-            "cores as the server.", ""]
+            "cores as the server. Each level starts once the service's MLflow backlog (`/health` "
+            "`tracking_backlog`) is empty; the last column is that backlog when the level's last response arrived "
+            "and how long the service then took to log it (the worker holds up to BONEAGE_TRACKING_MAX_DEFERRED runs "
+            "back while requests are in flight).", ""]
 
     if r.get("baseline_load"):
         out += ["## Service / seed baseline", ""]

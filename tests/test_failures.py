@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 from sqlalchemy import create_engine, text
 
 from app import create_app
-from conftest import RAW, make_settings, post_image, stored_files, wait_until_logged
+from conftest import RAW, TRAIN100, make_settings, post_image, stored_files, wait_until_logged
 from utils.config import Settings
 from utils.errors import ModelUnavailable
 
@@ -70,9 +70,7 @@ def test_database_locked_gives_503_and_leaves_nothing(tmp_path: Path) -> None:
         assert stored_files(settings) == []
         with create_engine(settings.database_url).connect() as conn:
             assert conn.execute(text("SELECT COUNT(*) FROM predictions")).scalar() == 0
-        experiment = MlflowClient(settings.mlflow_tracking_uri).get_experiment_by_name(settings.mlflow_experiment)
-        assert experiment is None or not MlflowClient(settings.mlflow_tracking_uri).search_runs(
-            [experiment.experiment_id])
+        assert _active_runs(settings) == []
         # and the service recovers once the lock is gone
         assert post_image(client, FILM, "P-locked").status_code == 200
 
@@ -86,6 +84,14 @@ def test_storage_unwritable_gives_503_and_no_rows(tmp_path: Path) -> None:
         assert "Retry-After" in response.headers
         with create_engine(settings.database_url).connect() as conn:
             assert conn.execute(text("SELECT COUNT(*) FROM predictions")).scalar() == 0
+        # The run created beside the heatmaps is deleted with the failed prediction.
+        assert _active_runs(settings) == []
+
+
+def _active_runs(settings: Settings) -> list[object]:
+    mlflow = MlflowClient(settings.mlflow_tracking_uri)
+    experiment = mlflow.get_experiment_by_name(settings.mlflow_experiment)
+    return [] if experiment is None else list(mlflow.search_runs([experiment.experiment_id]))
 
 
 @pytest.mark.parametrize("content", [b"not a torch file", b""])
@@ -107,3 +113,46 @@ def test_errors_carry_no_internal_paths(client: TestClient, settings: Settings) 
     for response in (post_image(client, b"junk", "P1"), client.get("/results/nobody"),
                      client.get("/storage/patients/x/y/z")):
         assert str(settings.storage_dir) not in response.text and "Traceback" not in response.text
+
+
+def test_mlflow_logging_held_back_while_predicting_then_logged(tmp_path: Path) -> None:
+    """While predictions are served the worker holds runs back, never more than the bound, then logs them all."""
+    settings = make_settings(tmp_path, tracking_max_deferred=2)
+    with TestClient(create_app(settings)) as client:
+        service = client.app.state.service  # type: ignore[attr-defined]
+        busy = {"now": True}
+        service.tracking.defer_while(lambda: busy["now"])  # as if requests kept arriving
+        for i in range(2):
+            assert post_image(client, FILM, f"P-defer{i}").status_code == 200
+        time.sleep(1.0)
+        held = [client.get(f"/results/P-defer{i}").json()["predictions"][0]["tracking"] for i in range(2)]
+        assert "logged" not in held, held
+        assert post_image(client, FILM, "P-defer2").status_code == 200  # a third: over the bound
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and sum(
+                client.get(f"/results/P-defer{i}").json()["predictions"][0]["tracking"] == "logged"
+                for i in range(3)) < 1:
+            time.sleep(0.1)
+        states = [client.get(f"/results/P-defer{i}").json()["predictions"][0]["tracking"] for i in range(3)]
+        assert states[0] == "logged" and "logged" not in states[1:], states  # the oldest logged, two held back
+        busy["now"] = False
+        for i in range(3):
+            wait_until_logged(client, f"P-defer{i}")
+
+
+def test_backlog_longer_than_one_page_is_all_logged(tmp_path: Path) -> None:
+    """More runs waiting than the worker reads at once (50) are all logged, with no new prediction to wake it."""
+    settings = make_settings(tmp_path, tracking_max_deferred=1000)
+    small = (TRAIN100 / "1377.png").read_bytes()
+    with TestClient(create_app(settings)) as client:
+        busy = {"now": True}
+        client.app.state.service.tracking.defer_while(lambda: busy["now"])  # type: ignore[attr-defined]
+        for i in range(53):
+            assert post_image(client, small, f"P-page{i}").status_code == 200
+        assert client.get("/health").json()["tracking_backlog"] == 53
+        busy["now"] = False
+        client.app.state.service.tracking.wake()  # type: ignore[attr-defined]
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and client.get("/health").json()["tracking_backlog"]:
+            time.sleep(0.2)
+        assert client.get("/health").json()["tracking_backlog"] == 0

@@ -46,6 +46,8 @@ class Settings(BaseSettings):
     )
     mlflow_experiment: str = Field(mlflow_config.EXPERIMENT_NAME)
     tracking_retry_seconds: float = Field(30.0, gt=0, description="how often runs that failed to log are retried")
+    tracking_max_deferred: int = Field(64, ge=0, description="most MLflow runs held back while predictions are "
+                                       "being served (logged right after; 0: log at once)")
     log_level: str = Field("INFO")
     api_keys: str = Field("", description="comma-separated API keys; when set, patient routes require one")
     cors_origins: str = Field("", description="comma-separated origins allowed by CORS (none by default)")

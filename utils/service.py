@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -83,9 +84,25 @@ class BoneAgeService:
         self.heatmap_max_side = heatmap_max_side
         # Helpers for steps that overlap within one request (female heatmap, MLflow run creation).
         self._helpers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="predict-helper")
+        self._in_flight = 0
+        self._in_flight_lock = threading.Lock()
+
+    def busy(self) -> bool:
+        """Whether a prediction is being served (the MLflow worker holds back meanwhile)."""
+        return self._in_flight > 0
 
     def predict(self, data: bytes, patient_id: str, sex: str | None) -> PredictionOutcome:
-        """Validate, infer, store and log one upload. Blocking: call it from a worker thread.
+        """Validate, infer, store and log one upload. Blocking: call it from a worker thread."""
+        with self._in_flight_lock:
+            self._in_flight += 1
+        try:
+            return self._predict(data, patient_id, sex)
+        finally:
+            with self._in_flight_lock:
+                self._in_flight -= 1
+
+    def _predict(self, data: bytes, patient_id: str, sex: str | None) -> PredictionOutcome:
+        """The pipeline of `predict`.
 
         Steps that do not depend on each other overlap: the film is shrunk for the heatmaps while the models
         run, and the MLflow run is created and the female heatmap encoded while the male one is encoded.

@@ -13,6 +13,7 @@ import os
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from mlflow import MlflowClient
@@ -31,6 +32,8 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
 # Nice value of the worker thread: logging a run costs ~30 ms of CPU, which should come from idle time, not
 # from the requests being served (on Linux a thread has its own nice value).
 WORKER_NICE = 10
+# How often a worker holding runs back checks whether the requests are done.
+DEFER_POLL_SECONDS = 0.05
 
 
 def lower_thread_priority(nice: int) -> None:
@@ -123,21 +126,26 @@ class PredictionTracker:
         # look-up of what is already there (measured: get_run ~5 ms of ~35 ms per run).
         self.client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()],
                               metrics=[Metric(k, v, timestamp_ms, 0) for k, v in metrics.items()])
+        # One call for the three artifacts (each log_artifact call looks the run up again): a folder of links.
         with tempfile.TemporaryDirectory() as tmp:
-            for relative in (self._artifact_original(p, Path(tmp)), p.male_gradcam_path, p.female_gradcam_path):
-                self.client.log_artifact(run_id, str(self.files_root / relative))
+            folder = Path(tmp)
+            self._artifact_original(p, folder)
+            for relative in (p.male_gradcam_path, p.female_gradcam_path):
+                source = self.files_root / relative
+                (folder / source.name).symlink_to(source)
+            self.client.log_artifacts(run_id, tmp)
         self.client.set_terminated(run_id)
 
-    def _artifact_original(self, p: Prediction, tmp: Path) -> Path:
-        """The original as logged: a DICOM goes in as a PNG of its pixels, never with its identifying tags."""
+    def _artifact_original(self, p: Prediction, folder: Path) -> None:
+        """Put the original as logged into `folder`: a DICOM goes in as a PNG of its pixels, never with its tags."""
         original = self.files_root / p.image_path
         if original.suffix != ".dcm":
-            return original
+            (folder / original.name).symlink_to(original)
+            return
         from utils.image_io import UploadLimits, decode_upload
 
-        rendered = tmp / "original.png"
-        decode_upload(original.read_bytes(), UploadLimits(max_bytes=1 << 40, max_pixels=1 << 40)).gray.save(rendered)
-        return rendered
+        gray = decode_upload(original.read_bytes(), UploadLimits(max_bytes=1 << 40, max_pixels=1 << 40)).gray
+        gray.save(folder / "original.png")
 
     def log_pending(self, database: Database, prediction: Prediction) -> bool:
         """Create (if needed) and complete the run of a stored prediction; False if MLflow failed."""
@@ -174,15 +182,29 @@ class PredictionTracker:
 
 
 class TrackingWorker:
-    """Background thread that completes the MLflow runs of stored predictions (woken per prediction)."""
+    """Background thread that completes the MLflow runs of stored predictions (woken per prediction).
 
-    def __init__(self, tracker: PredictionTracker, database: Database, retry_seconds: float) -> None:
+    Logging a run costs ~30 ms of CPU. While predictions are being served (`defer_while`) the worker waits, so
+    a burst of requests gets the CPU and the runs are logged right after it; it never lets more than
+    `max_deferred` runs wait, so under sustained load it keeps pace. The rows are in the database meanwhile:
+    nothing is lost if the process dies.
+    """
+
+    def __init__(self, tracker: PredictionTracker, database: Database, retry_seconds: float,
+                 max_deferred: int = 64) -> None:
         self.tracker = tracker
         self.database = database
         self.retry_seconds = retry_seconds
+        self.max_deferred = max_deferred
+        self._busy: Callable[[], bool] = lambda: False
+        self._failed = False
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mlflow-worker", daemon=True)
+
+    def defer_while(self, busy: Callable[[], bool]) -> None:
+        """Hold logging back while `busy()` is true (at most `max_deferred` runs waiting)."""
+        self._busy = busy
 
     def start(self) -> None:
         try:
@@ -204,25 +226,40 @@ class TrackingWorker:
     def wake(self) -> None:
         self._wake.set()
 
-    def run_once(self) -> int:
-        """Complete pending runs in order, stopping at the first failure; returns how many remain."""
-        with self.database.session() as session:
-            pending = crud.untracked_predictions(session)
-        for done, prediction in enumerate(pending):
-            if self._stop.is_set() or not self.tracker.log_pending(self.database, prediction):
-                return len(pending) - done  # MLflow is down: wait for the next round, do not hammer it
-        return 0
+    def run_once(self, defer: bool = False) -> int:
+        """Complete pending runs in order, stopping at the first failure; returns how many remain.
+
+        With `defer`, stop early while predictions are being served and no more than `max_deferred` wait.
+        """
+        self._failed = False
+        while True:
+            with self.database.session() as session:
+                total = crud.count_untracked(session)
+                pending = crud.untracked_predictions(session)  # the oldest page of them
+            if not pending:
+                return 0
+            for done, prediction in enumerate(pending):
+                left = total - done
+                if self._stop.is_set() or (defer and left <= self.max_deferred and self._busy()):
+                    return left
+                if not self.tracker.log_pending(self.database, prediction):
+                    self._failed = True
+                    return left  # MLflow is down: wait for the next round, do not hammer it
 
     def _run(self) -> None:
         lower_thread_priority(WORKER_NICE)
         while True:
             self._wake.clear()
             try:
-                remaining = self.run_once()
+                remaining = self.run_once(defer=True)
             except Exception:
                 logger.warning("tracking round failed", exc_info=True)
-                remaining = 1
+                remaining, self._failed = 1, True
             if self._stop.is_set():
                 return
-            # More work queued while we ran: go on at once; after a failure, wait before retrying.
-            self._wake.wait(self.retry_seconds if remaining else None)
+            if not remaining:
+                self._wake.wait()  # until the next prediction
+            elif self._failed:
+                self._stop.wait(self.retry_seconds)  # MLflow failed: retry after a pause
+            else:
+                self._stop.wait(DEFER_POLL_SECONDS)  # held back while requests run: look again shortly
