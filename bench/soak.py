@@ -463,6 +463,9 @@ def render(r: dict[str, Any]) -> str:
                    f"{cons['patients']} patients: {'consistent' if ok else '**inconsistent**'}")
     else:
         out.append(f"- storage and database: not checked ({r.get('consistency_skipped', 'no run')})")
+    if "tracking_backlog" in r:
+        out.append(f"- MLflow: {r['tracking_backlog']} runs pending when the load ended, all logged within "
+                   f"{bench.fmt(r['tracking_drain_s'], 1)} s; pending after that: {r['tracking_left']}")
     out.append(f"- server log: {r['log_problems'][0]} ERROR/traceback lines")
     out.append("")
 
@@ -653,6 +656,9 @@ def main(argv: list[str] | None = None) -> int:
         for o in load.outcomes:
             if o.planned.group == "good" and o.status == "200":
                 successes[o.planned.patient_id] += 1  # type: ignore[index]
+        # MLflow: the runs held back during the load must all be logged once it is over.
+        r["tracking_backlog"], r["tracking_drain_s"] = bench.wait_for_tracking(server.base_url)
+        r["tracking_left"] = bench.wait_for_tracking(server.base_url, timeout_s=1.0)[0]
         if load.cut_off:
             r["consistency_skipped"] = "requests were cut off at the time limit and may still be running"
         else:
@@ -690,7 +696,8 @@ def main(argv: list[str] | None = None) -> int:
     failed = (any(o.is_error or o.unexpected for o in outcomes) or bool(r["warmup"]["problems"])
               or len(outcomes) < args.requests
               or (not r["smoke"] and not growth < GROWTH_TARGET_PCT)
-              or bool(cons and (cons["mismatched"] or cons["folders"] != cons["successes"])))
+              or bool(cons and (cons["mismatched"] or cons["folders"] != cons["successes"]))
+              or bool(r.get("tracking_left")))
     return 1 if failed else 0
 
 
