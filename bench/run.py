@@ -551,6 +551,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="extra environment for both servers, e.g. BONEAGE_TTA_VARIANTS=1 (repeatable)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the seed-style baseline")
+    parser.add_argument("--no-unbatched", action="store_true",
+                        help="skip the load run of the service with micro-batching off (BONEAGE_BATCH_MAX_SIZE=1)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"RSNA data folder (default {DEFAULT_DATA})")
     parser.add_argument("--out", type=Path,
                         help="report file (default bench/RESULTS.md; quick: bench/out/RESULTS-quick.md)")
@@ -648,6 +650,18 @@ def main(argv: list[str] | None = None) -> int:
         results["service_memory"] = service.memory()
         results["service_cold_start_s"] = service.cold_start_s
         service.stop()
+
+        if not args.no_unbatched:
+            # The same service with micro-batching off: what batching gains under load.
+            unbatched = Server("service without batching", "app:app", REPO, tmp / "unbatched",
+                               {**args.extra_env, "BONEAGE_BATCH_MAX_SIZE": "1"}, args.device)
+            servers.append(unbatched)
+            print("service with BONEAGE_BATCH_MAX_SIZE=1 (no micro-batching): starting ...", flush=True)
+            unbatched.start(args.start_timeout)
+            single_requests(unbatched.base_url, images[args.load_image], 0, ids, args.request_timeout,
+                            time.monotonic() + args.phase_timeout)  # warm-up
+            results["unbatched_load"] = run_load(unbatched, images[args.load_image], args.requests, ids, args)
+            unbatched.stop()
 
         if not args.no_baseline:
             baseline = Server("seed baseline", "seed_baseline:app", BENCH_DIR, tmp / "baseline", args.extra_env,
@@ -813,7 +827,8 @@ def render(r: dict, args: argparse.Namespace) -> str:  # type: ignore[type-arg]
 
     out += ["## Throughput and latency under load", ""]
     rows = []
-    for key, label in (("service_load", "service"), ("baseline_load", "seed baseline")):
+    for key, label in (("service_load", "service"), ("unbatched_load", "service, no micro-batching"),
+                       ("baseline_load", "seed baseline")):
         for level in r.get(key, []):
             pending = level.get("backlog_after")
             rows.append([label, str(level["concurrency"]), f"{level['ok']}/{level['sent']}",
@@ -828,6 +843,17 @@ def render(r: dict, args: argparse.Namespace) -> str:  # type: ignore[type-arg]
             "`tracking_backlog`) is empty; the last column is that backlog when the level's last response arrived "
             "and how long the service then took to log it (the worker holds up to BONEAGE_TRACKING_MAX_DEFERRED runs "
             "back while requests are in flight).", ""]
+
+    levels = {level["concurrency"]: level for level in r.get("service_load", [])}
+    if levels.get(1) and levels.get(16):
+        out += [f"Throughput at concurrency 16 / concurrency 1 (service): "
+                f"**{fmt(ratio(levels[16]['rps'], levels[1]['rps']), 2)}**.", ""]
+    if r.get("unbatched_load"):
+        rows = [[str(svc["concurrency"]), fmt(svc["rps"], 2), fmt(off["rps"], 2), fmt(ratio(svc["rps"], off["rps"]), 2)]
+                for svc, off in zip(r["service_load"], r["unbatched_load"], strict=False)]
+        out += ["## What micro-batching gains", "",
+                table(["concurrency", "service req/s", "no micro-batching req/s (BONEAGE_BATCH_MAX_SIZE=1)",
+                       "ratio"], rows), ""]
 
     if r.get("baseline_load"):
         out += ["## Service / seed baseline", ""]
