@@ -162,7 +162,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
-            service.close()
+            await run_in_threadpool(service.close)
             tracking.stop()
             models.stop()
             database.dispose()

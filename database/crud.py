@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
@@ -34,6 +36,11 @@ def untracked_predictions(session: Session, limit: int = 50) -> list[Prediction]
     """Predictions whose MLflow run is not complete yet, oldest first."""
     query = select(Prediction).where(Prediction.mlflow_logged.is_(False)).order_by(Prediction.created_at).limit(limit)
     return list(session.scalars(query))
+
+
+def oldest_untracked_time(session: Session) -> dt.datetime | None:
+    """When the oldest prediction whose MLflow run is not complete was made (None if there is none)."""
+    return session.scalar(select(func.min(Prediction.created_at)).where(Prediction.mlflow_logged.is_(False)))
 
 
 def count_untracked(session: Session) -> int:

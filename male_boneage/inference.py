@@ -113,7 +113,6 @@ class BoneAgeModel:
         self.device = device
         self.tta = tta
         self._lock = threading.Lock()
-        self._cam: Any = None  # one GradCAM per model, created on first use, used under the lock
 
     @classmethod
     def from_file(cls, path: Path, device: torch.device,
@@ -155,22 +154,16 @@ class BoneAgeModel:
             with torch.no_grad():
                 outputs = self.flat(batch).cpu().view(len(images), n_variants, -1)
             return [ModelEstimate(*combine_tta(o, self.sigma_scale), heatmap=None) for o in outputs]
-        with self._lock:
-            cam = self._grad_cam()
+        from pytorch_grad_cam import GradCAM  # imported lazily: it pulls OpenCV and matplotlib (~7 s)
+
+        # A GradCAM per call: its hooks are on the model only for this pass (never on a no-grad forward).
+        with self._lock, GradCAM(model=self.flat, target_layers=[self.net.cam_layer]) as cam:
             maps = cam(input_tensor=batch, targets=[_AgeTarget()] * len(batch))
             outputs = cam.outputs.detach().cpu().view(len(images), n_variants, -1)
-            cam.outputs = None  # do not keep the last batch's graph alive between calls
         return [
             ModelEstimate(*combine_tta(o, self.sigma_scale), heatmap=maps[i * n_variants].astype(np.float32))
             for i, o in enumerate(outputs)
         ]
-
-    def _grad_cam(self) -> Any:
-        if self._cam is None:
-            from pytorch_grad_cam import GradCAM  # imported lazily: it pulls OpenCV and matplotlib (~7 s)
-
-            self._cam = GradCAM(model=self.flat, target_layers=[self.net.cam_layer])
-        return self._cam
 
     def predict_many(self, pixels: np.ndarray, batch_size: int = 64) -> list[ModelEstimate]:
         """Estimates for many preprocessed images (N, H, W), without heatmaps: evaluation and calibration."""

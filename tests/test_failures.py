@@ -156,3 +156,14 @@ def test_backlog_longer_than_one_page_is_all_logged(tmp_path: Path) -> None:
         while time.monotonic() < deadline and client.get("/health").json()["tracking_backlog"]:
             time.sleep(0.2)
         assert client.get("/health").json()["tracking_backlog"] == 0
+
+
+def test_held_back_runs_are_logged_once_they_are_old_enough(tmp_path: Path) -> None:
+    """Under endless traffic a run still gets logged: none waits longer than the worker's age limit."""
+    with TestClient(create_app(make_settings(tmp_path))) as client:
+        tracking = client.app.state.service.tracking  # type: ignore[attr-defined]
+        tracking.defer_while(lambda: True)  # requests never stop
+        tracking.max_defer_seconds = 3.0
+        assert post_image(client, FILM, "P-old").status_code == 200
+        assert client.get("/results/P-old").json()["predictions"][0]["tracking"] != "logged"
+        wait_until_logged(client, "P-old", timeout=30)

@@ -126,3 +126,19 @@ def test_health_answers_while_predicting(shared_client: TestClient) -> None:
         answered_during += not done.is_set()
     worker.join()
     assert answered_during >= 1  # /health was answered while the prediction was still running
+
+
+def test_relative_storage_dir_and_artifacts_are_real_copies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """BONEAGE_STORAGE_DIR may be relative; the MLflow artifacts are the stored files' bytes, not links."""
+    monkeypatch.chdir(tmp_path)
+    settings = make_settings(tmp_path, storage_dir=Path("relative-storage"))
+    film = (RAW / "7043.png").read_bytes()
+    with TestClient(create_app(settings)) as client:
+        body = post_image(client, film, "P-rel").json()
+        run_id = wait_until_logged(client, "P-rel")["predictions"][0]["mlflow_run_id"]
+    mlflow = MlflowClient(settings.mlflow_tracking_uri)
+    downloaded = Path(mlflow.download_artifacts(run_id, "", str(tmp_path / "download")))
+    assert (downloaded / "original.png").read_bytes() == film
+    assert not any(p.is_symlink() for p in downloaded.iterdir())
+    stored = tmp_path / "relative-storage" / body["male_prediction"]["gradcam_path"]
+    assert (downloaded / "male_gradcam.png").read_bytes() == stored.read_bytes()

@@ -82,8 +82,9 @@ class BoneAgeService:
         self.tracking = tracking
         self.limits = limits
         self.heatmap_max_side = heatmap_max_side
-        # Helpers for steps that overlap within one request (female heatmap, MLflow run creation).
-        self._helpers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="predict-helper")
+        # Helpers for steps that overlap within one request; apart, so a slow MLflow never delays heatmaps.
+        self._heatmaps = ThreadPoolExecutor(max_workers=4, thread_name_prefix="heatmap")
+        self._mlflow = ThreadPoolExecutor(max_workers=8, thread_name_prefix="mlflow-create-run")
         self._in_flight = 0
         self._in_flight_lock = threading.Lock()
 
@@ -124,7 +125,7 @@ class BoneAgeService:
         prediction_id = new_prediction_id(created_at)
         # The run is only created here (one quick call, beside the heatmaps) so the response can name it; the
         # tracking worker fills it in. If the prediction is not stored in the end, the run is deleted.
-        run_future = self._helpers.submit(self.tracking.tracker.try_create_run, prediction_id, patient_id)
+        run_future = self._mlflow.submit(self.tracking.tracker.try_create_run, prediction_id, patient_id)
         try:
             prediction = self._store(prediction_id, patient_id, created_at, given_sex, sex_source, image, film,
                                      male, female, run_future, watch)
@@ -144,7 +145,7 @@ class BoneAgeService:
                run_future: Future[str | None], watch: _Stopwatch) -> Prediction:
         """Heatmaps, files and the database row of one prediction; nothing is left behind if a step fails."""
         female_png = (None if female is male
-                      else self._helpers.submit(overlay_png, film, female.heatmap))  # type: ignore[arg-type]
+                      else self._heatmaps.submit(overlay_png, film, female.heatmap))  # type: ignore[arg-type]
         male_png = overlay_png(film, male.heatmap)  # type: ignore[arg-type]
         heatmaps = {"male_gradcam.png": male_png,
                     "female_gradcam.png": male_png if female_png is None else female_png.result()}
@@ -179,9 +180,16 @@ class BoneAgeService:
                          else to_model_pixels(image.gray, models.female.input_size))
         return male_future, models.female_batcher.submit(female_pixels)
 
-    def close(self) -> None:
-        """Wait for the helper threads (called once no request is running)."""
-        self._helpers.shutdown(wait=True)
+    def close(self, timeout_s: float = 60.0) -> None:
+        """At shutdown: let predictions still running in worker threads finish (up to `timeout_s`), then stop
+        the helper threads."""
+        deadline = time.monotonic() + timeout_s
+        while self.busy() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.busy():
+            logger.warning("shutting down with %d predictions still running", self._in_flight)
+        for pool in (self._heatmaps, self._mlflow):
+            pool.shutdown(wait=True)
 
     def _check_in_distribution(self, male: ModelEstimate, female: ModelEstimate) -> None:
         """Refuse inputs both models are far less sure of than of any validation film (not a hand radiograph)."""

@@ -9,9 +9,13 @@ the row has no run id yet and the worker creates the run once MLflow is back.
 from __future__ import annotations
 
 import logging
+import math
 import os
+import datetime as dt
+import shutil
 import sys
 import tempfile
+import time
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -44,6 +48,15 @@ def lower_thread_priority(nice: int) -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
     except OSError:
         logger.debug("could not lower the MLflow worker's priority", exc_info=True)
+
+
+def _link_or_copy(source: Path, folder: Path) -> None:
+    """Put `source` into `folder` under its name: a link to its absolute path, or a copy where links fail."""
+    target = folder / source.name
+    try:
+        target.symlink_to(source.resolve())
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 class PredictionTracker:
@@ -131,8 +144,7 @@ class PredictionTracker:
             folder = Path(tmp)
             self._artifact_original(p, folder)
             for relative in (p.male_gradcam_path, p.female_gradcam_path):
-                source = self.files_root / relative
-                (folder / source.name).symlink_to(source)
+                _link_or_copy(self.files_root / relative, folder)
             self.client.log_artifacts(run_id, tmp)
         self.client.set_terminated(run_id)
 
@@ -140,7 +152,7 @@ class PredictionTracker:
         """Put the original as logged into `folder`: a DICOM goes in as a PNG of its pixels, never with its tags."""
         original = self.files_root / p.image_path
         if original.suffix != ".dcm":
-            (folder / original.name).symlink_to(original)
+            _link_or_copy(original, folder)
             return
         from utils.image_io import UploadLimits, decode_upload
 
@@ -191,11 +203,13 @@ class TrackingWorker:
     """
 
     def __init__(self, tracker: PredictionTracker, database: Database, retry_seconds: float,
-                 max_deferred: int = 64) -> None:
+                 max_deferred: int = 64, max_defer_seconds: float = 10.0) -> None:
         self.tracker = tracker
         self.database = database
         self.retry_seconds = retry_seconds
         self.max_deferred = max_deferred
+        self.max_defer_seconds = max_defer_seconds
+        self._drain_until = math.inf
         self._busy: Callable[[], bool] = lambda: False
         self._failed = False
         self._stop = threading.Event()
@@ -217,11 +231,13 @@ class TrackingWorker:
             logger.warning("could not check MLflow for runs of unstored predictions", exc_info=True)
         self._thread.start()
 
-    def stop(self) -> None:
-        """Stop after the current run; whatever is still pending is logged after the next start."""
+    def stop(self, drain_seconds: float = 10.0) -> None:
+        """Log what is pending (for at most `drain_seconds`), then stop; anything left is logged after the next
+        start."""
+        self._drain_until = time.monotonic() + drain_seconds
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout=30)
+        self._thread.join(timeout=drain_seconds + 30)
 
     def wake(self) -> None:
         self._wake.set()
@@ -229,22 +245,38 @@ class TrackingWorker:
     def run_once(self, defer: bool = False) -> int:
         """Complete pending runs in order, stopping at the first failure; returns how many remain.
 
-        With `defer`, stop early while predictions are being served and no more than `max_deferred` wait.
+        With `defer`, stop early while predictions are being served, as long as no more than `max_deferred`
+        runs wait and none has waited `max_defer_seconds`.
         """
         self._failed = False
         while True:
             with self.database.session() as session:
                 total = crud.count_untracked(session)
+                if not total:
+                    return 0
+                oldest = crud.oldest_untracked_time(session)
+                if defer and self._hold_back(total, oldest):
+                    return total
                 pending = crud.untracked_predictions(session)  # the oldest page of them
-            if not pending:
-                return 0
             for done, prediction in enumerate(pending):
                 left = total - done
-                if self._stop.is_set() or (defer and left <= self.max_deferred and self._busy()):
+                if self._stop_now() or (defer and self._hold_back(left, prediction.created_at)):
                     return left
                 if not self.tracker.log_pending(self.database, prediction):
                     self._failed = True
                     return left  # MLflow is down: wait for the next round, do not hammer it
+
+    def _hold_back(self, waiting: int, oldest: dt.datetime | None) -> bool:
+        """Whether to leave `waiting` runs (the oldest created at `oldest`) for later: requests are running."""
+        if self._stop.is_set() or waiting > self.max_deferred or not self._busy():
+            return False
+        if oldest is None:
+            return True
+        oldest = oldest if oldest.tzinfo else oldest.replace(tzinfo=dt.UTC)  # SQLite drops the zone
+        return (dt.datetime.now(dt.UTC) - oldest).total_seconds() < self.max_defer_seconds
+
+    def _stop_now(self) -> bool:
+        return self._stop.is_set() and time.monotonic() > self._drain_until
 
     def _run(self) -> None:
         lower_thread_priority(WORKER_NICE)
