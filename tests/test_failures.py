@@ -122,6 +122,7 @@ def test_mlflow_logging_held_back_while_predicting_then_logged(tmp_path: Path) -
         service = client.app.state.service  # type: ignore[attr-defined]
         busy = {"now": True}
         service.tracking.defer_while(lambda: busy["now"])  # as if requests kept arriving
+        service.tracking.max_defer_seconds = 300.0  # only the count bound acts here, however slow the machine
         for i in range(2):
             assert post_image(client, FILM, f"P-defer{i}").status_code == 200
         time.sleep(1.0)
@@ -146,12 +147,14 @@ def test_backlog_longer_than_one_page_is_all_logged(tmp_path: Path) -> None:
     small = (TRAIN100 / "1377.png").read_bytes()
     with TestClient(create_app(settings)) as client:
         busy = {"now": True}
-        client.app.state.service.tracking.defer_while(lambda: busy["now"])  # type: ignore[attr-defined]
+        tracking = client.app.state.service.tracking  # type: ignore[attr-defined]
+        tracking.defer_while(lambda: busy["now"])
+        tracking.max_defer_seconds = 300.0  # however slow the machine, nothing is logged before the release
         for i in range(53):
             assert post_image(client, small, f"P-page{i}").status_code == 200
         assert client.get("/health").json()["tracking_backlog"] == 53
         busy["now"] = False
-        client.app.state.service.tracking.wake()  # type: ignore[attr-defined]
+        tracking.wake()
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and client.get("/health").json()["tracking_backlog"]:
             time.sleep(0.2)
