@@ -20,7 +20,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse
 
 from database.db import Database
-from storage.store import PatientStore, check_patient_id
+from storage.store import PatientStore
 from utils.config import Settings
 from utils.errors import NotAuthenticated, PatientNotFound, ServiceError, UploadTooLarge
 from utils.image_io import UploadLimits
@@ -101,7 +101,6 @@ async def predict(
     sex: Annotated[str, Form(description="male, female or unknown")] = "unknown",
 ) -> PredictionResponse:
     """Estimate bone age with both models, store everything and log an MLflow run."""
-    check_patient_id(patient_id)
     data = await image.read(settings.max_upload_bytes + 1)
     outcome = await run_in_threadpool(service.predict, data, patient_id, sex)
     response.headers["Server-Timing"] = ", ".join(f"{k};dur={v:.1f}" for k, v in outcome.timings_ms.items())
@@ -263,7 +262,7 @@ def _health(service: BoneAgeService) -> HealthResponse:
         from database import crud
 
         with service.database.session() as session:
-            backlog = crud.count_untracked(session)
+            backlog = crud.untracked_backlog(session)[0]
         if backlog:
             mlflow = f"{mlflow}; {backlog} runs pending" if mlflow == "ok" else mlflow
     if models.female_fallback:

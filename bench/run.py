@@ -34,6 +34,8 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -328,6 +330,29 @@ class Server:
             pass
 
 
+@contextmanager
+def interruptible_workdir(prefix: str, keep: bool) -> Iterator[Path]:
+    """A temporary folder for one run, with SIGTERM and Ctrl-C (also when started in the background) raised as
+    KeyboardInterrupt inside; on the way out the signal handlers are restored and the folder removed unless `keep`.
+    """
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+
+    def on_sigterm(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield tmp
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
+        if keep:
+            print(f"temporary files kept in {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the floor
 
@@ -603,104 +628,92 @@ def main(argv: list[str] | None = None) -> int:
                                              "warmup": WARMUP_REQUESTS, "load": args.requests},
                                   "device": args.device, "extra_env": args.extra_env, "load_image": args.load_image}
     print(f"bone age benchmark: {machine['nproc']} cores ({machine['cpu']}), load average {results['loadavg_start']}")
-    tmp = Path(tempfile.mkdtemp(prefix="boneage-bench-"))
-    servers: list[Server] = []
+    with interruptible_workdir("boneage-bench-", args.keep_tmp) as tmp:
+        servers: list[Server] = []
+        ids = PatientIds()
+        try:
+            print(f"floor: {args.floor_reps} repetitions per image (+3 warm-up) ...", flush=True)
+            results["floor"] = measure_floor({k: v[1] for k, v in images.items()}, args.floor_reps, 3, args.device)
+            for name in images:
+                print(f"  {name}: {fmt(results['floor'][name]['total'])} ms")  # type: ignore[index]
 
-    def on_sigterm(_signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt
+            service = Server("service", "app:app", REPO, tmp / "service", args.extra_env, args.device)
+            servers.append(service)
+            print("service: starting ...", flush=True)
+            service.start(args.start_timeout)
+            print(f"  ready after {service.cold_start_s:.2f} s on port {service.port} (pid {service.proc.pid})")  # type: ignore[union-attr]
+            single: dict[str, object] = {}
+            for name, image in images.items():
+                print(f"  single requests, {name} image: {WARMUP_REQUESTS} warm-up + {args.single} ...", flush=True)
+                warm, measured = single_requests(service.base_url, image, args.single, ids, args.request_timeout,
+                                                 time.monotonic() + args.phase_timeout)
+                ok = [s for s in measured if s.status == "200"]
+                latencies = [s.latency_ms for s in ok]
+                headers = [s.server_timing for s in ok if s.server_timing]
+                stages: dict[str, list[float]] = {}
+                for header in headers:
+                    for stage, ms in parse_server_timing(header).items():
+                        stages.setdefault(stage, []).append(ms)
+                single[name] = {
+                    "n": len(measured), "ok": len(ok), "errors": dict(Counter(s.status for s in measured + warm
+                                                                              if s.status != "200")),
+                    "median_ms": median(latencies), "p95_ms": percentile(latencies, 0.95),
+                    "mean_ms": statistics.fmean(latencies) if latencies else math.nan,
+                    "server_timing_responses": len(headers),
+                    "stages_mean_ms": {k: statistics.fmean(v) for k, v in stages.items()},
+                    "first_body": next((s.body for s in ok), None),
+                }
+                print(f"    median {fmt(single[name]['median_ms'], 0)} ms, p95 {fmt(single[name]['p95_ms'], 0)} ms")  # type: ignore[index]
+            results["single"] = single
+            results["service_load"] = run_load(service, images[args.load_image], args.requests, ids, args)
+            results["service_memory"] = service.memory()
+            results["service_cold_start_s"] = service.cold_start_s
+            service.stop()
 
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
-    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C, also when started in background
-    ids = PatientIds()
-    try:
-        print(f"floor: {args.floor_reps} repetitions per image (+3 warm-up) ...", flush=True)
-        results["floor"] = measure_floor({k: v[1] for k, v in images.items()}, args.floor_reps, 3, args.device)
-        for name in images:
-            print(f"  {name}: {fmt(results['floor'][name]['total'])} ms")  # type: ignore[index]
+            if not args.no_unbatched:
+                # The same service with micro-batching off: what batching gains under load.
+                unbatched = Server("service without batching", "app:app", REPO, tmp / "unbatched",
+                                   {**args.extra_env, "BONEAGE_BATCH_MAX_SIZE": "1"}, args.device)
+                servers.append(unbatched)
+                print("service with BONEAGE_BATCH_MAX_SIZE=1 (no micro-batching): starting ...", flush=True)
+                unbatched.start(args.start_timeout)
+                single_requests(unbatched.base_url, images[args.load_image], 0, ids, args.request_timeout,
+                                time.monotonic() + args.phase_timeout)  # warm-up
+                results["unbatched_load"] = run_load(unbatched, images[args.load_image], args.requests, ids, args)
+                unbatched.stop()
 
-        service = Server("service", "app:app", REPO, tmp / "service", args.extra_env, args.device)
-        servers.append(service)
-        print("service: starting ...", flush=True)
-        service.start(args.start_timeout)
-        print(f"  ready after {service.cold_start_s:.2f} s on port {service.port} (pid {service.proc.pid})")  # type: ignore[union-attr]
-        single: dict[str, object] = {}
-        for name, image in images.items():
-            print(f"  single requests, {name} image: {WARMUP_REQUESTS} warm-up + {args.single} ...", flush=True)
-            warm, measured = single_requests(service.base_url, image, args.single, ids, args.request_timeout,
-                                             time.monotonic() + args.phase_timeout)
-            ok = [s for s in measured if s.status == "200"]
-            latencies = [s.latency_ms for s in ok]
-            headers = [s.server_timing for s in ok if s.server_timing]
-            stages: dict[str, list[float]] = {}
-            for header in headers:
-                for stage, ms in parse_server_timing(header).items():
-                    stages.setdefault(stage, []).append(ms)
-            single[name] = {
-                "n": len(measured), "ok": len(ok), "errors": dict(Counter(s.status for s in measured + warm
-                                                                          if s.status != "200")),
-                "median_ms": median(latencies), "p95_ms": percentile(latencies, 0.95),
-                "mean_ms": statistics.fmean(latencies) if latencies else math.nan,
-                "server_timing_responses": len(headers),
-                "stages_mean_ms": {k: statistics.fmean(v) for k, v in stages.items()},
-                "first_body": next((s.body for s in ok), None),
-            }
-            print(f"    median {fmt(single[name]['median_ms'], 0)} ms, p95 {fmt(single[name]['p95_ms'], 0)} ms")  # type: ignore[index]
-        results["single"] = single
-        results["service_load"] = run_load(service, images[args.load_image], args.requests, ids, args)
-        results["service_memory"] = service.memory()
-        results["service_cold_start_s"] = service.cold_start_s
-        service.stop()
-
-        if not args.no_unbatched:
-            # The same service with micro-batching off: what batching gains under load.
-            unbatched = Server("service without batching", "app:app", REPO, tmp / "unbatched",
-                               {**args.extra_env, "BONEAGE_BATCH_MAX_SIZE": "1"}, args.device)
-            servers.append(unbatched)
-            print("service with BONEAGE_BATCH_MAX_SIZE=1 (no micro-batching): starting ...", flush=True)
-            unbatched.start(args.start_timeout)
-            single_requests(unbatched.base_url, images[args.load_image], 0, ids, args.request_timeout,
-                            time.monotonic() + args.phase_timeout)  # warm-up
-            results["unbatched_load"] = run_load(unbatched, images[args.load_image], args.requests, ids, args)
-            unbatched.stop()
-
-        if not args.no_baseline:
-            baseline = Server("seed baseline", "seed_baseline:app", BENCH_DIR, tmp / "baseline", args.extra_env,
-                              args.device)
-            servers.append(baseline)
-            print("seed baseline: starting ...", flush=True)
-            baseline.start(args.start_timeout)
-            print(f"  ready after {baseline.cold_start_s:.2f} s on port {baseline.port} (pid {baseline.proc.pid})")  # type: ignore[union-attr]
-            # Warm-up (its first request creates the MLflow store), then one request with the small film to
-            # compare its estimates with the service's.
-            warm, _ = single_requests(baseline.base_url, images[args.load_image], 0, ids, args.request_timeout,
-                                      time.monotonic() + args.phase_timeout)
-            _, check = single_requests(baseline.base_url, images["small"], 1, ids, args.request_timeout,
-                                       time.monotonic() + args.phase_timeout, warmup=0)
-            results["baseline_warmup_errors"] = dict(Counter(s.status for s in warm + check if s.status != "200"))
-            results["agreement"] = agreement(single["small"]["first_body"],  # type: ignore[index]
-                                             check[-1].body if check and check[-1].status == "200" else None)
-            results["baseline_load"] = run_load(baseline, images[args.load_image], args.requests, ids, args)
-            results["baseline_memory"] = baseline.memory()
-            results["baseline_cold_start_s"] = baseline.cold_start_s
-            baseline.stop()
-    except KeyboardInterrupt:
-        print("\ninterrupted: stopping the servers", file=sys.stderr)
-        return 130
-    except Exception as exc:
-        print(f"\nbenchmark failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        for server in servers:
-            if server.proc is not None:
-                print(f"--- last lines of the {server.name} log ---\n{server.log_tail()}", file=sys.stderr)
-        raise
-    finally:
-        for server in servers:
-            server.stop()
-        signal.signal(signal.SIGTERM, previous)
-        signal.signal(signal.SIGINT, previous_int)
-        if args.keep_tmp:
-            print(f"temporary files kept in {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if not args.no_baseline:
+                baseline = Server("seed baseline", "seed_baseline:app", BENCH_DIR, tmp / "baseline", args.extra_env,
+                                  args.device)
+                servers.append(baseline)
+                print("seed baseline: starting ...", flush=True)
+                baseline.start(args.start_timeout)
+                print(f"  ready after {baseline.cold_start_s:.2f} s on port {baseline.port} (pid {baseline.proc.pid})")  # type: ignore[union-attr]
+                # Warm-up (its first request creates the MLflow store), then one request with the small film to
+                # compare its estimates with the service's.
+                warm, _ = single_requests(baseline.base_url, images[args.load_image], 0, ids, args.request_timeout,
+                                          time.monotonic() + args.phase_timeout)
+                _, check = single_requests(baseline.base_url, images["small"], 1, ids, args.request_timeout,
+                                           time.monotonic() + args.phase_timeout, warmup=0)
+                results["baseline_warmup_errors"] = dict(Counter(s.status for s in warm + check if s.status != "200"))
+                results["agreement"] = agreement(single["small"]["first_body"],  # type: ignore[index]
+                                                 check[-1].body if check and check[-1].status == "200" else None)
+                results["baseline_load"] = run_load(baseline, images[args.load_image], args.requests, ids, args)
+                results["baseline_memory"] = baseline.memory()
+                results["baseline_cold_start_s"] = baseline.cold_start_s
+                baseline.stop()
+        except KeyboardInterrupt:
+            print("\ninterrupted: stopping the servers", file=sys.stderr)
+            return 130
+        except Exception as exc:
+            print(f"\nbenchmark failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            for server in servers:
+                if server.proc is not None:
+                    print(f"--- last lines of the {server.name} log ---\n{server.log_tail()}", file=sys.stderr)
+            raise
+        finally:
+            for server in servers:
+                server.stop()
 
     results["loadavg_end"] = loadavg()
     results["patient_ids_used"] = ids.issued

@@ -31,11 +31,8 @@ import io
 import math
 import random
 import shlex
-import shutil
-import signal
 import struct
 import sys
-import tempfile
 import time
 import zlib
 from collections import Counter, defaultdict
@@ -619,68 +616,56 @@ def main(argv: list[str] | None = None) -> int:
                          "extra_env": args.extra_env}
     print(f"soak: {args.requests} requests at concurrency {args.concurrency} (seed {args.seed}); "
           f"{machine['nproc']} cores, load average {r['loadavg_start']}", flush=True)
-    tmp = Path(tempfile.mkdtemp(prefix="boneage-soak-"))
-    server = bench.Server("service", "app:app", bench.REPO, tmp / "service", args.extra_env, args.device)
-
-    def on_sigterm(_signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
-    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        print("service: starting ...", flush=True)
-        server.start(max(1.0, min(args.start_timeout, deadline - time.monotonic())))
-        assert server.base_url.startswith(f"http://{HOST}:")
-        r["cold_start_s"] = server.cold_start_s
-        print(f"  ready after {server.cold_start_s:.1f} s on port {server.port} (pid {server.proc.pid}); "
-              f"warm-up: {args.concurrency} good + {args.warmup} mixed requests ...", flush=True)
-        known, r["warmup"], successes = warm_up(server, films, args, deadline)
-        plan = make_plan(args.requests, args.seed, films, known)
-        half = max(1, math.ceil(args.requests / 2))
-        marks = {max(1, round(args.requests * k / 10)) for k in range(1, 11)} | {half}
-        start_kib = rss_kib(server.proc.pid)
-        assert server.sampler is not None
-        server.sampler.reset_window()
-        print(f"  RSS after warm-up {start_kib / 1024:.0f} MiB; sending {len(plan)} requests ...", flush=True)
-        load = asyncio.run(run_load(server.base_url, server.port, server.proc.pid, plan, args.concurrency,
-                                    args.request_timeout, deadline, marks))
-        end_kib = rss_kib(server.proc.pid)
-        r["load"] = load
-        r["smoke"] = len(load.outcomes) < SMOKE_BELOW
-        memory = server.memory()
-        # the middle: after half the responses (of those that came, when the time limit cut the run short)
-        middle = min(load.rss_marks, key=lambda mark: abs(mark[0] - len(load.outcomes) / 2), default=(0, None))
-        r["memory"] = {"start_kib": start_kib, "end_kib": end_kib, "middle_at": middle[0], "middle_kib": middle[1],
-                       "marks": sorted(load.rss_marks), "sampled_peak_mib": memory["sampled_peak_mib"],
-                       "vmhwm_mib": memory["vmhwm_mib"], "processes": int(memory["processes"])}
-        for o in load.outcomes:
-            if o.planned.group == "good" and o.status == "200":
-                successes[o.planned.patient_id] += 1  # type: ignore[index]
-        # MLflow: the runs held back during the load must all be logged once it is over.
-        r["tracking_backlog"], r["tracking_drain_s"] = bench.wait_for_tracking(server.base_url)
-        r["tracking_left"] = bench.wait_for_tracking(server.base_url, timeout_s=1.0)[0]
-        if load.cut_off:
-            r["consistency_skipped"] = "requests were cut off at the time limit and may still be running"
-        else:
-            r["consistency"] = consistency(server.base_url, server.workdir / "storage", successes,
-                                           args.request_timeout, deadline)
-    except KeyboardInterrupt:
-        print("\ninterrupted: stopping the server", file=sys.stderr)
-        return 130
-    except Exception as exc:
-        print(f"\nsoak failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        if server.proc is not None:
-            print(f"--- last lines of the server log ---\n{server.log_tail()}", file=sys.stderr)
-        return 1
-    finally:
-        server.stop()
-        r["log_problems"] = server_log_problems(server.log_path)
-        signal.signal(signal.SIGTERM, previous)
-        signal.signal(signal.SIGINT, previous_int)
-        if args.keep_tmp:
-            print(f"temporary files kept in {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+    with bench.interruptible_workdir("boneage-soak-", args.keep_tmp) as tmp:
+        server = bench.Server("service", "app:app", bench.REPO, tmp / "service", args.extra_env, args.device)
+        try:
+            print("service: starting ...", flush=True)
+            server.start(max(1.0, min(args.start_timeout, deadline - time.monotonic())))
+            assert server.base_url.startswith(f"http://{HOST}:")
+            r["cold_start_s"] = server.cold_start_s
+            print(f"  ready after {server.cold_start_s:.1f} s on port {server.port} (pid {server.proc.pid}); "
+                  f"warm-up: {args.concurrency} good + {args.warmup} mixed requests ...", flush=True)
+            known, r["warmup"], successes = warm_up(server, films, args, deadline)
+            plan = make_plan(args.requests, args.seed, films, known)
+            half = max(1, math.ceil(args.requests / 2))
+            marks = {max(1, round(args.requests * k / 10)) for k in range(1, 11)} | {half}
+            start_kib = rss_kib(server.proc.pid)
+            assert server.sampler is not None
+            server.sampler.reset_window()
+            print(f"  RSS after warm-up {start_kib / 1024:.0f} MiB; sending {len(plan)} requests ...", flush=True)
+            load = asyncio.run(run_load(server.base_url, server.port, server.proc.pid, plan, args.concurrency,
+                                        args.request_timeout, deadline, marks))
+            end_kib = rss_kib(server.proc.pid)
+            r["load"] = load
+            r["smoke"] = len(load.outcomes) < SMOKE_BELOW
+            memory = server.memory()
+            # the middle: after half the responses (of those that came, when the time limit cut the run short)
+            middle = min(load.rss_marks, key=lambda mark: abs(mark[0] - len(load.outcomes) / 2), default=(0, None))
+            r["memory"] = {"start_kib": start_kib, "end_kib": end_kib, "middle_at": middle[0], "middle_kib": middle[1],
+                           "marks": sorted(load.rss_marks), "sampled_peak_mib": memory["sampled_peak_mib"],
+                           "vmhwm_mib": memory["vmhwm_mib"], "processes": int(memory["processes"])}
+            for o in load.outcomes:
+                if o.planned.group == "good" and o.status == "200":
+                    successes[o.planned.patient_id] += 1  # type: ignore[index]
+            # MLflow: the runs held back during the load must all be logged once it is over.
+            r["tracking_backlog"], r["tracking_drain_s"] = bench.wait_for_tracking(server.base_url)
+            r["tracking_left"] = bench.wait_for_tracking(server.base_url, timeout_s=1.0)[0]
+            if load.cut_off:
+                r["consistency_skipped"] = "requests were cut off at the time limit and may still be running"
+            else:
+                r["consistency"] = consistency(server.base_url, server.workdir / "storage", successes,
+                                               args.request_timeout, deadline)
+        except KeyboardInterrupt:
+            print("\ninterrupted: stopping the server", file=sys.stderr)
+            return 130
+        except Exception as exc:
+            print(f"\nsoak failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            if server.proc is not None:
+                print(f"--- last lines of the server log ---\n{server.log_tail()}", file=sys.stderr)
+            return 1
+        finally:
+            server.stop()
+            r["log_problems"] = server_log_problems(server.log_path)
 
     r["loadavg_end"] = bench.loadavg()
     r["duration_s"] = time.monotonic() - t0

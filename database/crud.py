@@ -38,14 +38,11 @@ def untracked_predictions(session: Session, limit: int = 50) -> list[Prediction]
     return list(session.scalars(query))
 
 
-def oldest_untracked_time(session: Session) -> dt.datetime | None:
-    """When the oldest prediction whose MLflow run is not complete was made (None if there is none)."""
-    return session.scalar(select(func.min(Prediction.created_at)).where(Prediction.mlflow_logged.is_(False)))
-
-
-def count_untracked(session: Session) -> int:
-    query = select(func.count()).select_from(Prediction).where(Prediction.mlflow_logged.is_(False))
-    return int(session.scalar(query) or 0)
+def untracked_backlog(session: Session) -> tuple[int, dt.datetime | None]:
+    """(how many predictions have an MLflow run that is not complete, when the oldest of them was made)."""
+    query = select(func.count(), func.min(Prediction.created_at)).where(Prediction.mlflow_logged.is_(False))
+    count, oldest = session.execute(query).one()
+    return int(count or 0), oldest
 
 
 def set_run_id(session: Session, prediction_id: str, run_id: str) -> None:

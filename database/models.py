@@ -4,8 +4,21 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import DateTime, Float, ForeignKey, Index, String
+from sqlalchemy import DateTime, Dialect, Float, ForeignKey, Index, String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """A timezone-aware datetime in UTC, also on SQLite, which stores no zone and hands naive values back."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_result_value(self, value: dt.datetime | None, dialect: Dialect) -> dt.datetime | None:
+        if value is None or value.tzinfo is not None:
+            return value
+        return value.replace(tzinfo=dt.UTC)
 
 
 class Base(DeclarativeBase):
@@ -17,7 +30,7 @@ class Patient(Base):
 
     patient_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     image_path: Mapped[str] = mapped_column(String(512), comment="original image of the latest upload")
-    first_upload_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    first_upload_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     predictions: Mapped[list[Prediction]] = relationship(back_populates="patient")
 
 
@@ -27,7 +40,7 @@ class Prediction(Base):
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True, comment="also the storage folder name")
     patient_id: Mapped[str] = mapped_column(ForeignKey("patients.patient_id"))
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     image_path: Mapped[str] = mapped_column(String(512))
     image_sha256: Mapped[str] = mapped_column(String(64))
     image_width: Mapped[int]

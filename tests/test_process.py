@@ -17,7 +17,7 @@ import pytest
 from mlflow import MlflowClient
 from sqlalchemy import create_engine, text
 
-from conftest import PROJECT_ROOT, RAW, TEST20
+from conftest import PROJECT_ROOT, TEST20
 
 FILMS = sorted(TEST20.glob("*.png"))[:6]
 

@@ -28,12 +28,17 @@ class ModelPair:
     male_batcher: MicroBatcher
     female_batcher: MicroBatcher
 
+    @property
+    def batchers(self) -> list[MicroBatcher]:
+        """The distinct workers (one when the male model stands in for the female one)."""
+        return list({id(b): b for b in (self.male_batcher, self.female_batcher)}.values())
+
     def start(self) -> None:
-        for batcher in {id(b): b for b in (self.male_batcher, self.female_batcher)}.values():
+        for batcher in self.batchers:
             batcher.start()
 
     def stop(self) -> None:
-        for batcher in {id(b): b for b in (self.male_batcher, self.female_batcher)}.values():
+        for batcher in self.batchers:
             batcher.stop()
 
 

@@ -99,10 +99,6 @@ class ErrorResponse(BaseModel):
     detail: str
 
 
-def _as_utc(value: dt.datetime) -> dt.datetime:
-    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)  # SQLite drops the zone
-
-
 def _model_prediction(age: float, sigma: float, probs_json: str, version: str, cam_path: str) -> ModelPrediction:
     probs = json.loads(probs_json)
     half = Z_90 * sigma
@@ -129,11 +125,11 @@ def prediction_response(p: Prediction) -> PredictionResponse:
         female_prediction=_model_prediction(p.female_age_months, p.female_sigma_months, p.female_group_probs,
                                             p.female_model_version, p.female_gradcam_path),
         female_model_fallback=p.female_fallback, original_url=f"/storage/{p.image_path}",
-        original_path=p.image_path, image_sha256=p.image_sha256, timestamp=_as_utc(p.created_at),
+        original_path=p.image_path, image_sha256=p.image_sha256, timestamp=p.created_at,
     )
 
 
 def patient_results(patient: Patient, predictions: list[Prediction]) -> PatientResults:
-    return PatientResults(patient_id=patient.patient_id, first_upload_at=_as_utc(patient.first_upload_at),
+    return PatientResults(patient_id=patient.patient_id, first_upload_at=patient.first_upload_at,
                           latest_image_path=patient.image_path,
                           predictions=[prediction_response(p) for p in predictions])

@@ -8,15 +8,15 @@ the row has no run id yet and the worker creates the run once MLflow is back.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import math
 import os
-import datetime as dt
 import shutil
 import sys
 import tempfile
-import time
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -211,7 +211,6 @@ class TrackingWorker:
         self.max_defer_seconds = max_defer_seconds
         self._drain_until = math.inf
         self._busy: Callable[[], bool] = lambda: False
-        self._failed = False
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mlflow-worker", daemon=True)
@@ -242,38 +241,30 @@ class TrackingWorker:
     def wake(self) -> None:
         self._wake.set()
 
-    def run_once(self, defer: bool = False) -> int:
-        """Complete pending runs in order, stopping at the first failure; returns how many remain.
+    def run_once(self, defer: bool = False) -> tuple[int, bool]:
+        """Complete pending runs in order, stopping at the first failure: (how many remain, whether MLflow failed).
 
         With `defer`, stop early while predictions are being served, as long as no more than `max_deferred`
         runs wait and none has waited `max_defer_seconds`.
         """
-        self._failed = False
         while True:
             with self.database.session() as session:
-                total = crud.count_untracked(session)
-                if not total:
-                    return 0
-                oldest = crud.oldest_untracked_time(session)
-                if defer and self._hold_back(total, oldest):
-                    return total
+                total, oldest = crud.untracked_backlog(session)
+                if not total or (defer and self._hold_back(total, oldest)):
+                    return total, False
                 pending = crud.untracked_predictions(session)  # the oldest page of them
             for done, prediction in enumerate(pending):
                 left = total - done
                 if self._stop_now() or (defer and self._hold_back(left, prediction.created_at)):
-                    return left
+                    return left, False
                 if not self.tracker.log_pending(self.database, prediction):
-                    self._failed = True
-                    return left  # MLflow is down: wait for the next round, do not hammer it
+                    return left, True  # MLflow is down: wait for the next round, do not hammer it
 
     def _hold_back(self, waiting: int, oldest: dt.datetime | None) -> bool:
         """Whether to leave `waiting` runs (the oldest created at `oldest`) for later: requests are running."""
         if self._stop.is_set() or waiting > self.max_deferred or not self._busy():
             return False
-        if oldest is None:
-            return True
-        oldest = oldest if oldest.tzinfo else oldest.replace(tzinfo=dt.UTC)  # SQLite drops the zone
-        return (dt.datetime.now(dt.UTC) - oldest).total_seconds() < self.max_defer_seconds
+        return oldest is None or (dt.datetime.now(dt.UTC) - oldest).total_seconds() < self.max_defer_seconds
 
     def _stop_now(self) -> bool:
         return self._stop.is_set() and time.monotonic() > self._drain_until
@@ -283,15 +274,15 @@ class TrackingWorker:
         while True:
             self._wake.clear()
             try:
-                remaining = self.run_once(defer=True)
+                remaining, failed = self.run_once(defer=True)
             except Exception:
                 logger.warning("tracking round failed", exc_info=True)
-                remaining, self._failed = 1, True
+                remaining, failed = 1, True
             if self._stop.is_set():
                 return
             if not remaining:
                 self._wake.wait()  # until the next prediction
-            elif self._failed:
+            elif failed:
                 self._stop.wait(self.retry_seconds)  # MLflow failed: retry after a pause
             else:
                 self._stop.wait(DEFER_POLL_SECONDS)  # held back while requests run: look again shortly
