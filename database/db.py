@@ -1,6 +1,6 @@
-"""Engine and session set-up. `BONEAGE_DATABASE_URL` (or the `url` argument) picks the database.
+"""Engine and session set-up, and the in-place upgrade of a database from an earlier release.
 
-    python -c "from database.db import init_db; init_db()"
+    python -c "from database.db import init_db; init_db('sqlite:///boneage_predictions.db')"
 """
 
 from __future__ import annotations
@@ -9,12 +9,19 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event, make_url, text
+from sqlalchemy import Engine, create_engine, event, inspect, make_url, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from database.models import Base
-from utils.errors import DatabaseUnavailable
+
+# Columns renamed since an earlier release: (table, old name, new name). `Database.create_tables` renames them in
+# place, so an existing database keeps its rows.
+RENAMED_COLUMNS = (("predictions", "given_sex", "sex_used"),)
+
+
+class DatabaseUnavailable(Exception):
+    """The database could not be read or written (locked, unwritable, unreachable); the message is for clients."""
 
 
 def make_engine(url: str, busy_timeout: float = 5.0) -> Engine:
@@ -45,7 +52,15 @@ class Database:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def create_tables(self) -> None:
-        Base.metadata.create_all(self.engine)
+        """Create missing tables and rename the columns of an earlier release (see `RENAMED_COLUMNS`)."""
+        with self.engine.begin() as connection:
+            existing = inspect(connection)
+            for table, old, new in RENAMED_COLUMNS:
+                if existing.has_table(table):
+                    columns = {column["name"] for column in existing.get_columns(table)}
+                    if old in columns and new not in columns:
+                        connection.execute(text(f'ALTER TABLE {table} RENAME COLUMN "{old}" TO "{new}"'))
+            Base.metadata.create_all(connection)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -71,12 +86,8 @@ class Database:
         self.engine.dispose()
 
 
-def init_db(url: str | None = None) -> Database:
-    """Create the tables in the configured database (or `url`) and return it."""
-    if url is None:
-        from utils.config import Settings
-
-        url = Settings().database_url
+def init_db(url: str) -> Database:
+    """Create (or upgrade) the tables of the database at `url` and return it."""
     database = Database(url)
     database.create_tables()
     return database

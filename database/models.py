@@ -45,9 +45,10 @@ class Prediction(Base):
     image_sha256: Mapped[str] = mapped_column(String(64))
     image_width: Mapped[int]
     image_height: Mapped[int]
-    given_sex: Mapped[str] = mapped_column(String(8), comment="sex used: the form's, else the DICOM's, else unknown")
+    sex_used: Mapped[str] = mapped_column(String(8), comment="the form's sex, else the DICOM's, else unknown "
+                                          "(called given_sex before 2026-11-28; renamed in place at start-up)")
     sex_source: Mapped[str] = mapped_column(String(8), default="none", server_default="none",
-                                            comment="where given_sex came from: form, dicom or none")
+                                            comment="where sex_used came from: form, dicom or none")
     male_age_months: Mapped[float] = mapped_column(Float)
     male_sigma_months: Mapped[float] = mapped_column(Float)
     male_group_probs: Mapped[str] = mapped_column(String(128), comment="JSON list of 4 probabilities")

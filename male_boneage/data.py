@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from male_boneage.preprocess import film_pixels
+
 SPLITS = ("train", "val", "calib")
 
 
@@ -54,10 +56,8 @@ def select(cases: list[Case], split: str, sex: str, seed: int) -> list[Case]:
 
 
 def load_pixels(cases: list[Case], size: int) -> np.ndarray:
-    """(N, size, size) float32 array in [0, 1], through the service's own preprocessing."""
-    from utils.image_io import decode_for_model  # the upload path, so training sees what the service sees
-
+    """(N, size, size) float32 array in [0, 1], through the service's own preprocessing (`preprocess`)."""
     out = np.empty((len(cases), size, size), dtype=np.float32)
     for i, case in enumerate(cases):
-        out[i] = decode_for_model(case.path.read_bytes(), size)
+        out[i] = film_pixels(case.path.read_bytes(), size)
     return out

@@ -19,7 +19,7 @@ import torch
 
 from male_boneage.augment import DEFAULT_TTA
 from male_boneage.data import Case, load_pixels, read_labels, select
-from male_boneage.inference import BoneAgeModel, ModelEstimate
+from male_boneage.inference import BoneAgeModel, ModelEstimate, out_of_distribution
 from male_boneage.metrics import Z_90, summarize
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -54,8 +54,7 @@ def evaluate(data: Path, male_weights: Path, female_weights: Path, out_csv: Path
         results[sex] = summarize([matching[i] for i in idx], [ages[i] for i in idx])
     # The service's out-of-distribution check on these films: refused when both models exceed their limit.
     limits = {sex: model.ood_sigma_months for sex, model in models.items()}
-    refused = sum(all(limits[s] is not None and by_model[s][i].sigma_months > limits[s] for s in models)  # type: ignore[operator]
-                  for i in range(len(cases)))
+    refused = sum(out_of_distribution((models[s], by_model[s][i]) for s in models) for i in range(len(cases)))
     results["ood_check"] = {"refused": float(refused), "n": float(len(cases)),
                             **{f"max_sigma_{s}": max(e.sigma_months for e in by_model[s]) for s in models},
                             **{f"limit_{s}": float(limits[s] or float("nan")) for s in models}}
@@ -65,7 +64,7 @@ def evaluate(data: Path, male_weights: Path, female_weights: Path, out_csv: Path
             writer = csv.writer(f)
             writer.writerow(["image", "male", "boneage_months", "pred_months", "sigma_months", "abs_error",
                              "in_90_interval", "wrong_sex_pred_months"])
-            for case, m, w in zip(cases, matching, wrong):
+            for case, m, w in zip(cases, matching, wrong, strict=True):
                 err = abs(m.age_months - case.boneage_months)
                 writer.writerow([case.path.name, int(case.male), case.boneage_months, f"{m.age_months:.2f}",
                                  f"{m.sigma_months:.2f}", f"{err:.2f}", int(err <= Z_90 * m.sigma_months),
@@ -86,7 +85,8 @@ def format_report(results: dict[str, dict[str, float]]) -> str:
                      f"(months)\n           MAE by band (years): {bands}")
     if ood:
         lines.append(f"OOD check: {int(ood['refused'])} of {int(ood['n'])} films refused; largest sigma male "
-                     f"{ood['max_sigma_male']:.1f} (limit {ood['limit_male']:.1f}), female {ood['max_sigma_female']:.1f} "
+                     f"{ood['max_sigma_male']:.1f} (limit {ood['limit_male']:.1f}), "
+                     f"female {ood['max_sigma_female']:.1f} "
                      f"(limit {ood['limit_female']:.1f}) months")
     return "\n".join(lines)
 

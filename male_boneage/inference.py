@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,10 +14,13 @@ import torch
 
 from male_boneage.augment import DEFAULT_TTA, tta_batch
 from male_boneage.model import AGE_SCALE_MONTHS, ARCHITECTURE, BoneAgeNet, FlatOutput, target_to_months
-from utils.errors import ModelUnavailable
 
 REQUIRED_METADATA = ("architecture", "sex", "input_size", "width", "normalization", "sigma_scale", "version")
 MEAN_INDEX, LOG_SIGMA_INDEX = 4, 5  # positions in FlatOutput's `[grp logits (4), mean, log sigma]`
+
+
+class ModelUnavailable(Exception):
+    """A model's weights are missing, corrupt or do not match the code (the message names the file)."""
 
 
 @dataclass(frozen=True)
@@ -36,7 +40,8 @@ def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a corrupt file
-        raise ModelUnavailable(f"model weights file {path} is corrupt or not a weights file ({type(exc).__name__})") from None
+        raise ModelUnavailable(f"model weights file {path} is corrupt or not a weights file "
+                               f"({type(exc).__name__})") from None
     if not isinstance(payload, dict) or "state_dict" not in payload or "metadata" not in payload:
         raise ModelUnavailable(f"model weights file {path} lacks 'state_dict' and 'metadata'")
     metadata = payload["metadata"]
@@ -44,7 +49,8 @@ def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     if missing:
         raise ModelUnavailable(f"model weights file {path} lacks metadata: {', '.join(missing)}")
     if metadata["architecture"] != ARCHITECTURE:
-        raise ModelUnavailable(f"model weights file {path} is for {metadata['architecture']}, the code is {ARCHITECTURE}")
+        raise ModelUnavailable(f"model weights file {path} is for {metadata['architecture']}, "
+                               f"the code is {ARCHITECTURE}")
     return payload["state_dict"], metadata
 
 
@@ -138,6 +144,11 @@ class BoneAgeModel:
     def sigma_scale(self) -> float:
         return float(self.metadata["sigma_scale"])
 
+    def far_less_sure_than_on_films(self, estimate: ModelEstimate) -> bool:
+        """Whether `estimate`'s sigma is above this model's out-of-distribution limit (False without a limit)."""
+        limit = self.ood_sigma_months
+        return limit is not None and estimate.sigma_months > limit
+
     def predict(self, pixels: np.ndarray, with_heatmap: bool = True) -> ModelEstimate:
         """One preprocessed image (input_size x input_size, [0, 1]) -> estimate, with Grad-CAM if asked."""
         return self.predict_batch([pixels], with_heatmap)[0]
@@ -169,3 +180,9 @@ class BoneAgeModel:
         """Estimates for many preprocessed images (N, H, W), without heatmaps: evaluation and calibration."""
         return [est for start in range(0, len(pixels), batch_size)
                 for est in self.predict_batch(list(pixels[start:start + batch_size]), with_heatmap=False)]
+
+
+def out_of_distribution(estimates: Iterable[tuple[BoneAgeModel, ModelEstimate]]) -> bool:
+    """The out-of-distribution rule, used by the service and by evaluation: an input is not a hand radiograph when
+    every model is far less sure of it than of any validation film."""
+    return all(model.far_less_sure_than_on_films(estimate) for model, estimate in estimates)

@@ -14,7 +14,7 @@ Z_90 = 1.6448536269514722  # two-sided 90% normal interval: mean +- Z_90 * sigma
 
 def calibrate_sigma_scale(estimates: Sequence[ModelEstimate], ages: Sequence[float], coverage: float = 0.90) -> float:
     """The factor s such that |age - mean| <= Z_90 * s * sigma holds for `coverage` of the cases."""
-    z = np.array([abs(a - e.age_months) / max(e.sigma_months, 1e-6) for e, a in zip(estimates, ages)])
+    z = np.array([abs(a - e.age_months) / max(e.sigma_months, 1e-6) for e, a in zip(estimates, ages, strict=True)])
     if len(z) == 0:
         return 1.0
     # Callers pass estimates made with sigma_scale 1.0, so the factor replaces (not multiplies) any old one.

@@ -10,23 +10,38 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-
-from utils.errors import InvalidPatientId, StorageUnavailable
+from typing import NewType
 
 logger = logging.getLogger(__name__)
 
 PATIENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$")
 PREDICTION_ID_PATTERN = re.compile(r"^\d{8}T\d{6}\d{6}Z-[0-9a-f]{12}$")
-FILE_NAME_PATTERN = re.compile(r"^(original\.(png|jpg|tif|dcm)|male_gradcam\.png|female_gradcam\.png)$")
+# The files of a prediction folder: the upload as sent (`original.<png|jpg|tif|dcm>`), both Grad-CAM overlays, and
+# for a DICOM upload its pixels as an 8-bit PNG (browsers and MLflow cannot show DICOM, and tags stay out of MLflow).
+ORIGINAL_STEM = "original"
+DICOM_FILM_PNG = "film.png"
+GRADCAM_PNG = {"male": "male_gradcam.png", "female": "female_gradcam.png"}
+FILE_NAME_PATTERN = re.compile(r"^(original\.(png|jpg|tif|dcm)|film\.png|male_gradcam\.png|female_gradcam\.png)$")
+
+# A patient id that passed `check_patient_id`: safe as a folder name. The store only takes these.
+PatientId = NewType("PatientId", str)
 
 
-def check_patient_id(patient_id: str) -> str:
+class InvalidPatientId(ValueError):
+    """The patient id does not match the allowed pattern (the message says what is allowed)."""
+
+
+class StorageUnavailable(Exception):
+    """Files could not be written (read-only folder, disk full); the message is for clients."""
+
+
+def check_patient_id(patient_id: str) -> PatientId:
     """The id itself if valid, else `InvalidPatientId` saying what is allowed."""
     if not PATIENT_ID_PATTERN.fullmatch(patient_id):
         raise InvalidPatientId(
             "patient_id must be 1-64 characters of letters, digits, '-', '_' or '.', not starting with '.'"
         )
-    return patient_id
+    return PatientId(patient_id)
 
 
 def new_prediction_id(now: dt.datetime) -> str:
@@ -49,13 +64,12 @@ class PatientStore:
         except OSError:
             raise StorageUnavailable("patient storage is not writable (read-only or full disk)") from None
 
-    def write_prediction(self, patient_id: str, prediction_id: str, files: dict[str, bytes]) -> dict[str, str]:
+    def write_prediction(self, patient_id: PatientId, prediction_id: str, files: dict[str, bytes]) -> dict[str, str]:
         """Write a new prediction folder atomically; returns {name: path relative to the storage root}.
 
         Files are written into a hidden temp folder which is renamed into place only when complete, so a crash
         never leaves a partial prediction folder visible, and an existing folder is never replaced.
         """
-        check_patient_id(patient_id)
         patient_dir = self.root / patient_id
         final = patient_dir / prediction_id
         try:

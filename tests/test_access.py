@@ -4,17 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi.testclient import TestClient
-
-from app import create_app
-from conftest import RAW, make_settings, post_image
+from helpers import RAW, make_settings, post_image, running_app
 
 FILM = (RAW / "7047.png").read_bytes()
 
 
 def test_api_keys_guard_patient_routes_but_not_health(tmp_path: Path) -> None:
     settings = make_settings(tmp_path, api_keys="key-one, key-two")
-    with TestClient(create_app(settings)) as client:
+    with running_app(settings) as client:
         assert post_image(client, FILM, "P-auth").status_code == 401
         assert client.post("/predict", files={"image": ("x.png", FILM)}, data={"patient_id": "P-auth"},
                            headers={"Authorization": "Bearer wrong"}).status_code == 401
@@ -33,19 +30,19 @@ def test_api_keys_guard_patient_routes_but_not_health(tmp_path: Path) -> None:
 
 def test_cors_is_off_by_default_and_origins_are_a_setting(tmp_path: Path) -> None:
     preflight = {"Origin": "http://viewer.example", "Access-Control-Request-Method": "POST"}
-    with TestClient(create_app(make_settings(tmp_path / "a"))) as client:
+    with running_app(make_settings(tmp_path / "a")) as client:
         assert "access-control-allow-origin" not in client.options("/predict", headers=preflight).headers
-    with TestClient(create_app(make_settings(tmp_path / "b", cors_origins="http://viewer.example"))) as client:
+    with running_app(make_settings(tmp_path / "b", cors_origins="http://viewer.example")) as client:
         response = client.options("/predict", headers=preflight)
         assert response.headers["access-control-allow-origin"] == "http://viewer.example"
-    with TestClient(create_app(make_settings(tmp_path / "c", cors_origins="*"))) as client:
+    with running_app(make_settings(tmp_path / "c", cors_origins="*")) as client:
         response = client.options("/predict", headers=preflight)
         assert "access-control-allow-credentials" not in response.headers
 
 
 def test_start_up_removes_unrecorded_and_partial_folders(tmp_path: Path) -> None:
     settings = make_settings(tmp_path)
-    with TestClient(create_app(settings)) as client:
+    with running_app(settings) as client:
         kept = post_image(client, FILM, "P-crash").json()
     # What a process killed mid-request leaves: a temp folder and a finished folder with no database row.
     patient_dir = settings.patients_dir / "P-crash"
@@ -55,7 +52,7 @@ def test_start_up_removes_unrecorded_and_partial_folders(tmp_path: Path) -> None
     unrecorded = patient_dir / "20261127T101010000000Z-abcdefabcdef"
     unrecorded.mkdir()
     (unrecorded / "original.png").write_bytes(FILM)
-    with TestClient(create_app(settings)) as client:
+    with running_app(settings) as client:
         assert not partial.exists() and not unrecorded.exists()
         assert (settings.storage_dir / kept["original_path"]).is_file()
         assert len(client.get("/results/P-crash").json()["predictions"]) == 1

@@ -9,13 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
+from helpers import RAW, TEST20, make_settings, post_image, running_app, wait_until_logged
 from mlflow import MlflowClient
 from PIL import Image
 from sqlalchemy import create_engine, text
-
-from app import create_app
-from conftest import RAW, TEST20, make_settings, post_image, wait_until_logged
 
 FILMS = sorted(RAW.glob("*.png")) + sorted(TEST20.glob("*.png"))
 
@@ -24,11 +21,11 @@ def test_32_concurrent_predictions_match_sequential_ones(tmp_path: Path) -> None
     assert len(FILMS) == 32
     datas = [f.read_bytes() for f in FILMS]
     sequential_settings = make_settings(tmp_path / "seq")
-    with TestClient(create_app(sequential_settings)) as client:
+    with running_app(sequential_settings) as client:
         sequential = [post_image(client, d, f"S{i}").json() for i, d in enumerate(datas)]
 
     settings = make_settings(tmp_path / "conc", batch_max_wait_ms=5.0)
-    with TestClient(create_app(settings)) as client:
+    with running_app(settings) as client:
         done = threading.Event()
         health_during: list[int] = []
 
@@ -55,7 +52,7 @@ def test_32_concurrent_predictions_match_sequential_ones(tmp_path: Path) -> None
     with create_engine(settings.database_url).connect() as conn:
         rows = {r["id"]: r for r in conn.execute(text("SELECT * FROM predictions")).mappings()}
     assert len(rows) == 32 and len({b["mlflow_run_id"] for b in bodies}) == 32
-    for i, (body, reference) in enumerate(zip(bodies, sequential)):
+    for i, (body, reference) in enumerate(zip(bodies, sequential, strict=True)):
         assert body["patient_id"] == f"C{i}"
         for key in ("male_prediction", "female_prediction"):
             assert body[key]["age_months"] == pytest.approx(reference[key]["age_months"], abs=1e-4 + 0.005)

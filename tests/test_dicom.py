@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import RAW, TEST20, post_image, stored_files, wait_until_logged
 from fastapi.testclient import TestClient
+from helpers import RAW, TEST20, assert_nothing_stored, post_image, stored_files, wait_until_logged
 from mlflow import MlflowClient
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -35,7 +35,8 @@ from sqlalchemy import create_engine, text
 
 from utils.config import Settings
 from utils.errors import InvalidImage
-from utils.image_io import UploadLimits, decode_upload
+from utils.imaging import DecodedImage, UploadLimits, decode_upload
+from utils.pipeline.service import resolve_sex
 
 FILM = TEST20 / "4360.png"  # a held-out test case at full resolution, 1600x2080
 RAW_FILM = RAW / "7036.png"  # a raw film with borders and a marker, 897x1015
@@ -300,7 +301,7 @@ def test_bad_dicoms_rejected_and_nothing_stored(client: TestClient, settings: Se
         detail = response.json()["detail"]
         assert phrase in detail, (name, detail)
         assert "Testpatient" not in detail and "MRN" not in detail, name
-    _nothing_stored(settings)
+    assert_nothing_stored(settings)
 
 
 def test_dicom_predictions_match_the_png(client: TestClient, settings: Settings,
@@ -372,14 +373,9 @@ def test_dicom_sex_fills_a_gap_and_never_overrides(client: TestClient, settings:
 
 
 def test_resolve_sex_form_wins_dicom_fills_a_gap() -> None:
-    from database.models import Prediction
-    from utils.image_io import DecodedImage
-    from utils.service import resolve_sex
-
-    image = DecodedImage(b"", "", "PNG", 1, 1, Image.new("L", (1, 1)))
+    image = DecodedImage(b"", "", "PNG", Image.new("L", (1, 1)))
     assert resolve_sex("female", image) == ("female", "form")
     assert resolve_sex("unknown", image) == ("unknown", "none")
-    tagged = DecodedImage(b"", "", "DICOM", 1, 1, Image.new("L", (1, 1)), sex_hint="male")
+    tagged = DecodedImage(b"", "", "DICOM", Image.new("L", (1, 1)), sex_hint="male")
     assert resolve_sex("female", tagged) == ("female", "form")
     assert resolve_sex("unknown", tagged) == ("male", "dicom")
-    assert Prediction.__table__.c.sex_source.server_default is not None

@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from helpers import RAW, TRAIN100, make_settings, post_image, running_app, stored_files, wait_until_logged
 from mlflow import MlflowClient
 from sqlalchemy import create_engine, text
 
-from app import create_app
-from conftest import RAW, TRAIN100, make_settings, post_image, stored_files, wait_until_logged
+from male_boneage.inference import ModelUnavailable
 from utils.config import Settings
-from utils.errors import ModelUnavailable
 
 FILM = (RAW / "7043.png").read_bytes()
 
@@ -27,7 +26,7 @@ def test_mlflow_store_failing_then_back(tmp_path: Path) -> None:
     blocker = tmp_path / "mlflow-store"
     blocker.write_text("a file where the store's folder should be")
     settings = make_settings(tmp_path, mlflow_tracking_uri=f"sqlite:///{blocker / 'mlflow.db'}")
-    with TestClient(create_app(settings)) as client:
+    with running_app(settings) as client:
         response = post_image(client, FILM, "P-ml")
         assert response.status_code == 200, response.text
         body = response.json()
@@ -46,18 +45,18 @@ def test_mlflow_store_failing_then_back(tmp_path: Path) -> None:
 
 def test_mlflow_server_down_backlog_survives_restart(tmp_path: Path) -> None:
     down = make_settings(tmp_path, mlflow_tracking_uri="http://127.0.0.1:9")  # discard port: nothing listens
-    with TestClient(create_app(down)) as client:
+    with running_app(down) as client:
         body = post_image(client, FILM, "P-restart").json()
         assert body["tracking"] == "pending"
     up = make_settings(tmp_path)  # same database and storage, a working store
-    with TestClient(create_app(up)) as client:
+    with running_app(up) as client:
         run_id = _wait_for_run_id(client, "P-restart")
     assert MlflowClient(up.mlflow_tracking_uri).get_run(run_id).data.params["patient_id"] == "P-restart"
 
 
 def test_database_locked_gives_503_and_leaves_nothing(tmp_path: Path) -> None:
     settings = make_settings(tmp_path, database_busy_timeout=0.3)
-    with TestClient(create_app(settings)) as client:
+    with running_app(settings) as client:
         lock = sqlite3.connect(tmp_path / "predictions.db")
         lock.execute("BEGIN EXCLUSIVE")
         try:
@@ -77,7 +76,7 @@ def test_database_locked_gives_503_and_leaves_nothing(tmp_path: Path) -> None:
 
 def test_storage_unwritable_gives_503_and_no_rows(tmp_path: Path) -> None:
     settings = make_settings(tmp_path)
-    with TestClient(create_app(settings)) as client:
+    with running_app(settings) as client:
         (settings.patients_dir / "P-ro").write_text("a file where the patient's folder should be")
         response = post_image(client, FILM, "P-ro")
         assert response.status_code == 503 and "storage" in response.json()["detail"]
@@ -99,13 +98,13 @@ def test_corrupt_male_weights_refuse_to_start(tmp_path: Path, content: bytes) ->
     bad = tmp_path / "male.pt"
     bad.write_bytes(content)
     with pytest.raises(ModelUnavailable, match="male.pt"):
-        with TestClient(create_app(make_settings(tmp_path, male_weights=bad))):
+        with running_app(make_settings(tmp_path, male_weights=bad)):
             pass
 
 
 def test_missing_male_weights_refuse_to_start(tmp_path: Path) -> None:
     with pytest.raises(ModelUnavailable, match="not found"):
-        with TestClient(create_app(make_settings(tmp_path, male_weights=tmp_path / "none.pt"))):
+        with running_app(make_settings(tmp_path, male_weights=tmp_path / "none.pt")):
             pass
 
 
@@ -118,7 +117,7 @@ def test_errors_carry_no_internal_paths(client: TestClient, settings: Settings) 
 def test_mlflow_logging_held_back_while_predicting_then_logged(tmp_path: Path) -> None:
     """While predictions are served the worker holds runs back, never more than the bound, then logs them all."""
     settings = make_settings(tmp_path, tracking_max_deferred=2)
-    with TestClient(create_app(settings)) as client:
+    with running_app(settings) as client:
         service = client.app.state.service  # type: ignore[attr-defined]
         busy = {"now": True}
         service.tracking.defer_while(lambda: busy["now"])  # as if requests kept arriving
@@ -145,7 +144,7 @@ def test_backlog_longer_than_one_page_is_all_logged(tmp_path: Path) -> None:
     """More runs waiting than the worker reads at once (50) are all logged, with no new prediction to wake it."""
     settings = make_settings(tmp_path, tracking_max_deferred=1000)
     small = (TRAIN100 / "1377.png").read_bytes()
-    with TestClient(create_app(settings)) as client:
+    with running_app(settings) as client:
         busy = {"now": True}
         tracking = client.app.state.service.tracking  # type: ignore[attr-defined]
         tracking.defer_while(lambda: busy["now"])
@@ -163,7 +162,7 @@ def test_backlog_longer_than_one_page_is_all_logged(tmp_path: Path) -> None:
 
 def test_held_back_runs_are_logged_once_they_are_old_enough(tmp_path: Path) -> None:
     """Under endless traffic a run still gets logged: none waits longer than the worker's age limit."""
-    with TestClient(create_app(make_settings(tmp_path))) as client:
+    with running_app(make_settings(tmp_path)) as client:
         tracking = client.app.state.service.tracking  # type: ignore[attr-defined]
         tracking.defer_while(lambda: True)  # requests never stop
         tracking.max_defer_seconds = 3.0

@@ -8,11 +8,11 @@ import pytest
 import schemathesis
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from helpers import make_settings
 from hypothesis import HealthCheck, given, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from app import create_app
-from conftest import make_settings
 
 EXAMPLES_PER_ROUTE = 60  # 5 routes: a few hundred cases, bounded and derandomised
 

@@ -7,12 +7,11 @@ import threading
 from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
+from helpers import RAW, TEST20, make_settings, post_image, running_app, wait_until_logged
 from mlflow import MlflowClient
 from sqlalchemy import create_engine, text
 
-from app import create_app
-from conftest import RAW, TEST20, make_settings, post_image, wait_until_logged
-from fastapi.testclient import TestClient
 from utils.config import Settings
 
 
@@ -45,7 +44,7 @@ def test_predict_stores_files_row_and_mlflow_run(client: TestClient, settings: S
         row = conn.execute(text("SELECT * FROM predictions")).mappings().one()
         patient = conn.execute(text("SELECT * FROM patients")).mappings().one()
     assert row["id"] == body["prediction_id"] and row["mlflow_run_id"] == body["mlflow_run_id"]
-    assert row["image_sha256"] == body["image_sha256"] and row["given_sex"] == "male"
+    assert row["image_sha256"] == body["image_sha256"] and row["sex_used"] == "male"
     assert row["male_age_months"] == pytest.approx(body["male_prediction"]["age_months"], abs=0.01)
     assert row["female_gradcam_path"] == body["female_prediction"]["gradcam_path"]
     assert patient["patient_id"] == "P-100" and patient["image_path"] == body["original_path"]
@@ -55,7 +54,7 @@ def test_predict_stores_files_row_and_mlflow_run(client: TestClient, settings: S
     mlflow = MlflowClient(settings.mlflow_tracking_uri)
     run = mlflow.get_run(body["mlflow_run_id"])
     assert run.data.params["patient_id"] == "P-100"
-    assert run.data.params["gender"] == "male"
+    assert run.data.params["sex"] == "male"
     assert run.data.params["image_size"] == "1600x2080"
     assert run.data.params["male_model_version"] == body["male_prediction"]["model_version"]
     assert run.data.metrics["male_age"] == pytest.approx(body["male_prediction"]["age"], abs=1e-3)
@@ -99,7 +98,7 @@ def test_rgba_film_and_content_type_ignored(shared_client: TestClient) -> None:
 
 def test_female_fallback_when_weights_missing(tmp_path: Path) -> None:
     settings = make_settings(tmp_path, female_weights=tmp_path / "no-female.pt")
-    with TestClient(create_app(settings)) as client:
+    with running_app(settings) as client:
         health = client.get("/health").json()
         assert health["female_model_fallback"] is True and health["status"] == "degraded"
         body = post_image(client, (RAW / "7036.png").read_bytes(), "P-fb").json()
@@ -133,7 +132,7 @@ def test_relative_storage_dir_and_artifacts_are_real_copies(tmp_path: Path, monk
     monkeypatch.chdir(tmp_path)
     settings = make_settings(tmp_path, storage_dir=Path("relative-storage"))
     film = (RAW / "7043.png").read_bytes()
-    with TestClient(create_app(settings)) as client:
+    with running_app(settings) as client:
         body = post_image(client, film, "P-rel").json()
         run_id = wait_until_logged(client, "P-rel")["predictions"][0]["mlflow_run_id"]
     mlflow = MlflowClient(settings.mlflow_tracking_uri)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 from fastapi.testclient import TestClient
-
-from conftest import RAW, post_image
+from helpers import RAW, post_image
 
 
 @pytest.mark.parametrize(

@@ -10,11 +10,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from helpers import (
+    RAW,
+    TRAIN100,
+    assert_nothing_stored,
+    make_settings,
+    png_bytes,
+    post_image,
+    running_app,
+    stored_files,
+)
 from PIL import Image
 from sqlalchemy import create_engine, text
 
-from app import create_app
-from conftest import RAW, TRAIN100, make_settings, png_bytes, post_image, stored_files
 from utils.config import Settings
 
 FILM = (RAW / "7037.png").read_bytes()
@@ -25,7 +33,8 @@ def _bomb_png(width: int, height: int) -> bytes:
     def chunk(kind: bytes, payload: bytes) -> bytes:
         return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 1024)) + chunk(b"IEND", b"")
+    idat = chunk(b"IDAT", zlib.compress(b"\0" * 1024))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + idat + chunk(b"IEND", b"")
 
 
 def _nothing_stored(settings: Settings) -> None:
@@ -66,7 +75,7 @@ def test_bad_images_rejected_and_nothing_stored(client: TestClient, settings: Se
     response = post_image(client, data, "P-bad")
     assert response.status_code == status, response.text
     assert phrase in response.json()["detail"]
-    _nothing_stored(settings)
+    assert_nothing_stored(settings)
 
 
 def test_truncated_jpeg_rejected(client: TestClient, settings: Settings) -> None:
@@ -74,7 +83,7 @@ def test_truncated_jpeg_rejected(client: TestClient, settings: Settings) -> None
     Image.open(RAW / "7038.png").convert("L").save(buffer, format="JPEG", quality=90)
     response = post_image(client, buffer.getvalue()[:3000], "P-bad", content_type="image/jpeg")
     assert response.status_code == 422
-    _nothing_stored(settings)
+    assert_nothing_stored(settings)
 
 
 @pytest.mark.parametrize(
@@ -85,7 +94,7 @@ def test_bad_patient_ids_rejected(client: TestClient, settings: Settings, patien
     response = post_image(client, FILM, patient_id)
     assert response.status_code == 422, response.text
     assert "patient_id" in response.json()["detail"]
-    _nothing_stored(settings)
+    assert_nothing_stored(settings)
 
 
 def test_bad_sex_and_missing_fields(client: TestClient, settings: Settings) -> None:
@@ -94,19 +103,19 @@ def test_bad_sex_and_missing_fields(client: TestClient, settings: Settings) -> N
     assert missing_image.status_code == 422 and "image" in missing_image.json()["detail"]
     missing_id = client.post("/predict", files={"image": ("x.png", FILM, "image/png")})
     assert missing_id.status_code == 422 and "patient_id" in missing_id.json()["detail"]
-    _nothing_stored(settings)
+    assert_nothing_stored(settings)
 
 
 def test_limits_are_settings(tmp_path: Path) -> None:
     settings = make_settings(tmp_path, max_upload_bytes=100_000, max_image_pixels=500_000, min_image_side=200)
-    with TestClient(create_app(settings)) as client:
+    with running_app(settings) as client:
         too_big = post_image(client, FILM, "P1")
         assert too_big.status_code == 413 and "limit" in too_big.json()["detail"]
         many_pixels = post_image(client, png_bytes(Image.new("L", (1000, 1000))), "P1")
         assert many_pixels.status_code == 422 and "pixels" in many_pixels.json()["detail"]
         small = post_image(client, (TRAIN100 / "1377.png").read_bytes(), "P1")
         assert small.status_code == 422 and "at least 200" in small.json()["detail"]
-    _nothing_stored(settings)
+    assert_nothing_stored(settings)
 
 
 def _film() -> Image.Image:
@@ -129,7 +138,7 @@ def test_odd_formats_accepted(shared_client: TestClient) -> None:
 
 
 def test_jpeg_exif_orientation_is_applied() -> None:
-    from utils.image_io import UploadLimits, decode_upload
+    from utils.imaging import UploadLimits, decode_upload
 
     film = _film().resize((300, 400))
     exif = Image.Exif()
@@ -142,7 +151,7 @@ def test_jpeg_exif_orientation_is_applied() -> None:
 
 @pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
 def test_sixteen_bit_is_windowed_not_clipped(fmt: str) -> None:
-    from utils.image_io import UploadLimits, decode_upload
+    from utils.imaging import UploadLimits, decode_upload
 
     ramp = np.tile(np.linspace(1000, 4000, 256, dtype=np.uint16), (256, 1))  # a 12-bit film in 16 bits
     buffer = io.BytesIO()
@@ -175,12 +184,13 @@ def test_not_a_radiograph_refused(client: TestClient, settings: Settings, data: 
     response = post_image(client, data, "P-photo")
     assert response.status_code == 422 and phrase in response.json()["detail"]
     assert "radiograph" in response.json()["detail"]
-    _nothing_stored(settings)
+    assert_nothing_stored(settings)
 
 
 def test_every_shared_film_passes_the_image_checks() -> None:
-    from conftest import DATA
-    from utils.image_io import UploadLimits, decode_upload
+    from helpers import DATA
+
+    from utils.imaging import UploadLimits, decode_upload
 
     films = [f for folder in ("rsna-raw-12", "rsna-test-20", "rsna-train-100px") for f in (DATA / folder).glob("*.png")]
     assert len(films) == 12 + 20 + 12611
@@ -196,4 +206,4 @@ def test_out_of_distribution_by_model_uncertainty_refused(client: TestClient, se
         model.metadata["ood_sigma_months"] = 1e-3  # every input is now "far less certain than validation"
     response = post_image(client, FILM, "P-ood")
     assert response.status_code == 422 and "does not look like a hand radiograph" in response.json()["detail"]
-    _nothing_stored(settings)
+    assert_nothing_stored(settings)

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from helpers import TEST20, WEIGHTS
 from pytorch_grad_cam import GradCAM
 
-from conftest import TEST20, WEIGHTS
 from male_boneage.augment import tta_batch
 from male_boneage.inference import BoneAgeModel, _AgeTarget, build_net, load_weights
 from male_boneage.model import FlatOutput
-from utils.image_io import decode_for_model
+from male_boneage.preprocess import film_pixels
 
 
 def test_heatmap_equals_full_backward_grad_cam_and_no_weight_gradients() -> None:
     path = WEIGHTS / "male.pt"
     model = BoneAgeModel.from_file(path, torch.device("cpu"))
-    pixels = decode_for_model((TEST20 / "4360.png").read_bytes(), model.input_size)
+    pixels = film_pixels((TEST20 / "4360.png").read_bytes(), model.input_size)
     estimate = model.predict(pixels, with_heatmap=True)
 
     textbook = build_net(*load_weights(path), str(path))  # weights with requires_grad: a full backward pass

@@ -7,14 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TEST20, TRAIN100, WEIGHTS
 from mlflow import MlflowClient
 
-from conftest import TEST20, TRAIN100, WEIGHTS
 from male_boneage.evaluate import evaluate
-from male_boneage.inference import BoneAgeModel, load_weights
+from male_boneage.inference import BoneAgeModel, ModelUnavailable, load_weights
 from male_boneage.model import BoneAgeNet
 from male_boneage.train import TrainConfig, train
-from utils.errors import ModelUnavailable
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from typing import Literal
+from typing import Literal, cast
 
 from pydantic import BaseModel, Field
 
@@ -16,6 +16,11 @@ NOTICE = ("Research model, not a medical device: not for clinical use or diagnos
           "Pediatric Bone Age Challenge (2017) data.")
 MESSAGE = "Male & Female Bone Age Results"
 GROUP_LABELS = tuple(f"{low}-{high} years" for low, high in AGE_GROUPS_YEARS)
+Sex = Literal["male", "female", "unknown"]
+SexSource = Literal["form", "dicom", "none"]
+Tracking = Literal["logged", "logging", "pending"]
+Applicable = Literal["male_prediction", "female_prediction"]
+APPLICABLE: dict[str, Applicable] = {"male": "male_prediction", "female": "female_prediction"}
 
 
 class Interval(BaseModel):
@@ -48,15 +53,15 @@ class PredictionResponse(BaseModel):
     patient_id: str
     prediction_id: str
     mlflow_run_id: str | None = Field(description="None while MLflow is unreachable (the run is created later)")
-    tracking: Literal["logged", "logging", "pending"] = Field(
+    tracking: Tracking = Field(
         description="logged: run complete; logging: run created, params and artifacts being logged in the "
                     "background; pending: MLflow unreachable, the run is logged once it is back")
-    sex: Literal["male", "female", "unknown"] = Field(
+    sex: Sex = Field(
         description="the sex the prediction applies to: the form's, else a DICOM's Patient's Sex (see sex_source)")
-    sex_source: Literal["form", "dicom", "none"] = Field(
+    sex_source: SexSource = Field(
         description="where `sex` came from: the form field, the uploaded DICOM's Patient's Sex (0010,0040) when the "
                     "form gave none or 'unknown', or none at all")
-    applicable_prediction: Literal["male_prediction", "female_prediction"] | None = Field(
+    applicable_prediction: Applicable | None = Field(
         description="which estimate applies to this patient, when the sex was given")
     male_prediction: ModelPrediction
     female_prediction: ModelPrediction
@@ -108,18 +113,23 @@ def _model_prediction(age: float, sigma: float, probs_json: str, version: str, c
         interval_90=Interval(low_months=round(max(0.0, age - half), 2), high_months=round(age + half, 2),
                              low_years=round(max(0.0, age - half) / 12, 3), high_years=round((age + half) / 12, 3)),
         age_group=AgeGroup(label=GROUP_LABELS[max(range(len(probs)), key=probs.__getitem__)],
-                           probabilities={label: round(p, 4) for label, p in zip(GROUP_LABELS, probs)}),
+                           probabilities={label: round(p, 4) for label, p in zip(GROUP_LABELS, probs, strict=True)}),
         model_version=version, gradcam_path=cam_path, gradcam_url=f"/storage/{cam_path}",
     )
 
 
+def _tracking_state(p: Prediction) -> Tracking:
+    if p.mlflow_logged:
+        return "logged"
+    return "logging" if p.mlflow_run_id else "pending"
+
+
 def prediction_response(p: Prediction) -> PredictionResponse:
-    applicable = {"male": "male_prediction", "female": "female_prediction"}.get(p.given_sex)
+    applicable = APPLICABLE.get(p.sex_used)
     return PredictionResponse(
         patient_id=p.patient_id, prediction_id=p.id, mlflow_run_id=p.mlflow_run_id,
-        tracking="logged" if p.mlflow_logged else "logging" if p.mlflow_run_id else "pending", sex=p.given_sex,  # type: ignore[arg-type]
-        sex_source=p.sex_source or "none",  # type: ignore[arg-type]
-        applicable_prediction=applicable,  # type: ignore[arg-type]
+        tracking=_tracking_state(p), sex=cast(Sex, p.sex_used), sex_source=cast(SexSource, p.sex_source or "none"),
+        applicable_prediction=applicable,
         male_prediction=_model_prediction(p.male_age_months, p.male_sigma_months, p.male_group_probs,
                                           p.male_model_version, p.male_gradcam_path),
         female_prediction=_model_prediction(p.female_age_months, p.female_sigma_months, p.female_group_probs,

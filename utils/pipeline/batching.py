@@ -11,13 +11,15 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
+from typing import cast
 
 import numpy as np
 
 from male_boneage.inference import BoneAgeModel, ModelEstimate
 
 logger = logging.getLogger(__name__)
-_STOP = object()
+_STOP = object()  # queued by `stop`: the worker finishes the batch in hand and exits
+_Item = tuple[np.ndarray, Future[ModelEstimate]]
 
 
 class MicroBatcher:
@@ -45,7 +47,7 @@ class MicroBatcher:
         self._queue.put((pixels, future))
         return future
 
-    def _collect(self, first: tuple[np.ndarray, Future[ModelEstimate]]) -> tuple[list, bool]:
+    def _collect(self, first: _Item) -> tuple[list[_Item], bool]:
         batch = [first]
         deadline = time.monotonic() + self.max_wait_s
         while len(batch) < self.max_batch:
@@ -55,7 +57,7 @@ class MicroBatcher:
                 break
             if item is _STOP:
                 return batch, True
-            batch.append(item)  # type: ignore[arg-type]
+            batch.append(cast(_Item, item))
         return batch, False
 
     def _run(self) -> None:
@@ -64,7 +66,7 @@ class MicroBatcher:
             item = self._queue.get()
             if item is _STOP:
                 break
-            batch, stopping = self._collect(item)  # type: ignore[arg-type]
+            batch, stopping = self._collect(cast(_Item, item))
             futures = [future for _, future in batch]
             try:
                 estimates = self.model.predict_batch([pixels for pixels, _ in batch], with_heatmap=True)
@@ -75,5 +77,5 @@ class MicroBatcher:
                 continue
             self.batches += 1
             self.images += len(batch)
-            for future, estimate in zip(futures, estimates):
+            for future, estimate in zip(futures, estimates, strict=True):
                 future.set_result(estimate)

@@ -1,4 +1,4 @@
-"""Grad-CAM overlays: the heatmap upsampled onto the original film and encoded as PNG."""
+"""Grad-CAM overlays: the heatmap upsampled onto the original film and encoded as PNG (and the plain film as PNG)."""
 
 from __future__ import annotations
 
@@ -38,4 +38,12 @@ def overlay_png(film_bgr: np.ndarray, cam: np.ndarray) -> bytes:
     ok, encoded = cv2.imencode(".png", blended, PNG_PARAMS)
     if not ok:
         raise RuntimeError("PNG encoding of the heatmap failed")
+    return encoded.tobytes()
+
+
+def film_png(gray: np.ndarray) -> bytes:
+    """An 8-bit grayscale film as PNG, with the overlays' fast settings."""
+    ok, encoded = cv2.imencode(".png", gray, PNG_PARAMS)
+    if not ok:
+        raise RuntimeError("PNG encoding of the film failed")
     return encoded.tobytes()

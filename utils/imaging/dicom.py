@@ -14,10 +14,16 @@ import struct
 import warnings
 
 import numpy as np
+import pydicom
 from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import get_frame
+from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from male_boneage.preprocess import percentile_window
 from utils.errors import InvalidImage
-from utils.image_io import UploadLimits, check_min_side, check_not_blank, percentile_window
+from utils.imaging.checks import UploadLimits, check_min_side, check_not_blank, check_pixel_count
 
 logger = logging.getLogger(__name__)
 
@@ -27,20 +33,13 @@ DICOM_MAGIC = b"DICM"
 # Patient's Sex (0010,0040) values that are a usable hint; anything else ('O', empty, absent) is no hint.
 DICOM_SEX_HINTS = {"M": "male", "F": "female"}
 
-# Only pixel-module tags and Patient's Sex are ever read. Nothing identifying (name, id, birth date, ...) is read,
-# logged or put in an error message; pydicom's own warnings are silenced while a file is read, since a warning
-# about an odd value could quote it.
-
-
 def looks_like_dicom(data: bytes) -> bool:
     """A DICOM Part 10 file: 'DICM' at byte 128 (whatever the preamble holds, which may mimic another format)."""
     return data[DICOM_MAGIC_OFFSET:DICOM_MAGIC_OFFSET + len(DICOM_MAGIC)] == DICOM_MAGIC
 
 
-def read_dicom(data: bytes):  # type: ignore[no-untyped-def]
+def read_dicom(data: bytes) -> Dataset:
     """Parse a DICOM file (pixel data read as bytes, not decoded); InvalidImage if pydicom cannot."""
-    import pydicom
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -51,7 +50,7 @@ def read_dicom(data: bytes):  # type: ignore[no-untyped-def]
     return dataset
 
 
-def read_dicom_without_preamble(data: bytes):  # type: ignore[no-untyped-def]
+def read_dicom_without_preamble(data: bytes) -> Dataset | None:
     """A DICOM dataset written without preamble and magic, or None when the bytes are not one.
 
     pydicom parses almost anything when forced, so only a dataset that starts with a group 0002 or 0008 element
@@ -68,7 +67,7 @@ def read_dicom_without_preamble(data: bytes):  # type: ignore[no-untyped-def]
     return None
 
 
-def _dicom_int(dataset, keyword: str, default: int | None = None) -> int:  # type: ignore[no-untyped-def]
+def _dicom_int(dataset: Dataset, keyword: str, default: int | None = None) -> int:
     value = dataset.get(keyword, default)
     if value is None or value == "":
         if default is None:
@@ -77,7 +76,7 @@ def _dicom_int(dataset, keyword: str, default: int | None = None) -> int:  # typ
     return int(value)
 
 
-def _check_dicom_header(dataset, limits: UploadLimits) -> tuple[int, int]:  # type: ignore[no-untyped-def]
+def _check_dicom_header(dataset: Dataset, limits: UploadLimits) -> tuple[int, int]:
     """Everything checked from the header, before any pixel data is decoded; returns (width, height)."""
     if "PixelData" not in dataset:
         if "FloatPixelData" in dataset or "DoubleFloatPixelData" in dataset:
@@ -92,8 +91,7 @@ def _check_dicom_header(dataset, limits: UploadLimits) -> tuple[int, int]:  # ty
     if frames > 1:
         raise InvalidImage(f"multi-frame DICOM images are not accepted ({frames} frames): upload a single radiograph")
     rows, columns = _dicom_int(dataset, "Rows"), _dicom_int(dataset, "Columns")
-    if rows * columns > limits.max_pixels:
-        raise InvalidImage(f"image is {columns}x{rows} pixels; the limit is {limits.max_pixels} pixels")
+    check_pixel_count(columns, rows, limits)
     allocated = _dicom_int(dataset, "BitsAllocated")
     stored = _dicom_int(dataset, "BitsStored", allocated)
     if allocated not in (8, 16) or not 8 <= stored <= allocated:
@@ -124,12 +122,10 @@ def _codestream_size(frame: bytes) -> tuple[int, int] | None:
     return None
 
 
-def _check_compressed_frame(dataset, syntax, columns: int, rows: int) -> None:  # type: ignore[no-untyped-def]
+def _check_compressed_frame(dataset: Dataset, syntax: UID, columns: int, rows: int) -> None:
     """A compressed frame must be the size the header says, or a small header could hide a huge image."""
     if not syntax.is_compressed or syntax.is_deflated:
         return
-    from pydicom.encaps import get_frame
-
     try:
         frame = get_frame(dataset.PixelData, 0, number_of_frames=1)
     except Exception:
@@ -139,12 +135,8 @@ def _check_compressed_frame(dataset, syntax, columns: int, rows: int) -> None:  
         raise InvalidImage(f"the DICOM compressed image is {size[0]}x{size[1]} but its header says {columns}x{rows}")
 
 
-def _dicom_pixels(dataset, columns: int, rows: int) -> np.ndarray:  # type: ignore[no-untyped-def]
+def _dicom_pixels(dataset: Dataset, columns: int, rows: int) -> np.ndarray:
     """Decode the single frame; InvalidImage for an unsupported compression or damaged pixel data."""
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.pixels import get_decoder
-    from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-
     meta = getattr(dataset, "file_meta", None)
     syntax = meta.get("TransferSyntaxUID") if meta is not None else None
     if syntax is None:  # no file meta (a dataset without preamble): uncompressed, encoded as it was parsed
@@ -176,7 +168,7 @@ def _dicom_pixels(dataset, columns: int, rows: int) -> np.ndarray:  # type: igno
     return pixels
 
 
-def _widen_8bit_voi_luts(dataset) -> None:  # type: ignore[no-untyped-def]
+def _widen_8bit_voi_luts(dataset: Dataset) -> None:
     """Read 8-bit VOI LUT entries as 16-bit ones (the same values).
 
     pydicom 3.0 indexes a LUT with an array of the LUT's own dtype, so with 8-bit entries every input value over
@@ -189,10 +181,8 @@ def _widen_8bit_voi_luts(dataset) -> None:  # type: ignore[no-untyped-def]
             item.LUTDescriptor = [descriptor[0], descriptor[1], 16]
 
 
-def _voi_output_range(dataset) -> tuple[float, float] | None:  # type: ignore[no-untyped-def]
+def _voi_output_range(dataset: Dataset) -> tuple[float, float] | None:
     """The range the VOI LUT or window maps onto, so it becomes 0-255; None when the dataset has neither."""
-    from pydicom.pixels import apply_voi_lut
-
     if dataset.get("VOILUTSequence"):
         descriptor = dataset.VOILUTSequence[0].LUTDescriptor
         entries, first = int(descriptor[0]) or 2 ** 16, int(descriptor[1])
@@ -205,15 +195,13 @@ def _voi_output_range(dataset) -> tuple[float, float] | None:  # type: ignore[no
     return None
 
 
-def _dicom_to_gray8(pixels: np.ndarray, dataset) -> np.ndarray:  # type: ignore[no-untyped-def]
+def _dicom_to_gray8(pixels: np.ndarray, dataset: Dataset) -> np.ndarray:
     """Stored values -> 8-bit display values, as a viewer shows them.
 
     Rescale Slope/Intercept (or a Modality LUT), then the VOI LUT or the first Window Center/Width; without
     either, 8-bit data is taken as it is (like an 8-bit PNG) and wider data gets the percentile window of the
     16-bit PNG path. MONOCHROME1 (white is low) is inverted last.
     """
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -244,7 +232,7 @@ def _dicom_to_gray8(pixels: np.ndarray, dataset) -> np.ndarray:  # type: ignore[
     return gray
 
 
-def _dicom_sex_hint(dataset) -> str | None:  # type: ignore[no-untyped-def]
+def _dicom_sex_hint(dataset) -> str | None:
     try:
         value = str(dataset.get("PatientSex", "") or "").strip().upper()
     except Exception:
@@ -252,7 +240,8 @@ def _dicom_sex_hint(dataset) -> str | None:  # type: ignore[no-untyped-def]
     return DICOM_SEX_HINTS.get(value)
 
 
-def decode_dicom(dataset, limits: UploadLimits) -> tuple[Image.Image, str | None]:  # type: ignore[no-untyped-def]
+def decode_dicom(dataset: Dataset, limits: UploadLimits) -> tuple[Image.Image, str | None]:
+    """The checked 8-bit film of a parsed DICOM and its Patient's Sex hint ("male", "female" or None)."""
     try:
         columns, rows = _check_dicom_header(dataset, limits)
     except InvalidImage:

@@ -1,0 +1,85 @@
+"""Helpers shared by the tests: data paths, settings in a temporary folder, uploads and "nothing stored" checks."""
+
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+from fastapi.testclient import TestClient
+from PIL import Image
+from sqlalchemy import create_engine, text
+
+from app import create_app
+from utils.config import Settings
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DATA = PROJECT_ROOT.parent / "shared" / "data"
+RAW = DATA / "rsna-raw-12"
+TEST20 = DATA / "rsna-test-20"
+TRAIN100 = DATA / "rsna-train-100px"
+WEIGHTS = PROJECT_ROOT / "male_boneage" / "weights"
+
+
+def make_settings(tmp: Path, **overrides: Any) -> Settings:
+    """Settings with the database, storage and MLflow store in `tmp` and the shipped weights on the CPU."""
+    values: dict[str, Any] = {
+        "database_url": f"sqlite:///{tmp / 'predictions.db'}",
+        "storage_dir": tmp / "storage",
+        "mlflow_tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}",
+        "male_weights": WEIGHTS / "male.pt",
+        "female_weights": WEIGHTS / "female.pt",
+        "device": "cpu",
+        "tracking_retry_seconds": 0.2,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+def post_image(client: TestClient, data: bytes, patient_id: str = "P1", sex: str | None = None,
+               filename: str = "x.png", content_type: str = "image/png") -> httpx.Response:
+    """POST /predict with one file and the form fields."""
+    form = {"patient_id": patient_id} | ({"sex": sex} if sex is not None else {})
+    return client.post("/predict", files={"image": (filename, data, content_type)}, data=form)
+
+
+def png_bytes(image: Image.Image, **save_args: Any) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", **save_args)
+    return buffer.getvalue()
+
+
+def stored_files(settings: Settings) -> list[Path]:
+    """Every file under the patient storage (hidden staging folders included)."""
+    root = settings.patients_dir
+    return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+def count_rows(settings: Settings, table: str) -> int:
+    with create_engine(settings.database_url).connect() as conn:
+        return int(conn.execute(text(f"SELECT COUNT(*) FROM {table}")).scalar_one())
+
+
+def assert_nothing_stored(settings: Settings) -> None:
+    """No file, no prediction row and no patient row: a refused request left no trace."""
+    assert stored_files(settings) == []
+    assert count_rows(settings, "predictions") == 0
+    assert count_rows(settings, "patients") == 0
+
+
+def wait_until_logged(client: TestClient, patient_id: str, timeout: float = 60.0) -> dict[str, Any]:
+    """Poll /results until every prediction of the patient has its MLflow run complete; returns the results."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        results: dict[str, Any] = client.get(f"/results/{patient_id}").json()
+        if all(p["tracking"] == "logged" for p in results["predictions"]):
+            return results
+        time.sleep(0.1)
+    raise AssertionError(f"MLflow runs of {patient_id} were not logged within {timeout} s")
+
+
+def running_app(settings: Settings) -> TestClient:
+    """The real app with `settings`, as a client to use in `with`: the lifespan starts on entry, stops on exit."""
+    return TestClient(create_app(settings))

@@ -1,0 +1,63 @@
+"""Every domain error mapped to its HTTP status, in one table; handlers that answer `{"detail": ...}`."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from database.db import DatabaseUnavailable
+from male_boneage.inference import ModelUnavailable
+from storage.store import InvalidPatientId, StorageUnavailable
+from utils.errors import InvalidInput, NotAuthenticated, PatientNotFound, UploadTooLarge
+
+logger = logging.getLogger(__name__)
+
+# Checked in order: the first class the error is an instance of gives the status.
+STATUS_BY_ERROR: tuple[tuple[type[Exception], int], ...] = (
+    (InvalidInput, 422),
+    (InvalidPatientId, 422),
+    (UploadTooLarge, 413),
+    (NotAuthenticated, 401),
+    (PatientNotFound, 404),
+    (StorageUnavailable, 503),
+    (DatabaseUnavailable, 503),
+    (ModelUnavailable, 503),
+)
+DOMAIN_ERRORS = tuple(error for error, _ in STATUS_BY_ERROR)
+RETRY_AFTER_SECONDS = "5"
+
+
+def status_of(exc: Exception) -> int:
+    return next(status for error, status in STATUS_BY_ERROR if isinstance(exc, error))
+
+
+async def domain_error(_request: Request, exc: Exception) -> JSONResponse:
+    """A domain error's own message (written for clients) with its status; 503 says when to retry."""
+    status = status_of(exc)
+    headers = {"Retry-After": RETRY_AFTER_SECONDS} if status == 503 else None
+    if status == 401:
+        headers = {"WWW-Authenticate": "Bearer"}
+    return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
+
+
+async def validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    """FastAPI's request validation as one readable line, e.g. `patient_id: Field required`."""
+    errors = exc.errors() if isinstance(exc, RequestValidationError) else []
+    problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'request'}: {e['msg']}" for e in errors)
+    return JSONResponse({"detail": problems or "invalid request"}, status_code=422)
+
+
+async def unexpected_error(_request: Request, exc: Exception) -> JSONResponse:
+    """Anything else: logged with its stack trace, never shown to the client."""
+    logger.error("unhandled error", exc_info=exc)
+    return JSONResponse({"detail": "internal error; the failure was logged"}, status_code=500)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    for error in DOMAIN_ERRORS:
+        app.add_exception_handler(error, domain_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(Exception, unexpected_error)

@@ -1,0 +1,75 @@
+"""The HTTP routes: parse, call the service, map its result to a response schema."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, File, Form, Response, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse
+
+from utils.api.deps import ServiceDep, SettingsDep, content_length_within_limit, require_api_key
+from utils.api.health import health_report
+from utils.api.schemas import (
+    ErrorResponse,
+    HealthResponse,
+    PatientResults,
+    PredictionResponse,
+    patient_results,
+    prediction_response,
+)
+from utils.errors import PatientNotFound
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorResponse, "description": "not found"},
+    401: {"model": ErrorResponse, "description": "missing or wrong API key (only when keys are configured)"},
+    413: {"model": ErrorResponse, "description": "upload larger than the limit"},
+    422: {"model": ErrorResponse, "description": "invalid image, patient id or sex"},
+    503: {"model": ErrorResponse, "description": "database or storage unavailable; retry later"},
+}
+
+open_router = APIRouter()
+patient_router = APIRouter(dependencies=[Depends(require_api_key)])
+
+
+@patient_router.post(
+    "/predict", response_model=PredictionResponse, responses=ERRORS, dependencies=[Depends(content_length_within_limit)]
+)
+async def predict(
+    response: Response,
+    service: ServiceDep,
+    settings: SettingsDep,
+    image: Annotated[UploadFile, File(description="hand radiograph: PNG, JPEG, TIFF or DICOM")],
+    patient_id: Annotated[str, Form(description="1-64 of A-Z a-z 0-9 - _ . (not starting with .)")],
+    sex: Annotated[str, Form(description="male, female or unknown")] = "unknown",
+) -> PredictionResponse:
+    """Estimate bone age with both models, store everything and log an MLflow run."""
+    data = await image.read(settings.max_upload_bytes + 1)
+    outcome = await run_in_threadpool(service.predict, data, patient_id, sex)
+    response.headers["Server-Timing"] = ", ".join(f"{k};dur={v:.1f}" for k, v in outcome.timings_ms.items())
+    return prediction_response(outcome.prediction)
+
+
+@patient_router.get("/results/{patient_id}", response_model=PatientResults, responses=ERRORS)
+def results(patient_id: str, service: ServiceDep) -> PatientResults:
+    """A patient's predictions, newest first."""
+    return patient_results(*service.results(patient_id))
+
+
+@patient_router.get(
+    "/storage/patients/{patient_id}/{prediction_id}/{file_name}",
+    response_class=FileResponse,
+    responses={404: {"model": ErrorResponse, "description": "no such file"}},
+)
+def stored_file(patient_id: str, prediction_id: str, file_name: str, service: ServiceDep) -> FileResponse:
+    """An original upload, a DICOM's film as PNG, or a Grad-CAM overlay."""
+    path = service.store.resolve(patient_id, prediction_id, file_name)
+    if path is None:
+        raise PatientNotFound("no such stored file")
+    return FileResponse(path)
+
+
+@open_router.get("/health", response_model=HealthResponse)
+def health(service: ServiceDep) -> HealthResponse:
+    """Checks the models, database, MLflow store and storage for real."""
+    return health_report(service)

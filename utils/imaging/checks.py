@@ -1,0 +1,59 @@
+"""Limits and content checks every decoded upload passes, whatever its format."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from utils.errors import InvalidImage
+
+# Mean HSV saturation above which an upload is a colour photograph, not a radiograph (grayscale films saved as
+# RGB have none: the shared RSNA films stored as RGBA or palette measure 0.00).
+MAX_MEAN_SATURATION = 0.2
+# Standard deviation (of 255 gray levels) below which an image is blank or near-constant.
+MIN_GRAY_STD = 4.0
+GRAYSCALE_MODES = frozenset({"L", "I", "I;16", "I;16B", "I;16L", "I;16N", "F", "1", "LA"})
+
+
+@dataclass(frozen=True)
+class UploadLimits:
+    """Limits checked on every upload."""
+
+    max_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = 50_000_000
+    min_side: int = 64
+
+
+def check_pixel_count(width: int, height: int, limits: UploadLimits) -> None:
+    """Refuse an image from its header size, before anything is decoded."""
+    if width * height > limits.max_pixels:
+        raise InvalidImage(f"image is {width}x{height} pixels; the limit is {limits.max_pixels} pixels")
+
+
+def check_min_side(gray: Image.Image, limits: UploadLimits) -> None:
+    if min(gray.size) < limits.min_side:
+        raise InvalidImage(f"image is {gray.width}x{gray.height}; each side must be at least {limits.min_side} px")
+
+
+def check_not_colour_photo(image: Image.Image) -> None:
+    """Refuse strongly coloured images (photographs); grayscale films stored as RGB pass."""
+    if image.mode in GRAYSCALE_MODES:
+        return
+    small = image.convert("RGB")
+    small.thumbnail((128, 128))
+    saturation = np.asarray(small.convert("HSV"), dtype=np.float32)[..., 1].mean() / 255.0
+    if saturation > MAX_MEAN_SATURATION:
+        raise InvalidImage(f"the image is in colour (mean saturation {saturation:.2f}): it does not look like a "
+                           "hand radiograph")
+
+
+def check_not_blank(gray: Image.Image) -> None:
+    """Refuse blank or near-constant images."""
+    small = gray.copy()
+    small.thumbnail((256, 256))
+    spread = float(np.asarray(small, dtype=np.float32).std())
+    if spread < MIN_GRAY_STD:
+        raise InvalidImage(f"the image is blank or nearly uniform (gray-level spread {spread:.1f}): it does not "
+                           "look like a hand radiograph")

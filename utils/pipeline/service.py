@@ -1,0 +1,218 @@
+"""The prediction pipeline behind POST /predict, and the reads behind GET /results.
+
+decode -> both models (+ Grad-CAM) -> out-of-distribution check -> heatmap PNGs -> files -> database row,
+with the MLflow run opened beside the heatmaps and completed afterwards by the tracking worker.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from database import crud
+from database.db import Database, DatabaseUnavailable
+from database.models import Patient, Prediction
+from male_boneage.inference import ModelEstimate
+from storage.store import DICOM_FILM_PNG, GRADCAM_PNG, PatientStore, check_patient_id, new_prediction_id
+from utils.errors import InvalidImage, InvalidInput, PatientNotFound
+from utils.imaging import DecodedImage, UploadLimits, decode_upload
+from utils.pipeline.draft import PredictionDraft
+from utils.pipeline.heatmap import film_background, film_png, overlay_png
+from utils.pipeline.model_pool import ModelPool
+from utils.tracking.worker import TrackingWorker
+
+logger = logging.getLogger(__name__)
+SEXES = ("male", "female", "unknown")
+
+
+def check_sex(value: str | None) -> str:
+    """Normalised sex of the form; `InvalidInput` for anything but male, female or unknown."""
+    sex = (value or "unknown").strip().lower()
+    if sex not in SEXES:
+        raise InvalidInput("sex must be 'male', 'female' or 'unknown'")
+    return sex
+
+
+def resolve_sex(form_sex: str, image: DecodedImage) -> tuple[str, str]:
+    """(sex used, where it came from): the caller's sex always wins; a DICOM's Patient's Sex only fills a gap.
+
+    `form_sex` is `check_sex` of the form field, so an absent field and 'unknown' (its default) are the same:
+    both say the caller does not know the sex, and only then is a DICOM's M or F used.
+    """
+    if form_sex in ("male", "female"):
+        return form_sex, "form"
+    if image.sex_hint in ("male", "female"):
+        return image.sex_hint, "dicom"
+    return "unknown", "none"
+
+
+class InFlight:
+    """Counts predictions being served; the tracking worker holds MLflow logging back while there are any."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def serving(self) -> Iterator[None]:
+        with self._lock:
+            self._count += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._count -= 1
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    def busy(self) -> bool:
+        return self._count > 0
+
+
+@dataclass
+class PredictionOutcome:
+    """A stored prediction and its stage timings (ms)."""
+
+    prediction: Prediction
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+class _Stopwatch:
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.timings[stage] = (now - self._last) * 1000
+        self._last = now
+
+
+class BoneAgeService:
+    """Runs and stores predictions; one instance per app, created in the lifespan."""
+
+    def __init__(self, models: ModelPool, store: PatientStore, database: Database, tracking: TrackingWorker,
+                 in_flight: InFlight, limits: UploadLimits, heatmap_max_side: int) -> None:
+        self.models = models
+        self.store = store
+        self.database = database
+        self.tracking = tracking
+        self.in_flight = in_flight
+        self.limits = limits
+        self.heatmap_max_side = heatmap_max_side
+        # Helpers for steps that overlap within one request; apart, so a slow MLflow never delays heatmaps.
+        self._heatmaps = ThreadPoolExecutor(max_workers=4, thread_name_prefix="heatmap")
+        self._mlflow = ThreadPoolExecutor(max_workers=8, thread_name_prefix="mlflow-open-run")
+
+    def predict(self, data: bytes, patient_id: str, sex: str | None) -> PredictionOutcome:
+        """Validate, infer, store and log one upload. Blocking: call it from a worker thread.
+
+        Steps that do not depend on each other overlap: the film is shrunk for the heatmaps while the models
+        run, and the MLflow run is opened and the female heatmap encoded while the male one is encoded.
+        """
+        with self.in_flight.serving():
+            watch = _Stopwatch()
+            checked_id = check_patient_id(patient_id)
+            form_sex = check_sex(sex)
+            image = decode_upload(data, self.limits)
+            sex_used, sex_source = resolve_sex(form_sex, image)
+            watch.lap("decode")
+            male_future, female_future = self.models.submit(image.gray)
+            film = film_background(image.gray, self.heatmap_max_side)
+            watch.lap("preprocess")
+            male, female = male_future.result(), female_future.result()
+            watch.lap("inference_gradcam")
+            if self.models.out_of_distribution(male, female):
+                raise InvalidImage(f"the models are far less certain than on any real radiograph (sigma "
+                                   f"{male.sigma_months:.0f} months, limit {self.models.male.ood_sigma_months:.0f}): "
+                                   "this does not look like a hand radiograph")
+            created_at = dt.datetime.now(dt.UTC)
+            draft = PredictionDraft(new_prediction_id(created_at), checked_id, created_at, image, sex_used,
+                                    sex_source, male, female, self.models)
+            prediction = self._store(draft, film, watch)
+            self.tracking.wake()
+            logger.info("prediction %s stored (male %.1f, female %.1f months; run %s; %.0f ms)",
+                        draft.prediction_id, male.age_months, female.age_months,
+                        prediction.mlflow_run_id or "pending", sum(watch.timings.values()))
+            return PredictionOutcome(prediction, watch.timings)
+
+    def _store(self, draft: PredictionDraft, film: np.ndarray, watch: _Stopwatch) -> Prediction:
+        """Heatmaps, files, MLflow run and database row of one prediction; nothing is left behind if a step fails.
+
+        The run is only opened here (one quick call, beside the heatmaps) so the response can name it; the
+        tracking worker fills it in. If the prediction is not stored in the end, the run is deleted.
+        """
+        run_future = self._mlflow.submit(self.tracking.open_run, draft.prediction_id, draft.patient_id)
+        try:
+            files = {draft.original_name: draft.image.data, **self._pngs(draft, film)}
+            watch.lap("heatmap_png")
+            paths = self.store.write_prediction(draft.patient_id, draft.prediction_id, files)
+            watch.lap("storage")
+            prediction = draft.to_row(paths, run_future.result())
+            watch.lap("mlflow_create_run")
+            try:
+                with self.database.session() as session:
+                    crud.add_prediction(session, prediction)
+            except DatabaseUnavailable:
+                # The database does not know these files: remove them so nothing is left half-stored.
+                self.store.remove_prediction(draft.patient_id, draft.prediction_id)
+                logger.error("database write failed for prediction %s; its files and run are removed",
+                             draft.prediction_id)
+                raise
+            watch.lap("database")
+            return prediction
+        except BaseException:
+            run_id = run_future.result()
+            if run_id:
+                self.tracking.discard_run(run_id)
+            raise
+
+    def _pngs(self, draft: PredictionDraft, film: np.ndarray) -> dict[str, bytes]:
+        """Both Grad-CAM overlays (one encoding when both estimates are the same), and a DICOM's film as PNG."""
+        female_png: Future[bytes] | None = None
+        if draft.female is not draft.male:
+            female_png = self._heatmaps.submit(overlay_png, film, _heatmap(draft.female))
+        dicom_png = self._heatmaps.submit(film_png, np.asarray(draft.image.gray)) if draft.image.format == "DICOM" \
+            else None
+        male_png = overlay_png(film, _heatmap(draft.male))
+        pngs = {GRADCAM_PNG["male"]: male_png,
+                GRADCAM_PNG["female"]: male_png if female_png is None else female_png.result()}
+        if dicom_png is not None:
+            pngs[DICOM_FILM_PNG] = dicom_png.result()
+        return pngs
+
+    def results(self, patient_id: str) -> tuple[Patient, list[Prediction]]:
+        """A patient and all their predictions, newest first; PatientNotFound if none."""
+        checked_id = check_patient_id(patient_id)
+        with self.database.session() as session:
+            patient = crud.get_patient(session, checked_id)
+            if patient is None:
+                raise PatientNotFound(f"no predictions stored for patient '{checked_id}'")
+            return patient, crud.list_predictions(session, checked_id)
+
+    def close(self, timeout_s: float = 60.0) -> None:
+        """At shutdown: let predictions still running in worker threads finish (up to `timeout_s`), then stop
+        the helper threads."""
+        deadline = time.monotonic() + timeout_s
+        while self.in_flight.busy() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.in_flight.busy():
+            logger.warning("shutting down with %d predictions still running", self.in_flight.count)
+        for pool in (self._heatmaps, self._mlflow):
+            pool.shutdown(wait=True)
+
+
+def _heatmap(estimate: ModelEstimate) -> np.ndarray:
+    if estimate.heatmap is None:
+        raise RuntimeError("the model pool returned an estimate without a heatmap")
+    return estimate.heatmap

@@ -1,0 +1,1 @@
+"""MLflow tracking of predictions: `mlflow_runs` wraps the client, `worker` completes runs off the request path."""
