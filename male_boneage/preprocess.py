@@ -25,7 +25,8 @@ def percentile_window(values: np.ndarray) -> np.ndarray:
     if high <= low:
         high = low + 1.0
     scaled = np.clip((values - low) / (high - low), 0.0, 1.0) * 255.0
-    return np.round(scaled).astype(np.uint8)
+    window: np.ndarray = np.round(scaled).astype(np.uint8)
+    return window
 
 
 def to_gray8(image: Image.Image) -> Image.Image:

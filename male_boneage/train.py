@@ -24,13 +24,15 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from mlflow import MlflowClient
 from tqdm import tqdm
 
 from male_boneage.augment import DEFAULT_TTA, TrainAugmentation, standardize
 from male_boneage.data import load_pixels, read_labels, select
 from male_boneage.inference import BoneAgeModel, load_weights, state_digest
 from male_boneage.metrics import calibrate_sigma_scale, summarize
-from male_boneage.model import ARCHITECTURE, BoneAgeNet, age_group_index, months_to_target
+from male_boneage.model import ARCHITECTURE, BoneAgeNet, age_group_index, months_to_target, target_to_months
+from mlflow_config import ensure_experiment, tracking_uri
 
 logger = logging.getLogger(__name__)
 OOD_SIGMA_FACTOR = 1.5
@@ -85,10 +87,6 @@ def loss_fn(grp: torch.Tensor, unc: torch.Tensor, months: torch.Tensor, group_we
 
 def _tracker(cfg: TrainConfig, run_id: str | None) -> tuple[Any, str | None]:
     """(MlflowClient, run id): the run being resumed, else a new one with the config as params."""
-    from mlflow import MlflowClient
-
-    from mlflow_config import ensure_experiment, tracking_uri
-
     client = MlflowClient(tracking_uri=cfg.tracking_uri or tracking_uri())
     if run_id is None:
         run_id = client.create_run(ensure_experiment(client, cfg.experiment), run_name=f"train-{cfg.sex}").info.run_id
@@ -151,7 +149,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             grp, unc = net(batch)
             loss = loss_fn(grp, unc, ages["train"][idx], cfg.group_loss_weight)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]  # torch declares Tensor.backward without types
             optimizer.step()
             scheduler.step()
             total += loss.item() * len(idx)
@@ -227,8 +225,6 @@ def recalibrate_batchnorm(net: BoneAgeNet, pixels: np.ndarray, max_images: int =
 
 def _quick_mae(net: BoneAgeNet, pixels: np.ndarray, ages: torch.Tensor) -> float:
     """Validation MAE in months without TTA (cheap, for per-epoch monitoring)."""
-    from male_boneage.model import target_to_months
-
     net.eval()
     preds = []
     with torch.no_grad():

@@ -18,7 +18,8 @@ import pydicom
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import get_frame
-from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
+from pydicom.pixels.decoders.base import get_decoder
+from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from male_boneage.preprocess import percentile_window
@@ -232,7 +233,7 @@ def _dicom_to_gray8(pixels: np.ndarray, dataset: Dataset) -> np.ndarray:
     return gray
 
 
-def _dicom_sex_hint(dataset) -> str | None:
+def _dicom_sex_hint(dataset: Dataset) -> str | None:
     try:
         value = str(dataset.get("PatientSex", "") or "").strip().upper()
     except Exception:

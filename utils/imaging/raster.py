@@ -50,11 +50,11 @@ def decode_raster(data: bytes, limits: UploadLimits) -> tuple[str, Image.Image]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image.load()
-            image = ImageOps.exif_transpose(image)
-            gray = to_gray8(image)
+            oriented = ImageOps.exif_transpose(image)
+            gray = to_gray8(oriented)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, MemoryError):
         raise InvalidImage("the image data is truncated or corrupt") from None
     check_min_side(gray, limits)
-    check_not_colour_photo(image)
+    check_not_colour_photo(oriented)
     check_not_blank(gray)
     return fmt, gray

@@ -33,7 +33,7 @@ def overlay_png(film_bgr: np.ndarray, cam: np.ndarray) -> bytes:
     """
     height, width = film_bgr.shape[:2]
     heat = cv2.resize(np.clip(cam, 0, 1).astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
-    colored = cv2.applyColorMap(np.uint8(255 * heat), cv2.COLORMAP_JET)
+    colored = cv2.applyColorMap((255 * heat).astype(np.uint8), cv2.COLORMAP_JET)
     blended = cv2.addWeighted(colored, HEATMAP_WEIGHT, film_bgr, 1 - HEATMAP_WEIGHT, 0)
     ok, encoded = cv2.imencode(".png", blended, PNG_PARAMS)
     if not ok:
