@@ -1,0 +1,51 @@
+"""Building the app: cheap and free of the environment; the settings are read when the server starts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from helpers import PROJECT_ROOT, WEIGHTS
+from pydantic import ValidationError
+
+from app import create_app
+
+
+def test_importing_the_app_reads_no_environment() -> None:
+    broken = {"BONEAGE_PORT": "not-a-port", "BONEAGE_TTA_VARIANTS": "99", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-c", "import app; print(type(app.app).__name__)"], cwd=PROJECT_ROOT,
+                          env=broken, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "FastAPI"
+
+
+def test_a_bad_setting_stops_the_start_and_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BONEAGE_TTA_VARIANTS", "99")
+    app = create_app()
+    with pytest.raises(ValidationError, match="tta_variants"), TestClient(app):
+        pass
+
+
+def test_settings_come_from_the_environment_at_start_up(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    app = create_app()  # built before the environment is set: nothing was read yet
+    environment = {
+        "BONEAGE_DATABASE_URL": f"sqlite:///{tmp_path / 'env.db'}",
+        "BONEAGE_STORAGE_DIR": str(tmp_path / "env-storage"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'env-mlflow.db'}",
+        "BONEAGE_MALE_WEIGHTS": str(WEIGHTS / "male.pt"),
+        "BONEAGE_FEMALE_WEIGHTS": str(WEIGHTS / "female.pt"),
+        "BONEAGE_DEVICE": "cpu",
+        "BONEAGE_CORS_ORIGINS": "http://viewer.example",
+    }
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    with TestClient(app) as client:
+        assert client.get("/health").json()["database"] == "ok"
+        preflight = {"Origin": "http://viewer.example", "Access-Control-Request-Method": "POST"}
+        assert client.options("/predict", headers=preflight).headers["access-control-allow-origin"] == (
+            "http://viewer.example")
+    assert (tmp_path / "env.db").is_file() and (tmp_path / "env-storage" / "patients").is_dir()
+    assert (tmp_path / "env-mlflow.db").is_file()
