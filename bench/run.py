@@ -1,10 +1,9 @@
-#!/usr/bin/env python
 """Benchmark for "Fast on two cores": the real service against its floor and against a seed-style baseline.
 
-    .venv/bin/python bench/run.py                 # full run (minutes); writes bench/RESULTS.md
-    .venv/bin/python bench/run.py --quick         # smoke check with tiny counts; writes bench/out/RESULTS-quick.md
+    .venv/bin/python -m bench.run                 # full run (minutes); writes bench/RESULTS.md
+    .venv/bin/python -m bench.run --quick         # smoke check with tiny counts; writes bench/out/RESULTS-quick.md
 
-Measures, in this order:
+Run from the repository root. Measures, in this order:
   1. the floor, in this process: decode_upload + one forward and backward pass (batch of 1) of each model;
   2. the service (uvicorn subprocess, fresh temporary database, storage and MLflow store): cold start, peak RSS,
      single-request latency of POST /predict for a full-resolution and a 100 px film, the Server-Timing stages,
@@ -20,74 +19,41 @@ import asyncio
 import datetime as dt
 import json
 import math
-import os
-import platform
-import shlex
-import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
+from bench.harness import (
+    DEFAULT_DATA,
+    REPO,
+    Server,
+    busy,
+    command_line,
+    fmt,
+    interruptible_workdir,
+    loadavg,
+    machine_info,
+    median,
+    parse_env_pairs,
+    percentile,
+    ratio,
+    table,
+    wait_for_tracking,
+)
+
+MODULE = "bench.run"  # run as `python -m bench.run` from the repository root
 BENCH_DIR = Path(__file__).resolve().parent
-REPO = BENCH_DIR.parent
-DEFAULT_DATA = REPO.parent / "shared" / "data"
-HOST = "127.0.0.1"
 CONCURRENCY_LEVELS = (1, 4, 16)
 # The issue's minimum counts; a run below them is marked as a smoke run in the report.
 MIN_FLOOR_REPS, MIN_SINGLE, MIN_LOAD = 20, 20, 64
 WARMUP_REQUESTS = 3
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# small helpers
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Linear-interpolation percentile (q in [0, 1]); NaN for no values."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    k = (len(ordered) - 1) * q
-    low, high = math.floor(k), math.ceil(k)
-    return ordered[low] + (ordered[high] - ordered[low]) * (k - low)
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values) if values else math.nan
-
-
-def fmt(value: float, digits: int = 1) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
-
-
-def ratio(a: float, b: float) -> float:
-    return a / b if b and not math.isnan(a) and not math.isnan(b) else math.nan
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
-def table(header: list[str], rows: list[list[str]]) -> str:
-    """A Markdown table padded so it also reads well in a terminal."""
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
-    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"  # noqa: E731
-    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 
 class PatientIds:
@@ -109,251 +75,6 @@ class PatientIds:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# machine
-
-
-def machine_info() -> dict[str, str]:
-    info: dict[str, str] = {}
-    try:
-        info["nproc"] = subprocess.run(["nproc"], capture_output=True, text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        info["nproc"] = str(len(os.sched_getaffinity(0)))
-    info["cpu"] = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                info["ram"] = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
-    except OSError:
-        info["ram"] = "unknown"
-    info["os"] = platform.platform()
-    info["python"] = platform.python_version()
-    return info
-
-
-def loadavg() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "n/a"
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# processes and memory
-
-
-def _proc_status_kib(pid: int, key: str) -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
-def descendants(root: int) -> list[int]:
-    """Pids of all live descendants of `root` (scans /proc once)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            ppid = int(stat[stat.rindex(")") + 2:].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [root]
-    while todo and len(found) < 10_000:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-# Runs first in each server process, then execs uvicorn in the same pid: asks Linux for a SIGTERM when the
-# benchmark dies (PR_SET_PDEATHSIG survives exec), so even a killed benchmark leaves no server behind. Done this
-# way rather than with `preexec_fn`, which is unsafe once this process has threads (torch's, the samplers).
-PARENT_DEATH_WRAPPER = """
-import ctypes, os, signal, sys
-try:
-    ctypes.CDLL(None).prctl(1, signal.SIGTERM)
-except Exception:
-    pass
-if os.getppid() != int(sys.argv[1]):
-    sys.exit(1)
-os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
-"""
-
-
-class MemorySampler(threading.Thread):
-    """Samples VmRSS of a process tree and remembers each process's VmHWM."""
-
-    def __init__(self, pid: int, interval: float = 0.2) -> None:
-        super().__init__(name=f"rss-{pid}", daemon=True)
-        self.pid = pid
-        self.interval = interval
-        self.peak_rss_kib = 0
-        self.window_peak_kib = 0
-        self.hwm_kib: dict[int, int] = {}
-        self.max_processes = 1
-        self._stop_event = threading.Event()
-
-    def sample(self) -> None:
-        pids = [self.pid, *descendants(self.pid)]
-        total = 0
-        for pid in pids:
-            rss = _proc_status_kib(pid, "VmRSS")
-            hwm = _proc_status_kib(pid, "VmHWM")
-            if rss is not None:
-                total += rss
-            if hwm is not None:
-                self.hwm_kib[pid] = max(self.hwm_kib.get(pid, 0), hwm)
-        self.max_processes = max(self.max_processes, len(pids))
-        self.peak_rss_kib = max(self.peak_rss_kib, total)
-        self.window_peak_kib = max(self.window_peak_kib, total)
-
-    def reset_window(self) -> None:
-        self.window_peak_kib = 0
-
-    def run(self) -> None:
-        while not self._stop_event.wait(self.interval):
-            self.sample()
-
-    def stop(self) -> None:
-        self._stop_event.set()
-
-
-@dataclass
-class Server:
-    """A uvicorn subprocess with its own temporary database, storage and MLflow store."""
-
-    name: str
-    app: str
-    app_dir: Path
-    workdir: Path
-    extra_env: dict[str, str]
-    device: str
-    port: int = 0
-    proc: subprocess.Popen[bytes] | None = None
-    sampler: MemorySampler | None = None
-    cold_start_s: float = math.nan
-    log_path: Path | None = None
-
-    @property
-    def base_url(self) -> str:
-        return f"http://{HOST}:{self.port}"
-
-    def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith("BONEAGE_") and k not in ("MLFLOW_TRACKING_URI", "PYTHONPATH")}
-        env.update({
-            "BONEAGE_HOST": HOST,
-            "BONEAGE_PORT": str(self.port),
-            "BONEAGE_DATABASE_URL": f"sqlite:///{self.workdir / 'predictions.db'}",
-            "BONEAGE_STORAGE_DIR": str(self.workdir / "storage"),
-            "MLFLOW_TRACKING_URI": f"sqlite:///{self.workdir / 'mlflow.db'}",
-            "BONEAGE_DEVICE": self.device,
-            "PYTHONPATH": str(REPO),
-            "NO_PROXY": "127.0.0.1,localhost",
-        })
-        env.update(self.extra_env)
-        return env
-
-    def start(self, timeout_s: float) -> None:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.log_path = self.workdir / "server.log"
-        argv = [sys.executable, "-c", PARENT_DEATH_WRAPPER, str(os.getpid()),
-                "-m", "uvicorn", self.app, "--app-dir", str(self.app_dir), "--host", HOST, "--port", str(self.port),
-                "--log-level", "warning", "--no-access-log"]
-        log = open(self.log_path, "wb")  # noqa: SIM115 - closed with the process
-        started = time.perf_counter()
-        # cwd is the temporary folder, so anything written relative to it (MLflow's ./mlruns) stays there.
-        self.proc = subprocess.Popen(argv, cwd=self.workdir, env=self.env(), stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
-        log.close()
-        self.sampler = MemorySampler(self.proc.pid)
-        self.sampler.start()
-        deadline = started + timeout_s
-        with httpx.Client(timeout=5.0, trust_env=False) as client:
-            while time.perf_counter() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"{self.name} exited with code {self.proc.returncode} while starting:\n"
-                                       + self.log_tail())
-                try:
-                    if client.get(f"{self.base_url}/health").status_code == 200:
-                        self.cold_start_s = time.perf_counter() - started
-                        return
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.05)
-        raise RuntimeError(f"{self.name} did not answer GET /health with 200 within {timeout_s:.0f} s:\n"
-                           + self.log_tail())
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])  # type: ignore[union-attr]
-        except (OSError, AttributeError):
-            return "(no log)"
-
-    def memory(self) -> dict[str, float]:
-        """VmHWM (per process, summed over the tree) and the sampled RSS peaks, in MiB."""
-        if self.sampler is None:
-            return {}
-        self.sampler.sample()
-        return {"vmhwm_mib": sum(self.sampler.hwm_kib.values()) / 1024,
-                "sampled_peak_mib": self.sampler.peak_rss_kib / 1024,
-                "sampled_load_peak_mib": self.sampler.window_peak_kib / 1024,
-                "processes": float(self.sampler.max_processes)}
-
-    def stop(self) -> None:
-        """SIGTERM to the server's own process group, SIGKILL after 20 s."""
-        if self.sampler is not None:
-            self.sampler.stop()
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)  # the group this script created for the server
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
-        except ProcessLookupError:
-            pass
-
-
-@contextmanager
-def interruptible_workdir(prefix: str, keep: bool) -> Iterator[Path]:
-    """A temporary folder for one run, with SIGTERM and Ctrl-C (also when started in the background) raised as
-    KeyboardInterrupt inside; on the way out the signal handlers are restored and the folder removed unless `keep`.
-    """
-    tmp = Path(tempfile.mkdtemp(prefix=prefix))
-
-    def on_sigterm(_signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
-    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        yield tmp
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        signal.signal(signal.SIGINT, previous_int)
-        if keep:
-            print(f"temporary files kept in {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # the floor
 
 
@@ -364,14 +85,13 @@ def measure_floor(images: dict[str, bytes], reps: int, warmup: int, device_name:
     (the served models' weights are frozen, so autograd stops there; `male_boneage/inference.py`). For reference
     the same is also measured with a full backward pass into every weight, as a textbook Grad-CAM does.
     """
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
+    # Imported here, not at the top: torch and the models take seconds to load and only the floor needs them.
     import torch
 
     from male_boneage.augment import standardize, to_model_pixels
     from male_boneage.inference import MEAN_INDEX, BoneAgeModel, build_net, load_weights
     from male_boneage.model import FlatOutput
-    from utils.image_io import UploadLimits, decode_upload
+    from utils.imaging import UploadLimits, decode_upload
 
     device = torch.device("cuda" if device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
                           else "cpu")
@@ -533,25 +253,11 @@ def run_load(server: Server, image: tuple[str, bytes], n: int, ids: PatientIds, 
         level = load_level(server.base_url, image, n, concurrency, ids, args.request_timeout, args.phase_timeout)
         level["backlog_after"], level["drain_s"] = wait_for_tracking(server.base_url)
         print(f"    {level['ok']}/{level['sent']} ok, {fmt(level['rps'], 2)} req/s, "  # type: ignore[arg-type]
-              f"p50 {fmt(level['p50_ms'], 0)} ms, p95 {fmt(level['p95_ms'], 0)} ms, errors {level['errors'] or 'none'}; "  # type: ignore[arg-type]
+              f"p50 {fmt(level['p50_ms'], 0)} ms, p95 {fmt(level['p95_ms'], 0)} ms, "  # type: ignore[arg-type]
+              f"errors {level['errors'] or 'none'}; "
               f"MLflow runs pending after it {level['backlog_after']}, logged within {fmt(level['drain_s'], 1)} s")  # type: ignore[arg-type]
         levels.append(level)
     return levels
-
-
-def wait_for_tracking(base_url: str, timeout_s: float = 300.0) -> tuple[int | None, float]:
-    """(MLflow runs pending now, seconds until none are): from /health's `tracking_backlog`; (None, nan) if the
-    server does not report one (the seed baseline logs inside the request)."""
-    start = time.monotonic()
-    first = None
-    with httpx.Client(timeout=30) as client:
-        while time.monotonic() - start < timeout_s:
-            backlog = client.get(f"{base_url}/health").json().get("tracking_backlog")
-            first = backlog if first is None else first
-            if not backlog:
-                return first, (time.monotonic() - start) if backlog is not None else math.nan
-            time.sleep(0.1)
-    return first, math.nan
 
 
 def errors_text(errors: dict[str, int]) -> str:
@@ -563,7 +269,8 @@ def errors_text(errors: dict[str, int]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, help=f"requests per concurrency level (default {MIN_LOAD}; quick 8)")
     parser.add_argument("--single", type=int,
                         help=f"measured single requests per image (default {MIN_SINGLE}; quick 3)")
@@ -598,20 +305,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def parse_env_pairs(parser: argparse.ArgumentParser, items: list[str]) -> dict[str, str]:
-    """`--env KEY=VALUE` options -> a dict; a malformed one is a usage error."""
-    extra = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            parser.error(f"--env expects KEY=VALUE, got {item!r}")
-        extra[key] = value
-    return extra
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    command = shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join([sys.executable, __file__, *argv])
+    command = command_line(MODULE, argv)
     images_paths = {"full": args.data / "rsna-test-20" / "4360.png",
                     "small": args.data / "rsna-train-100px" / "1377.png"}
     for path in images_paths.values():
@@ -637,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             for name in images:
                 print(f"  {name}: {fmt(results['floor'][name]['total'])} ms")  # type: ignore[index]
 
-            service = Server("service", "app:app", REPO, tmp / "service", args.extra_env, args.device)
+            service = Server(tmp / "service", extra_env=args.extra_env, device=args.device)
             servers.append(service)
             print("service: starting ...", flush=True)
             service.start(args.start_timeout)
@@ -672,8 +368,8 @@ def main(argv: list[str] | None = None) -> int:
 
             if not args.no_unbatched:
                 # The same service with micro-batching off: what batching gains under load.
-                unbatched = Server("service without batching", "app:app", REPO, tmp / "unbatched",
-                                   {**args.extra_env, "BONEAGE_BATCH_MAX_SIZE": "1"}, args.device)
+                unbatched = Server(tmp / "unbatched", "service without batching",
+                                   extra_env={**args.extra_env, "BONEAGE_BATCH_MAX_SIZE": "1"}, device=args.device)
                 servers.append(unbatched)
                 print("service with BONEAGE_BATCH_MAX_SIZE=1 (no micro-batching): starting ...", flush=True)
                 unbatched.start(args.start_timeout)
@@ -683,8 +379,8 @@ def main(argv: list[str] | None = None) -> int:
                 unbatched.stop()
 
             if not args.no_baseline:
-                baseline = Server("seed baseline", "seed_baseline:app", BENCH_DIR, tmp / "baseline", args.extra_env,
-                                  args.device)
+                baseline = Server(tmp / "baseline", "seed baseline", "seed_baseline:app", BENCH_DIR,
+                                  extra_env=args.extra_env, device=args.device)
                 servers.append(baseline)
                 print("seed baseline: starting ...", flush=True)
                 baseline.start(args.start_timeout)
@@ -746,18 +442,6 @@ def agreement(service_body: dict | None, baseline_body: dict | None) -> dict[str
     return {"checked": True, "max_abs_diff_months": max(diffs.values()),
             "service_male_months": service_body["male_prediction"]["age_months"],
             "baseline_male_months": baseline_body["male_prediction"]["age_months"]}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# report
-
-
-def busy(load: str, nproc: str) -> bool:
-    """True when the 1-minute load average at start was above a quarter of the cores."""
-    try:
-        return float(load.split()[0]) > 0.25 * max(1, int(nproc))
-    except (ValueError, IndexError):
-        return False
 
 
 def render(r: dict, args: argparse.Namespace) -> str:  # type: ignore[type-arg]

@@ -7,7 +7,7 @@ SQLAlchemy insert into SQLite, and an MLflow run through the fluent API. The mod
 the estimates equal the service's; only the service's design (worker threads, per-model locks, one shared CAM
 pass, downscaled heatmaps, MlflowClient with explicit run ids, ...) is missing.
 
-Not part of the service. Started by bench/run.py:
+Not part of the service. Started by bench/run.py; by hand, from the repository root:
 
     BONEAGE_DATABASE_URL=sqlite:///... BONEAGE_STORAGE_DIR=... MLFLOW_TRACKING_URI=sqlite:///... \
         python -m uvicorn seed_baseline:app --app-dir bench --host 127.0.0.1 --port 8001
@@ -18,7 +18,6 @@ from __future__ import annotations
 import datetime as dt
 import io
 import os
-import sys
 import uuid
 from pathlib import Path
 
@@ -32,13 +31,11 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from sqlalchemy import Column, DateTime, Float, Integer, String, create_engine
 from sqlalchemy.orm import Session, declarative_base
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from male_boneage.augment import DEFAULT_TTA, standardize, to_model_pixels, tta_batch
+from male_boneage.inference import MEAN_INDEX, build_net, combine_tta, load_weights
+from male_boneage.model import FlatOutput
 
-from male_boneage.augment import DEFAULT_TTA, standardize, to_model_pixels, tta_batch  # noqa: E402
-from male_boneage.inference import MEAN_INDEX, build_net, combine_tta, load_weights  # noqa: E402
-from male_boneage.model import FlatOutput  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 DATABASE_URL = os.environ.get("BONEAGE_DATABASE_URL", f"sqlite:///{REPO / 'bench' / 'out' / 'baseline.db'}")
 STORAGE_DIR = Path(os.environ.get("BONEAGE_STORAGE_DIR", str(REPO / "bench" / "out" / "baseline-storage")))

@@ -1,18 +1,18 @@
-#!/usr/bin/env python
 """Soak test: the real service under a long mixed stream of good and bad requests.
 
-    .venv/bin/python bench/soak.py                        # 1000 requests at concurrency 8 (tens of minutes)
-    .venv/bin/python bench/soak.py --requests 40          # smoke check
-    .venv/bin/python bench/soak.py --out bench/SOAK.md    # write the report there
+    .venv/bin/python -m bench.soak                        # 1000 requests at concurrency 8 (tens of minutes)
+    .venv/bin/python -m bench.soak --requests 40          # smoke check
+    .venv/bin/python -m bench.soak --out bench/SOAK.md    # write the report there
 
-Starts the service with uvicorn (fresh temporary database, storage and MLflow store; the helpers of bench/run.py),
-warms it up, then sends N requests at concurrency C, chosen deterministically by a seeded RNG: about 60% good
-POST /predict with real films (rsna-raw-12 and rsna-test-20; new and repeated patient ids), the rest bad uploads
-(random bytes, empty, truncated PNG, a PNG decompression bomb, an animated GIF, a too-small image), invalid patient
-ids, GET /results for unknown and known patients, GET /storage traversal attempts and GET /health. Reports the
-responses by status code and request kind, errors (any 5xx, timeout or connection error), statuses other than the
-expected one, p50/p95 latency, the server's RSS (VmRSS of the process and its children) at start (after warm-up),
-middle and end and its growth, and whether storage and database hold exactly the successful predictions.
+Run from the repository root. Starts the service with uvicorn (fresh temporary database, storage and MLflow store;
+bench/harness.py), warms it up, then sends N requests at concurrency C, chosen deterministically by a seeded RNG:
+about 60% good POST /predict with real films (rsna-raw-12 and rsna-test-20; new and repeated patient ids), the rest
+bad uploads (random bytes, empty, truncated PNG, a PNG decompression bomb, an animated GIF, a too-small image),
+invalid patient ids, GET /results for unknown and known patients, GET /storage traversal attempts and GET /health.
+Reports the responses by status code and request kind, errors (any 5xx, timeout or connection error), statuses
+other than the expected one, p50/p95 latency, the server's RSS (VmRSS of the process and its children) at start
+(after warm-up), middle and end and its growth, and whether storage and database hold exactly the successful
+predictions.
 
 Only 127.0.0.1 is contacted. Every request has a timeout, the whole run is bounded by --max-seconds (and the
 request count), and the server is stopped at the end, also on errors and Ctrl-C / SIGTERM.
@@ -26,11 +26,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import importlib.util
 import io
 import math
 import random
-import shlex
 import struct
 import sys
 import time
@@ -43,22 +41,25 @@ from typing import Any
 import httpx
 from PIL import Image
 
+from bench.harness import (
+    DEFAULT_DATA,
+    HOST,
+    Server,
+    busy,
+    command_line,
+    fmt,
+    interruptible_workdir,
+    loadavg,
+    machine_info,
+    parse_env_pairs,
+    percentile,
+    table,
+    tree_rss_kib,
+    wait_for_tracking,
+)
+
+MODULE = "bench.soak"  # run as `python -m bench.soak` from the repository root
 BENCH_DIR = Path(__file__).resolve().parent
-
-
-def _load_bench_run() -> Any:
-    """bench/run.py as a module (its server, process and formatting helpers), without running it."""
-    spec = importlib.util.spec_from_file_location("bench_run", BENCH_DIR / "run.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look the module up while the class is created
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_bench_run()
-HOST: str = bench.HOST  # 127.0.0.1, the only address contacted
-DEFAULT_DATA: Path = bench.DEFAULT_DATA
 FILM_FOLDERS = ("rsna-raw-12", "rsna-test-20")
 GROWTH_TARGET_PCT = 10.0
 SMOKE_BELOW = 200  # requests; fewer make the memory figures meaningless
@@ -299,11 +300,6 @@ async def send(client: httpx.AsyncClient, port: int, p: Planned, timeout_s: floa
     return Outcome(p, str(response.status_code), elapsed, detail, body if response.status_code == 200 else None)
 
 
-def rss_kib(pid: int) -> int:
-    """VmRSS of the process and all its descendants, KiB."""
-    return sum(bench._proc_status_kib(p, "VmRSS") or 0 for p in [pid, *bench.descendants(pid)])
-
-
 @dataclass
 class LoadResult:
     outcomes: list[Outcome] = field(default_factory=list)
@@ -330,12 +326,12 @@ async def run_load(base_url: str, port: int, server_pid: int, plan: list[Planned
                 result.outcomes.append(outcome)
                 done = len(result.outcomes)
                 if done in marks:
-                    result.rss_marks.append((done, rss_kib(server_pid)))
+                    result.rss_marks.append((done, tree_rss_kib(server_pid)))
                 if not quiet and (outcome.is_error or outcome.unexpected):
                     print(f"    #{p.index} {p.kind}: {outcome.status} {outcome.detail[:120]}", flush=True)
                 if not quiet and done % max(1, len(plan) // 10) == 0:
                     print(f"  {done}/{len(plan)} responses, {sum(o.is_error for o in result.outcomes)} errors, "
-                          f"RSS {rss_kib(server_pid) / 1024:.0f} MiB", flush=True)
+                          f"RSS {tree_rss_kib(server_pid) / 1024:.0f} MiB", flush=True)
 
         started = time.perf_counter()
         tasks = [asyncio.create_task(worker()) for _ in range(concurrency)]
@@ -401,8 +397,8 @@ def server_log_problems(log: Path | None) -> tuple[int, list[str]]:
 
 def latency_row(label: str, outcomes: list[Outcome]) -> list[str]:
     values = [o.latency_ms for o in outcomes if not o.is_error]
-    return [label, str(len(values)), bench.fmt(bench.percentile(values, 0.5), 0),
-            bench.fmt(bench.percentile(values, 0.95), 0), bench.fmt(max(values) if values else math.nan, 0)]
+    return [label, str(len(values)), fmt(percentile(values, 0.5), 0),
+            fmt(percentile(values, 0.95), 0), fmt(max(values) if values else math.nan, 0)]
 
 
 def growth_pct(start_kib: int, end_kib: int) -> float:
@@ -432,7 +428,7 @@ def render(r: dict[str, Any]) -> str:
         f"- load average (1/5/15 min) at start {r['loadavg_start']}, at end {r['loadavg_end']}",
         *([f"- **warning: the machine was busy** (1-min load average {r['loadavg_start'].split()[0]} at start on "
            f"{m['nproc']} cores): other processes competed for the CPU, so latencies are pessimistic and noisy"]
-          if bench.busy(r["loadavg_start"], m["nproc"]) else []),
+          if busy(r["loadavg_start"], m["nproc"]) else []),
         f"- plan: {args.requests} requests at concurrency {args.concurrency}, seed {args.seed}, {r['films']} films "
         f"({', '.join(FILM_FOLDERS)}); warm-up {r['warmup']['sent']} requests ({args.concurrency} good, then "
         f"{args.warmup} of the same mix with another seed; {r['warmup']['good_ok']} predictions stored), errors or "
@@ -449,7 +445,7 @@ def render(r: dict[str, Any]) -> str:
         f"- errors (5xx, timeouts, connection errors): **{len(errors)}**",
         f"- statuses other than the expected one: **{len(unexpected)}**"
         + (f" (warm-up: {r['warmup']['problems']})" if r["warmup"]["problems"] else ""),
-        f"- RSS growth end vs start: **{bench.fmt(growth, 1)}%** (target < {GROWTH_TARGET_PCT:.0f}%: "
+        f"- RSS growth end vs start: **{fmt(growth, 1)}%** (target < {GROWTH_TARGET_PCT:.0f}%: "
         f"{verdict})",
     ]
     cons = r.get("consistency")
@@ -462,13 +458,13 @@ def render(r: dict[str, Any]) -> str:
         out.append(f"- storage and database: not checked ({r.get('consistency_skipped', 'no run')})")
     if "tracking_backlog" in r:
         out.append(f"- MLflow: {r['tracking_backlog']} runs pending when the load ended, all logged within "
-                   f"{bench.fmt(r['tracking_drain_s'], 1)} s; pending after that: {r['tracking_left']}")
+                   f"{fmt(r['tracking_drain_s'], 1)} s; pending after that: {r['tracking_left']}")
     out.append(f"- server log: {r['log_problems'][0]} ERROR/traceback lines")
     out.append("")
 
     statuses = Counter(o.status for o in outcomes)
     out += ["## Responses by status", "",
-            bench.table(["status", "count"], [[s, str(c)] for s, c in sorted(statuses.items())]), ""]
+            table(["status", "count"], [[s, str(c)] for s, c in sorted(statuses.items())]), ""]
 
     rows = []
     by_kind: dict[str, list[Outcome]] = defaultdict(list)
@@ -480,10 +476,10 @@ def render(r: dict[str, Any]) -> str:
         lat = [o.latency_ms for o in got if not o.is_error]
         rows.append([kind, group, str(len(got)), ", ".join(f"{s}: {c}" for s, c in sorted(counts.items())) or "-",
                      "/".join(map(str, sorted(expected))), str(sum(o.unexpected for o in got)),
-                     str(sum(o.is_error for o in got)), bench.fmt(bench.percentile(lat, 0.5), 0),
-                     bench.fmt(bench.percentile(lat, 0.95), 0)])
+                     str(sum(o.is_error for o in got)), fmt(percentile(lat, 0.5), 0),
+                     fmt(percentile(lat, 0.95), 0)])
     out += ["## Responses by request kind", "",
-            bench.table(["kind", "group", "n", "statuses", "expected", "unexpected", "errors", "p50 ms", "p95 ms"],
+            table(["kind", "group", "n", "statuses", "expected", "unexpected", "errors", "p50 ms", "p95 ms"],
                         rows), "",
             "good: a real film and a valid patient id (new, or one of "
             f"{REPEAT_POOL} ids used again and again, also concurrently); bad: invalid uploads, patient ids or paths; "
@@ -491,7 +487,7 @@ def render(r: dict[str, Any]) -> str:
 
     goods = [o for o in outcomes if o.planned.group == "good"]
     out += ["## Latency", "",
-            bench.table(["requests", "answered", "p50 ms", "p95 ms", "max ms"],
+            table(["requests", "answered", "p50 ms", "p95 ms", "max ms"],
                         [latency_row("all", outcomes), latency_row("good (POST /predict, valid)", goods),
                          latency_row("good answered 200", [o for o in goods if o.status == "200"]),
                          latency_row("bad", [o for o in outcomes if o.planned.group == "bad"]),
@@ -501,14 +497,14 @@ def render(r: dict[str, Any]) -> str:
 
     marks = ", ".join(f"{n}: {kib / 1024:.0f}" for n, kib in mem["marks"])
     out += ["## Server memory (VmRSS of the server process and its children)", "",
-            bench.table(["when", "RSS MiB"],
-                        [["start (after warm-up)", bench.fmt(mem["start_kib"] / 1024, 0)],
+            table(["when", "RSS MiB"],
+                        [["start (after warm-up)", fmt(mem["start_kib"] / 1024, 0)],
                          [f"middle (after {mem['middle_at']} responses)",
-                          bench.fmt(mem["middle_kib"] / 1024 if mem["middle_kib"] else math.nan, 0)],
-                         ["end (after the last response)", bench.fmt(mem["end_kib"] / 1024, 0)],
-                         ["growth end vs start", f"{bench.fmt(growth, 1)}%"],
-                         ["sampled peak (every 0.2 s, whole run)", bench.fmt(mem["sampled_peak_mib"], 0)],
-                         ["VmHWM (peak, summed per process)", bench.fmt(mem["vmhwm_mib"], 0)],
+                          fmt(mem["middle_kib"] / 1024 if mem["middle_kib"] else math.nan, 0)],
+                         ["end (after the last response)", fmt(mem["end_kib"] / 1024, 0)],
+                         ["growth end vs start", f"{fmt(growth, 1)}%"],
+                         ["sampled peak (every 0.2 s, whole run)", fmt(mem["sampled_peak_mib"], 0)],
+                         ["VmHWM (peak, summed per process)", fmt(mem["vmhwm_mib"], 0)],
                          ["processes (most seen)", str(mem["processes"])]]), "",
             f"RSS after n responses (MiB): {marks or 'n/a'}.", ""]
 
@@ -516,7 +512,7 @@ def render(r: dict[str, Any]) -> str:
         rows = [[str(o.planned.index), o.planned.kind, o.status, o.planned.path[:60], o.planned.note,
                  o.detail.replace("|", "/").replace("\n", " ")[:100]] for o in (errors + unexpected)[:30]]
         out += ["## Errors and unexpected statuses (first 30)", "",
-                bench.table(["#", "kind", "status", "path", "note", "detail"], rows), ""]
+                table(["#", "kind", "status", "path", "note", "detail"], rows), ""]
     if cons and cons["mismatched"]:
         out += ["## Storage/database mismatches", "", *[f"- {line}" for line in cons["mismatched"][:20]], ""]
     if r["log_problems"][0]:
@@ -536,7 +532,8 @@ def render(r: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=1000, help="requests to send (default 1000)")
     parser.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
     parser.add_argument("--seed", type=int, default=1, help="seed of the request mix (default 1)")
@@ -560,11 +557,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.max_seconds <= 0 or args.request_timeout <= 0:
         parser.error("--max-seconds and --request-timeout must be positive")
     args.warmup = args.warmup if args.warmup is not None else 4 * args.concurrency
-    args.extra_env = bench.parse_env_pairs(parser, args.env)
+    args.extra_env = parse_env_pairs(parser, args.env)
     return args
 
 
-def warm_up(server: Any, films: Films, args: argparse.Namespace, deadline: float
+def warm_up(server: Server, films: Films, args: argparse.Namespace, deadline: float
             ) -> tuple[Known, dict[str, Any], Counter[str]]:
     """`concurrency` good requests (they give the known patients and file), then --warmup requests of the same
     mix as the soak (another seed) at the same concurrency, so that what a steady state allocates (batch buffers,
@@ -600,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     t0 = time.monotonic()
     deadline = t0 + args.max_seconds
-    command = shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join([sys.executable, __file__, *argv])
+    command = command_line(MODULE, argv)
     missing = [args.data / folder for folder in FILM_FOLDERS if not (args.data / folder).is_dir()]
     if missing:
         print(f"missing {', '.join(map(str, missing))}; pass --data <RSNA data folder>", file=sys.stderr)
@@ -610,14 +607,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no PNG films in {args.data}/{{{','.join(FILM_FOLDERS)}}}", file=sys.stderr)
         return 2
     started_at = dt.datetime.now().astimezone()
-    machine = bench.machine_info()
+    machine = machine_info()
     r: dict[str, Any] = {"args": args, "command": command, "date": started_at.isoformat(timespec="seconds"),
-                         "machine": machine, "loadavg_start": bench.loadavg(), "films": len(films.items),
+                         "machine": machine, "loadavg_start": loadavg(), "films": len(films.items),
                          "extra_env": args.extra_env}
     print(f"soak: {args.requests} requests at concurrency {args.concurrency} (seed {args.seed}); "
           f"{machine['nproc']} cores, load average {r['loadavg_start']}", flush=True)
-    with bench.interruptible_workdir("boneage-soak-", args.keep_tmp) as tmp:
-        server = bench.Server("service", "app:app", bench.REPO, tmp / "service", args.extra_env, args.device)
+    with interruptible_workdir("boneage-soak-", args.keep_tmp) as tmp:
+        server = Server(tmp / "service", extra_env=args.extra_env, device=args.device)
         try:
             print("service: starting ...", flush=True)
             server.start(max(1.0, min(args.start_timeout, deadline - time.monotonic())))
@@ -629,13 +626,13 @@ def main(argv: list[str] | None = None) -> int:
             plan = make_plan(args.requests, args.seed, films, known)
             half = max(1, math.ceil(args.requests / 2))
             marks = {max(1, round(args.requests * k / 10)) for k in range(1, 11)} | {half}
-            start_kib = rss_kib(server.proc.pid)
+            start_kib = tree_rss_kib(server.proc.pid)
             assert server.sampler is not None
             server.sampler.reset_window()
             print(f"  RSS after warm-up {start_kib / 1024:.0f} MiB; sending {len(plan)} requests ...", flush=True)
             load = asyncio.run(run_load(server.base_url, server.port, server.proc.pid, plan, args.concurrency,
                                         args.request_timeout, deadline, marks))
-            end_kib = rss_kib(server.proc.pid)
+            end_kib = tree_rss_kib(server.proc.pid)
             r["load"] = load
             r["smoke"] = len(load.outcomes) < SMOKE_BELOW
             memory = server.memory()
@@ -648,12 +645,12 @@ def main(argv: list[str] | None = None) -> int:
                 if o.planned.group == "good" and o.status == "200":
                     successes[o.planned.patient_id] += 1  # type: ignore[index]
             # MLflow: the runs held back during the load must all be logged once it is over.
-            r["tracking_backlog"], r["tracking_drain_s"] = bench.wait_for_tracking(server.base_url)
-            r["tracking_left"] = bench.wait_for_tracking(server.base_url, timeout_s=1.0)[0]
+            r["tracking_backlog"], r["tracking_drain_s"] = wait_for_tracking(server.base_url)
+            r["tracking_left"] = wait_for_tracking(server.base_url, timeout_s=1.0)[0]
             if load.cut_off:
                 r["consistency_skipped"] = "requests were cut off at the time limit and may still be running"
             else:
-                r["consistency"] = consistency(server.base_url, server.workdir / "storage", successes,
+                r["consistency"] = consistency(server.base_url, server.storage_dir, successes,
                                                args.request_timeout, deadline)
         except KeyboardInterrupt:
             print("\ninterrupted: stopping the server", file=sys.stderr)
@@ -667,7 +664,7 @@ def main(argv: list[str] | None = None) -> int:
             server.stop()
             r["log_problems"] = server_log_problems(server.log_path)
 
-    r["loadavg_end"] = bench.loadavg()
+    r["loadavg_end"] = loadavg()
     r["duration_s"] = time.monotonic() - t0
     report = render(r)
     print("\n" + report)

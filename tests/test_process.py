@@ -2,129 +2,139 @@
 
 from __future__ import annotations
 
-import os
+import math
 import signal
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+from helpers import TEST20
 from mlflow import MlflowClient
+from mlflow.entities import Run
 from sqlalchemy import create_engine, text
 
-from conftest import PROJECT_ROOT, TEST20
+from bench.harness import Server, wait_for_tracking
+from mlflow_config import EXPERIMENT_NAME
 
 FILMS = sorted(TEST20.glob("*.png"))[:6]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Server:
-    """`uvicorn app:app` in a subprocess with its stores in `tmp`."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env = os.environ | {
-            "BONEAGE_DATABASE_URL": f"sqlite:///{tmp / 'predictions.db'}",
-            "BONEAGE_STORAGE_DIR": str(tmp / "storage"),
-            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
-            "BONEAGE_TRACKING_RETRY_SECONDS": "0.5",
-        }
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "app:app", "--host", "127.0.0.1", "--port", str(self.port)],
-            cwd=PROJECT_ROOT, env=self.env, stdout=subprocess.DEVNULL, stderr=open(self.tmp / "server.log", "ab"))
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, (self.tmp / "server.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise AssertionError("server did not become ready")
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=30)
-
-
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[Server]:
-    srv = Server(tmp_path)
+    """The service with its stores in `tmp_path`, killed at the end of the test if still running.
+
+    One image per model pass (no micro-batching): concurrent requests queue at the two model workers, so their
+    responses come back one model pass apart, and a signal sent when the first response arrives lands while the
+    others are still in flight, however fast the machine is.
+    """
+    srv = Server(tmp_path, log_level="info",  # uvicorn logs its shutdown
+                 extra_env={"BONEAGE_TRACKING_RETRY_SECONDS": "0.5", "BONEAGE_BATCH_MAX_SIZE": "1"})
     yield srv
-    srv.stop()
+    srv.kill()
 
 
-def _post(url: str, path: Path, patient_id: str) -> int:
+def _post(url: str, path: Path, patient_id: str) -> httpx.Response | None:
+    """POST /predict with a film; None when no answer came (the server died mid-request)."""
     try:
-        return httpx.post(f"{url}/predict", files={"image": (path.name, path.read_bytes())},
-                          data={"patient_id": patient_id}, timeout=60).status_code
+        with httpx.Client(timeout=60, trust_env=False) as client:
+            return client.post(f"{url}/predict", files={"image": (path.name, path.read_bytes())},
+                               data={"patient_id": patient_id})
     except httpx.HTTPError:
-        return -1  # the server died mid-request
+        return None
+
+
+def _send_and_signal(server: Server, films: list[Path], prefix: str, signal_server: Callable[[], object]
+                     ) -> tuple[dict[str, httpx.Response | None], int]:
+    """POST the films at once (patient ids prefix0, prefix1, ...); call `signal_server()` as soon as the first
+    response has come back. Returns each patient's response (None: none came) and how many requests were still
+    waiting for theirs when the signal was sent."""
+    with ThreadPoolExecutor(max_workers=len(films)) as pool:
+        futures: dict[str, Future[httpx.Response | None]] = {
+            f"{prefix}{i}": pool.submit(_post, server.base_url, film, f"{prefix}{i}") for i, film in enumerate(films)}
+        done, _ = wait(futures.values(), timeout=120, return_when=FIRST_COMPLETED)
+        in_flight = sum(not f.done() for f in futures.values())
+        signal_server()
+        first = next(iter(done), None)
+        assert first is not None and first.result() is not None, server.log_tail()
+        assert first.result().status_code == 200, first.result().text  # type: ignore[union-attr]
+        return {patient: f.result() for patient, f in futures.items()}, in_flight
+
+
+def _stored(server: Server) -> tuple[dict[str, dict[str, Any]], set[str], list[Run], set[tuple[str, str]]]:
+    """What the server's stores hold: prediction rows by id, patient ids with a row, the active MLflow runs, and
+    every (patient, entry) under storage/patients (hidden staging folders included)."""
+    engine = create_engine(server.database_url)
+    with engine.connect() as conn:
+        rows = {row["id"]: dict(row) for row in conn.execute(text(
+            "SELECT id, patient_id, image_path, male_gradcam_path, female_gradcam_path, mlflow_run_id "
+            "FROM predictions")).mappings()}
+        patients = set(conn.execute(text("SELECT patient_id FROM patients")).scalars())
+    engine.dispose()
+    mlflow = MlflowClient(server.tracking_uri)
+    experiment = mlflow.get_experiment_by_name(EXPERIMENT_NAME)
+    runs = list(mlflow.search_runs([experiment.experiment_id])) if experiment else []
+    root = server.storage_dir / "patients"
+    entries = {(patient.name, entry.name) for patient in root.iterdir() if patient.is_dir()
+               for entry in patient.iterdir()} if root.is_dir() else set()
+    return rows, patients, runs, entries
 
 
 def test_sigkill_mid_prediction_then_restart_is_consistent(server: Server) -> None:
-    server.start()
-    with ThreadPoolExecutor(max_workers=6) as pool:
-        futures = [pool.submit(_post, server.url, f, f"K{i}") for i, f in enumerate(FILMS)]
-        time.sleep(1.0)  # some requests are in the middle of inference, storage, database or MLflow
-        assert server.process is not None
-        server.process.send_signal(signal.SIGKILL)
-        server.process.wait(timeout=30)
-        statuses = [f.result() for f in futures]
-    assert -1 in statuses or all(s == 200 for s in statuses)
+    server.start(timeout_s=120)
+    responses, in_flight = _send_and_signal(server, FILMS, "K", server.kill)
+    answered = {patient: r for patient, r in responses.items() if r is not None}
+    cut_off = {patient for patient, r in responses.items() if r is None}
+    assert in_flight and cut_off, "the kill did not land while requests were in flight"
+    assert all(r.status_code == 200 for r in answered.values()), {p: r.text[:200] for p, r in answered.items()}
 
-    server.start()  # starts cleanly and reconciles
-    assert httpx.get(f"{server.url}/health", timeout=10).json()["database"] == "ok"
-    deadline = time.monotonic() + 60  # let the worker complete the runs the kill interrupted
-    while httpx.get(f"{server.url}/health", timeout=10).json()["tracking_backlog"] and time.monotonic() < deadline:
-        time.sleep(0.2)
-    patients = server.tmp / "storage" / "patients"
-    with create_engine(server.env["BONEAGE_DATABASE_URL"]).connect() as conn:
-        rows = list(conn.execute(text("SELECT * FROM predictions")).mappings())
-    for row in rows:  # no row points at a missing file
+    server.start(timeout_s=120)  # starts cleanly and reconciles
+    assert httpx.get(f"{server.base_url}/health", timeout=10, trust_env=False).json()["database"] == "ok"
+    _, drain_s = wait_for_tracking(server.base_url, timeout_s=60)  # the worker completes the interrupted runs
+    assert not math.isnan(drain_s), "MLflow runs of stored predictions were still pending a minute after restart"
+    rows, patients, runs, entries = _stored(server)
+
+    # The whole store agrees: every row has its files and exactly one finished run with its run id; every folder
+    # (hidden staging folders included) has its row; every run has its row.
+    runs_by_prediction = {run.data.tags["prediction_id"]: run for run in runs}
+    assert max(Counter(run.data.tags["prediction_id"] for run in runs).values(), default=0) <= 1
+    assert set(runs_by_prediction) == set(rows)
+    for prediction_id, row in rows.items():
         for column in ("image_path", "male_gradcam_path", "female_gradcam_path"):
-            assert (server.tmp / "storage" / row[column]).is_file()
-    on_disk = {p.name for patient in patients.iterdir() for p in patient.iterdir()} if patients.exists() else set()
-    assert on_disk == {row["id"] for row in rows}  # no partial or unrecorded folders left visible
-    mlflow = MlflowClient(server.env["MLFLOW_TRACKING_URI"])
-    experiment = mlflow.get_experiment_by_name("bone-age-estimation")
-    runs = mlflow.search_runs([experiment.experiment_id]) if experiment else []
-    known = {row["id"] for row in rows}
-    assert all(run.data.tags["prediction_id"] in known for run in runs)  # no run the database does not know
-    assert all(run.info.status == "FINISHED" for run in runs)
-    # and the service still works
-    assert _post(server.url, FILMS[0], "K-after") == 200
+            assert (server.storage_dir / row[column]).is_file(), (column, row)
+        run = runs_by_prediction[prediction_id]
+        assert (run.info.status, run.info.run_id) == ("FINISHED", row["mlflow_run_id"]), row
+        assert run.data.tags["patient_id"] == row["patient_id"]
+    assert entries == {(row["patient_id"], prediction_id) for prediction_id, row in rows.items()}
+
+    # Every answered request's prediction is stored (and so complete, as above) under its patient.
+    for patient, response in answered.items():
+        body = response.json()
+        assert rows.get(body["prediction_id"], {}).get("patient_id") == patient, body
+        assert body["mlflow_run_id"] in (None, rows[body["prediction_id"]]["mlflow_run_id"])
+    # Every request cut off left one complete prediction (stored before the kill, the response lost) or nothing:
+    # no row, no patient, no folder, no run.
+    for patient in cut_off:
+        theirs = [row for row in rows.values() if row["patient_id"] == patient]
+        assert len(theirs) <= 1, theirs
+        if not theirs:
+            assert patient not in patients
+            assert not any(run.data.tags.get("patient_id") == patient for run in runs)
+
+    after = _post(server.base_url, FILMS[0], "K-after")  # and the service still works
+    assert after is not None and after.status_code == 200
 
 
 def test_sigterm_lets_in_flight_requests_finish(server: Server) -> None:
-    server.start()
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        futures = [pool.submit(_post, server.url, f, f"T{i}") for i, f in enumerate(FILMS[:3])]
-        time.sleep(0.3)
-        assert server.process is not None
-        server.process.send_signal(signal.SIGTERM)
-        statuses = [f.result() for f in futures]
-        code = server.process.wait(timeout=60)
-    assert statuses == [200, 200, 200]
+    server.start(timeout_s=120)
+    assert server.proc is not None
+    responses, in_flight = _send_and_signal(server, FILMS[:3], "T", lambda: server.proc.send_signal(signal.SIGTERM))
+    code = server.proc.wait(timeout=60)
+    assert in_flight, "SIGTERM came after every request had been answered"
+    assert [r.status_code if r is not None else None for r in responses.values()] == [200, 200, 200]
     # uvicorn shuts down gracefully, then re-raises SIGTERM so the exit status tells how it ended
     assert code in (0, -signal.SIGTERM)
-    assert "Application shutdown complete" in (server.tmp / "server.log").read_text()
+    assert "Application shutdown complete" in server.log_path.read_text()
