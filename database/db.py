@@ -54,14 +54,27 @@ class Database:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def create_tables(self) -> None:
-        """Create missing tables and rename the columns of an earlier release (see `RENAMED_COLUMNS`)."""
+        """Create missing tables and bring those of an earlier release up to date, keeping every row: columns
+        renamed since (`RENAMED_COLUMNS`) are renamed, columns added since (all nullable) are added."""
         with self.engine.begin() as connection:
             existing = inspect(connection)
-            for table, old, new in RENAMED_COLUMNS:
-                if existing.has_table(table):
-                    columns = {column["name"] for column in existing.get_columns(table)}
+            for table_name, old, new in RENAMED_COLUMNS:
+                if existing.has_table(table_name):
+                    columns = {column["name"] for column in existing.get_columns(table_name)}
                     if old in columns and new not in columns:
-                        connection.execute(text(f'ALTER TABLE {table} RENAME COLUMN "{old}" TO "{new}"'))
+                        connection.execute(text(f'ALTER TABLE {table_name} RENAME COLUMN "{old}" TO "{new}"'))
+            existing = inspect(connection)
+            for table in Base.metadata.sorted_tables:
+                if not existing.has_table(table.name):
+                    continue
+                present = {column["name"] for column in existing.get_columns(table.name)}
+                for column in table.columns:
+                    if column.name not in present:
+                        if not column.nullable:
+                            raise RuntimeError(f"cannot add the required column {table.name}.{column.name} in "
+                                               "place: the database needs a migration")
+                        kind = column.type.compile(dialect=connection.dialect)
+                        connection.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
             Base.metadata.create_all(connection)
 
     @contextmanager

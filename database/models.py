@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import DateTime, Dialect, Float, ForeignKey, Index, String
+from sqlalchemy import DateTime, Dialect, Float, ForeignKey, Index, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
@@ -60,6 +60,12 @@ class Prediction(Base):
     female_gradcam_path: Mapped[str] = mapped_column(String(512))
     female_model_version: Mapped[str] = mapped_column(String(128))
     female_fallback: Mapped[bool] = mapped_column(default=False, comment="the male model served as female")
+    chronological_age_months: Mapped[float | None] = mapped_column(Float, default=None,
+                                                                   comment="the child's age at the film, if known")
+    chronological_age_source: Mapped[str | None] = mapped_column(
+        String(8), default=None, comment="form, or dicom (Patient's Age, or birth and study dates: never stored)")
+    report_json: Mapped[str | None] = mapped_column(Text, default=None,
+                                                    comment="the clinical report as returned (JSON)")
     mlflow_run_id: Mapped[str | None] = mapped_column(String(64), default=None)
     mlflow_logged: Mapped[bool] = mapped_column(default=False, index=True,
                                                 comment="params, metrics and artifacts all in MLflow")

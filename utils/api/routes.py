@@ -19,6 +19,7 @@ from utils.api.schemas import (
     prediction_response,
 )
 from utils.errors import PatientNotFound
+from utils.report.clinical import patient_chart
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorResponse, "description": "not found"},
@@ -42,10 +43,14 @@ async def predict(
     image: Annotated[UploadFile, File(description="hand radiograph: PNG, JPEG, TIFF or DICOM")],
     patient_id: Annotated[str, Form(description="1-64 of A-Z a-z 0-9 - _ . (not starting with .)")],
     sex: Annotated[str, Form(description="male, female or unknown")] = "unknown",
+    chronological_age_months: Annotated[float | None, Form(
+        ge=0, le=240, description="the child's age at the film, months (0-240); for a DICOM without it, taken from "
+        "Patient's Age or the birth and study dates")] = None,
 ) -> PredictionResponse:
-    """Estimate bone age with both models, store everything and log an MLflow run."""
+    """Estimate bone age with both models, report it against the chronological age, store everything and log an
+    MLflow run."""
     data = await image.read(settings.max_upload_bytes + 1)
-    outcome = await run_in_threadpool(service.predict, data, patient_id, sex)
+    outcome = await run_in_threadpool(service.predict, data, patient_id, sex, chronological_age_months)
     response.headers["Server-Timing"] = ", ".join(f"{k};dur={v:.1f}" for k, v in outcome.timings_ms.items())
     return prediction_response(outcome.prediction)
 
@@ -54,6 +59,17 @@ async def predict(
 def results(patient_id: str, service: ServiceDep) -> PatientResults:
     """A patient's predictions, newest first."""
     return patient_results(*service.results(patient_id))
+
+
+@patient_router.get(
+    "/results/{patient_id}/chart.png",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}, "description": "800x600 PNG"}, **ERRORS},
+)
+def chart(patient_id: str, service: ServiceDep) -> Response:
+    """Bone age against chronological age over the patient's visits, on the reference band of their sex."""
+    patient, predictions = service.results(patient_id)
+    return Response(patient_chart(patient.patient_id, predictions), media_type="image/png")
 
 
 @patient_router.get(

@@ -11,6 +11,8 @@ from pydantic import BaseModel, Field
 from database.models import Patient, Prediction
 from male_boneage.metrics import Z_90
 from male_boneage.model import AGE_GROUPS_YEARS
+from storage.store import DICOM_FILM_PNG
+from utils.report.clinical import report_of
 
 NOTICE = ("Research model, not a medical device: not for clinical use or diagnosis. Trained on the RSNA "
           "Pediatric Bone Age Challenge (2017) data.")
@@ -48,6 +50,43 @@ class ModelPrediction(BaseModel):
     gradcam_url: str
 
 
+class DifferenceInterval(BaseModel):
+    low_months: float
+    high_months: float
+
+
+class Reference(BaseModel):
+    name: str
+    version: str
+    citation: str
+
+
+class Report(BaseModel):
+    """The applicable bone age against the child's chronological age (see README: Report)."""
+
+    chronological_age_months: float | None = Field(description="the child's age at the film, if known")
+    chronological_age_source: Literal["form", "dicom"] | None = Field(
+        description="form field, or the DICOM's Patient's Age or birth and study dates (the dates are not kept)")
+    bone_age_months: float | None = Field(description="the estimate for the patient's sex; none if it is unknown")
+    difference_months: float | None = Field(description="bone age minus chronological age")
+    difference_interval_90: DifferenceInterval | None = Field(description="90% interval from the model's sigma")
+    sds: float | None = Field(description="(bone age - reference mean at this age) / reference SD at this age")
+    classification: Literal["delayed", "normal", "advanced"] | None = Field(
+        description="delayed below -2 SDS, advanced above +2, normal between")
+    reference: Reference
+    note: str | None = Field(description="why a field is empty (no age, unknown sex, age outside the reference)")
+
+
+class Visit(BaseModel):
+    prediction_id: str
+    timestamp: dt.datetime
+    chronological_age_months: float | None
+    bone_age_months: float | None
+    difference_months: float | None
+    sds: float | None
+    classification: Literal["delayed", "normal", "advanced"] | None
+
+
 class PredictionResponse(BaseModel):
     status: Literal["success"] = "success"
     patient_id: str
@@ -68,6 +107,8 @@ class PredictionResponse(BaseModel):
     female_model_fallback: bool = Field(description="true when the male model served the female estimate")
     original_url: str
     original_path: str
+    film_url: str | None = Field(description="a DICOM upload's pixels as PNG (browsers cannot show DICOM)")
+    report: Report
     image_sha256: str
     timestamp: dt.datetime
     message: str = MESSAGE
@@ -79,6 +120,7 @@ class PatientResults(BaseModel):
     first_upload_at: dt.datetime
     latest_image_path: str
     predictions: list[PredictionResponse] = Field(description="newest first")
+    course: list[Visit] = Field(description="every visit's ages, difference and SDS, oldest first")
     notice: str = NOTICE
 
 
@@ -135,11 +177,26 @@ def prediction_response(p: Prediction) -> PredictionResponse:
         female_prediction=_model_prediction(p.female_age_months, p.female_sigma_months, p.female_group_probs,
                                             p.female_model_version, p.female_gradcam_path),
         female_model_fallback=p.female_fallback, original_url=f"/storage/{p.image_path}",
-        original_path=p.image_path, image_sha256=p.image_sha256, timestamp=p.created_at,
+        original_path=p.image_path, film_url=_film_url(p), report=Report.model_validate(report_of(p).to_dict()),
+        image_sha256=p.image_sha256, timestamp=p.created_at,
     )
+
+
+def _film_url(p: Prediction) -> str | None:
+    if not p.image_path.endswith(".dcm"):
+        return None
+    return f"/storage/{p.image_path.rsplit('/', 1)[0]}/{DICOM_FILM_PNG}"
+
+
+def _visit(p: Prediction) -> Visit:
+    report = report_of(p)
+    return Visit(prediction_id=p.id, timestamp=p.created_at, chronological_age_months=report.chronological_age_months,
+                 bone_age_months=report.bone_age_months, difference_months=report.difference_months,
+                 sds=report.sds, classification=report.classification)
 
 
 def patient_results(patient: Patient, predictions: list[Prediction]) -> PatientResults:
     return PatientResults(patient_id=patient.patient_id, first_upload_at=patient.first_upload_at,
                           latest_image_path=patient.image_path,
-                          predictions=[prediction_response(p) for p in predictions])
+                          predictions=[prediction_response(p) for p in predictions],
+                          course=[_visit(p) for p in reversed(predictions)])

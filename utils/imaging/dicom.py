@@ -1,6 +1,8 @@
 """DICOM uploads: header checks before decoding, pixel data to an 8-bit film, and the Patient's Sex hint.
 
-Only pixel-module tags and Patient's Sex are ever read. Nothing identifying (name, id, birth date, ...) is read,
+Only pixel-module tags, Patient's Sex and the child's age are read: Patient's Age (0010,1010), or else Patient's
+Birth Date with the Study, Acquisition or Content Date, used only to compute the age in months, which is all that
+leaves this module (the dates are never stored, logged or returned). Nothing identifying (name, id, ...) is read,
 logged or put in an error message; pydicom's own warnings are silenced while a file is read, since a warning about
 an odd value could quote it. Compressed frames are decoded by pydicom's plugins: pylibjpeg-libjpeg for JPEG
 lossless and JPEG-LS, Pillow (or pylibjpeg) for JPEG baseline/extended, Pillow for JPEG 2000.
@@ -8,10 +10,13 @@ lossless and JPEG-LS, Pillow (or pylibjpeg) for JPEG baseline/extended, Pillow f
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import logging
+import re
 import struct
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import pydicom
@@ -33,6 +38,23 @@ DICOM_MAGIC_OFFSET = 128
 DICOM_MAGIC = b"DICM"
 # Patient's Sex (0010,0040) values that are a usable hint; anything else ('O', empty, absent) is no hint.
 DICOM_SEX_HINTS = {"M": "male", "F": "female"}
+# Patient's Age (AS value representation): three digits and a unit, e.g. "010Y", "006M", "120D", "004W".
+PATIENT_AGE = re.compile(r"^(\d{3})([DWMY])$")
+DAYS_PER_MONTH = 365.25 / 12
+MONTHS_PER_UNIT = {"D": 1 / DAYS_PER_MONTH, "W": 7 / DAYS_PER_MONTH, "M": 1.0, "Y": 12.0}
+# Ages outside this range are no child's age: ignored, as if absent.
+MAX_AGE_MONTHS = 240.0
+# Dates the film was taken on, in order of preference, for an age from the birth date.
+FILM_DATES = ("StudyDate", "AcquisitionDate", "ContentDate")
+
+
+@dataclass(frozen=True)
+class DicomFilm:
+    """A decoded DICOM film and the two facts taken from its patient module."""
+
+    gray: Image.Image
+    sex_hint: str | None  # "male" or "female" from Patient's Sex M or F, else None
+    age_months: float | None  # from Patient's Age, or birth date and film date; None when neither is usable
 
 def looks_like_dicom(data: bytes) -> bool:
     """A DICOM Part 10 file: 'DICM' at byte 128 (whatever the preamble holds, which may mimic another format)."""
@@ -241,8 +263,32 @@ def _dicom_sex_hint(dataset: Dataset) -> str | None:
     return DICOM_SEX_HINTS.get(value)
 
 
-def decode_dicom(dataset: Dataset, limits: UploadLimits) -> tuple[Image.Image, str | None]:
-    """The checked 8-bit film of a parsed DICOM and its Patient's Sex hint ("male", "female" or None)."""
+def _parse_date(value: object) -> dt.date | None:
+    try:
+        return dt.datetime.strptime(str(value).strip()[:8], "%Y%m%d").date()
+    except ValueError:
+        return None
+
+
+def _dicom_age_months(dataset: Dataset) -> float | None:
+    """The child's age in months at the film: Patient's Age, else birth date to the first film date."""
+    try:
+        match = PATIENT_AGE.fullmatch(str(dataset.get("PatientAge", "") or "").strip().upper())
+        if match:
+            months = int(match.group(1)) * MONTHS_PER_UNIT[match.group(2)]
+        else:
+            birth = _parse_date(dataset.get("PatientBirthDate", ""))
+            taken = next((d for d in (_parse_date(dataset.get(tag, "")) for tag in FILM_DATES) if d), None)
+            if birth is None or taken is None:
+                return None
+            months = (taken - birth).days / DAYS_PER_MONTH
+    except Exception:  # a malformed value is no age; never quoted, since it may be identifying
+        return None
+    return round(months, 2) if 0 <= months <= MAX_AGE_MONTHS else None
+
+
+def decode_dicom(dataset: Dataset, limits: UploadLimits) -> DicomFilm:
+    """The checked 8-bit film of a parsed DICOM, its Patient's Sex hint and the child's age, if known."""
     try:
         columns, rows = _check_dicom_header(dataset, limits)
     except InvalidImage:
@@ -252,4 +298,4 @@ def decode_dicom(dataset: Dataset, limits: UploadLimits) -> tuple[Image.Image, s
     gray = Image.fromarray(_dicom_to_gray8(_dicom_pixels(dataset, columns, rows), dataset), mode="L")
     check_min_side(gray, limits)
     check_not_blank(gray)
-    return gray, _dicom_sex_hint(dataset)
+    return DicomFilm(gray, _dicom_sex_hint(dataset), _dicom_age_months(dataset))

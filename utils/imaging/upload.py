@@ -24,7 +24,8 @@ class DecodedImage:
     """A validated upload: the bytes as sent, their SHA-256 and the film as 8-bit grayscale.
 
     `format` is "PNG", "JPEG", "TIFF" or "DICOM". `sex_hint` is "male" or "female" when a DICOM's Patient's Sex
-    (0010,0040) says M or F, else None; it is the only value ever taken from a DICOM's patient tags.
+    (0010,0040) says M or F, else None; `age_months_hint` is the child's age a DICOM gives (Patient's Age, or birth
+    and film dates), else None. They are the only values taken from a DICOM's patient module.
     """
 
     data: bytes
@@ -32,6 +33,7 @@ class DecodedImage:
     format: str
     gray: Image.Image
     sex_hint: str | None = None
+    age_months_hint: float | None = None
 
     @property
     def width(self) -> int:
@@ -55,8 +57,8 @@ def decode_upload(data: bytes, limits: UploadLimits) -> DecodedImage:
         raise InvalidImage("the uploaded file is empty")
     sha256 = hashlib.sha256(data).hexdigest()
     if looks_like_dicom(data):
-        gray, sex_hint = decode_dicom(read_dicom(data), limits)
-        return DecodedImage(data, sha256, "DICOM", gray, sex_hint)
+        film = decode_dicom(read_dicom(data), limits)
+        return DecodedImage(data, sha256, "DICOM", film.gray, film.sex_hint, film.age_months)
     try:
         fmt, gray = decode_raster(data, limits)
     except NotARasterImage:
@@ -64,6 +66,6 @@ def decode_upload(data: bytes, limits: UploadLimits) -> DecodedImage:
         dataset = read_dicom_without_preamble(data)
         if dataset is None:
             raise InvalidImage(f"the file is not a readable image ({EXPECTED})") from None
-        gray, sex_hint = decode_dicom(dataset, limits)
-        return DecodedImage(data, sha256, "DICOM", gray, sex_hint)
+        film = decode_dicom(dataset, limits)
+        return DecodedImage(data, sha256, "DICOM", film.gray, film.sex_hint, film.age_months)
     return DecodedImage(data, sha256, fmt, gray)

@@ -11,6 +11,7 @@ from male_boneage.inference import ModelEstimate
 from storage.store import GRADCAM_PNG, ORIGINAL_STEM, PatientId
 from utils.imaging import DecodedImage
 from utils.pipeline.model_pool import ModelPool
+from utils.report.clinical import ClinicalReport
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class PredictionDraft:
     male: ModelEstimate
     female: ModelEstimate
     models: ModelPool
+    report: ClinicalReport
 
     @property
     def original_name(self) -> str:
@@ -44,5 +46,8 @@ class PredictionDraft:
             female_age_months=self.female.age_months, female_sigma_months=self.female.sigma_months,
             female_group_probs=json.dumps(self.female.group_probabilities),
             female_gradcam_path=paths[GRADCAM_PNG["female"]], female_model_version=female_model.version,
-            female_fallback=self.models.female_fallback, mlflow_run_id=mlflow_run_id,
+            female_fallback=self.models.female_fallback,
+            chronological_age_months=self.report.chronological_age_months,
+            chronological_age_source=self.report.chronological_age_source,
+            report_json=json.dumps(self.report.to_dict()), mlflow_run_id=mlflow_run_id,
         )

@@ -27,10 +27,12 @@ from utils.imaging import DecodedImage, UploadLimits, decode_upload
 from utils.pipeline.draft import PredictionDraft
 from utils.pipeline.heatmap import film_background, film_png, overlay_png
 from utils.pipeline.model_pool import ModelPool
+from utils.report.clinical import build_report
 from utils.tracking.worker import TrackingWorker
 
 logger = logging.getLogger(__name__)
 SEXES = ("male", "female", "unknown")
+MAX_AGE_MONTHS = 240.0
 
 
 def check_sex(value: str | None) -> str:
@@ -39,6 +41,24 @@ def check_sex(value: str | None) -> str:
     if sex not in SEXES:
         raise InvalidInput("sex must be 'male', 'female' or 'unknown'")
     return sex
+
+
+def check_age(value: float | None) -> float | None:
+    """A chronological age in months, 0-240, or None; `InvalidInput` outside."""
+    if value is None:
+        return None
+    if not 0 <= value <= MAX_AGE_MONTHS:
+        raise InvalidInput(f"chronological_age_months must be between 0 and {MAX_AGE_MONTHS:g}")
+    return float(value)
+
+
+def resolve_age(form_age: float | None, image: DecodedImage) -> tuple[float | None, str | None]:
+    """(chronological age in months, where it came from): the form's, else the DICOM's, else unknown."""
+    if form_age is not None:
+        return form_age, "form"
+    if image.age_months_hint is not None:
+        return image.age_months_hint, "dicom"
+    return None, None
 
 
 def resolve_sex(form_sex: str, image: DecodedImage) -> tuple[str, str]:
@@ -114,7 +134,8 @@ class BoneAgeService:
         self._heatmaps = ThreadPoolExecutor(max_workers=4, thread_name_prefix="heatmap")
         self._mlflow = ThreadPoolExecutor(max_workers=8, thread_name_prefix="mlflow-open-run")
 
-    def predict(self, data: bytes, patient_id: str, sex: str | None) -> PredictionOutcome:
+    def predict(self, data: bytes, patient_id: str, sex: str | None,
+                chronological_age_months: float | None = None) -> PredictionOutcome:
         """Validate, infer, store and log one upload. Blocking: call it from a worker thread.
 
         Steps that do not depend on each other overlap: the film is shrunk for the heatmaps while the models
@@ -124,8 +145,10 @@ class BoneAgeService:
             watch = _Stopwatch()
             checked_id = check_patient_id(patient_id)
             form_sex = check_sex(sex)
+            form_age = check_age(chronological_age_months)
             image = decode_upload(data, self.limits)
             sex_used, sex_source = resolve_sex(form_sex, image)
+            age, age_source = resolve_age(form_age, image)
             watch.lap("decode")
             male_future, female_future = self.models.submit(image.gray)
             film = film_background(image.gray, self.heatmap_max_side)
@@ -137,8 +160,9 @@ class BoneAgeService:
                                    f"{male.sigma_months:.0f} months, limit {self.models.male.ood_sigma_months:.0f}): "
                                    "this does not look like a hand radiograph")
             created_at = dt.datetime.now(dt.UTC)
+            report = build_report(sex_used, male, female, age, age_source)
             draft = PredictionDraft(new_prediction_id(created_at), checked_id, created_at, image, sex_used,
-                                    sex_source, male, female, self.models)
+                                    sex_source, male, female, self.models, report)
             prediction = self._store(draft, film, watch)
             self.tracking.wake()
             logger.info("prediction %s stored (male %.1f, female %.1f months; run %s; %.0f ms)",

@@ -50,7 +50,7 @@ def run_params(p: Prediction) -> dict[str, str]:
         "image_size": f"{p.image_width}x{p.image_height}", "timestamp": p.created_at.isoformat(),
         "male_model_version": p.male_model_version, "female_model_version": p.female_model_version,
         "female_fallback": str(p.female_fallback).lower(), "image_sha256": p.image_sha256,
-    }
+    } | ({} if p.chronological_age_months is None else {"chronological_age_months": f"{p.chronological_age_months:g}"})
 
 
 def run_metrics(p: Prediction) -> dict[str, float]:
