@@ -32,7 +32,10 @@ def make_engine(url: str, busy_timeout: float = 5.0) -> Engine:
         return create_engine(url, pool_pre_ping=True)
     database = make_url(url).database
     if database and database != ":memory:":
-        Path(database).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            raise DatabaseUnavailable("the database folder cannot be created (not writable)") from None
     engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": busy_timeout})
 
     @event.listens_for(engine, "connect")

@@ -115,11 +115,15 @@ class PatientStore:
                 for f in p.iterdir() if f.is_dir() and PREDICTION_ID_PATTERN.fullmatch(f.name)]
 
     def remove_staging_leftovers(self) -> int:
-        """Delete hidden temp folders a killed process left behind; returns how many."""
+        """Delete the hidden staging folders a killed process left behind (`.<prediction id>.*`); how many.
+
+        Nothing else is touched: a hidden file someone else put there (`.DS_Store`) stays and is not counted.
+        """
         removed = 0
         if self.root.is_dir():
             for patient_dir in self.root.iterdir():
                 for leftover in patient_dir.glob(".*") if patient_dir.is_dir() else []:
-                    shutil.rmtree(leftover, ignore_errors=True)
-                    removed += 1
+                    if leftover.is_dir() and PREDICTION_ID_PATTERN.fullmatch(leftover.name[1:].split(".")[0]):
+                        shutil.rmtree(leftover, ignore_errors=True)
+                        removed += 1
         return removed

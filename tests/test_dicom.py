@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from helpers import RAW, TEST20, assert_nothing_stored, post_image, stored_files, wait_until_logged
+from helpers import RAW, TEST20, assert_nothing_stored, post_image, wait_until_logged
 from mlflow import MlflowClient
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -264,12 +264,6 @@ def test_compressed_frame_must_match_the_header() -> None:
 
 
 # --- through the app ------------------------------------------------------------------------------------------
-
-
-def _nothing_stored(settings: Settings) -> None:
-    assert stored_files(settings) == []
-    with create_engine(settings.database_url).connect() as conn:
-        assert conn.execute(text("SELECT COUNT(*) FROM predictions")).scalar() == 0
 
 
 def _bad_dicoms() -> dict[str, tuple[bytes, str]]:

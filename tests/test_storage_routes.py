@@ -2,34 +2,50 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from fastapi.testclient import TestClient
 from helpers import RAW, post_image
 
+NO_ROUTE = "Not Found"  # the URL matches no route at all
+NO_FILE = "no such stored file"  # the stored-file route refused the names
+
+
+@pytest.fixture(scope="module")
+def stored(shared_client: TestClient) -> dict[str, Any]:
+    """One stored prediction of patient P-s, so the URLs below point next to real files."""
+    response = post_image(shared_client, (RAW / "7041.png").read_bytes(), "P-s")
+    assert response.status_code == 200, response.text
+    return dict(response.json())
+
 
 @pytest.mark.parametrize(
-    "url",
+    ("url", "detail"),
     [
-        "/storage/../app.py",
-        "/storage/..%2F..%2Fapp.py",
-        "/storage/patients/..%2F..%2Fapp.py",
-        "/storage/patients/P-s/..%2F..%2F..%2Fapp.py/original.png",
-        "/storage/patients/%2E%2E/%2E%2E/app.py",
-        "/storage/patients/P-s/x/original.png",
-        "/storage/patients/P-s",
-        "/storage/mlflow.db",
-        "/storage/patients/P-s/%2e%2e%2f%2e%2e%2fpredictions.db/x.png",
+        ("/storage/../app.py", NO_ROUTE),
+        ("/storage/..%2F..%2Fapp.py", NO_ROUTE),
+        ("/storage/patients/..%2F..%2Fapp.py", NO_FILE),
+        ("/storage/patients/P-s/..%2F..%2F..%2Fapp.py/original.png", NO_ROUTE),
+        ("/storage/patients/%2E%2E/%2E%2E/app.py", NO_FILE),
+        ("/storage/patients/P-s/x/original.png", NO_FILE),
+        ("/storage/patients/P-s", NO_ROUTE),
+        ("/storage/mlflow.db", NO_ROUTE),
+        ("/storage/patients/P-s/%2e%2e%2f%2e%2e%2fpredictions.db/x.png", NO_ROUTE),
     ],
 )
-def test_traversal_and_unknown_paths_404(shared_client: TestClient, url: str) -> None:
-    post_image(shared_client, (RAW / "7041.png").read_bytes(), "P-s")
+def test_traversal_and_unknown_paths_404(shared_client: TestClient, stored: dict[str, Any], url: str,
+                                         detail: str) -> None:
     response = shared_client.get(url)
-    assert response.status_code == 404
-    assert "detail" in response.json()
+    assert (response.status_code, response.json()) == (404, {"detail": detail})
 
 
 def test_stored_file_served_and_other_files_of_the_folder_not(shared_client: TestClient) -> None:
-    body = post_image(shared_client, (RAW / "7042.png").read_bytes(), "P-s2").json()
-    assert shared_client.get(body["original_url"]).status_code == 200
-    other = body["original_url"].replace("original.png", "notes.txt")
-    assert shared_client.get(other).status_code == 404
+    film = (RAW / "7042.png").read_bytes()
+    body = post_image(shared_client, film, "P-s2").json()
+    served = shared_client.get(body["original_url"])
+    assert (served.status_code, served.content) == (200, film)
+    storage_dir = shared_client.app.state.settings.storage_dir  # type: ignore[attr-defined]
+    (storage_dir / body["original_path"]).with_name("notes.txt").write_text("a file no prediction writes")
+    response = shared_client.get(body["original_url"].replace("original.png", "notes.txt"))
+    assert (response.status_code, response.json()) == (404, {"detail": NO_FILE})

@@ -18,10 +18,8 @@ from helpers import (
     png_bytes,
     post_image,
     running_app,
-    stored_files,
 )
 from PIL import Image
-from sqlalchemy import create_engine, text
 
 from utils.config import Settings
 
@@ -35,13 +33,6 @@ def _bomb_png(width: int, height: int) -> bytes:
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     idat = chunk(b"IDAT", zlib.compress(b"\0" * 1024))
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + idat + chunk(b"IEND", b"")
-
-
-def _nothing_stored(settings: Settings) -> None:
-    assert stored_files(settings) == []
-    with create_engine(settings.database_url).connect() as conn:
-        assert conn.execute(text("SELECT COUNT(*) FROM predictions")).scalar() == 0
-        assert conn.execute(text("SELECT COUNT(*) FROM patients")).scalar() == 0
 
 
 def _gif(frames: int) -> bytes:

@@ -41,15 +41,21 @@ def test_tiny_training_writes_loadable_calibrated_weights(tiny_weights: tuple[Pa
     assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["female.pt"]
 
 
-def test_training_resumes_from_checkpoint(tiny_weights: tuple[Path, str], tmp_path: Path) -> None:
+def test_training_resumes_from_checkpoint(tiny_weights: tuple[Path, str]) -> None:
     path, uri = tiny_weights
     checkpoint = path.with_name(path.name + ".ckpt")
     assert checkpoint.is_file()
-    # Asking for the same epochs again resumes at the end: no epoch re-run, same weights.
-    before = load_weights(path)[0]
+    # Asking for the same epochs again resumes at the end: no epoch re-run, same weights. Training is seeded, so
+    # equal weights alone would not tell a resume from a fresh start: the epoch's history (with its measured
+    # seconds) and the one MLflow run with one train_loss value do.
+    before, before_metadata = load_weights(path)
     train(TrainConfig(data=TRAIN100, sex="female", out=path, epochs=1, batch_size=32, limit=256, tracking_uri=uri))
-    after = load_weights(path)[0]
+    after, after_metadata = load_weights(path)
     assert all(torch.equal(before[k], after[k]) for k in before)
+    assert after_metadata["history"] == before_metadata["history"] and len(after_metadata["history"]) == 1
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("bone-age-training").experiment_id])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1]
 
 
 def test_wrong_shape_or_metadata_refused(tiny_weights: tuple[Path, str], tmp_path: Path) -> None:
