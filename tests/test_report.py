@@ -7,13 +7,12 @@ import json
 import logging
 
 import pytest
+from dicom_films import BIRTH_DATE, gray, make_dicom
 from fastapi.testclient import TestClient
 from helpers import RAW, assert_nothing_stored, wait_until_logged
 from mlflow import MlflowClient
 from PIL import Image
-from pydicom import dcmread
 from sqlalchemy import create_engine, text
-from test_dicom import BIRTH_DATE, gray, make_dicom
 
 from utils.config import Settings
 
@@ -31,13 +30,8 @@ def predict(client: TestClient, data: bytes, patient_id: str, sex: str | None = 
 
 
 def dicom_with(**tags: str) -> bytes:
-    """A DICOM of the raw film with these patient/study tags set (birth date from the shared test DICOM)."""
-    dataset = dcmread(io.BytesIO(make_dicom(gray(RAW / "7036.png")[:600, :500])))
-    for keyword, value in tags.items():
-        setattr(dataset, keyword, value)
-    buffer = io.BytesIO()
-    dataset.save_as(buffer)
-    return buffer.getvalue()
+    """A DICOM of the raw film with these patient/study tags set (and the test DICOMs' birth date)."""
+    return make_dicom(gray(RAW / "7036.png")[:600, :500], tags=tags)
 
 
 def test_a_given_age_gives_a_report_stored_with_the_prediction(client: TestClient, settings: Settings) -> None:
