@@ -20,6 +20,7 @@ from fastapi.concurrency import run_in_threadpool
 from database.db import Database
 from storage.store import PatientStore
 from utils.api.cors import CORSFromSettings
+from utils.api.docs import install_docs
 from utils.api.errors import install_error_handlers
 from utils.api.routes import open_router, patient_router
 from utils.config import Settings
@@ -30,6 +31,7 @@ from utils.pipeline.recovery import recover
 from utils.pipeline.service import BoneAgeService, InFlight
 from utils.tracking.mlflow_runs import MlflowRuns
 from utils.tracking.worker import TrackingWorker
+from utils.viewer.routes import install_viewer
 
 logger = logging.getLogger("boneage")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -73,11 +75,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             models.stop()
             database.dispose()
 
-    app = FastAPI(title="Bone age estimation", version="1.0.0", description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(title="Bone age estimation", version="1.0.0", description=DESCRIPTION, lifespan=lifespan,
+                  docs_url=None, redoc_url=None)  # served by install_docs from local files, not a CDN
     app.add_middleware(CORSFromSettings)
     install_error_handlers(app)
     app.include_router(open_router)
     app.include_router(patient_router)
+    install_docs(app)
+    install_viewer(app)
     return app
 
 
