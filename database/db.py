@@ -58,27 +58,41 @@ class Database:
 
     def create_tables(self) -> None:
         """Create missing tables and bring those of an earlier release up to date, keeping every row: columns
-        renamed since (`RENAMED_COLUMNS`) are renamed, columns added since (all nullable) are added."""
-        with self.engine.begin() as connection:
-            existing = inspect(connection)
-            for table_name, old, new in RENAMED_COLUMNS:
-                if existing.has_table(table_name):
-                    columns = {column["name"] for column in existing.get_columns(table_name)}
-                    if old in columns and new not in columns:
-                        connection.execute(text(f'ALTER TABLE {table_name} RENAME COLUMN "{old}" TO "{new}"'))
-            existing = inspect(connection)
-            for table in Base.metadata.sorted_tables:
-                if not existing.has_table(table.name):
-                    continue
-                present = {column["name"] for column in existing.get_columns(table.name)}
-                for column in table.columns:
-                    if column.name not in present:
-                        if not column.nullable:
-                            raise RuntimeError(f"cannot add the required column {table.name}.{column.name} in "
-                                               "place: the database needs a migration")
-                        kind = column.type.compile(dialect=connection.dialect)
-                        connection.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
-            Base.metadata.create_all(connection)
+        renamed since (`RENAMED_COLUMNS`) are renamed, columns added since (all nullable) are added.
+
+        Each change is its own transaction, checked again if it fails, so two processes starting at once (one
+        of them finds the change made) both start.
+        """
+        quote = self.engine.dialect.identifier_preparer.quote
+        for table_name, old, new in RENAMED_COLUMNS:
+            self._change(table_name, f"RENAME COLUMN {quote(old)} TO {quote(new)}", makes=new, needs=old)
+        for table in Base.metadata.sorted_tables:
+            for column in table.columns:
+                if column.nullable:
+                    kind = column.type.compile(dialect=self.engine.dialect)
+                    self._change(table.name, f"ADD COLUMN {quote(column.name)} {kind}", makes=column.name)
+        Base.metadata.create_all(self.engine)
+
+    def _change(self, table: str, clause: str, makes: str, needs: str | None = None) -> None:
+        """`ALTER TABLE table clause` on an existing table that lacks the column `makes` (and has `needs`);
+        if it fails because another process made the change first, that is fine."""
+
+        def needed() -> bool:
+            existing = inspect(self.engine)
+            if not existing.has_table(table):
+                return False
+            columns = {column["name"] for column in existing.get_columns(table)}
+            return makes not in columns and (needs is None or needs in columns)
+
+        if not needed():
+            return
+        try:
+            with self.engine.begin() as connection:
+                statement = f"ALTER TABLE {self.engine.dialect.identifier_preparer.quote(table)} {clause}"
+                connection.execute(text(statement))
+        except SQLAlchemyError:
+            if needed():
+                raise
 
     @contextmanager
     def session(self) -> Iterator[Session]:

@@ -1,4 +1,7 @@
-"""Labelled radiograph folders (`labels.csv`: image,boneage_months,male) and the seeded split by id."""
+"""Labelled radiograph folders (`labels.csv`: image,boneage_months,male) and the seeded split by id.
+
+The images are PNG, JPEG or TIFF files (the RSNA folders); DICOM is read by the service only.
+"""
 
 from __future__ import annotations
 

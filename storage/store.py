@@ -70,8 +70,8 @@ class PatientStore:
         Files are written into a hidden temp folder which is renamed into place only when complete, so a crash
         never leaves a partial prediction folder visible, and an existing folder is never replaced.
         """
-        patient_dir = self.root / patient_id
-        final = patient_dir / prediction_id
+        final = self._folder(patient_id, prediction_id)
+        patient_dir = final.parent
         try:
             patient_dir.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(dir=patient_dir, prefix=f".{prediction_id}."))
@@ -93,9 +93,27 @@ class PatientStore:
             raise StorageUnavailable("patient storage is not writable (read-only or full disk); retry later") from None
         return {name: f"patients/{patient_id}/{prediction_id}/{name}" for name in files}
 
+    def add_file(self, patient_id: str, prediction_id: str, name: str, data: bytes) -> None:
+        """Add a file that is missing from a stored prediction (temp file, then rename); never replaces one."""
+        target = self._folder(patient_id, prediction_id) / name
+        if not FILE_NAME_PATTERN.fullmatch(name) or target.exists():
+            raise ValueError(f"{name} is not a prediction file name or already exists")
+        with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{name}.", delete=False) as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(f.name, target)
+
     def remove_prediction(self, patient_id: str, prediction_id: str) -> None:
         """Delete a prediction folder (used when the database refused the row that would point at it)."""
-        shutil.rmtree(self.root / patient_id / prediction_id, ignore_errors=True)
+        shutil.rmtree(self._folder(patient_id, prediction_id), ignore_errors=True)
+
+    def _folder(self, patient_id: str, prediction_id: str) -> Path:
+        """The folder of a prediction; only well-formed ids, so no write or delete ever leaves the root (a second
+        line of defence: callers pass ids checked at the request's edge)."""
+        if not (PATIENT_ID_PATTERN.fullmatch(patient_id) and PREDICTION_ID_PATTERN.fullmatch(prediction_id)):
+            raise ValueError("malformed patient or prediction id for a storage folder")
+        return self.root / patient_id / prediction_id
 
     def resolve(self, patient_id: str, prediction_id: str, file_name: str) -> Path | None:
         """The file for a /storage URL, or None; only well-formed names inside the root are ever resolved."""

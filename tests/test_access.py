@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dicom_films import gray, make_dicom
 from helpers import RAW, make_settings, post_image, running_app
 
 FILM = (RAW / "7047.png").read_bytes()
@@ -57,3 +58,16 @@ def test_start_up_removes_unrecorded_and_partial_folders(tmp_path: Path) -> None
         assert not partial.exists() and not unrecorded.exists()
         assert (settings.storage_dir / kept["original_path"]).is_file()
         assert len(client.get("/results/P-crash").json()["predictions"]) == 1
+
+
+def test_start_up_gives_dicom_predictions_of_an_earlier_release_their_film_png(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    dicom = make_dicom(gray(RAW / "7036.png")[:600, :500])
+    with running_app(settings) as client:
+        body = post_image(client, dicom, "P-legacy").json()
+    film = settings.storage_dir / body["film_url"].removeprefix("/storage/")
+    written = film.read_bytes()
+    film.unlink()  # as stored by the release before film.png existed
+    with running_app(settings) as client:
+        assert film.read_bytes() == written
+        assert client.get(body["film_url"]).content == written

@@ -1,6 +1,7 @@
 """The import graph of the service code: every arrow points down, and nothing imports in a circle.
 
-Layers, top to bottom: `app.py` -> `utils/api` -> `utils/pipeline` -> `utils/imaging`, `utils/tracking` ->
+Layers, top to bottom: `app.py` -> `utils/api`, `utils/viewer` -> `utils/pipeline` -> `utils/imaging`,
+`utils/tracking`, `utils/report` ->
 `utils/config.py`, `utils/errors.py` -> `database/`, `storage/`, `male_boneage/`, `mlflow_config.py`.
 """
 
@@ -124,6 +125,7 @@ def test_every_function_level_import_of_project_code_says_why() -> None:
     for module, path in MODULES.items():
         lines = path.read_text().splitlines()
         for _target, statement, in_function in _imports(path):
-            if in_function and "#" not in lines[statement.lineno - 1]:
+            comment = lines[statement.lineno - 1].partition("#")[2].strip()
+            if in_function and (not comment or comment.startswith(("noqa", "type:"))):
                 unexplained.append(f"{module}:{statement.lineno}")
     assert unexplained == []

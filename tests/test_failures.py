@@ -12,6 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 from helpers import RAW, make_settings, post_image, running_app, stored_files, wait_until_logged
 from mlflow import MlflowClient
+from mlflow.entities import ViewType
 from sqlalchemy import create_engine, text
 
 from male_boneage.inference import ModelUnavailable
@@ -72,7 +73,7 @@ def test_database_locked_gives_503_and_leaves_nothing(tmp_path: Path) -> None:
         assert stored_files(settings) == []
         with create_engine(settings.database_url).connect() as conn:
             assert conn.execute(text("SELECT COUNT(*) FROM predictions")).scalar() == 0
-        assert _active_runs(settings) == []
+        assert _runs(settings) == {"active": 0, "deleted": 1}  # the run opened beside the heatmaps is deleted
         # and the service recovers once the lock is gone
         assert post_image(client, FILM, "P-locked").status_code == 200
 
@@ -87,13 +88,16 @@ def test_storage_unwritable_gives_503_and_no_rows(tmp_path: Path) -> None:
         with create_engine(settings.database_url).connect() as conn:
             assert conn.execute(text("SELECT COUNT(*) FROM predictions")).scalar() == 0
         # The run created beside the heatmaps is deleted with the failed prediction.
-        assert _active_runs(settings) == []
+        assert _runs(settings) == {"active": 0, "deleted": 1}
 
 
-def _active_runs(settings: Settings) -> list[object]:
+def _runs(settings: Settings) -> dict[str, int]:
+    """How many runs of the prediction experiment are active and how many deleted."""
     mlflow = MlflowClient(settings.mlflow_tracking_uri)
     experiment = mlflow.get_experiment_by_name(settings.mlflow_experiment)
-    return [] if experiment is None else list(mlflow.search_runs([experiment.experiment_id]))
+    assert experiment is not None
+    runs = mlflow.search_runs([experiment.experiment_id], run_view_type=ViewType.ALL)
+    return {stage: sum(run.info.lifecycle_stage == stage for run in runs) for stage in ("active", "deleted")}
 
 
 @pytest.mark.parametrize("content", [b"not a torch file", b""])

@@ -6,6 +6,7 @@ import io
 import json
 import logging
 
+import numpy as np
 import pytest
 from dicom_films import BIRTH_DATE, gray, make_dicom
 from fastapi.testclient import TestClient
@@ -44,7 +45,8 @@ def test_a_given_age_gives_a_report_stored_with_the_prediction(client: TestClien
     low, high = report["difference_interval_90"]["low_months"], report["difference_interval_90"]["high_months"]
     assert low < report["difference_months"] < high
     assert report["sds"] == pytest.approx((bone_age - 131.50) / 9.94, abs=0.02)  # boys at 10.5 years
-    assert report["classification"] in ("delayed", "normal", "advanced")
+    expected = "delayed" if report["sds"] < -2 else "advanced" if report["sds"] > 2 else "normal"
+    assert report["classification"] == expected
     assert "Brush Foundation" in report["reference"]["name"] and report["reference"]["version"]
     listed = client.get("/results/P-report").json()
     assert listed["predictions"][0]["report"] == report
@@ -91,6 +93,21 @@ def test_a_dicom_gives_the_age_from_its_tags(shared_client: TestClient, tags: di
     assert report["chronological_age_months"] == pytest.approx(months, abs=0.05)
 
 
+def test_birth_and_film_dates_win_over_the_coarser_patients_age(shared_client: TestClient) -> None:
+    report = predict(shared_client, dicom_with(PatientAge="010Y", StudyDate=STUDY_DATE), "P-dicom-both")["report"]
+    assert report["chronological_age_months"] == pytest.approx(126.0, abs=0.05)
+
+
+def test_malformed_dicom_dates_and_ages_are_no_age_and_never_logged(shared_client: TestClient,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    odd = {"PatientBirthDate": "2015-06-07", "StudyDate": "7.12.2025", "PatientAge": "ten years"}
+    report = predict(shared_client, dicom_with(**odd), "P-dicom-malformed")["report"]
+    assert report["chronological_age_months"] is None
+    for value in odd.values():
+        assert value not in caplog.text, value
+
+
 def test_the_form_age_wins_over_the_dicom_and_a_bad_dicom_age_is_no_age(shared_client: TestClient) -> None:
     report = predict(shared_client, dicom_with(PatientAge="010Y"), "P-dicom-form", age="100")["report"]
     assert (report["chronological_age_months"], report["chronological_age_source"]) == (100, "form")
@@ -119,11 +136,15 @@ def test_the_dates_never_reach_the_database_mlflow_or_the_logs(client: TestClien
 
 
 def test_the_chart_of_three_visits_is_a_png_and_unknown_patients_are_404(client: TestClient) -> None:
-    for age in ("100", "112", None):
+    charts = []
+    for age in ("100", "112", "124"):
         predict(client, FILM, "P-chart", age=age)
-    response = client.get("/results/P-chart/chart.png")
-    assert response.status_code == 200 and response.headers["content-type"] == "image/png"
-    image = Image.open(io.BytesIO(response.content))
-    assert image.format == "PNG" and image.size == (800, 600)
+        response = client.get("/results/P-chart/chart.png")
+        assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+        image = Image.open(io.BytesIO(response.content))
+        assert image.format == "PNG" and image.size == (800, 600)
+        charts.append(np.asarray(image.convert("RGB")))
+    # each visit adds its point: the three charts differ
+    assert not np.array_equal(charts[0], charts[1]) and not np.array_equal(charts[1], charts[2])
     missing = client.get("/results/P-nobody/chart.png")
     assert missing.status_code == 404 and "P-nobody" in missing.json()["detail"]

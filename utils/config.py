@@ -11,6 +11,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 import mlflow_config
 
 PROJECT_ROOT = mlflow_config.PROJECT_ROOT
+# The oldest chronological age the service accepts (from the form or a DICOM), months.
+MAX_CHRONOLOGICAL_AGE_MONTHS = 240.0
 
 
 class Settings(BaseSettings):

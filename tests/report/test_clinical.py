@@ -76,3 +76,18 @@ def test_without_a_sex_or_an_age_the_report_says_what_is_missing() -> None:
                                             (2.0, "normal"), (2.01, "advanced")])
 def test_classification_is_at_two_standard_deviations(sds: float, label: str) -> None:
     assert classify(sds) == label
+
+
+def test_a_girls_report_says_when_the_male_model_stood_in() -> None:
+    male = estimate(120.0)
+    report = build_report("female", male, male, 120.0, "form", female_fallback=True)
+    assert report.bone_age_months == 120.0
+    assert report.note is not None and "female model is unavailable" in report.note
+    assert build_report("male", male, male, 120.0, "form", female_fallback=True).note is None
+
+
+def test_the_classification_follows_the_sds_as_shown() -> None:
+    # a boy of 10 whose bone age puts him a hair beyond -2 SD before rounding: shown -2.0, so normal
+    bone_age = 125.68 - 2.0004 * 9.79
+    report = build_report("male", estimate(bone_age), estimate(0.0), 120.0, "form")
+    assert report.sds == -2.0 and report.classification == "normal"

@@ -187,3 +187,16 @@ def test_new_prediction_ids_are_well_formed_unique_and_sort_by_time() -> None:
     assert ids[0].startswith("20261127T101500123456Z-") and len(set(ids)) == 3
     assert max(ids[:2]) < ids[2]
 
+
+
+@pytest.mark.parametrize(("patient_id", "prediction_id"), [("../escape", PREDICTION), ("P1", "../../x"),
+                                                           ("P1", "not-an-id")])
+def test_no_write_or_delete_leaves_the_root_whatever_the_caller_passes(store: PatientStore, tmp_path: Path,
+                                                                       patient_id: str, prediction_id: str) -> None:
+    outside = tmp_path / "x"
+    outside.mkdir(exist_ok=True)
+    with pytest.raises(ValueError, match="malformed"):
+        store.write_prediction(patient_id, prediction_id, FILES)  # type: ignore[arg-type]  # unchecked on purpose
+    with pytest.raises(ValueError, match="malformed"):
+        store.remove_prediction(patient_id, prediction_id)
+    assert outside.is_dir()

@@ -18,6 +18,7 @@ from utils.api.schemas import (
     patient_results,
     prediction_response,
 )
+from utils.config import MAX_CHRONOLOGICAL_AGE_MONTHS
 from utils.errors import PatientNotFound
 from utils.report.clinical import patient_chart
 
@@ -25,7 +26,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorResponse, "description": "not found"},
     401: {"model": ErrorResponse, "description": "missing or wrong API key (only when keys are configured)"},
     413: {"model": ErrorResponse, "description": "upload larger than the limit"},
-    422: {"model": ErrorResponse, "description": "invalid image, patient id or sex"},
+    422: {"model": ErrorResponse, "description": "invalid image, patient id, sex or chronological age"},
     503: {"model": ErrorResponse, "description": "database or storage unavailable; retry later"},
 }
 
@@ -44,7 +45,8 @@ async def predict(
     patient_id: Annotated[str, Form(description="1-64 of A-Z a-z 0-9 - _ . (not starting with .)")],
     sex: Annotated[str, Form(description="male, female or unknown")] = "unknown",
     chronological_age_months: Annotated[float | None, Form(
-        ge=0, le=240, description="the child's age at the film, months (0-240); for a DICOM without it, taken from "
+        ge=0, le=MAX_CHRONOLOGICAL_AGE_MONTHS, description="the child's age at the film, months (0-240); for a DICOM "
+        "without it, taken from "
         "Patient's Age or the birth and study dates")] = None,
 ) -> PredictionResponse:
     """Estimate bone age with both models, report it against the chronological age, store everything and log an

@@ -1,11 +1,12 @@
-"""DICOM uploads: header checks before decoding, pixel data to an 8-bit film, and the Patient's Sex hint.
+"""DICOM uploads: header checks before decoding, pixel data to an 8-bit film, the Patient's Sex hint and the age.
 
-Only pixel-module tags, Patient's Sex and the child's age are read: Patient's Age (0010,1010), or else Patient's
-Birth Date with the Study, Acquisition or Content Date, used only to compute the age in months, which is all that
-leaves this module (the dates are never stored, logged or returned). Nothing identifying (name, id, ...) is read,
-logged or put in an error message; pydicom's own warnings are silenced while a file is read, since a warning about
-an odd value could quote it. Compressed frames are decoded by pydicom's plugins: pylibjpeg-libjpeg for JPEG
-lossless and JPEG-LS, Pillow (or pylibjpeg) for JPEG baseline/extended, Pillow for JPEG 2000.
+Only pixel-module tags, Patient's Sex and what gives the child's age are read: Patient's Birth Date with the
+Study, Acquisition or Content Date, else Patient's Age (0010,1010). The age in months is all that leaves this
+module: the dates are never copied into the database, MLflow, a log or a response (the uploaded file itself is
+stored as sent). Nothing identifying (name, id, ...) is read, logged or put in an error message; pydicom's
+warnings and log are silenced, since a warning about an odd value could quote it. Compressed frames are decoded by
+pydicom's plugins: pylibjpeg-libjpeg for JPEG lossless and JPEG-LS, Pillow (or pylibjpeg) for JPEG
+baseline/extended, Pillow for JPEG 2000.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pydicom
+import pydicom.config
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import get_frame
@@ -28,6 +30,7 @@ from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from male_boneage.preprocess import percentile_window
+from utils.config import MAX_CHRONOLOGICAL_AGE_MONTHS
 from utils.errors import InvalidImage
 from utils.imaging.checks import UploadLimits, check_min_side, check_not_blank, check_pixel_count
 
@@ -42,19 +45,27 @@ DICOM_SEX_HINTS = {"M": "male", "F": "female"}
 PATIENT_AGE = re.compile(r"^(\d{3})([DWMY])$")
 DAYS_PER_MONTH = 365.25 / 12
 MONTHS_PER_UNIT = {"D": 1 / DAYS_PER_MONTH, "W": 7 / DAYS_PER_MONTH, "M": 1.0, "Y": 12.0}
-# Ages outside this range are no child's age: ignored, as if absent.
-MAX_AGE_MONTHS = 240.0
+# Birth and film dates give the age to this many months (0.1: about 3 days), so the stored age does not give the
+# birth date back to the day.
+AGE_FROM_DATES_RESOLUTION_MONTHS = 0.1
 # Dates the film was taken on, in order of preference, for an age from the birth date.
 FILM_DATES = ("StudyDate", "AcquisitionDate", "ContentDate")
 
 
+# pydicom reports a malformed value (a date written 2015-06-07, an odd Patient's Age) by quoting it in a warning and
+# on its logger. Such values may identify the patient: read them without validation and keep pydicom's log quiet.
+pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+logging.getLogger("pydicom").addHandler(logging.NullHandler())
+logging.getLogger("pydicom").propagate = False
+
+
 @dataclass(frozen=True)
 class DicomFilm:
-    """A decoded DICOM film and the two facts taken from its patient module."""
+    """A decoded DICOM film, the Patient's Sex hint and the child's age at the film."""
 
     gray: Image.Image
     sex_hint: str | None  # "male" or "female" from Patient's Sex M or F, else None
-    age_months: float | None  # from Patient's Age, or birth date and film date; None when neither is usable
+    age_months: float | None  # from birth and film dates, or Patient's Age; None when neither is usable
 
 def looks_like_dicom(data: bytes) -> bool:
     """A DICOM Part 10 file: 'DICM' at byte 128 (whatever the preamble holds, which may mimic another format)."""
@@ -271,20 +282,22 @@ def _parse_date(value: object) -> dt.date | None:
 
 
 def _dicom_age_months(dataset: Dataset) -> float | None:
-    """The child's age in months at the film: Patient's Age, else birth date to the first film date."""
+    """The child's age in months at the film: from Patient's Birth Date to the first of the Study, Acquisition
+    and Content Dates (to 0.1 month), else from Patient's Age (whose unit, years for a school child, is coarser)."""
     try:
-        match = PATIENT_AGE.fullmatch(str(dataset.get("PatientAge", "") or "").strip().upper())
-        if match:
-            months = int(match.group(1)) * MONTHS_PER_UNIT[match.group(2)]
+        birth = _parse_date(dataset.get("PatientBirthDate", ""))
+        taken = next((d for d in (_parse_date(dataset.get(tag, "")) for tag in FILM_DATES) if d), None)
+        if birth is not None and taken is not None:
+            step = AGE_FROM_DATES_RESOLUTION_MONTHS
+            months: float = round((taken - birth).days / DAYS_PER_MONTH / step) * step
         else:
-            birth = _parse_date(dataset.get("PatientBirthDate", ""))
-            taken = next((d for d in (_parse_date(dataset.get(tag, "")) for tag in FILM_DATES) if d), None)
-            if birth is None or taken is None:
+            match = PATIENT_AGE.fullmatch(str(dataset.get("PatientAge", "") or "").strip().upper())
+            if not match:
                 return None
-            months = (taken - birth).days / DAYS_PER_MONTH
+            months = int(match.group(1)) * MONTHS_PER_UNIT[match.group(2)]
     except Exception:  # a malformed value is no age; never quoted, since it may be identifying
         return None
-    return round(months, 2) if 0 <= months <= MAX_AGE_MONTHS else None
+    return round(months, 2) if 0 <= months <= MAX_CHRONOLOGICAL_AGE_MONTHS else None
 
 
 def decode_dicom(dataset: Dataset, limits: UploadLimits) -> DicomFilm:

@@ -2,7 +2,8 @@
 
 A prediction exists once its database row is committed; no client was told of anything else. So at start-up,
 before any request is served: hidden staging folders are removed, prediction folders the database does not know
-are removed, and unfinished MLflow runs of predictions the database does not know are deleted.
+are removed, and unfinished MLflow runs of predictions the database does not know are deleted. DICOM predictions
+stored by an earlier release, which wrote no `film.png`, get theirs (MLflow logs it as the original).
 """
 
 from __future__ import annotations
@@ -10,9 +11,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
+
 from database import crud
 from database.db import Database
-from storage.store import PatientStore
+from storage.store import DICOM_FILM_PNG, ORIGINAL_STEM, PatientStore
+from utils.errors import InvalidImage
+from utils.imaging import UploadLimits, decode_upload
+from utils.pipeline.heatmap import film_png
 from utils.tracking.mlflow_runs import MlflowRuns
 
 logger = logging.getLogger(__name__)
@@ -23,6 +29,7 @@ class RecoveryReport:
     staging_folders: int
     unrecorded_folders: int
     unrecorded_runs: int | None  # None: MLflow could not be checked (it is checked again at the next start)
+    dicom_films_added: int = 0
 
 
 def recover(store: PatientStore, database: Database, runs: MlflowRuns) -> RecoveryReport:
@@ -33,15 +40,37 @@ def recover(store: PatientStore, database: Database, runs: MlflowRuns) -> Recove
     orphans = [(patient, prediction) for patient, prediction in store.prediction_folders() if prediction not in known]
     for patient, prediction in orphans:
         store.remove_prediction(patient, prediction)
+    films = add_missing_dicom_films(store)
     try:
         unrecorded_runs: int | None = runs.delete_unrecorded_runs(known)
     except Exception:
         runs.reset()
         logger.warning("could not check MLflow for runs of unstored predictions", exc_info=True)
         unrecorded_runs = None
-    report = RecoveryReport(staging, len(orphans), unrecorded_runs)
+    report = RecoveryReport(staging, len(orphans), unrecorded_runs, films)
     if staging or orphans or unrecorded_runs:
         logger.warning("start-up clean-up after an interrupted run: removed %d incomplete and %d unrecorded "
                        "prediction folders and %s MLflow runs of predictions that were never stored",
                        staging, len(orphans), unrecorded_runs)
+    if films:
+        logger.info("wrote film.png for %d DICOM predictions of an earlier release", films)
     return report
+
+
+def add_missing_dicom_films(store: PatientStore) -> int:
+    """Write `film.png` beside every stored `original.dcm` that has none; how many were written."""
+    added = 0
+    no_limits = UploadLimits(max_bytes=1 << 40, max_pixels=1 << 40, min_side=1)  # it was accepted once
+    for patient, prediction in store.prediction_folders():
+        folder = store.root / patient / prediction
+        original = folder / f"{ORIGINAL_STEM}.dcm"
+        if not original.is_file() or (folder / DICOM_FILM_PNG).exists():
+            continue
+        try:
+            gray = decode_upload(original.read_bytes(), no_limits).gray
+            store.add_file(patient, prediction, DICOM_FILM_PNG, film_png(np.asarray(gray)))
+        except (InvalidImage, OSError, ValueError):
+            logger.warning("could not write film.png for prediction %s", prediction, exc_info=True)
+            continue
+        added += 1
+    return added

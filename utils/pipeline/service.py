@@ -22,6 +22,7 @@ from database.db import Database, DatabaseUnavailable
 from database.models import Patient, Prediction
 from male_boneage.inference import ModelEstimate
 from storage.store import DICOM_FILM_PNG, GRADCAM_PNG, PatientStore, check_patient_id, new_prediction_id
+from utils.config import MAX_CHRONOLOGICAL_AGE_MONTHS
 from utils.errors import InvalidImage, InvalidInput, PatientNotFound
 from utils.imaging import DecodedImage, UploadLimits, decode_upload
 from utils.pipeline.draft import PredictionDraft
@@ -32,7 +33,6 @@ from utils.tracking.worker import TrackingWorker
 
 logger = logging.getLogger(__name__)
 SEXES = ("male", "female", "unknown")
-MAX_AGE_MONTHS = 240.0
 
 
 def check_sex(value: str | None) -> str:
@@ -44,11 +44,12 @@ def check_sex(value: str | None) -> str:
 
 
 def check_age(value: float | None) -> float | None:
-    """A chronological age in months, 0-240, or None; `InvalidInput` outside."""
+    """A chronological age in months, 0-240, or None; `InvalidInput` outside (for callers other than the API,
+    whose form validation refuses such ages first)."""
     if value is None:
         return None
-    if not 0 <= value <= MAX_AGE_MONTHS:
-        raise InvalidInput(f"chronological_age_months must be between 0 and {MAX_AGE_MONTHS:g}")
+    if not 0 <= value <= MAX_CHRONOLOGICAL_AGE_MONTHS:
+        raise InvalidInput(f"chronological_age_months must be between 0 and {MAX_CHRONOLOGICAL_AGE_MONTHS:g}")
     return float(value)
 
 
@@ -160,7 +161,7 @@ class BoneAgeService:
                                    f"{male.sigma_months:.0f} months, limit {self.models.male.ood_sigma_months:.0f}): "
                                    "this does not look like a hand radiograph")
             created_at = dt.datetime.now(dt.UTC)
-            report = build_report(sex_used, male, female, age, age_source)
+            report = build_report(sex_used, male, female, age, age_source, self.models.female_fallback)
             draft = PredictionDraft(new_prediction_id(created_at), checked_id, created_at, image, sex_used,
                                     sex_source, male, female, self.models, report)
             prediction = self._store(draft, film, watch)

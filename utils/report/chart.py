@@ -52,7 +52,7 @@ def chart_png(patient_id: str, sex: str, curve: ReferenceCurve | None, points: l
     axes.set_ylabel("bone age (years)")
     title = f"Patient {patient_id} ({sex})"
     if left_out:
-        title += f" ({left_out} not shown: no chronological age, or sex unknown)"
+        title += f" ({left_out} not shown: no chronological age, sex unknown or another sex)"
     axes.set_title(title, fontsize=10)
     axes.grid(True, alpha=0.3)
     axes.legend(loc="upper left", fontsize=8)

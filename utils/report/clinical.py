@@ -52,12 +52,15 @@ def classify(sds: float) -> Classification:
 
 
 def build_report(sex: str, male: ModelEstimate | None, female: ModelEstimate | None,
-                 chronological_age_months: float | None, age_source: str | None) -> ClinicalReport:
+                 chronological_age_months: float | None, age_source: str | None,
+                 female_fallback: bool = False) -> ClinicalReport:
     """The report for a child of `sex` ("male", "female" or "unknown"); fields that cannot be known are None and
     `note` says why."""
     applicable = {"male": male, "female": female}.get(sex)
     bone_age = None if applicable is None else round(applicable.age_months, 2)
     notes: list[str] = []
+    if sex == "female" and female_fallback:
+        notes.append("the female model is unavailable: the male model's estimate is reported")
     difference = interval = sds = classification = None
     if applicable is None:
         notes.append("sex unknown: no estimate applies, so there is no bone age to compare")
@@ -71,8 +74,8 @@ def build_report(sex: str, male: ModelEstimate | None, female: ModelEstimate | N
         interval = DifferenceInterval(round(raw_difference - half, 2), round(raw_difference + half, 2))
         curve = REFERENCE_CURVES[sex]
         if curve.covers(chronological_age_months):
-            raw_sds = curve.sds(chronological_age_months, applicable.age_months)
-            sds, classification = round(raw_sds, 2), classify(raw_sds)
+            sds = round(curve.sds(chronological_age_months, applicable.age_months), 2)
+            classification = classify(sds)  # of the SDS as shown, so the two never disagree
         else:
             low, high = curve.age_range
             notes.append(f"chronological age {chronological_age_months:g} months is outside the reference's "
@@ -96,18 +99,20 @@ def report_of(prediction: Prediction) -> ClinicalReport:
     male = ModelEstimate(prediction.male_age_months, prediction.male_sigma_months, (), None)
     female = ModelEstimate(prediction.female_age_months, prediction.female_sigma_months, (), None)
     return build_report(prediction.sex_used, male, female, prediction.chronological_age_months,
-                        prediction.chronological_age_source)
+                        prediction.chronological_age_source, prediction.female_fallback)
 
 
 def patient_chart(patient_id: str, predictions: list[Prediction]) -> bytes:
-    """The chart of a patient's visits (any order); the sex is the latest known one."""
+    """The chart of a patient's visits (any order) on the band of the latest known sex; visits of another sex (a
+    correction) or without an age are left out and counted in the title."""
     ordered = sorted(predictions, key=lambda p: p.created_at)
     sexes = [p.sex_used for p in ordered if p.sex_used in REFERENCE_CURVES]
     sex = sexes[-1] if sexes else "unknown"
     points: list[ChartPoint] = []
     for prediction in ordered:
         report = report_of(prediction)
-        if report.chronological_age_months is None or report.bone_age_months is None:
+        if (report.chronological_age_months is None or report.bone_age_months is None
+                or prediction.sex_used != sex):
             continue
         interval = Z_90 * (prediction.male_sigma_months if prediction.sex_used == "male"
                            else prediction.female_sigma_months)
