@@ -79,11 +79,11 @@ def test_classification_is_at_two_standard_deviations(sds: float, label: str) ->
 
 
 def test_a_girls_report_says_when_the_male_model_stood_in() -> None:
-    male = estimate(120.0)
+    male = estimate(126.0, 5.0)
     report = build_report("female", male, male, 120.0, "form", female_fallback=True)
-    assert report.bone_age_months == 120.0
+    assert report.bone_age_months == 126.0
     assert report.note is not None and "female model is unavailable" in report.note
-    assert build_report("male", male, male, 120.0, "form", female_fallback=True).note is None
+    assert build_report("male", male, male, 120.0, "form", female_fallback=True).note is None  # a boy: no note
 
 
 def test_the_classification_follows_the_sds_as_shown() -> None:
@@ -91,3 +91,10 @@ def test_the_classification_follows_the_sds_as_shown() -> None:
     bone_age = 125.68 - 2.0004 * 9.79
     report = build_report("male", estimate(bone_age), estimate(0.0), 120.0, "form")
     assert report.sds == -2.0 and report.classification == "normal"
+
+
+def test_the_note_says_when_the_interval_spans_more_than_one_class() -> None:
+    # a boy of 2.5 years (reference 32.40 +- 4.52 months) estimated at 45.7 +- 17: SDS +2.94, interval -3.2 to +9.1
+    report = build_report("male", estimate(45.7, 17.0), estimate(40.0), 30.0, "form")
+    assert report.classification == "advanced"
+    assert report.note == "the classification is uncertain: with the model's 90% interval the SDS spans -3.2 to +9.1"

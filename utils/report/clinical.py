@@ -76,6 +76,11 @@ def build_report(sex: str, male: ModelEstimate | None, female: ModelEstimate | N
         if curve.covers(chronological_age_months):
             sds = round(curve.sds(chronological_age_months, applicable.age_months), 2)
             classification = classify(sds)  # of the SDS as shown, so the two never disagree
+            low = curve.sds(chronological_age_months, applicable.age_months - half)
+            high = curve.sds(chronological_age_months, applicable.age_months + half)
+            if classify(low) != classify(high):
+                notes.append(f"the classification is uncertain: with the model's 90% interval the SDS spans "
+                             f"{low:+.1f} to {high:+.1f}")
         else:
             low, high = curve.age_range
             notes.append(f"chronological age {chronological_age_months:g} months is outside the reference's "
