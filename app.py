@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 
-from database.db import Database
+from database.db import Database, LiveLock, PoolSettings
 from storage.store import PatientStore
 from utils.api.cors import CORSFromSettings
 from utils.api.docs import install_docs
@@ -50,17 +50,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         limit_malloc_arenas()
         warn_if_exposed(config)
         app.state.settings = config
-        database = Database(config.database_url, config.database_busy_timeout)
-        database.create_tables()
+        database = Database(config.database_url, PoolSettings(
+            config.database_busy_timeout, config.database_pool_size, config.database_max_overflow,
+            config.database_pool_timeout, statement_timeout_ms=config.database_statement_timeout_ms))
+        database.upgrade_schema()
         store = PatientStore(config.patients_dir)
         store.ensure_writable()
         runs = MlflowRuns(config.mlflow_tracking_uri, config.mlflow_experiment)
-        recover(store, database, runs)
+        live = LiveLock(database)
+        alone = live.acquire()
+        recover(store, database, runs, min_age_seconds=0.0 if alone else config.recovery_min_age_seconds)
+        if alone:
+            live.share()
         models = await run_in_threadpool(ModelPool.load, config)
         models.start()
         in_flight = InFlight()
         tracking = TrackingWorker(runs, database, config.storage_dir, config.tracking_retry_seconds,
-                                  config.tracking_max_deferred, busy=in_flight.busy)
+                                  config.tracking_max_deferred, busy=in_flight.busy,
+                                  lease_seconds=config.tracking_lease_seconds)
         tracking.start()
         limits = UploadLimits(config.max_upload_bytes, config.max_image_pixels, config.min_image_side)
         service = BoneAgeService(models, store, database, tracking, in_flight, limits, config.heatmap_max_side)
@@ -73,6 +80,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await run_in_threadpool(service.close)
             tracking.stop()
             models.stop()
+            live.release()
             database.dispose()
 
     app = FastAPI(title="Bone age estimation", version="1.0.0", description=DESCRIPTION, lifespan=lifespan,

@@ -7,7 +7,10 @@ place `mlflow ui` looks when started in the project root with no options. Any SQ
 
 from __future__ import annotations
 
+import fcntl
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from mlflow import MlflowClient
@@ -30,6 +33,23 @@ def sqlite_artifact_root(uri: str) -> str | None:
         return None
     database = Path(uri.removeprefix("sqlite:///"))
     return (database.resolve().parent / "mlruns").as_uri()
+
+
+@contextmanager
+def store_setup_lock(uri: str) -> Iterator[None]:
+    """For a SQLite store, an exclusive lock on a file beside it while a process sets the store up: MLflow creates
+    its tables on first use, and two processes doing that at once collide ('table ... already exists')."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    database = Path(uri.removeprefix("sqlite:///"))
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{database}.setup.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def ensure_experiment(client: MlflowClient, name: str = EXPERIMENT_NAME, artifact_root: str | None = None) -> str:

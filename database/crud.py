@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from database.models import Patient, Prediction
@@ -50,7 +51,34 @@ def set_run_id(session: Session, prediction_id: str, run_id: str) -> None:
 
 
 def mark_logged(session: Session, prediction_id: str) -> None:
-    session.execute(update(Prediction).where(Prediction.id == prediction_id).values(mlflow_logged=True))
+    session.execute(update(Prediction).where(Prediction.id == prediction_id)
+                    .values(mlflow_logged=True, tracking_claimed_by=None, tracking_claim_expires_at=None))
+
+
+def claim_untracked(session: Session, claimer: str, now: dt.datetime, lease_until: dt.datetime,
+                    limit: int) -> list[Prediction]:
+    """Claim up to `limit` predictions whose run is not logged and that no live claim holds, oldest first.
+
+    One statement claims them (`UPDATE ... WHERE id IN (SELECT ... FOR UPDATE SKIP LOCKED)` on PostgreSQL; on
+    SQLite the UPDATE holds the database's write lock while it selects), so two processes never claim the same
+    row. A claim lapses at `lease_until`, so the runs of a process that died are claimed again.
+    """
+    token = f"{claimer}/{uuid.uuid4().hex[:8]}"
+    free = or_(Prediction.tracking_claim_expires_at.is_(None), Prediction.tracking_claim_expires_at < now)
+    candidates = (select(Prediction.id).where(Prediction.mlflow_logged.is_(False), free)
+                  .order_by(Prediction.created_at).limit(limit).with_for_update(skip_locked=True))
+    session.execute(update(Prediction).where(Prediction.id.in_(candidates))
+                    .values(tracking_claimed_by=token, tracking_claim_expires_at=lease_until)
+                    .execution_options(synchronize_session=False))
+    claimed = select(Prediction).where(Prediction.tracking_claimed_by == token).order_by(Prediction.created_at)
+    return list(session.scalars(claimed))
+
+
+def release_claims(session: Session, prediction_ids: list[str]) -> None:
+    """Give claimed predictions back at once (logging failed or is stopping), for any process to claim."""
+    if prediction_ids:
+        session.execute(update(Prediction).where(Prediction.id.in_(prediction_ids))
+                        .values(tracking_claimed_by=None, tracking_claim_expires_at=None))
 
 
 def known_prediction_ids(session: Session) -> set[str]:

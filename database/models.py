@@ -46,7 +46,7 @@ class Prediction(Base):
     image_width: Mapped[int]
     image_height: Mapped[int]
     sex_used: Mapped[str] = mapped_column(String(8), comment="the form's sex, else the DICOM's, else unknown "
-                                          "(called given_sex before 2026-11-28; renamed in place at start-up)")
+                                          "(called given_sex in the first release; migration 0002)")
     sex_source: Mapped[str] = mapped_column(String(8), default="none", server_default="none",
                                             comment="where sex_used came from: form, dicom or none")
     male_age_months: Mapped[float] = mapped_column(Float)
@@ -66,6 +66,10 @@ class Prediction(Base):
         String(8), default=None, comment="form, or dicom (Patient's Age, or birth and study dates: never stored)")
     report_json: Mapped[str | None] = mapped_column(Text, default=None,
                                                     comment="the clinical report as returned (JSON)")
+    tracking_claimed_by: Mapped[str | None] = mapped_column(
+        String(64), default=None, comment="the service process logging this run now (see tracking_claim_expires_at)")
+    tracking_claim_expires_at: Mapped[dt.datetime | None] = mapped_column(
+        UTCDateTime, default=None, comment="after this, another process may claim the run (the claimer died)")
     mlflow_run_id: Mapped[str | None] = mapped_column(String(64), default=None)
     mlflow_logged: Mapped[bool] = mapped_column(default=False, index=True,
                                                 comment="params, metrics and artifacts all in MLflow")

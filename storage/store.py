@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 import uuid
 from pathlib import Path
 from typing import NewType
@@ -47,6 +48,14 @@ def check_patient_id(patient_id: str) -> PatientId:
 def new_prediction_id(now: dt.datetime) -> str:
     """Sortable by time, unique without coordination: `20261127T101500123456Z-<12 hex>`."""
     return f"{now.strftime('%Y%m%dT%H%M%S%f')}Z-{uuid.uuid4().hex[:12]}"
+
+
+def age_seconds(path: Path) -> float:
+    """Seconds since `path` was last modified (0 if it is gone)."""
+    try:
+        return max(0.0, time.time() - path.stat().st_mtime)
+    except FileNotFoundError:
+        return 0.0
 
 
 class PatientStore:
@@ -125,6 +134,9 @@ class PatientStore:
             return None
         return path
 
+    def folder_age_seconds(self, patient_id: str, prediction_id: str) -> float:
+        return age_seconds(self._folder(patient_id, prediction_id))
+
     def prediction_folders(self) -> list[tuple[str, str]]:
         """(patient_id, prediction_id) of every complete prediction folder on disk."""
         if not self.root.is_dir():
@@ -132,8 +144,9 @@ class PatientStore:
         return [(p.name, f.name) for p in self.root.iterdir() if p.is_dir()
                 for f in p.iterdir() if f.is_dir() and PREDICTION_ID_PATTERN.fullmatch(f.name)]
 
-    def remove_staging_leftovers(self) -> int:
-        """Delete the hidden staging folders a killed process left behind (`.<prediction id>.*`); how many.
+    def remove_staging_leftovers(self, min_age_seconds: float = 0.0) -> int:
+        """Delete the hidden staging folders a killed process left behind (`.<prediction id>.*`) that are at least
+        `min_age_seconds` old (younger ones may belong to a live process); how many.
 
         Nothing else is touched: a hidden file someone else put there (`.DS_Store`) stays and is not counted.
         """
@@ -141,7 +154,8 @@ class PatientStore:
         if self.root.is_dir():
             for patient_dir in self.root.iterdir():
                 for leftover in patient_dir.glob(".*") if patient_dir.is_dir() else []:
-                    if leftover.is_dir() and PREDICTION_ID_PATTERN.fullmatch(leftover.name[1:].split(".")[0]):
+                    if (leftover.is_dir() and PREDICTION_ID_PATTERN.fullmatch(leftover.name[1:].split(".")[0])
+                            and age_seconds(leftover) >= min_age_seconds):
                         shutil.rmtree(leftover, ignore_errors=True)
                         removed += 1
         return removed

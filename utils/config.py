@@ -26,6 +26,15 @@ class Settings(BaseSettings):
         f"sqlite:///{PROJECT_ROOT / 'boneage_predictions.db'}", description="SQLAlchemy URL of the predictions database"
     )
     database_busy_timeout: float = Field(5.0, gt=0, description="seconds to wait for a locked SQLite database")
+    database_pool_size: int = Field(5, ge=1, description="PostgreSQL: connections kept open per process")
+    database_max_overflow: int = Field(10, ge=0, description="PostgreSQL: extra connections allowed under load")
+    database_pool_timeout: float = Field(5.0, gt=0, description="PostgreSQL: seconds to wait for a free connection")
+    database_statement_timeout_ms: int = Field(10_000, gt=0, description="PostgreSQL: longest statement, ms")
+    recovery_min_age_seconds: float = Field(
+        600.0, ge=0, description="start-up clean-up beside other live processes only removes folders and MLflow runs "
+        "older than this (a process alone on the database removes them all)")
+    tracking_lease_seconds: float = Field(
+        300.0, gt=0, description="how long a process's claim on pending MLflow runs lasts if it dies while logging")
     storage_dir: Path = Field(PROJECT_ROOT / "storage", description="uploads and heatmaps go to <dir>/patients")
     male_weights: Path = Field(PROJECT_ROOT / "male_boneage" / "weights" / "male.pt")
     female_weights: Path = Field(
@@ -53,6 +62,9 @@ class Settings(BaseSettings):
     log_level: str = Field("INFO")
     api_keys: str = Field("", description="comma-separated API keys; when set, patient routes require one")
     cors_origins: str = Field("", description="comma-separated origins allowed by CORS (none by default)")
+    # --- metrics and backpressure
+    max_in_flight: int = Field(32, ge=1, description="most predictions in flight in one process; POST /predict "
+                               "answers 503 with Retry-After beyond it, before reading the upload")
 
     @property
     def api_key_list(self) -> list[str]:

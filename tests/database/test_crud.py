@@ -12,7 +12,7 @@ from helpers import make_settings, running_app
 from sqlalchemy import inspect, select
 
 from database import crud
-from database.db import Database, DatabaseUnavailable
+from database.db import PoolSettings, Database, DatabaseUnavailable
 from database.models import Patient, Prediction
 
 T0 = dt.datetime(2026, 11, 27, 10, 0, tzinfo=dt.UTC)
@@ -35,7 +35,7 @@ def prediction(prediction_id: str, patient_id: str = "P1", minutes: float = 0, l
 @pytest.fixture
 def database(tmp_path: Path) -> Database:
     database = Database(f"sqlite:///{tmp_path / 'predictions.db'}")
-    database.create_tables()
+    database.upgrade_schema()
     return database
 
 
@@ -122,8 +122,8 @@ def test_known_prediction_ids_are_every_stored_prediction(database: Database) ->
 
 
 def test_locked_database_raises_database_unavailable(tmp_path: Path) -> None:
-    database = Database(f"sqlite:///{tmp_path / 'predictions.db'}", busy_timeout=0.1)
-    database.create_tables()
+    database = Database(f"sqlite:///{tmp_path / 'predictions.db'}", PoolSettings(busy_timeout_s=0.1))
+    database.upgrade_schema()
     lock = sqlite3.connect(tmp_path / "predictions.db")
     lock.execute("BEGIN EXCLUSIVE")
     try:
@@ -216,8 +216,8 @@ def test_create_tables_renames_given_sex_to_sex_used_in_place_and_keeps_the_rows
     path = tmp_path / "predictions.db"
     previous_release_database(path)
     database = Database(f"sqlite:///{path}")
-    database.create_tables()
-    database.create_tables()  # a second start finds nothing to do
+    database.upgrade_schema()
+    database.upgrade_schema()  # a second start finds nothing to do
     columns = [c["name"] for c in inspect(database.engine).get_columns("predictions")]
     assert "sex_used" in columns and "given_sex" not in columns
     assert columns.index("sex_used") == 7  # renamed where it was, not dropped and added

@@ -148,7 +148,7 @@ class Rig:
 @pytest.fixture
 def rig(tmp_path: Path, mlflow_template: Path) -> Rig:
     database = Database(f"sqlite:///{tmp_path / 'predictions.db'}")
-    database.create_tables()
+    database.upgrade_schema()
     return Rig(tmp_path, database, PatientStore(tmp_path / "storage" / "patients"),
                open_store(mlflow_template, tmp_path / "mlflow"))
 

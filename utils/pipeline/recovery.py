@@ -2,7 +2,9 @@
 
 A prediction exists once its database row is committed; no client was told of anything else. So at start-up,
 before any request is served: hidden staging folders are removed, prediction folders the database does not know
-are removed, and unfinished MLflow runs of predictions the database does not know are deleted. DICOM predictions
+are removed, and unfinished MLflow runs of predictions the database does not know are deleted. Beside other live
+processes (`database.db.LiveLock`), only what is older than an age limit is removed: a younger folder or run may
+be a prediction another process is storing right now. DICOM predictions
 stored by an earlier release, which wrote no `film.png`, get theirs (MLflow logs it as the original).
 """
 
@@ -32,17 +34,18 @@ class RecoveryReport:
     dicom_films_added: int = 0
 
 
-def recover(store: PatientStore, database: Database, runs: MlflowRuns) -> RecoveryReport:
-    """Remove what an interrupted run left behind and say what was removed."""
-    staging = store.remove_staging_leftovers()
+def recover(store: PatientStore, database: Database, runs: MlflowRuns, min_age_seconds: float = 0.0) -> RecoveryReport:
+    """Remove what an interrupted run left behind (at least `min_age_seconds` old) and say what was removed."""
+    staging = store.remove_staging_leftovers(min_age_seconds)
     with database.session() as session:
         known = crud.known_prediction_ids(session)
-    orphans = [(patient, prediction) for patient, prediction in store.prediction_folders() if prediction not in known]
+    orphans = [(patient, prediction) for patient, prediction in store.prediction_folders()
+               if prediction not in known and store.folder_age_seconds(patient, prediction) >= min_age_seconds]
     for patient, prediction in orphans:
         store.remove_prediction(patient, prediction)
     films = add_missing_dicom_films(store)
     try:
-        unrecorded_runs: int | None = runs.delete_unrecorded_runs(known)
+        unrecorded_runs: int | None = runs.delete_unrecorded_runs(known, min_age_seconds)
     except Exception:
         runs.reset()
         logger.warning("could not check MLflow for runs of unstored predictions", exc_info=True)
@@ -50,8 +53,10 @@ def recover(store: PatientStore, database: Database, runs: MlflowRuns) -> Recove
     report = RecoveryReport(staging, len(orphans), unrecorded_runs, films)
     if staging or orphans or unrecorded_runs:
         logger.warning("start-up clean-up after an interrupted run: removed %d incomplete and %d unrecorded "
-                       "prediction folders and %s MLflow runs of predictions that were never stored",
-                       staging, len(orphans), unrecorded_runs)
+                       "prediction folders and %s MLflow runs of predictions that were never stored (%s)",
+                       staging, len(orphans), unrecorded_runs,
+                       "alone on the database" if not min_age_seconds
+                       else f"only those older than {min_age_seconds:g} s, since other processes are live")
     if films:
         logger.info("wrote film.png for %d DICOM predictions of an earlier release", films)
     return report

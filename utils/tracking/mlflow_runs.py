@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -46,16 +47,21 @@ class MlflowRuns:
 
     @property
     def client(self) -> MlflowClient:
+        """The client, with the experiment looked up or created; the first use of a SQLite store (which creates
+        MLflow's tables) is done by one process at a time (`mlflow_config.store_setup_lock`)."""
         with self._lock:
             if self._client is None:
-                self._client = MlflowClient(tracking_uri=self.tracking_uri)
+                with mlflow_config.store_setup_lock(self.tracking_uri):
+                    client = MlflowClient(tracking_uri=self.tracking_uri)
+                    self._experiment_id = mlflow_config.ensure_experiment(client, self.experiment_name)
+                self._client = client
             return self._client
 
     def experiment_id(self) -> str:
-        client = self.client
+        self.client  # noqa: B018  # connects and sets the experiment id when needed
         with self._lock:
-            if self._experiment_id is None:
-                self._experiment_id = mlflow_config.ensure_experiment(client, self.experiment_name)
+            if self._experiment_id is None:  # reset by another thread in between: connect again
+                raise RuntimeError("MLflow connection was reset; retry")
             return self._experiment_id
 
     def reset(self) -> None:
@@ -100,12 +106,15 @@ class MlflowRuns:
     def delete_run(self, run_id: str) -> None:
         self.client.delete_run(run_id)
 
-    def delete_unrecorded_runs(self, known_prediction_ids: set[str]) -> int:
-        """Delete unfinished runs whose prediction is not in `known_prediction_ids`; how many."""
+    def delete_unrecorded_runs(self, known_prediction_ids: set[str], min_age_seconds: float = 0.0) -> int:
+        """Delete unfinished runs at least `min_age_seconds` old whose prediction is not in
+        `known_prediction_ids` (a younger one may belong to a prediction a live process is storing); how many."""
         removed = 0
+        newest_start_ms = (time.time() - min_age_seconds) * 1000
         for run in self.client.search_runs([self.experiment_id()], "attributes.status = 'RUNNING'",
                                            max_results=1000):
-            if run.data.tags.get("prediction_id") not in known_prediction_ids:
+            if (run.data.tags.get("prediction_id") not in known_prediction_ids
+                    and run.info.start_time <= newest_start_ms):
                 self.client.delete_run(run.info.run_id)
                 removed += 1
         return removed

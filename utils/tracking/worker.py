@@ -2,9 +2,11 @@
 
 The request only opens the run (one quick call, so the response can name it) and stores its id with the
 prediction. This worker then logs params, metrics and artifacts and marks the row logged; it is the only code that
-writes tracking state to the database. A row not marked logged is picked up again after a failure or a restart,
-so nothing is lost; if MLflow was unreachable during the request, the row has no run id and the worker creates
-the run once MLflow is back.
+writes tracking state to the database. With several processes on one database, each pending run is claimed by one
+process at a time (`crud.claim_untracked`, with a lease that lapses if the process dies), so every run is created
+and completed once, whichever process served the prediction. A row not marked logged is picked up again after a
+failure or a restart, so nothing is lost; if MLflow was unreachable during the request, the row has no run id and
+the worker creates the run once MLflow is back.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from database import crud
-from database.db import Database
+from database.db import Database, pid_token
 from database.models import Prediction
 from storage.store import DICOM_FILM_PNG
 from utils.tracking.mlflow_runs import MlflowRuns
@@ -32,6 +34,8 @@ logger = logging.getLogger(__name__)
 WORKER_NICE = 10
 # How often a worker holding runs back checks whether the requests are done.
 DEFER_POLL_SECONDS = 0.05
+# Pending runs claimed at once: few, so a claim's lease is never near its end while this process works on it.
+CLAIM_BATCH = 10
 
 
 def lower_thread_priority(nice: int) -> None:
@@ -88,7 +92,8 @@ class TrackingWorker:
     def __init__(self, runs: MlflowRuns, database: Database, files_root: Path, retry_seconds: float,
                  max_deferred: int = 64, max_defer_seconds: float = 10.0,
                  busy: Callable[[], bool] = lambda: False,
-                 clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)) -> None:
+                 clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+                 lease_seconds: float = 300.0) -> None:
         self.runs = runs
         self.database = database
         self.files_root = files_root
@@ -97,6 +102,8 @@ class TrackingWorker:
         self.max_defer_seconds = max_defer_seconds
         self._busy = busy
         self._clock = clock
+        self.lease = dt.timedelta(seconds=lease_seconds)
+        self.claimer = pid_token()
         self._drain_until = math.inf
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -140,7 +147,7 @@ class TrackingWorker:
 
     def log_pending(self, prediction: Prediction) -> bool:
         """Create the run if it has none (or find the one a crash lost), complete it, mark the row logged;
-        False if MLflow failed."""
+        False if MLflow failed. The caller holds the prediction's claim."""
         try:
             if prediction.mlflow_run_id is None:
                 prediction.mlflow_run_id = (self.runs.find_run(prediction.id)
@@ -159,7 +166,8 @@ class TrackingWorker:
         return True
 
     def run_once(self, defer: bool = False) -> tuple[int, bool]:
-        """Complete pending runs in order, stopping at the first failure: (how many remain, whether MLflow failed).
+        """Claim and complete pending runs in order, stopping at the first failure: (how many remain, whether to
+        pause before the next round: MLflow failed, or every pending run is claimed by another live process).
 
         With `defer`, stop early while predictions are being served, as long as no more than `max_deferred`
         runs wait and none has waited `max_defer_seconds`.
@@ -169,13 +177,22 @@ class TrackingWorker:
                 total, oldest = crud.untracked_backlog(session)
                 if not total or (defer and self._hold_back(total, oldest)):
                     return total, False
-                pending = crud.untracked_predictions(session)  # the oldest page of them
+                now = self._clock()
+                pending = crud.claim_untracked(session, self.claimer, now, now + self.lease, CLAIM_BATCH)
+            if not pending:
+                return total, True  # all claimed by other processes: look again after a pause
             for done, prediction in enumerate(pending):
                 left = total - done
                 if self._stop_now() or (defer and self._hold_back(left, prediction.created_at)):
+                    self._release(pending[done:])
                     return left, False
                 if not self.log_pending(prediction):
+                    self._release(pending[done:])
                     return left, True  # MLflow is down: wait for the next round, do not hammer it
+
+    def _release(self, predictions: list[Prediction]) -> None:
+        with self.database.session() as session:
+            crud.release_claims(session, [p.id for p in predictions])
 
     def _hold_back(self, waiting: int, oldest: dt.datetime | None) -> bool:
         """Whether to leave `waiting` runs (the oldest created at `oldest`) for later: requests are running."""
