@@ -16,12 +16,14 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
+from sqlalchemy import make_url
 
 from database.db import Database, LiveLock, PoolSettings
 from storage.store import PatientStore
 from utils.api.cors import CORSFromSettings
 from utils.api.docs import install_docs
 from utils.api.errors import install_error_handlers
+from utils.api.metrics import RequestMetrics, ServiceMetrics
 from utils.api.routes import open_router, patient_router
 from utils.config import Settings
 from utils.imaging import UploadLimits
@@ -64,7 +66,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             live.share()
         models = await run_in_threadpool(ModelPool.load, config)
         models.start()
-        in_flight = InFlight()
+        in_flight = InFlight(config.max_in_flight)
         tracking = TrackingWorker(runs, database, config.storage_dir, config.tracking_retry_seconds,
                                   config.tracking_max_deferred, busy=in_flight.busy,
                                   lease_seconds=config.tracking_lease_seconds)
@@ -72,8 +74,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         limits = UploadLimits(config.max_upload_bytes, config.max_image_pixels, config.min_image_side)
         service = BoneAgeService(models, store, database, tracking, in_flight, limits, config.heatmap_max_side)
         app.state.service = service
+        app.state.metrics = ServiceMetrics(service)  # a registry per start: apps never share metrics
         logger.info("bone age service ready (storage %s, database %s, MLflow %s)", config.storage_dir,
-                    config.database_url, config.mlflow_tracking_uri)
+                    make_url(config.database_url).render_as_string(hide_password=True), config.mlflow_tracking_uri)
         try:
             yield
         finally:
@@ -86,6 +89,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="Bone age estimation", version="1.0.0", description=DESCRIPTION, lifespan=lifespan,
                   docs_url=None, redoc_url=None)  # served by install_docs from local files, not a CDN
     app.add_middleware(CORSFromSettings)
+    app.add_middleware(RequestMetrics)  # outermost: also counts what CORS answers
     install_error_handlers(app)
     app.include_router(open_router)
     app.include_router(patient_router)

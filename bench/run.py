@@ -7,7 +7,8 @@ Run from the repository root. Measures, in this order:
   1. the floor, in this process: decode_upload + one forward and backward pass (batch of 1) of each model;
   2. the service (uvicorn subprocess, fresh temporary database, storage and MLflow store): cold start, peak RSS,
      single-request latency of POST /predict for a full-resolution and a 100 px film, the Server-Timing stages,
-     throughput and latency at concurrency 1, 4 and 16;
+     throughput and latency at concurrency 1, 4 and 16, then a burst of 200 requests at concurrency 64 (beyond its
+     limit of predictions in flight: 200 vs 503, and whether GET /health/live answers meanwhile);
   3. the seed-style baseline (bench/seed_baseline.py), started and loaded the same way.
 Only 127.0.0.1 is contacted. Every server started here is stopped at the end, also on errors and Ctrl-C.
 """
@@ -51,6 +52,9 @@ from bench.harness import (
 MODULE = "bench.run"  # run as `python -m bench.run` from the repository root
 BENCH_DIR = Path(__file__).resolve().parent
 CONCURRENCY_LEVELS = (1, 4, 16)
+# The burst: more requests at once than the service admits (BONEAGE_MAX_IN_FLIGHT, default 32), so some get 503.
+BURST_REQUESTS, BURST_CONCURRENCY = 200, 64
+PROBE_INTERVAL_S, MAX_PROBES = 0.2, 25  # GET /health/live during the burst
 # The issue's minimum counts; a run below them is marked as a smoke run in the report.
 MIN_FLOOR_REPS, MIN_SINGLE, MIN_LOAD = 20, 20, 64
 WARMUP_REQUESTS = 3
@@ -260,6 +264,112 @@ def run_load(server: Server, image: tuple[str, bytes], n: int, ids: PatientIds, 
     return levels
 
 
+class LiveProber(threading.Thread):
+    """GET /health/live every PROBE_INTERVAL_S on its own connection and thread (so the burst's client loop does
+    not delay it), from `begin` being set until `end` is."""
+
+    def __init__(self, base_url: str, timeout_s: float) -> None:
+        super().__init__(name="live-prober", daemon=True)
+        self.base_url, self.timeout_s = base_url, timeout_s
+        self.begin, self.end = threading.Event(), threading.Event()
+        self.samples: list[Sample] = []
+
+    def run(self) -> None:
+        self.begin.wait()
+        with httpx.Client(base_url=self.base_url, timeout=self.timeout_s, trust_env=False) as client:
+            while not self.end.is_set() and len(self.samples) < MAX_PROBES:
+                start = time.perf_counter()
+                try:
+                    status = str(client.get("/health/live").status_code)
+                except httpx.HTTPError as exc:
+                    status = type(exc).__name__
+                self.samples.append(Sample(status, (time.perf_counter() - start) * 1000))
+                self.end.wait(PROBE_INTERVAL_S)
+
+
+async def _burst(base_url: str, image: tuple[str, bytes], n: int, concurrency: int, ids: PatientIds,
+                 timeout_s: float, prober: LiveProber) -> tuple[list[Sample], float]:
+    """`n` POST /predict at `concurrency`; `prober` probes from the first answer to the last."""
+    samples: list[Sample] = []
+    todo = iter(range(n))
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=base_url, timeout=timeout_s, limits=limits, trust_env=False) as client:
+
+        async def worker() -> None:
+            for i in todo:  # shared iterator: each request is taken by exactly one worker
+                start = time.perf_counter()
+                try:
+                    response = await client.post("/predict", **_form(image, ids(), ("male", "female")[i % 2]))  # type: ignore[arg-type]
+                    status = str(response.status_code)
+                except httpx.HTTPError as exc:
+                    status = type(exc).__name__
+                samples.append(Sample(status, (time.perf_counter() - start) * 1000))
+                prober.begin.set()
+
+        started = time.perf_counter()
+        try:
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+        finally:
+            prober.begin.set()
+            prober.end.set()
+        wall = time.perf_counter() - started
+    return samples, wall
+
+
+def scrape_metrics(base_url: str) -> list[tuple[str, dict[str, str], float]]:
+    """The samples of the service's GET /metrics as (name, labels, value); [] when it answers otherwise."""
+    from prometheus_client.parser import text_string_to_metric_families  # a dependency of the service
+
+    with httpx.Client(base_url=base_url, timeout=30, trust_env=False) as client:
+        response = client.get("/metrics")
+    if response.status_code != 200:
+        return []
+    return [(sample.name, sample.labels, sample.value) for family in text_string_to_metric_families(response.text)
+            for sample in family.samples]
+
+
+def metric(samples: list[tuple[str, dict[str, str], float]], name: str, **labels: str) -> float:
+    """The value of the sample `name` whose labels include `labels` (0 when there is none: nothing counted yet)."""
+    return next((value for n, have, value in samples if n == name and labels.items() <= have.items()), 0.0)
+
+
+def run_burst(server: Server, image: tuple[str, bytes], ids: PatientIds, args: argparse.Namespace
+              ) -> dict[str, object]:
+    """The burst level: what the service admits and refuses beyond its limit, and whether it stays live."""
+    wait_for_tracking(server.base_url)
+    print(f"  burst: {BURST_REQUESTS} requests at concurrency {BURST_CONCURRENCY}, "
+          "GET /health/live probed meanwhile ...", flush=True)
+    live = {"route": "/health/live", "method": "GET"}
+    before = scrape_metrics(server.base_url)
+    prober = LiveProber(server.base_url, args.request_timeout)
+    prober.start()
+    samples, wall = asyncio.run(_burst(server.base_url, image, BURST_REQUESTS, BURST_CONCURRENCY, ids,
+                                       args.request_timeout, prober))
+    prober.join(timeout=args.request_timeout)
+    after = scrape_metrics(server.base_url)
+    by_status: dict[str, dict[str, float]] = {}
+    for status in sorted({s.status for s in samples}):
+        latencies = [s.latency_ms for s in samples if s.status == status]
+        by_status[status] = {"n": len(latencies), "p50_ms": percentile(latencies, 0.5),
+                             "p95_ms": percentile(latencies, 0.95)}
+    probe_ms = [p.latency_ms for p in prober.samples if p.status == "200"]
+    # The server's own time for the probes, from its latency histogram (the client shares the cores).
+    served = [metric(m, "boneage_http_request_duration_seconds_" + part, **live) for m in (before, after)
+              for part in ("count", "sum")]
+    burst = {"requests": len(samples), "concurrency": BURST_CONCURRENCY, "wall_s": wall, "by_status": by_status,
+             "probes": len(prober.samples), "probes_ok": len(probe_ms), "probe_p50_ms": percentile(probe_ms, 0.5),
+             "probe_max_ms": max(probe_ms) if probe_ms else math.nan,
+             "probe_server_mean_ms": ratio(1000 * (served[3] - served[1]), served[2] - served[0]),
+             "max_in_flight": metric(after, "boneage_predictions_in_flight_limit") if after else None,
+             "refused_counted": (metric(after, "boneage_predictions_refused_overload_total")
+                                 - metric(before, "boneage_predictions_refused_overload_total")) if after else None}
+    counts = ", ".join(f"{status}: {part['n']}" for status, part in by_status.items())
+    print(f"    {counts}; /health/live {len(probe_ms)}/{len(prober.samples)} answered 200 "
+          f"(p50 {fmt(burst['probe_p50_ms'], 1)} ms, max {fmt(burst['probe_max_ms'], 1)} ms; "  # type: ignore[arg-type]
+          f"server mean {fmt(burst['probe_server_mean_ms'], 2)} ms)")  # type: ignore[arg-type]
+    return burst
+
+
 def errors_text(errors: dict[str, int]) -> str:
     return ", ".join(f"{code}: {count}" for code, count in sorted(errors.items())) or "0"
 
@@ -364,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
             results["service_load"] = run_load(service, images[args.load_image], args.requests, ids, args)
             results["service_memory"] = service.memory()
             results["service_cold_start_s"] = service.cold_start_s
+            results["service_burst"] = run_burst(service, images[args.load_image], ids, args)  # after the memory
             service.stop()
 
             if not args.no_unbatched:
@@ -545,6 +656,26 @@ def render(r: dict, args: argparse.Namespace) -> str:  # type: ignore[type-arg]
     if levels.get(1) and levels.get(16):
         out += [f"Throughput at concurrency 16 / concurrency 1 (service): "
                 f"**{fmt(ratio(levels[16]['rps'], levels[1]['rps']), 2)}**.", ""]
+    burst = r.get("service_burst")
+    if burst:
+        limit = burst["max_in_flight"]
+        out += ["## Burst beyond the limit of predictions in flight", "",
+                f"{burst['requests']} requests at concurrency {burst['concurrency']} against the service "
+                f"(BONEAGE_MAX_IN_FLIGHT {'n/a' if limit is None else int(limit)}), "
+                f"{fmt(burst['wall_s'], 1)} s in all (film: {args.load_image}):", ""]
+        rows = [[status, str(part["n"]), fmt(part["p50_ms"], 0), fmt(part["p95_ms"], 0)]
+                for status, part in burst["by_status"].items()]
+        refused = burst["refused_counted"]
+        out += [table(["status", "responses", "p50 ms", "p95 ms"], rows), "",
+                f"`GET /health/live` during the burst (every {PROBE_INTERVAL_S:g} s from a thread of its own, from the "
+                f"burst's first answer to its last): {burst['probes_ok']}/{burst['probes']} answered 200, p50 "
+                f"{fmt(burst['probe_p50_ms'], 1)} ms, max {fmt(burst['probe_max_ms'], 1)} ms as the client saw them; "
+                f"the server's own mean for them {fmt(burst['probe_server_mean_ms'], 2)} ms "
+                "(`boneage_http_request_duration_seconds` of `GET /metrics`). The service counted "
+                f"{'n/a' if refused is None else int(refused)} refusals "
+                "(`boneage_predictions_refused_overload_total` of `GET /metrics`). A 503 comes with `Retry-After` "
+                "and stores nothing; it is answered once the upload has arrived, before it is read or decoded.", ""]
+
     if r.get("unbatched_load"):
         rows = [[str(svc["concurrency"]), fmt(svc["rps"], 2), fmt(off["rps"], 2), fmt(ratio(svc["rps"], off["rps"]), 2)]
                 for svc, off in zip(r["service_load"], r["unbatched_load"], strict=False)]

@@ -63,8 +63,8 @@ class Settings(BaseSettings):
     api_keys: str = Field("", description="comma-separated API keys; when set, patient routes require one")
     cors_origins: str = Field("", description="comma-separated origins allowed by CORS (none by default)")
     # --- metrics and backpressure
-    max_in_flight: int = Field(32, ge=1, description="most predictions in flight in one process; POST /predict "
-                               "answers 503 with Retry-After beyond it, before reading the upload")
+    max_in_flight: int = Field(32, ge=1, description="most predictions in flight in one process; beyond it POST "
+                               "/predict answers 503 with Retry-After at once, before decoding the upload")
 
     @property
     def api_key_list(self) -> list[str]:

@@ -30,3 +30,7 @@ class NotAuthenticated(ServiceError):
 
 class PatientNotFound(ServiceError):
     """No prediction was ever stored for this patient, or no such stored file."""
+
+
+class Overloaded(ServiceError):
+    """As many predictions as allowed (`BONEAGE_MAX_IN_FLIGHT`) are already running in this process."""

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from database.db import DatabaseUnavailable
 from male_boneage.inference import ModelUnavailable
 from storage.store import InvalidPatientId, StorageUnavailable
-from utils.errors import InvalidInput, NotAuthenticated, PatientNotFound, UploadTooLarge
+from utils.errors import InvalidInput, NotAuthenticated, Overloaded, PatientNotFound, UploadTooLarge
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +25,7 @@ STATUS_BY_ERROR: tuple[tuple[type[Exception], int], ...] = (
     (StorageUnavailable, 503),
     (DatabaseUnavailable, 503),
     (ModelUnavailable, 503),
+    (Overloaded, 503),
 )
 DOMAIN_ERRORS = tuple(error for error, _ in STATUS_BY_ERROR)
 RETRY_AFTER_SECONDS = "5"

@@ -1,4 +1,5 @@
-"""GET /health: the models, database, MLflow store and storage checked for real."""
+"""GET /health: the models, database, MLflow store and storage checked for real; GET /health/ready: what a
+prediction needs (database, storage, model workers), for a load balancer or orchestrator."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import logging
 from collections.abc import Callable
 
 from database import crud
-from utils.api.schemas import HealthResponse, ModelHealth
+from database.db import DatabaseUnavailable
+from storage.store import StorageUnavailable
+from utils.api.schemas import HealthResponse, ModelHealth, ReadinessResponse
 from utils.pipeline.service import BoneAgeService
 
 logger = logging.getLogger(__name__)
@@ -50,3 +53,29 @@ def health_report(service: BoneAgeService) -> HealthResponse:
         tracking_backlog=backlog,
         storage=storage,
     )
+
+
+def readiness(service: BoneAgeService | None) -> ReadinessResponse:
+    """Ready when the database answers, the storage takes a file and both model workers run. MLflow is not
+    checked: without it predictions are still stored (their runs are logged later)."""
+    if service is None:
+        reason = "the service has not started"
+        return ReadinessResponse(status="not ready", failing=["service"], checks={"service": reason})
+    checks = {"database": _probe(service.database.ping), "storage": _probe(service.store.ensure_writable),
+              "models": "ok" if service.models.running else "a model worker is not running"}
+    failing = [name for name, result in checks.items() if result != "ok"]
+    for name in failing:
+        logger.warning("readiness check of %s failed: %s", name, checks[name])
+    return ReadinessResponse(status="not ready" if failing else "ready", failing=failing, checks=checks)
+
+
+def _probe(check: Callable[[], object]) -> str:
+    """"ok", or why the check failed: the domain error's message (written for clients), else "unavailable"."""
+    try:
+        check()
+        return "ok"
+    except (DatabaseUnavailable, StorageUnavailable) as exc:
+        return str(exc)
+    except Exception:
+        logger.warning("readiness check failed", exc_info=True)
+        return "unavailable"

@@ -4,17 +4,27 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, File, Form, Response, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 
-from utils.api.deps import ServiceDep, SettingsDep, content_length_within_limit, require_api_key
-from utils.api.health import health_report
+from utils.api.deps import (
+    MetricsDep,
+    ServiceDep,
+    SettingsDep,
+    content_length_within_limit,
+    prediction_place,
+    require_api_key,
+)
+from utils.api.health import health_report, readiness
 from utils.api.schemas import (
     ErrorResponse,
     HealthResponse,
+    LiveResponse,
     PatientResults,
     PredictionResponse,
+    ReadinessResponse,
     patient_results,
     prediction_response,
 )
@@ -27,7 +37,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorResponse, "description": "missing or wrong API key (only when keys are configured)"},
     413: {"model": ErrorResponse, "description": "upload larger than the limit"},
     422: {"model": ErrorResponse, "description": "invalid image, patient id, sex or chronological age"},
-    503: {"model": ErrorResponse, "description": "database or storage unavailable; retry later"},
+    503: {"model": ErrorResponse, "description": "database or storage unavailable, or too many predictions in "
+                                                "flight (BONEAGE_MAX_IN_FLIGHT); retry after Retry-After seconds"},
 }
 
 open_router = APIRouter()
@@ -35,12 +46,16 @@ patient_router = APIRouter(dependencies=[Depends(require_api_key)])
 
 
 @patient_router.post(
-    "/predict", response_model=PredictionResponse, responses=ERRORS, dependencies=[Depends(content_length_within_limit)]
+    "/predict", response_model=PredictionResponse, responses=ERRORS,
+    # In this order: an oversized upload gets 413 without taking a place among the predictions in flight. The
+    # place is given back as soon as the route returns or raises ("function"), before the response is sent.
+    dependencies=[Depends(content_length_within_limit), Depends(prediction_place, scope="function")],
 )
 async def predict(
     response: Response,
     service: ServiceDep,
     settings: SettingsDep,
+    metrics: MetricsDep,
     image: Annotated[UploadFile, File(description="hand radiograph: PNG, JPEG, TIFF or DICOM")],
     patient_id: Annotated[str, Form(description="1-64 of A-Z a-z 0-9 - _ . (not starting with .)")],
     sex: Annotated[str, Form(description="male, female or unknown")] = "unknown",
@@ -53,6 +68,7 @@ async def predict(
     MLflow run."""
     data = await image.read(settings.max_upload_bytes + 1)
     outcome = await run_in_threadpool(service.predict, data, patient_id, sex, chronological_age_months)
+    metrics.observe_stages(outcome.timings_ms)
     response.headers["Server-Timing"] = ", ".join(f"{k};dur={v:.1f}" for k, v in outcome.timings_ms.items())
     return prediction_response(outcome.prediction)
 
@@ -91,3 +107,28 @@ def stored_file(patient_id: str, prediction_id: str, file_name: str, service: Se
 def health(service: ServiceDep) -> HealthResponse:
     """Checks the models, database, MLflow store and storage for real."""
     return health_report(service)
+
+
+@open_router.get("/health/live", response_model=LiveResponse)
+async def live() -> LiveResponse:
+    """Liveness: the process answers. Touches nothing and needs no worker thread, so busy predictions never delay
+    it."""
+    return LiveResponse()
+
+
+@open_router.get("/health/ready", response_model=ReadinessResponse,
+                 responses={503: {"model": ReadinessResponse, "description": "not ready: `failing` names what"}})
+def ready(request: Request, response: Response) -> ReadinessResponse:
+    """Readiness: the database answers, the storage is writable and the models are loaded (503 otherwise)."""
+    report = readiness(getattr(request.app.state, "service", None))
+    if report.failing:
+        response.status_code = 503
+    return report
+
+
+@open_router.get("/metrics", response_class=Response,
+                 responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}})
+def scrape_metrics(metrics: MetricsDep) -> Response:
+    """Prometheus metrics of this process (each `uvicorn --workers` process has its own). Open like /health: do
+    not expose it publicly."""
+    return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

@@ -142,6 +142,16 @@ class HealthResponse(BaseModel):
     notice: str = NOTICE
 
 
+class LiveResponse(BaseModel):
+    status: Literal["alive"] = "alive"
+
+
+class ReadinessResponse(BaseModel):
+    status: Literal["ready", "not ready"]
+    failing: list[str] = Field(description="names of the failed checks")
+    checks: dict[str, str] = Field(description="database, storage and models: ok, or what failed")
+
+
 class ErrorResponse(BaseModel):
     detail: str
 

@@ -10,6 +10,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from typing import cast
 
@@ -27,15 +28,27 @@ class MicroBatcher:
 
     def __init__(self, model: BoneAgeModel, name: str, max_batch: int = 8, max_wait_ms: float = 2.0) -> None:
         self.model = model
+        self.name = name
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000
         self._queue: queue.Queue[object] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name=f"batcher-{name}", daemon=True)
         self.batches = 0
         self.images = 0
+        self._observers: list[Callable[[int], None]] = []
 
     def start(self) -> None:
         self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        """The worker thread is running (started and not stopped or dead)."""
+        return self._thread.is_alive()
+
+    def observe_batches(self, observer: Callable[[int], None]) -> None:
+        """Call `observer(batch size)` on the worker thread for every batch, before its pass; an observer's error
+        is logged and never reaches the requests."""
+        self._observers.append(observer)
 
     def stop(self) -> None:
         self._queue.put(_STOP)
@@ -67,6 +80,7 @@ class MicroBatcher:
             if item is _STOP:
                 break
             batch, stopping = self._collect(cast(_Item, item))
+            self._notify(len(batch))
             futures = [future for _, future in batch]
             try:
                 estimates = self.model.predict_batch([pixels for pixels, _ in batch], with_heatmap=True)
@@ -79,3 +93,10 @@ class MicroBatcher:
             self.images += len(batch)
             for future, estimate in zip(futures, estimates, strict=True):
                 future.set_result(estimate)
+
+    def _notify(self, size: int) -> None:
+        for observer in self._observers:
+            try:
+                observer(size)
+            except Exception:
+                logger.exception("batch observer failed")

@@ -6,8 +6,10 @@ predictions too, computed once per film.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -79,6 +81,17 @@ class ModelPool:
     def stop(self) -> None:
         for batcher in self.batchers:
             batcher.stop()
+
+    @property
+    def running(self) -> bool:
+        """Every batching worker is alive: predictions can be served."""
+        return all(batcher.alive for batcher in self.batchers)
+
+    def observe_batches(self, observer: Callable[[str, int], None]) -> None:
+        """Call `observer(worker name, batch size)` for every batched pass (`MicroBatcher.observe_batches`); under
+        the female fallback the one worker is named `male`."""
+        for batcher in self.batchers:
+            batcher.observe_batches(functools.partial(observer, batcher.name))
 
     def submit(self, film: Image.Image) -> tuple[Future[ModelEstimate], Future[ModelEstimate]]:
         """Queue an 8-bit film for both models at once (one batched pass each); (male, female) futures.

@@ -10,9 +10,7 @@ import datetime as dt
 import logging
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,6 +31,8 @@ from utils.tracking.worker import TrackingWorker
 
 logger = logging.getLogger(__name__)
 SEXES = ("male", "female", "unknown")
+# The stages of `predict` in order, as timed in `PredictionOutcome.timings_ms` and the Server-Timing header.
+STAGES = ("decode", "preprocess", "inference_gradcam", "heatmap_png", "storage", "mlflow_create_run", "database")
 
 
 def check_sex(value: str | None) -> str:
@@ -76,21 +76,34 @@ def resolve_sex(form_sex: str, image: DecodedImage) -> tuple[str, str]:
 
 
 class InFlight:
-    """Counts predictions being served; the tracking worker holds MLflow logging back while there are any."""
+    """Counts predictions being served and admits at most `limit` at once (`BONEAGE_MAX_IN_FLIGHT`); the tracking
+    worker holds MLflow logging back while there are any.
 
-    def __init__(self) -> None:
+    A place is taken before the upload is read (`reserve`, by the HTTP layer) and given back when the request ends
+    (`release`), so a refused request costs nothing but this check.
+    """
+
+    def __init__(self, limit: int | None = None) -> None:
+        if limit is not None and limit < 1:
+            raise ValueError("the limit of predictions in flight must be at least 1")
+        self.limit = limit
         self._count = 0
         self._lock = threading.Lock()
 
-    @contextmanager
-    def serving(self) -> Iterator[None]:
+    def reserve(self) -> bool:
+        """Take a place if one is free (checked and taken under one lock: no two callers get the last one)."""
         with self._lock:
+            if self.limit is not None and self._count >= self.limit:
+                return False
             self._count += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._count -= 1
+            return True
+
+    def release(self) -> None:
+        """Give back a place taken by `reserve`."""
+        with self._lock:
+            if self._count <= 0:
+                raise RuntimeError("InFlight.release without a reserved place")
+            self._count -= 1
 
     @property
     def count(self) -> int:
@@ -137,39 +150,39 @@ class BoneAgeService:
 
     def predict(self, data: bytes, patient_id: str, sex: str | None,
                 chronological_age_months: float | None = None) -> PredictionOutcome:
-        """Validate, infer, store and log one upload. Blocking: call it from a worker thread.
+        """Validate, infer, store and log one upload. Blocking: call it from a worker thread, holding a place of
+        `in_flight` (`InFlight.reserve`; the HTTP layer takes it before the upload is read).
 
         Steps that do not depend on each other overlap: the film is shrunk for the heatmaps while the models
         run, and the MLflow run is opened and the female heatmap encoded while the male one is encoded.
         """
-        with self.in_flight.serving():
-            watch = _Stopwatch()
-            checked_id = check_patient_id(patient_id)
-            form_sex = check_sex(sex)
-            form_age = check_age(chronological_age_months)
-            image = decode_upload(data, self.limits)
-            sex_used, sex_source = resolve_sex(form_sex, image)
-            age, age_source = resolve_age(form_age, image)
-            watch.lap("decode")
-            male_future, female_future = self.models.submit(image.gray)
-            film = film_background(image.gray, self.heatmap_max_side)
-            watch.lap("preprocess")
-            male, female = male_future.result(), female_future.result()
-            watch.lap("inference_gradcam")
-            if self.models.out_of_distribution(male, female):
-                raise InvalidImage(f"the models are far less certain than on any real radiograph (sigma "
-                                   f"{male.sigma_months:.0f} months, limit {self.models.male.ood_sigma_months:.0f}): "
-                                   "this does not look like a hand radiograph")
-            created_at = dt.datetime.now(dt.UTC)
-            report = build_report(sex_used, male, female, age, age_source, self.models.female_fallback)
-            draft = PredictionDraft(new_prediction_id(created_at), checked_id, created_at, image, sex_used,
-                                    sex_source, male, female, self.models, report)
-            prediction = self._store(draft, film, watch)
-            self.tracking.wake()
-            logger.info("prediction %s stored (male %.1f, female %.1f months; run %s; %.0f ms)",
-                        draft.prediction_id, male.age_months, female.age_months,
-                        prediction.mlflow_run_id or "pending", sum(watch.timings.values()))
-            return PredictionOutcome(prediction, watch.timings)
+        watch = _Stopwatch()
+        checked_id = check_patient_id(patient_id)
+        form_sex = check_sex(sex)
+        form_age = check_age(chronological_age_months)
+        image = decode_upload(data, self.limits)
+        sex_used, sex_source = resolve_sex(form_sex, image)
+        age, age_source = resolve_age(form_age, image)
+        watch.lap("decode")
+        male_future, female_future = self.models.submit(image.gray)
+        film = film_background(image.gray, self.heatmap_max_side)
+        watch.lap("preprocess")
+        male, female = male_future.result(), female_future.result()
+        watch.lap("inference_gradcam")
+        if self.models.out_of_distribution(male, female):
+            raise InvalidImage(f"the models are far less certain than on any real radiograph (sigma "
+                               f"{male.sigma_months:.0f} months, limit {self.models.male.ood_sigma_months:.0f}): "
+                               "this does not look like a hand radiograph")
+        created_at = dt.datetime.now(dt.UTC)
+        report = build_report(sex_used, male, female, age, age_source, self.models.female_fallback)
+        draft = PredictionDraft(new_prediction_id(created_at), checked_id, created_at, image, sex_used,
+                                sex_source, male, female, self.models, report)
+        prediction = self._store(draft, film, watch)
+        self.tracking.wake()
+        logger.info("prediction %s stored (male %.1f, female %.1f months; run %s; %.0f ms)",
+                    draft.prediction_id, male.age_months, female.age_months,
+                    prediction.mlflow_run_id or "pending", sum(watch.timings.values()))
+        return PredictionOutcome(prediction, watch.timings)
 
     def _store(self, draft: PredictionDraft, film: np.ndarray, watch: _Stopwatch) -> Prediction:
         """Heatmaps, files, MLflow run and database row of one prediction; nothing is left behind if a step fails.

@@ -1,0 +1,147 @@
+"""Prometheus metrics of one app, served at `GET /metrics`: requests and their latency by route, the prediction
+stages, model batch sizes, predictions in flight and refused, the MLflow backlog and the process's memory.
+
+Each app owns its registry (`app.state.metrics`, made in the lifespan), never prometheus_client's global one, so
+the many apps of the tests do not collide. With `uvicorn --workers N` every process has its own figures (there is
+no multiprocess mode): a scrape reaches one of them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from database import crud
+from database.db import Database
+from utils.pipeline.service import STAGES, BoneAgeService
+
+logger = logging.getLogger(__name__)
+
+REQUEST_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+STAGE_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+UNMATCHED_ROUTE = "unmatched"  # a request no route took (404, CORS preflight): never the raw path
+
+
+class TrackingBacklog(Collector):
+    """The MLflow runs not yet complete, read from the database at scrape time."""
+
+    def __init__(self, database: Database) -> None:
+        self.database = database
+
+    def describe(self) -> Iterable[GaugeMetricFamily]:
+        return self._families()
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        try:
+            with self.database.session() as session:
+                count, oldest = crud.untracked_backlog(session)
+        except Exception:  # a scrape must answer: without the database, these two gauges are left out
+            logger.warning("metrics: the tracking backlog could not be read", exc_info=True)
+            return []
+        age_s = 0.0
+        if oldest is not None:
+            created = oldest if oldest.tzinfo else oldest.replace(tzinfo=dt.UTC)
+            age_s = max(0.0, (dt.datetime.now(dt.UTC) - created).total_seconds())
+        return self._families(count, age_s)
+
+    @staticmethod
+    def _families(count: float | None = None, age_s: float | None = None) -> list[GaugeMetricFamily]:
+        backlog = GaugeMetricFamily("boneage_tracking_backlog",
+                                    "Predictions whose MLflow run is not complete yet (all processes of the database)",
+                                    value=count)
+        oldest = GaugeMetricFamily("boneage_tracking_oldest_pending_age_seconds",
+                                   "Age of the oldest prediction whose MLflow run is not complete (0: none)",
+                                   value=age_s)
+        return [backlog, oldest]
+
+
+class ServiceMetrics:
+    """The metrics of one running app, bound to its service; `exposition()` is the text `GET /metrics` serves."""
+
+    def __init__(self, service: BoneAgeService) -> None:
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)  # process_resident_memory_bytes, process_cpu_seconds_total, ...
+        self.requests = Counter("boneage_http_requests", "HTTP requests answered, by route template and status code",
+                                ["route", "method", "status"], registry=self.registry)
+        self.request_seconds = Histogram("boneage_http_request_duration_seconds",
+                                         "Time from the request's arrival to the end of its response, by route",
+                                         ["route", "method"], buckets=REQUEST_SECONDS_BUCKETS, registry=self.registry)
+        self.stage_seconds = Histogram("boneage_prediction_stage_duration_seconds",
+                                       "Time of each stage of a stored prediction (as in its Server-Timing header)",
+                                       ["stage"], buckets=STAGE_SECONDS_BUCKETS, registry=self.registry)
+        self.batch_size = Histogram("boneage_model_batch_size", "Images per batched model pass, by model worker",
+                                    ["model"], buckets=BATCH_SIZE_BUCKETS, registry=self.registry)
+        self.in_flight = Gauge("boneage_predictions_in_flight", "Predictions being served by this process",
+                               registry=self.registry)
+        self.in_flight_limit = Gauge("boneage_predictions_in_flight_limit",
+                                     "Most predictions this process serves at once (BONEAGE_MAX_IN_FLIGHT)",
+                                     registry=self.registry)
+        self.refused = Counter("boneage_predictions_refused_overload",
+                               "Predictions refused with 503 because the in-flight limit was reached",
+                               registry=self.registry)
+        self.registry.register(TrackingBacklog(service.database))
+        in_flight = service.in_flight
+        self.in_flight.set_function(lambda: in_flight.count)
+        self.in_flight_limit.set(in_flight.limit or 0)
+        for stage in STAGES:  # every stage shows from the first scrape, with a count of 0
+            self.stage_seconds.labels(stage)
+        for batcher in service.models.batchers:
+            self.batch_size.labels(batcher.name)
+        service.models.observe_batches(self._observe_batch)
+
+    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        self.requests.labels(route, method, str(status)).inc()
+        self.request_seconds.labels(route, method).observe(seconds)
+
+    def observe_stages(self, timings_ms: dict[str, float]) -> None:
+        """The stage timings of one stored prediction (`PredictionOutcome.timings_ms`)."""
+        for stage, ms in timings_ms.items():
+            self.stage_seconds.labels(stage).observe(ms / 1000)
+
+    def _observe_batch(self, model: str, size: int) -> None:
+        self.batch_size.labels(model).observe(size)
+
+    def exposition(self) -> bytes:
+        """The Prometheus text format of every metric (reads the backlog from the database: blocking)."""
+        return generate_latest(self.registry)
+
+
+def route_template(scope: Scope) -> str:
+    """The path template of the route that took the request (`/results/{patient_id}`), never the raw path."""
+    path = getattr(scope.get("route"), "path", None)
+    return path if isinstance(path, str) and path else UNMATCHED_ROUTE
+
+
+class RequestMetrics:
+    """ASGI middleware: counts and times every HTTP request by route template, method and status code."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        metrics: ServiceMetrics | None = getattr(scope["app"].state, "metrics", None) if scope["type"] == "http" \
+            else None
+        if metrics is None:
+            await self.app(scope, receive, send)
+            return
+        status = 500  # unless a response starts: an error that escapes is answered 500 further out
+
+        async def send_and_note_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        started = time.perf_counter()
+        try:
+            await self.app(scope, receive, send_and_note_status)
+        finally:
+            metrics.observe_request(route_template(scope), scope["method"], status, time.perf_counter() - started)
