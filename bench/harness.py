@@ -1,5 +1,6 @@
 """What the benchmark, the soak test and tests/test_process.py share: a real uvicorn server in a temporary folder,
-the memory of its process tree, statistics and the machine the figures come from. Linux only (/proc)."""
+the memory of its process tree, statistics and the machine the figures come from; a throwaway PostgreSQL cluster
+for the tests and bench/multiprocess.py. Linux only (/proc)."""
 
 from __future__ import annotations
 
@@ -252,9 +253,25 @@ os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
 """
 
 
+@dataclass(frozen=True)
+class Stores:
+    """Where a service keeps predictions: database, MLflow tracking store and storage folder. Every process of one
+    deployment must be given the same three."""
+
+    database_url: str
+    tracking_uri: str
+    storage_dir: Path
+
+    @classmethod
+    def in_folder(cls, folder: Path) -> Stores:
+        """SQLite database, SQLite MLflow store and storage, all in `folder`."""
+        return cls(f"sqlite:///{folder / 'predictions.db'}", f"sqlite:///{folder / 'mlflow.db'}", folder / "storage")
+
+
 @dataclass
 class Server:
-    """`uvicorn <app>` in a subprocess on a free port, with its database, storage and MLflow store in `workdir`."""
+    """`uvicorn <app>` in a subprocess on a free port, with its database, storage and MLflow store in `workdir`
+    (or the `stores` it shares with other servers); its log is `workdir/server.log`."""
 
     workdir: Path
     name: str = "service"
@@ -263,10 +280,13 @@ class Server:
     extra_env: dict[str, str] = field(default_factory=dict)
     device: str = "cpu"
     log_level: str = "warning"  # uvicorn's; "info" logs start-up and shutdown
+    workers: int = 1  # uvicorn's --workers: processes sharing the port (and the stores)
+    stores: Stores | None = None  # default: Stores.in_folder(workdir); several servers may share one
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
     sampler: MemorySampler | None = None
     cold_start_s: float = math.nan
+    _launched_at: float = math.nan
 
     @property
     def base_url(self) -> str:
@@ -278,15 +298,15 @@ class Server:
 
     @property
     def database_url(self) -> str:
-        return f"sqlite:///{self.workdir / 'predictions.db'}"
+        return (self.stores or Stores.in_folder(self.workdir)).database_url
 
     @property
     def tracking_uri(self) -> str:
-        return f"sqlite:///{self.workdir / 'mlflow.db'}"
+        return (self.stores or Stores.in_folder(self.workdir)).tracking_uri
 
     @property
     def storage_dir(self) -> Path:
-        return self.workdir / "storage"
+        return (self.stores or Stores.in_folder(self.workdir)).storage_dir
 
     def env(self) -> dict[str, str]:
         """This process's environment without BONEAGE_*, MLFLOW_TRACKING_URI and PYTHONPATH, then the server's."""
@@ -307,12 +327,19 @@ class Server:
 
     def start(self, timeout_s: float = 300.0) -> None:
         """Start on a new free port (the stores stay) and return once GET /health answers 200."""
+        self.launch()
+        self.wait_until_up(timeout_s)
+
+    def launch(self) -> None:
+        """Start the process on a new free port and return at once (`wait_until_up` waits for it). Linux sends it
+        SIGTERM when the *thread* that launched it ends (PR_SET_PDEATHSIG): launch from one that outlives it."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         argv = [sys.executable, "-c", PARENT_DEATH_WRAPPER, str(os.getpid()),
                 "-m", "uvicorn", self.app, "--app-dir", str(self.app_dir), "--host", HOST, "--port", str(self.port),
-                "--log-level", self.log_level, "--no-access-log"]
-        started = time.perf_counter()
+                "--log-level", self.log_level, "--no-access-log",
+                *(["--workers", str(self.workers)] if self.workers > 1 else [])]
+        self._launched_at = time.perf_counter()
         # cwd is the temporary folder, so anything written relative to it (MLflow's ./mlruns) stays there; the log
         # is appended to, so it keeps what a server killed before this start wrote.
         with open(self.log_path, "ab") as log:
@@ -320,6 +347,12 @@ class Server:
                                          stdin=subprocess.DEVNULL, start_new_session=True)
         self.sampler = MemorySampler(self.proc.pid)
         self.sampler.start()
+
+    def wait_until_up(self, timeout_s: float = 300.0) -> None:
+        """Return once GET /health answers 200 (sets `cold_start_s`); RuntimeError if the process exits first or
+        `timeout_s` after the launch."""
+        assert self.proc is not None, "launch() first"
+        started = self._launched_at
         deadline = started + timeout_s
         with httpx.Client(timeout=5.0, trust_env=False) as client:
             while time.perf_counter() < deadline:
@@ -396,3 +429,138 @@ def wait_for_tracking(base_url: str, timeout_s: float = 300.0) -> tuple[int | No
                 return first, (time.monotonic() - start) if backlog is not None else math.nan
             time.sleep(0.1)
     return first, math.nan
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# a throwaway PostgreSQL
+
+
+class PostgresUnavailable(RuntimeError):
+    """No PostgreSQL cluster could be started here; the message says why."""
+
+
+def postgres_bin_dir() -> Path:
+    """The folder of `initdb` and `pg_ctl`: from PATH, else Debian's newest /usr/lib/postgresql/<major>/bin."""
+    on_path = [Path(found).resolve().parent for found in (shutil.which("initdb"), shutil.which("pg_ctl")) if found]
+    debian = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+                    key=lambda p: int(p.parts[-3]) if p.parts[-3].isdigit() else 0, reverse=True)
+    for folder in [*on_path, *(p.parent for p in debian)]:
+        if (folder / "initdb").is_file() and (folder / "pg_ctl").is_file():
+            return folder
+    raise PostgresUnavailable("initdb and pg_ctl not found (neither on PATH nor in /usr/lib/postgresql/*/bin); "
+                              "install Debian's postgresql package")
+
+
+@dataclass
+class PostgresCluster:
+    """A PostgreSQL cluster of its own in a new temporary folder, listening on 127.0.0.1 at a free port only (its
+    unix socket in the folder); `stop()` and `start()` again keep its data, `remove()` stops it and deletes it.
+
+    PostgreSQL refuses to run as root: as root the binaries run as the `postgres` user (`runuser`), and the folder
+    is theirs. `durable=False` turns fsync off: fine for tests, wrong for figures meant to hold after a crash.
+    """
+
+    durable: bool = True
+    user: str = "boneage"
+    port: int = 0
+    folder: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="boneage-pg-")))
+    password: str = field(default_factory=lambda: os.urandom(12).hex())
+
+    @property
+    def data_dir(self) -> Path:
+        return self.folder / "data"
+
+    @property
+    def log_path(self) -> Path:
+        return self.folder / "postgres.log"
+
+    def url(self, database: str = "postgres") -> str:
+        """The SQLAlchemy URL of `database` on this cluster (psycopg 3)."""
+        return f"postgresql+psycopg://{self.user}:{self.password}@{HOST}:{self.port}/{database}"
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        """initdb on first use, then start (on a free port the first time); PostgresUnavailable on failure."""
+        bin_dir = postgres_bin_dir()
+        if not self.data_dir.exists():
+            self._chown(self.folder)  # as root: the data folder must belong to the user running the server
+            pwfile = self.folder / "pwfile"
+            pwfile.write_text(self.password + "\n")
+            self._chown(pwfile)
+            self._run([str(bin_dir / "initdb"), "-D", str(self.data_dir), "-U", self.user, "--pwfile", str(pwfile),
+                       "--auth-host=scram-sha-256", "--auth-local=peer", "-E", "UTF8", "--locale=C.UTF-8"],
+                      timeout_s)
+            pwfile.unlink()
+        self.port = self.port or free_port()  # a restart keeps the port, so URLs handed out stay valid
+        options = f"-c listen_addresses={HOST} -p {self.port} -k {self.folder} -c max_connections=300"
+        if not self.durable:
+            options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+        self._run([str(bin_dir / "pg_ctl"), "start", "-w", "-t", str(int(timeout_s)), "-D", str(self.data_dir),
+                   "-l", str(self.log_path), "-o", options], timeout_s + 10)
+
+    def stop(self) -> None:
+        """Fast shutdown (open sessions are ended); nothing if it is not running."""
+        if (self.data_dir / "postmaster.pid").exists():
+            self._run([str(postgres_bin_dir() / "pg_ctl"), "stop", "-w", "-m", "fast", "-D", str(self.data_dir)],
+                      60.0)
+
+    def remove(self) -> None:
+        """Stop the cluster and delete its folder."""
+        try:
+            self.stop()
+        finally:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def _chown(self, path: Path) -> None:
+        """As root, give `path` to the `postgres` user, who runs the binaries."""
+        if os.geteuid() == 0:
+            try:
+                shutil.chown(path, "postgres", "postgres")
+            except (LookupError, OSError) as exc:
+                raise PostgresUnavailable("running as root and the 'postgres' user cannot own the cluster's "
+                                          f"folder ({exc})") from None
+
+    def _run(self, argv: list[str], timeout_s: float) -> None:
+        """Run a PostgreSQL program, as `postgres` when this process is root; PostgresUnavailable on failure."""
+        program = Path(argv[0]).name
+        if os.geteuid() == 0:
+            argv = (["runuser", "-u", "postgres", "--", *argv] if shutil.which("runuser")
+                    else ["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups", *argv])
+        try:
+            done = subprocess.run(argv, cwd=self.folder, capture_output=True, text=True, timeout=timeout_s,
+                                  stdin=subprocess.DEVNULL)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise PostgresUnavailable(f"{program} could not run: {exc}") from None
+        if done.returncode != 0:
+            raise PostgresUnavailable(f"{program} failed (exit {done.returncode}): "
+                                      f"{(done.stderr or done.stdout).strip()[-800:]}\n{self.log_tail()}")
+
+
+def create_database(admin_url: str, name: str) -> str:
+    """CREATE DATABASE `name` (empty: TEMPLATE template0) on the server of `admin_url`; the new database's URL."""
+    from sqlalchemy import create_engine, make_url, text  # only the PostgreSQL users of the harness need them
+
+    engine = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}" TEMPLATE template0'))
+    finally:
+        engine.dispose()
+    return make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+
+
+def drop_database(admin_url: str, name: str) -> None:
+    """DROP DATABASE `name`, ending any session still connected to it."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        engine.dispose()

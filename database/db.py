@@ -21,7 +21,7 @@ from sqlalchemy import Connection, Engine, create_engine, event, inspect, make_u
 from sqlalchemy.engine.interfaces import DBAPIConnection, DBAPICursor
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
-from sqlalchemy.pool import ConnectionPoolEntry
+from sqlalchemy.pool import ConnectionPoolEntry, NullPool
 
 logger = logging.getLogger(__name__)
 
@@ -176,13 +176,16 @@ class LiveLock:
 
     def __init__(self, database: Database) -> None:
         self.database = database
+        self._engine: Engine | None = None
         self._connection: Connection | None = None
         self._file: IO[str] | None = None
 
     def acquire(self) -> bool:
         """Take the shared lock; True if no other live process held it (this one may clean up everything)."""
         if self.database.is_postgresql:
-            connection = self.database.engine.connect()
+            # A connection of its own, outside the pool the requests use, held for the process's life.
+            self._engine = create_engine(self.database.url, poolclass=NullPool)
+            connection = self._engine.connect()
             self._connection = connection
             alone = bool(connection.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": LIVE_LOCK_KEY}).scalar())
             if alone:
@@ -214,6 +217,9 @@ class LiveLock:
         if self._connection is not None:
             self._connection.close()
             self._connection = None
+        if self._engine is not None:
+            self._engine.dispose()
+            self._engine = None
         if self._file is not None:
             self._file.close()
             self._file = None

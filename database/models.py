@@ -16,8 +16,10 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
     cache_ok = True
 
     def process_result_value(self, value: dt.datetime | None, dialect: Dialect) -> dt.datetime | None:
-        if value is None or value.tzinfo is not None:
+        if value is None:
             return value
+        if value.tzinfo is not None:  # PostgreSQL: in the session's time zone, whatever the server's setting
+            return value.astimezone(dt.UTC)
         return value.replace(tzinfo=dt.UTC)
 
 

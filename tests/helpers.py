@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import io
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 from fastapi.testclient import TestClient
 from PIL import Image
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, make_url, text
 
 from app import create_app
+from bench.harness import PostgresCluster, create_database, drop_database
 from utils.config import Settings
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -58,8 +63,12 @@ def stored_files(settings: Settings) -> list[Path]:
 
 
 def count_rows(settings: Settings, table: str) -> int:
-    with create_engine(settings.database_url).connect() as conn:
-        return int(conn.execute(text(f"SELECT COUNT(*) FROM {table}")).scalar_one())
+    engine = create_engine(settings.database_url)
+    try:
+        with engine.connect() as conn:
+            return int(conn.execute(text(f"SELECT COUNT(*) FROM {table}")).scalar_one())
+    finally:
+        engine.dispose()  # no connection left open (a PostgreSQL test database is dropped at the end)
 
 
 def assert_nothing_stored(settings: Settings) -> None:
@@ -83,3 +92,49 @@ def wait_until_logged(client: TestClient, patient_id: str, timeout: float = 60.0
 def running_app(settings: Settings) -> TestClient:
     """The real app with `settings`, as a client to use in `with`: the lifespan starts on entry, stops on exit."""
     return TestClient(create_app(settings))
+
+
+@dataclass
+class PostgresServer:
+    """The PostgreSQL server of the tests: a throwaway cluster of their own (`cluster`), or an existing server
+    reached through `admin_url` (BONEAGE_TEST_POSTGRES_URL; its role needs CREATEDB). Each test gets an empty
+    database of its own."""
+
+    admin_url: str
+    cluster: PostgresCluster | None = None
+
+    def new_database(self) -> str:
+        """A new, empty database; its SQLAlchemy URL."""
+        return create_database(self.admin_url, f"boneage_test_{uuid.uuid4().hex[:12]}")
+
+    def drop(self, url: str) -> None:
+        """Drop a database made by `new_database`, ending sessions still connected to it."""
+        drop_database(self.admin_url, str(make_url(url).database))
+
+    @contextmanager
+    def outage(self, url: str) -> Iterator[None]:
+        """The database at `url` unreachable inside the block, its open sessions ended: the whole server stopped
+        (the tests' own cluster), or on an existing server connections to that database refused."""
+        if self.cluster is not None:
+            self.cluster.stop()
+            try:
+                yield
+            finally:
+                self.cluster.start()
+            return
+        name = str(make_url(url).database)
+        self._admin(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false',
+                    f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'")
+        try:
+            yield
+        finally:
+            self._admin(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+
+    def _admin(self, *statements: str) -> None:
+        engine = create_engine(self.admin_url, isolation_level="AUTOCOMMIT")
+        try:
+            with engine.connect() as conn:
+                for statement in statements:
+                    conn.execute(text(statement))
+        finally:
+            engine.dispose()

@@ -1,4 +1,5 @@
-"""32 concurrent predictions: each gets its own, correct result, heatmaps, row and MLflow run."""
+"""32 concurrent predictions: each gets its own, correct result, heatmaps, row and MLflow run (on SQLite and on
+PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import hashlib
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,17 +16,25 @@ from mlflow import MlflowClient
 from PIL import Image
 from sqlalchemy import create_engine, text
 
+from utils.config import Settings
+
 FILMS = sorted(RAW.glob("*.png")) + sorted(TEST20.glob("*.png"))
 
 
-def test_32_concurrent_predictions_match_sequential_ones(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def sequential(tmp_path_factory: pytest.TempPathFactory) -> tuple[Settings, list[dict[str, Any]]]:
+    """The 32 films predicted one at a time (the reference for both engines): the settings and the responses."""
     assert len(FILMS) == 32
-    datas = [f.read_bytes() for f in FILMS]
-    sequential_settings = make_settings(tmp_path / "seq")
-    with running_app(sequential_settings) as client:
-        sequential = [post_image(client, d, f"S{i}").json() for i, d in enumerate(datas)]
+    settings = make_settings(tmp_path_factory.mktemp("sequential"))
+    with running_app(settings) as client:
+        return settings, [post_image(client, f.read_bytes(), f"S{i}").json() for i, f in enumerate(FILMS)]
 
-    settings = make_settings(tmp_path / "conc", batch_max_wait_ms=5.0)
+
+def test_32_concurrent_predictions_match_sequential_ones(tmp_path: Path, database_url: str,
+                                                         sequential: tuple[Settings, list[dict[str, Any]]]) -> None:
+    datas = [f.read_bytes() for f in FILMS]
+    sequential_settings, references = sequential
+    settings = make_settings(tmp_path / "conc", database_url=database_url, batch_max_wait_ms=5.0)
     with running_app(settings) as client:
         done = threading.Event()
         health_during: list[int] = []
@@ -49,10 +59,12 @@ def test_32_concurrent_predictions_match_sequential_ones(tmp_path: Path) -> None
     assert batched
     bodies = [r.json() for r in responses]
     mlflow = MlflowClient(settings.mlflow_tracking_uri)
-    with create_engine(settings.database_url).connect() as conn:
+    engine = create_engine(settings.database_url)
+    with engine.connect() as conn:
         rows = {r["id"]: r for r in conn.execute(text("SELECT * FROM predictions")).mappings()}
+    engine.dispose()
     assert len(rows) == 32 and len({b["mlflow_run_id"] for b in bodies}) == 32
-    for i, (body, reference) in enumerate(zip(bodies, sequential, strict=True)):
+    for i, (body, reference) in enumerate(zip(bodies, references, strict=True)):
         assert body["patient_id"] == f"C{i}"
         for key in ("male_prediction", "female_prediction"):
             assert body[key]["age_months"] == pytest.approx(reference[key]["age_months"], abs=1e-4 + 0.005)

@@ -1,4 +1,5 @@
-"""Parts failing: MLflow down (predictions kept, logged later), database locked, storage unwritable, bad weights.
+"""Parts failing: MLflow down (predictions kept, logged later), database locked (SQLite) or down (PostgreSQL),
+storage unwritable, bad weights. The tests that store predictions run on SQLite and on PostgreSQL.
 
 How the tracking worker holds runs back and retries is tested on the worker itself: tests/tracking/test_worker.py.
 """
@@ -10,7 +11,16 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from helpers import RAW, make_settings, post_image, running_app, stored_files, wait_until_logged
+from helpers import (
+    RAW,
+    PostgresServer,
+    count_rows,
+    make_settings,
+    post_image,
+    running_app,
+    stored_files,
+    wait_until_logged,
+)
 from mlflow import MlflowClient
 from mlflow.entities import ViewType
 from sqlalchemy import create_engine, text
@@ -25,10 +35,11 @@ def _wait_for_run_id(client: TestClient, patient_id: str) -> str:
     return str(wait_until_logged(client, patient_id)["predictions"][0]["mlflow_run_id"])
 
 
-def test_mlflow_store_failing_then_back(tmp_path: Path) -> None:
+def test_mlflow_store_failing_then_back(tmp_path: Path, database_url: str) -> None:
     blocker = tmp_path / "mlflow-store"
     blocker.write_text("a file where the store's folder should be")
-    settings = make_settings(tmp_path, mlflow_tracking_uri=f"sqlite:///{blocker / 'mlflow.db'}")
+    settings = make_settings(tmp_path, database_url=database_url,
+                             mlflow_tracking_uri=f"sqlite:///{blocker / 'mlflow.db'}")
     with running_app(settings) as client:
         response = post_image(client, FILM, "P-ml")
         assert response.status_code == 200, response.text
@@ -47,12 +58,13 @@ def test_mlflow_store_failing_then_back(tmp_path: Path) -> None:
     assert artifacts == ["female_gradcam.png", "male_gradcam.png", "original.png"]
 
 
-def test_mlflow_server_down_backlog_survives_restart(tmp_path: Path) -> None:
-    down = make_settings(tmp_path, mlflow_tracking_uri="http://127.0.0.1:9")  # discard port: nothing listens
+def test_mlflow_server_down_backlog_survives_restart(tmp_path: Path, database_url: str) -> None:
+    down = make_settings(tmp_path, database_url=database_url,
+                         mlflow_tracking_uri="http://127.0.0.1:9")  # discard port: nothing listens
     with running_app(down) as client:
         body = post_image(client, FILM, "P-restart").json()
         assert body["tracking"] == "pending"
-    up = make_settings(tmp_path)  # same database and storage, a working store
+    up = make_settings(tmp_path, database_url=database_url)  # same database and storage, a working store
     with running_app(up) as client:
         run_id = _wait_for_run_id(client, "P-restart")
     assert MlflowClient(up.mlflow_tracking_uri).get_run(run_id).data.params["patient_id"] == "P-restart"
@@ -78,17 +90,41 @@ def test_database_locked_gives_503_and_leaves_nothing(tmp_path: Path) -> None:
         assert post_image(client, FILM, "P-locked").status_code == 200
 
 
-def test_storage_unwritable_gives_503_and_no_rows(tmp_path: Path) -> None:
-    settings = make_settings(tmp_path)
+def test_storage_unwritable_gives_503_and_no_rows(tmp_path: Path, database_url: str) -> None:
+    settings = make_settings(tmp_path, database_url=database_url)
     with running_app(settings) as client:
         (settings.patients_dir / "P-ro").write_text("a file where the patient's folder should be")
         response = post_image(client, FILM, "P-ro")
         assert response.status_code == 503 and "storage" in response.json()["detail"]
         assert "Retry-After" in response.headers
-        with create_engine(settings.database_url).connect() as conn:
-            assert conn.execute(text("SELECT COUNT(*) FROM predictions")).scalar() == 0
+        assert count_rows(settings, "predictions") == 0
         # The run created beside the heatmaps is deleted with the failed prediction.
         assert _runs(settings) == {"active": 0, "deleted": 1}
+
+
+@pytest.mark.postgresql
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_postgresql_down_gives_503_and_leaves_nothing_then_the_service_recovers(
+        tmp_path: Path, database_url: str, postgres: PostgresServer) -> None:
+    settings = make_settings(tmp_path, database_url=database_url)
+    with running_app(settings) as client:
+        assert post_image(client, FILM, "P-before").status_code == 200  # pooled connections exist when it goes
+        with postgres.outage(database_url):
+            response = post_image(client, FILM, "P-down")
+            health = client.get("/health").json()
+        assert response.status_code == 503, response.text
+        assert "database" in response.json()["detail"] and response.headers["Retry-After"]
+        assert health["database"] == "unavailable" and "database" in health["failing"]
+        # nothing half-stored: no file, no row, no patient, and the run opened beside the heatmaps is deleted
+        assert [f for f in stored_files(settings) if "P-down" in f.parts] == []
+        assert count_rows(settings, "predictions") == 1 and count_rows(settings, "patients") == 1
+        assert _runs(settings) == {"active": 1, "deleted": 1}
+        # and the same process serves again once the database is back (the pool replaces its dead connections)
+        response = post_image(client, FILM, "P-down")
+        assert response.status_code == 200, response.text
+        assert count_rows(settings, "predictions") == 2
+        wait_until_logged(client, "P-down")
+        assert client.get("/health").json()["database"] == "ok"
 
 
 def _runs(settings: Settings) -> dict[str, int]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 from sqlalchemy import text
@@ -29,8 +28,9 @@ def row(i: int) -> Prediction:
 
 
 @pytest.fixture
-def database(tmp_path: Path) -> Database:
-    database = Database(f"sqlite:///{tmp_path / 'predictions.db'}")
+def database(database_url: str) -> Database:
+    """On both engines (`database_url` in conftest.py): SQLite's write lock and PostgreSQL's SKIP LOCKED."""
+    database = Database(database_url)
     database.upgrade_schema()
     for i in range(30):
         with database.session() as session:

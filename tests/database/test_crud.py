@@ -1,10 +1,12 @@
-"""The database layer on a real SQLite file in tmp: crud queries, the upgrade of an earlier release's database,
-and failures mapped to DatabaseUnavailable."""
+"""The database layer on a real SQLite file in tmp and on a real PostgreSQL database: crud queries, the upgrade of
+an earlier release's (SQLite) database, and failures mapped to DatabaseUnavailable."""
 
 from __future__ import annotations
 
 import datetime as dt
+import socket
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,7 @@ from helpers import make_settings, running_app
 from sqlalchemy import inspect, select
 
 from database import crud
-from database.db import PoolSettings, Database, DatabaseUnavailable
+from database.db import Database, DatabaseUnavailable, PoolSettings
 from database.models import Patient, Prediction
 
 T0 = dt.datetime(2026, 11, 27, 10, 0, tzinfo=dt.UTC)
@@ -33,10 +35,12 @@ def prediction(prediction_id: str, patient_id: str = "P1", minutes: float = 0, l
 
 
 @pytest.fixture
-def database(tmp_path: Path) -> Database:
-    database = Database(f"sqlite:///{tmp_path / 'predictions.db'}")
+def database(database_url: str) -> Iterator[Database]:
+    """An empty database at the newest schema, on SQLite and on PostgreSQL."""
+    database = Database(database_url)
     database.upgrade_schema()
-    return database
+    yield database
+    database.dispose()
 
 
 def add(database: Database, *predictions: Prediction) -> None:
@@ -142,6 +146,16 @@ def test_database_that_cannot_be_opened_raises_database_unavailable(tmp_path: Pa
     database = Database(f"sqlite:///{tmp_path / 'predictions.db'}")
     with pytest.raises(DatabaseUnavailable, match="unavailable"):
         database.ping()
+
+
+def test_unreachable_postgresql_raises_database_unavailable() -> None:
+    with socket.socket() as probe:  # a port nothing listens on: the connection is refused at once
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    database = Database(f"postgresql+psycopg://boneage:secret@127.0.0.1:{port}/boneage")
+    with pytest.raises(DatabaseUnavailable, match="unavailable"):
+        database.ping()
+    database.dispose()
 
 
 def test_error_inside_a_session_rolls_back_and_is_not_mapped(database: Database) -> None:

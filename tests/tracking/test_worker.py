@@ -1,4 +1,5 @@
-"""The tracking worker on its own: a real predictions database, real MLflow stores and stored files in tmp.
+"""The tracking worker on its own: a real predictions database (SQLite and PostgreSQL), real MLflow stores and
+stored files in tmp.
 
 `run_once` is called directly (the thread is never started), with a `busy` switch standing in for the requests
 being served and a clock the test moves, so the hold-back rules are checked without sleeping.
@@ -10,7 +11,7 @@ import datetime as dt
 import hashlib
 import shutil
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -146,11 +147,12 @@ class Rig:
 
 
 @pytest.fixture
-def rig(tmp_path: Path, mlflow_template: Path) -> Rig:
-    database = Database(f"sqlite:///{tmp_path / 'predictions.db'}")
+def rig(tmp_path: Path, mlflow_template: Path, database_url: str) -> Iterator[Rig]:
+    database = Database(database_url)
     database.upgrade_schema()
-    return Rig(tmp_path, database, PatientStore(tmp_path / "storage" / "patients"),
-               open_store(mlflow_template, tmp_path / "mlflow"))
+    yield Rig(tmp_path, database, PatientStore(tmp_path / "storage" / "patients"),
+              open_store(mlflow_template, tmp_path / "mlflow"))
+    database.dispose()
 
 
 # --- holding runs back while predictions are served ------------------------------------------------------------
