@@ -541,26 +541,26 @@ class PostgresCluster:
                                       f"{(done.stderr or done.stdout).strip()[-800:]}\n{self.log_tail()}")
 
 
-def create_database(admin_url: str, name: str) -> str:
-    """CREATE DATABASE `name` (empty: TEMPLATE template0) on the server of `admin_url`; the new database's URL."""
-    from sqlalchemy import create_engine, make_url, text  # only the PostgreSQL users of the harness need them
+def _admin(admin_url: str, statement: str) -> None:
+    """Run one statement outside a transaction (CREATE/DROP DATABASE need that) on the server of `admin_url`."""
+    from sqlalchemy import create_engine, text  # only the PostgreSQL users of the harness need them
 
     engine = create_engine(admin_url, isolation_level="AUTOCOMMIT")
     try:
         with engine.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}" TEMPLATE template0'))
+            conn.execute(text(statement))
     finally:
         engine.dispose()
+
+
+def create_database(admin_url: str, name: str) -> str:
+    """CREATE DATABASE `name` (empty: TEMPLATE template0) on the server of `admin_url`; the new database's URL."""
+    from sqlalchemy import make_url
+
+    _admin(admin_url, f'CREATE DATABASE "{name}" TEMPLATE template0')
     return make_url(admin_url).set(database=name).render_as_string(hide_password=False)
 
 
 def drop_database(admin_url: str, name: str) -> None:
     """DROP DATABASE `name`, ending any session still connected to it."""
-    from sqlalchemy import create_engine, text
-
-    engine = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    try:
-        with engine.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    finally:
-        engine.dispose()
+    _admin(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

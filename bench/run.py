@@ -26,6 +26,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -211,7 +212,9 @@ def parse_server_timing(header: str) -> dict[str, float]:
 
 
 async def _load(base_url: str, image: tuple[str, bytes], n: int, concurrency: int, ids: PatientIds,
-                timeout_s: float, deadline: float) -> tuple[list[Sample], float]:
+                timeout_s: float, deadline: float = math.inf, on_answer: Callable[[], object] = lambda: None
+                ) -> tuple[list[Sample], float]:
+    """`n` POST /predict at `concurrency` (none started after `deadline`); `on_answer` after each answer."""
     samples: list[Sample] = []
     todo = iter(range(n))
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -228,6 +231,7 @@ async def _load(base_url: str, image: tuple[str, bytes], n: int, concurrency: in
                 except httpx.HTTPError as exc:
                     status = type(exc).__name__
                 samples.append(Sample(status, (time.perf_counter() - start) * 1000))
+                on_answer()
 
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -290,30 +294,11 @@ class LiveProber(threading.Thread):
 async def _burst(base_url: str, image: tuple[str, bytes], n: int, concurrency: int, ids: PatientIds,
                  timeout_s: float, prober: LiveProber) -> tuple[list[Sample], float]:
     """`n` POST /predict at `concurrency`; `prober` probes from the first answer to the last."""
-    samples: list[Sample] = []
-    todo = iter(range(n))
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=base_url, timeout=timeout_s, limits=limits, trust_env=False) as client:
-
-        async def worker() -> None:
-            for i in todo:  # shared iterator: each request is taken by exactly one worker
-                start = time.perf_counter()
-                try:
-                    response = await client.post("/predict", **_form(image, ids(), ("male", "female")[i % 2]))  # type: ignore[arg-type]
-                    status = str(response.status_code)
-                except httpx.HTTPError as exc:
-                    status = type(exc).__name__
-                samples.append(Sample(status, (time.perf_counter() - start) * 1000))
-                prober.begin.set()
-
-        started = time.perf_counter()
-        try:
-            await asyncio.gather(*(worker() for _ in range(concurrency)))
-        finally:
-            prober.begin.set()
-            prober.end.set()
-        wall = time.perf_counter() - started
-    return samples, wall
+    try:
+        return await _load(base_url, image, n, concurrency, ids, timeout_s, on_answer=prober.begin.set)
+    finally:
+        prober.begin.set()
+        prober.end.set()
 
 
 def scrape_metrics(base_url: str) -> list[tuple[str, dict[str, str], float]]:

@@ -24,6 +24,14 @@ DICOM_FILM_PNG = "film.png"
 GRADCAM_PNG = {"male": "male_gradcam.png", "female": "female_gradcam.png"}
 FILE_NAME_PATTERN = re.compile(r"^(original\.(png|jpg|tif|dcm)|film\.png|male_gradcam\.png|female_gradcam\.png)$")
 
+
+def dicom_film_path(original_path: str) -> str | None:
+    """The stored path of the `film.png` beside a DICOM original (same form as `original_path`); None for any
+    other original."""
+    if not original_path.endswith(f"{ORIGINAL_STEM}.dcm"):
+        return None
+    return f"{original_path.rsplit('/', 1)[0]}/{DICOM_FILM_PNG}"
+
 # A patient id that passed `check_patient_id`: safe as a folder name. The store only takes these.
 PatientId = NewType("PatientId", str)
 

@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 from database.models import Patient, Prediction
 from male_boneage.metrics import Z_90
 from male_boneage.model import AGE_GROUPS_YEARS
-from storage.store import DICOM_FILM_PNG
+from storage.store import dicom_film_path
 from utils.report.clinical import report_of
 
 NOTICE = ("Research model, not a medical device: not for clinical use or diagnosis. Trained on the RSNA "
@@ -193,20 +193,20 @@ def prediction_response(p: Prediction) -> PredictionResponse:
 
 
 def _film_url(p: Prediction) -> str | None:
-    if not p.image_path.endswith(".dcm"):
-        return None
-    return f"/storage/{p.image_path.rsplit('/', 1)[0]}/{DICOM_FILM_PNG}"
+    film = dicom_film_path(p.image_path)
+    return None if film is None else f"/storage/{film}"
 
 
-def _visit(p: Prediction) -> Visit:
-    report = report_of(p)
-    return Visit(prediction_id=p.id, timestamp=p.created_at, chronological_age_months=report.chronological_age_months,
-                 bone_age_months=report.bone_age_months, difference_months=report.difference_months,
-                 sds=report.sds, classification=report.classification)
+def _visit(response: PredictionResponse) -> Visit:
+    """A line of the course, from a prediction's response (its report read once)."""
+    report = response.report
+    return Visit(prediction_id=response.prediction_id, timestamp=response.timestamp,
+                 chronological_age_months=report.chronological_age_months, bone_age_months=report.bone_age_months,
+                 difference_months=report.difference_months, sds=report.sds, classification=report.classification)
 
 
 def patient_results(patient: Patient, predictions: list[Prediction]) -> PatientResults:
+    responses = [prediction_response(p) for p in predictions]
     return PatientResults(patient_id=patient.patient_id, first_upload_at=patient.first_upload_at,
-                          latest_image_path=patient.image_path,
-                          predictions=[prediction_response(p) for p in predictions],
-                          course=[_visit(p) for p in reversed(predictions)])
+                          latest_image_path=patient.image_path, predictions=responses,
+                          course=[_visit(r) for r in reversed(responses)])

@@ -39,11 +39,12 @@ def recover(store: PatientStore, database: Database, runs: MlflowRuns, min_age_s
     staging = store.remove_staging_leftovers(min_age_seconds)
     with database.session() as session:
         known = crud.known_prediction_ids(session)
-    orphans = [(patient, prediction) for patient, prediction in store.prediction_folders()
+    folders = store.prediction_folders()  # listed once, for both passes below
+    orphans = [(patient, prediction) for patient, prediction in folders
                if prediction not in known and store.folder_age_seconds(patient, prediction) >= min_age_seconds]
     for patient, prediction in orphans:
         store.remove_prediction(patient, prediction)
-    films = add_missing_dicom_films(store)
+    films = add_missing_dicom_films(store, [folder for folder in folders if folder not in orphans])
     try:
         unrecorded_runs: int | None = runs.delete_unrecorded_runs(known, min_age_seconds)
     except Exception:
@@ -62,11 +63,12 @@ def recover(store: PatientStore, database: Database, runs: MlflowRuns, min_age_s
     return report
 
 
-def add_missing_dicom_films(store: PatientStore) -> int:
-    """Write `film.png` beside every stored `original.dcm` that has none; how many were written."""
+def add_missing_dicom_films(store: PatientStore, folders: list[tuple[str, str]]) -> int:
+    """Write `film.png` beside every `original.dcm` of these (patient, prediction) folders that has none; how many
+    were written."""
     added = 0
     no_limits = UploadLimits(max_bytes=1 << 40, max_pixels=1 << 40, min_side=1)  # it was accepted once
-    for patient, prediction in store.prediction_folders():
+    for patient, prediction in folders:
         folder = store.root / patient / prediction
         original = folder / f"{ORIGINAL_STEM}.dcm"
         if not original.is_file() or (folder / DICOM_FILM_PNG).exists():

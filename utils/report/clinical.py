@@ -116,11 +116,10 @@ def patient_chart(patient_id: str, predictions: list[Prediction]) -> bytes:
     points: list[ChartPoint] = []
     for prediction in ordered:
         report = report_of(prediction)
-        if (report.chronological_age_months is None or report.bone_age_months is None
-                or prediction.sex_used != sex):
+        age, bone_age, interval = (report.chronological_age_months, report.bone_age_months,
+                                   report.difference_interval_90)
+        if age is None or bone_age is None or interval is None or prediction.sex_used != sex:
             continue
-        interval = Z_90 * (prediction.male_sigma_months if prediction.sex_used == "male"
-                           else prediction.female_sigma_months)
-        points.append(ChartPoint(report.chronological_age_months, report.bone_age_months,
-                                 report.bone_age_months - interval, report.bone_age_months + interval))
+        # the report's interval of bone age minus age, moved back onto the bone age axis
+        points.append(ChartPoint(age, bone_age, age + interval.low_months, age + interval.high_months))
     return chart_png(patient_id, sex, REFERENCE_CURVES.get(sex), points, len(ordered) - len(points))

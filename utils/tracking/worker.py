@@ -24,7 +24,7 @@ from pathlib import Path
 from database import crud
 from database.db import Database, pid_token
 from database.models import Prediction
-from storage.store import DICOM_FILM_PNG
+from storage.store import DICOM_FILM_PNG, dicom_film_path
 from utils.tracking.mlflow_runs import MlflowRuns
 
 logger = logging.getLogger(__name__)
@@ -71,10 +71,11 @@ def run_artifacts(p: Prediction, files_root: Path) -> dict[str, Path]:
     original = files_root / p.image_path
     artifacts = {"male_gradcam.png": files_root / p.male_gradcam_path,
                  "female_gradcam.png": files_root / p.female_gradcam_path}
-    if original.suffix != ".dcm":
+    film = dicom_film_path(p.image_path)
+    if film is None:
         artifacts[original.name] = original
-    elif (film := original.with_name(DICOM_FILM_PNG)).is_file():
-        artifacts["original.png"] = film
+    elif (files_root / film).is_file():
+        artifacts["original.png"] = files_root / film
     else:  # stored by a release that wrote no film.png: the run gets the heatmaps only
         logger.warning("prediction %s has no %s: its run is logged without the original", p.id, DICOM_FILM_PNG)
     return artifacts
