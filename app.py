@@ -28,6 +28,8 @@ from utils.api.routes import open_router, patient_router
 from utils.config import Settings
 from utils.imaging import UploadLimits
 from utils.memory import limit_malloc_arenas
+from utils.pacs.policy import DicomPolicy
+from utils.pacs.sender import PacsSender
 from utils.pipeline.model_pool import ModelPool
 from utils.pipeline.recovery import recover
 from utils.pipeline.service import BoneAgeService, InFlight
@@ -72,7 +74,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                   lease_seconds=config.tracking_lease_seconds)
         tracking.start()
         limits = UploadLimits(config.max_upload_bytes, config.max_image_pixels, config.min_image_side)
-        service = BoneAgeService(models, store, database, tracking, in_flight, limits, config.heatmap_max_side)
+        dicom = DicomPolicy.from_settings(config)
+        pacs = None if dicom.destination is None else PacsSender(
+            dicom.destination, database, config.storage_dir, config.pacs_retry_seconds, config.pacs_retry_max_seconds,
+            lease_seconds=config.pacs_lease_seconds)
+        if pacs is not None:
+            pacs.start()
+        service = BoneAgeService(models, store, database, tracking, in_flight, limits, config.heatmap_max_side,
+                                 dicom, pacs)
         app.state.service = service
         app.state.metrics = ServiceMetrics(service)  # a registry per start: apps never share metrics
         logger.info("bone age service ready (storage %s, database %s, MLflow %s)", config.storage_dir,
@@ -82,6 +91,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await run_in_threadpool(service.close)
             tracking.stop()
+            if pacs is not None:
+                pacs.stop()
             models.stop()
             live.release()
             database.dispose()

@@ -8,7 +8,7 @@ import uuid
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
-from database.models import Patient, Prediction
+from database.models import PacsSend, Patient, Prediction
 
 
 def add_prediction(session: Session, prediction: Prediction) -> None:
@@ -83,3 +83,62 @@ def release_claims(session: Session, prediction_ids: list[str]) -> None:
 
 def known_prediction_ids(session: Session) -> set[str]:
     return set(session.scalars(select(Prediction.id)))
+
+
+# --- sends to the PACS (utils/pacs/sender.py) -----------------------------------------------------------------------
+
+
+def claim_due_sends(session: Session, claimer: str, destination: str, now: dt.datetime, lease_until: dt.datetime,
+                    limit: int) -> list[PacsSend]:
+    """Claim up to `limit` unsent objects for `destination` whose next attempt is due and that no live claim holds,
+    oldest first (one statement, as `claim_untracked`: two processes never claim the same object)."""
+    token = f"{claimer}/{uuid.uuid4().hex[:8]}"
+    free = or_(PacsSend.claim_expires_at.is_(None), PacsSend.claim_expires_at < now)
+    candidates = (select(PacsSend.id).where(PacsSend.sent_at.is_(None), PacsSend.destination == destination,
+                                            PacsSend.next_attempt_at <= now, free)
+                  .order_by(PacsSend.id).limit(limit).with_for_update(skip_locked=True))
+    session.execute(update(PacsSend).where(PacsSend.id.in_(candidates))
+                    .values(claimed_by=token, claim_expires_at=lease_until)
+                    .execution_options(synchronize_session=False))
+    return list(session.scalars(select(PacsSend).where(PacsSend.claimed_by == token).order_by(PacsSend.id)))
+
+
+def mark_sent(session: Session, send_id: int, now: dt.datetime) -> None:
+    """The PACS confirmed the object: it is never sent again."""
+    session.execute(update(PacsSend).where(PacsSend.id == send_id)
+                    .values(sent_at=now, attempts=PacsSend.attempts + 1, last_error=None, claimed_by=None,
+                            claim_expires_at=None))
+
+
+def record_send_failure(session: Session, send_id: int, error: str, next_attempt_at: dt.datetime) -> None:
+    """An attempt failed: count it, say why, and give the object back until `next_attempt_at`."""
+    session.execute(update(PacsSend).where(PacsSend.id == send_id)
+                    .values(attempts=PacsSend.attempts + 1, last_error=error[:2000], next_attempt_at=next_attempt_at,
+                            claimed_by=None, claim_expires_at=None))
+
+
+def release_sends(session: Session, send_ids: list[int]) -> None:
+    """Give claimed objects back untried (the sender is stopping)."""
+    if send_ids:
+        session.execute(update(PacsSend).where(PacsSend.id.in_(send_ids))
+                        .values(claimed_by=None, claim_expires_at=None))
+
+
+def next_send_due(session: Session, destination: str, now: dt.datetime) -> dt.datetime | None:
+    """When an unsent object for `destination` can next be claimed: its next attempt, or the end of another
+    process's live claim on it; None when nothing waits."""
+    unsent = (PacsSend.sent_at.is_(None), PacsSend.destination == destination)
+    live = PacsSend.claim_expires_at >= now
+    free_due = session.scalar(select(func.min(PacsSend.next_attempt_at)).where(
+        *unsent, or_(PacsSend.claim_expires_at.is_(None), PacsSend.claim_expires_at < now)))
+    claim_end = session.scalar(select(func.min(PacsSend.claim_expires_at)).where(*unsent, live))
+    times = [t for t in (free_due, claim_end) if t is not None]
+    return min(times) if times else None
+
+
+def pacs_backlog(session: Session) -> tuple[int, int, dt.datetime | None]:
+    """(objects not sent yet, how many of them failed at least once, when the earliest next attempt is due)."""
+    query = select(func.count(), func.count().filter(PacsSend.attempts > 0), func.min(PacsSend.next_attempt_at)) \
+        .where(PacsSend.sent_at.is_(None))
+    count, failed, due = session.execute(query).one()
+    return int(count or 0), int(failed or 0), due

@@ -1,4 +1,4 @@
-"""ORM tables: `patients` and `predictions` (SQLAlchemy 2.x typed mappings)."""
+"""ORM tables: `patients`, `predictions` and `pacs_sends` (SQLAlchemy 2.x typed mappings)."""
 
 from __future__ import annotations
 
@@ -75,5 +75,39 @@ class Prediction(Base):
     mlflow_run_id: Mapped[str | None] = mapped_column(String(64), default=None)
     mlflow_logged: Mapped[bool] = mapped_column(default=False, index=True,
                                                 comment="params, metrics and artifacts all in MLflow")
+    dicom_report_path: Mapped[str | None] = mapped_column(
+        String(512), default=None, comment="the DICOM Structured Report of this prediction, if one was written")
+    dicom_heatmap_path: Mapped[str | None] = mapped_column(
+        String(512), default=None, comment="the DICOM Secondary Capture of the heatmap, if one was written")
 
     patient: Mapped[Patient] = relationship(back_populates="predictions")
+    pacs_sends: Mapped[list[PacsSend]] = relationship(back_populates="prediction", lazy="selectin",
+                                                      order_by="PacsSend.id")
+
+
+class PacsSend(Base):
+    """One DICOM object of a prediction to be sent to the PACS with C-STORE, and how that went.
+
+    Written with the prediction, in the same transaction, so a stored prediction never lacks its sends; the PACS
+    sender (utils/pacs/sender.py) claims due rows, sends them, and marks each sent once the PACS confirmed it.
+    """
+
+    __tablename__ = "pacs_sends"
+    __table_args__ = (Index("ix_pacs_sends_due", "sent_at", "next_attempt_at"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    prediction_id: Mapped[str] = mapped_column(ForeignKey("predictions.id"), index=True)
+    file_path: Mapped[str] = mapped_column(String(512), comment="the object under the storage folder")
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    destination: Mapped[str] = mapped_column(String(160), comment="AE title@host:port of the PACS at the time")
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    attempts: Mapped[int] = mapped_column(default=0)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, comment="not tried again before this")
+    last_error: Mapped[str | None] = mapped_column(Text, default=None, comment="why the last attempt failed")
+    sent_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, default=None,
+                                                        comment="when the PACS confirmed it (never sent again)")
+    claimed_by: Mapped[str | None] = mapped_column(String(64), default=None,
+                                                   comment="the service process sending it now")
+    claim_expires_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, default=None)
+
+    prediction: Mapped[Prediction] = relationship(back_populates="pacs_sends")

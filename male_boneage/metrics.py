@@ -12,6 +12,12 @@ from male_boneage.model import AGE_GROUPS_YEARS
 Z_90 = 1.6448536269514722  # two-sided 90% normal interval: mean +- Z_90 * sigma
 
 
+def interval_90(age_months: float, sigma_months: float) -> tuple[float, float]:
+    """The 90% interval of an estimate, months (no age below 0)."""
+    half = Z_90 * sigma_months
+    return max(0.0, age_months - half), age_months + half
+
+
 def calibrate_sigma_scale(estimates: Sequence[ModelEstimate], ages: Sequence[float], coverage: float = 0.90) -> float:
     """The factor s such that |age - mean| <= Z_90 * s * sigma holds for `coverage` of the cases."""
     z = np.array([abs(a - e.age_months) / max(e.sigma_months, 1e-6) for e, a in zip(estimates, ages, strict=True)])

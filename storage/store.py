@@ -17,12 +17,14 @@ logger = logging.getLogger(__name__)
 
 PATIENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$")
 PREDICTION_ID_PATTERN = re.compile(r"^\d{8}T\d{6}\d{6}Z-[0-9a-f]{12}$")
-# The files of a prediction folder: the upload as sent (`original.<png|jpg|tif|dcm>`), both Grad-CAM overlays, and
-# for a DICOM upload its pixels as an 8-bit PNG (browsers and MLflow cannot show DICOM, and tags stay out of MLflow).
+# The files of a prediction folder: the upload as sent (`original.<png|jpg|tif|dcm>`), both Grad-CAM overlays, for a
+# DICOM upload its pixels as an 8-bit PNG (browsers and MLflow cannot show DICOM, and tags stay out of MLflow), and
+# the DICOM results when written (`report.dcm`, a Structured Report; `heatmap.dcm`, a Secondary Capture).
 ORIGINAL_STEM = "original"
 DICOM_FILM_PNG = "film.png"
 GRADCAM_PNG = {"male": "male_gradcam.png", "female": "female_gradcam.png"}
-FILE_NAME_PATTERN = re.compile(r"^(original\.(png|jpg|tif|dcm)|film\.png|male_gradcam\.png|female_gradcam\.png)$")
+FILE_NAME_PATTERN = re.compile(
+    r"^(original\.(png|jpg|tif|dcm)|film\.png|male_gradcam\.png|female_gradcam\.png|report\.dcm|heatmap\.dcm)$")
 
 
 def dicom_film_path(original_path: str) -> str | None:

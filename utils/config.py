@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 import mlflow_config
@@ -13,6 +13,8 @@ import mlflow_config
 PROJECT_ROOT = mlflow_config.PROJECT_ROOT
 # The oldest chronological age the service accepts (from the form or a DICOM), months.
 MAX_CHRONOLOGICAL_AGE_MONTHS = 240.0
+# pydicom's UID root (registered for pydicom's users): the default root of the UIDs the service makes.
+DEFAULT_UID_ROOT = "1.2.826.0.1.3680043.8.498."
 
 
 class Settings(BaseSettings):
@@ -65,6 +67,36 @@ class Settings(BaseSettings):
     # --- metrics and backpressure
     max_in_flight: int = Field(32, ge=1, description="most predictions in flight in one process; beyond it POST "
                                "/predict answers 503 with Retry-After at once, before decoding the upload")
+
+    # --- DICOM results and the PACS (README: DICOM results and PACS)
+    dicom_for_all: bool = Field(False, description="also write the DICOM report and heatmap for PNG, JPEG and TIFF "
+                                "uploads (in a new study with placeholder patient data); never sent to the PACS")
+    dicom_uid_root: str = Field(
+        DEFAULT_UID_ROOT, pattern=r"^[1-9][0-9]*(\.(0|[1-9][0-9]*))*\.$", max_length=40,
+        description="root of the Series and SOP Instance UIDs the service makes (dotted digits ending in '.'); "
+                    "the default is pydicom's root: set your organisation's own")
+    ae_title: str = Field("BONEAGE", min_length=1, max_length=16, description="the service's own DICOM AE title")
+    pacs_host: str = Field("", description="PACS to send the DICOM report and heatmap to (with port and AE title)")
+    pacs_port: int = Field(0, ge=0, le=65535, description="port of the PACS's storage SCP (0: no PACS)")
+    pacs_ae_title: str = Field("", max_length=16, description="the PACS's AE title")
+    pacs_timeout_seconds: float = Field(10.0, gt=0, description="network, association and C-STORE timeout")
+    pacs_retry_seconds: float = Field(10.0, gt=0, description="first wait after a failed send; doubled per failure")
+    pacs_retry_max_seconds: float = Field(600.0, gt=0, description="longest wait between attempts of one object")
+    pacs_lease_seconds: float = Field(
+        120.0, gt=0, description="how long a process's claim on objects to send lasts if it dies while sending")
+
+    @model_validator(mode="after")
+    def _pacs_all_or_nothing(self) -> Settings:
+        given = {"BONEAGE_PACS_HOST": self.pacs_host, "BONEAGE_PACS_PORT": self.pacs_port,
+                 "BONEAGE_PACS_AE_TITLE": self.pacs_ae_title}
+        missing = [name for name, value in given.items() if not value]
+        if 0 < len(missing) < len(given):
+            raise ValueError(f"a PACS needs host, port and AE title: {', '.join(missing)} not set")
+        return self
+
+    @property
+    def pacs_configured(self) -> bool:
+        return bool(self.pacs_host and self.pacs_port and self.pacs_ae_title)
 
     @property
     def api_key_list(self) -> list[str]:

@@ -36,6 +36,9 @@ def health_report(service: BoneAgeService) -> HealthResponse:
             backlog = crud.untracked_backlog(session)[0]
         if backlog and mlflow == "ok":
             mlflow = f"ok; {backlog} runs pending"
+    pacs, pacs_backlog = _pacs_state(service, database == "ok")
+    if pacs.startswith("failing"):
+        failing.append("pacs")
     models = service.models
     if models.female_fallback:
         failing.append("female_model (male model used as fallback)")
@@ -51,8 +54,25 @@ def health_report(service: BoneAgeService) -> HealthResponse:
         database=database,
         mlflow=mlflow,
         tracking_backlog=backlog,
+        pacs=pacs,
+        pacs_backlog=pacs_backlog,
         storage=storage,
     )
+
+
+def _pacs_state(service: BoneAgeService, database_ok: bool) -> tuple[str, int | None]:
+    """("not configured" | "ok" | "ok; N objects pending" | "failing: ...", objects not yet sent). No network: the
+    state is what the sender last saw (a failed send is retried with back-off)."""
+    destination = None if service.dicom is None else service.dicom.destination
+    if destination is None:
+        return "not configured", None
+    if not database_ok:
+        return "unknown (database unavailable)", None
+    with service.database.session() as session:
+        waiting, failed, _ = crud.pacs_backlog(session)
+    if failed:
+        return f"failing: {failed} of {waiting} objects for {destination.label} failed to send, retrying", waiting
+    return (f"ok; {waiting} objects pending" if waiting else "ok"), waiting
 
 
 def readiness(service: BoneAgeService | None) -> ReadinessResponse:

@@ -96,11 +96,11 @@ def chart(patient_id: str, service: ServiceDep) -> Response:
     responses={404: {"model": ErrorResponse, "description": "no such file"}},
 )
 def stored_file(patient_id: str, prediction_id: str, file_name: str, service: ServiceDep) -> FileResponse:
-    """An original upload, a DICOM's film as PNG, or a Grad-CAM overlay."""
+    """An original upload, a DICOM's film as PNG, a Grad-CAM overlay, or a DICOM result (SR or SC)."""
     path = service.store.resolve(patient_id, prediction_id, file_name)
     if path is None:
         raise PatientNotFound("no such stored file")
-    return FileResponse(path)
+    return FileResponse(path, media_type="application/dicom" if path.suffix == ".dcm" else None)
 
 
 @open_router.get("/health", response_model=HealthResponse)

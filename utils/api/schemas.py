@@ -8,8 +8,8 @@ from typing import Literal, cast
 
 from pydantic import BaseModel, Field
 
-from database.models import Patient, Prediction
-from male_boneage.metrics import Z_90
+from database.models import PacsSend, Patient, Prediction
+from male_boneage.metrics import interval_90
 from male_boneage.model import AGE_GROUPS_YEARS
 from storage.store import dicom_film_path
 from utils.report.clinical import report_of
@@ -87,6 +87,30 @@ class Visit(BaseModel):
     classification: Literal["delayed", "normal", "advanced"] | None
 
 
+class PacsDelivery(BaseModel):
+    """How sending the DICOM results to the PACS goes (both objects together)."""
+
+    state: Literal["pending", "retrying", "sent"] = Field(
+        description="pending: not tried yet; retrying: an attempt failed, the next one is scheduled (last_error says "
+                    "why); sent: the PACS confirmed both objects")
+    destination: str = Field(description="the PACS, as AE title@host:port")
+    attempts: int = Field(description="attempts made, over both objects")
+    last_error: str | None
+    next_attempt_at: dt.datetime | None = Field(description="when an unsent object is tried next")
+    sent_at: dt.datetime | None = Field(description="when the PACS confirmed the last of them")
+
+
+class DicomOutputs(BaseModel):
+    """The prediction as DICOM objects in the film's study (README: DICOM results and PACS)."""
+
+    report_url: str = Field(description="Comprehensive SR with both estimates, the report and the notice")
+    report_path: str
+    heatmap_url: str = Field(description="Secondary Capture (RGB) of the heatmap overlay, labelled not for diagnosis")
+    heatmap_path: str
+    pacs: PacsDelivery | None = Field(
+        description="the send to the PACS; none when no PACS was set or the film had no study to add them to")
+
+
 class PredictionResponse(BaseModel):
     status: Literal["success"] = "success"
     patient_id: str
@@ -108,6 +132,8 @@ class PredictionResponse(BaseModel):
     original_url: str
     original_path: str
     film_url: str | None = Field(description="a DICOM upload's pixels as PNG (browsers cannot show DICOM)")
+    dicom: DicomOutputs | None = Field(
+        description="the DICOM results: for a DICOM with a study, and for other films with BONEAGE_DICOM_FOR_ALL")
     report: Report
     image_sha256: str
     timestamp: dt.datetime
@@ -138,6 +164,8 @@ class HealthResponse(BaseModel):
     database: str
     mlflow: str
     tracking_backlog: int | None = Field(description="predictions whose MLflow run is not logged yet")
+    pacs: str = Field(description="not configured, ok, or how many DICOM objects wait and whether sends fail")
+    pacs_backlog: int | None = Field(description="DICOM objects not yet confirmed by the PACS")
     storage: str
     notice: str = NOTICE
 
@@ -158,12 +186,12 @@ class ErrorResponse(BaseModel):
 
 def _model_prediction(age: float, sigma: float, probs_json: str, version: str, cam_path: str) -> ModelPrediction:
     probs = json.loads(probs_json)
-    half = Z_90 * sigma
+    low, high = interval_90(age, sigma)
     return ModelPrediction(
         age=round(age / 12, 4), uncertainty_sigma=round(sigma / 12, 4), age_months=round(age, 2),
         sigma_months=round(sigma, 2),
-        interval_90=Interval(low_months=round(max(0.0, age - half), 2), high_months=round(age + half, 2),
-                             low_years=round(max(0.0, age - half) / 12, 3), high_years=round((age + half) / 12, 3)),
+        interval_90=Interval(low_months=round(low, 2), high_months=round(high, 2), low_years=round(low / 12, 3),
+                             high_years=round(high / 12, 3)),
         age_group=AgeGroup(label=GROUP_LABELS[max(range(len(probs)), key=probs.__getitem__)],
                            probabilities={label: round(p, 4) for label, p in zip(GROUP_LABELS, probs, strict=True)}),
         model_version=version, gradcam_path=cam_path, gradcam_url=f"/storage/{cam_path}",
@@ -187,7 +215,7 @@ def prediction_response(p: Prediction) -> PredictionResponse:
         female_prediction=_model_prediction(p.female_age_months, p.female_sigma_months, p.female_group_probs,
                                             p.female_model_version, p.female_gradcam_path),
         female_model_fallback=p.female_fallback, original_url=f"/storage/{p.image_path}",
-        original_path=p.image_path, film_url=_film_url(p), report=Report.model_validate(report_of(p).to_dict()),
+        original_path=p.image_path, film_url=_film_url(p), dicom=_dicom_outputs(p), report=Report.model_validate(report_of(p).to_dict()),
         image_sha256=p.image_sha256, timestamp=p.created_at,
     )
 
@@ -195,6 +223,28 @@ def prediction_response(p: Prediction) -> PredictionResponse:
 def _film_url(p: Prediction) -> str | None:
     film = dicom_film_path(p.image_path)
     return None if film is None else f"/storage/{film}"
+
+
+def _dicom_outputs(p: Prediction) -> DicomOutputs | None:
+    if p.dicom_report_path is None or p.dicom_heatmap_path is None:
+        return None
+    return DicomOutputs(report_url=f"/storage/{p.dicom_report_path}", report_path=p.dicom_report_path,
+                        heatmap_url=f"/storage/{p.dicom_heatmap_path}", heatmap_path=p.dicom_heatmap_path,
+                        pacs=_pacs_delivery(p.pacs_sends))
+
+
+def _pacs_delivery(sends: list[PacsSend]) -> PacsDelivery | None:
+    if not sends:
+        return None
+    unsent = [s for s in sends if s.sent_at is None]
+    state: Literal["pending", "retrying", "sent"] = (
+        "sent" if not unsent else "retrying" if any(s.last_error for s in unsent) else "pending")
+    errors = [s.last_error for s in unsent if s.last_error]
+    return PacsDelivery(
+        state=state, destination=sends[0].destination, attempts=sum(s.attempts for s in sends),
+        last_error=errors[-1] if errors else None,
+        next_attempt_at=min((s.next_attempt_at for s in unsent), default=None),
+        sent_at=None if unsent else max(s.sent_at for s in sends if s.sent_at is not None))
 
 
 def _visit(response: PredictionResponse) -> Visit:

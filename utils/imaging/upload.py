@@ -7,9 +7,10 @@ preamble that pydicom parses into an image) to `dicom`. Both end in the checks o
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from PIL import Image
+from pydicom.dataset import Dataset
 
 from utils.errors import InvalidImage, UploadTooLarge
 from utils.imaging.checks import UploadLimits
@@ -25,7 +26,9 @@ class DecodedImage:
 
     `format` is "PNG", "JPEG", "TIFF" or "DICOM". `sex_hint` is "male" or "female" when a DICOM's Patient's Sex
     (0010,0040) says M or F, else None; `age_months_hint` is the child's age a DICOM gives (Patient's Age, or birth
-    and film dates), else None. They are the only values taken from a DICOM's patient module.
+    and film dates), else None. They are the only values taken from a DICOM's patient module into the service's
+    own records. `dicom` is the parsed DICOM itself, kept in memory for the request only: the DICOM results
+    (utils/pacs/objects.py) copy its study and patient modules so they land in the film's study.
     """
 
     data: bytes
@@ -34,6 +37,7 @@ class DecodedImage:
     gray: Image.Image
     sex_hint: str | None = None
     age_months_hint: float | None = None
+    dicom: Dataset | None = field(default=None, repr=False)
 
     @property
     def width(self) -> int:
@@ -57,8 +61,9 @@ def decode_upload(data: bytes, limits: UploadLimits) -> DecodedImage:
         raise InvalidImage("the uploaded file is empty")
     sha256 = hashlib.sha256(data).hexdigest()
     if looks_like_dicom(data):
-        film = decode_dicom(read_dicom(data), limits)
-        return DecodedImage(data, sha256, "DICOM", film.gray, film.sex_hint, film.age_months)
+        parsed = read_dicom(data)
+        film = decode_dicom(parsed, limits)
+        return DecodedImage(data, sha256, "DICOM", film.gray, film.sex_hint, film.age_months, parsed)
     try:
         fmt, gray = decode_raster(data, limits)
     except NotARasterImage:
@@ -67,5 +72,5 @@ def decode_upload(data: bytes, limits: UploadLimits) -> DecodedImage:
         if dataset is None:
             raise InvalidImage(f"the file is not a readable image ({EXPECTED})") from None
         film = decode_dicom(dataset, limits)
-        return DecodedImage(data, sha256, "DICOM", film.gray, film.sex_hint, film.age_months)
+        return DecodedImage(data, sha256, "DICOM", film.gray, film.sex_hint, film.age_months, dataset)
     return DecodedImage(data, sha256, fmt, gray)

@@ -49,5 +49,5 @@ class PredictionDraft:
             female_fallback=self.models.female_fallback,
             chronological_age_months=self.report.chronological_age_months,
             chronological_age_source=self.report.chronological_age_source,
-            report_json=json.dumps(self.report.to_dict()), mlflow_run_id=mlflow_run_id,
+            report_json=json.dumps(self.report.to_dict()), mlflow_run_id=mlflow_run_id, pacs_sends=[],
         )

@@ -26,24 +26,26 @@ def film_background(gray: Image.Image, max_side: int) -> np.ndarray:
     return cv2.cvtColor(film, cv2.COLOR_GRAY2BGR)
 
 
-def overlay_png(film_bgr: np.ndarray, cam: np.ndarray) -> bytes:
-    """PNG of `cam` (values in [0, 1], any size) as a JET colour map over the film from `film_background`.
+def overlay(film_bgr: np.ndarray, cam: np.ndarray) -> np.ndarray:
+    """`cam` (values in [0, 1], any size) as a JET colour map over the film from `film_background` (BGR).
 
     The heatmap is stretched to the film's own aspect ratio, undoing the squash to the model's square input.
     """
     height, width = film_bgr.shape[:2]
     heat = cv2.resize(np.clip(cam, 0, 1).astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
     colored = cv2.applyColorMap((255 * heat).astype(np.uint8), cv2.COLORMAP_JET)
-    blended = cv2.addWeighted(colored, HEATMAP_WEIGHT, film_bgr, 1 - HEATMAP_WEIGHT, 0)
-    ok, encoded = cv2.imencode(".png", blended, PNG_PARAMS)
+    blended: np.ndarray = cv2.addWeighted(colored, HEATMAP_WEIGHT, film_bgr, 1 - HEATMAP_WEIGHT, 0)
+    return blended
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """A BGR overlay or a grayscale film as PNG, with the fast settings above."""
+    ok, encoded = cv2.imencode(".png", image, PNG_PARAMS)
     if not ok:
-        raise RuntimeError("PNG encoding of the heatmap failed")
+        raise RuntimeError("PNG encoding failed")
     return encoded.tobytes()
 
 
 def film_png(gray: np.ndarray) -> bytes:
-    """An 8-bit grayscale film as PNG, with the overlays' fast settings."""
-    ok, encoded = cv2.imencode(".png", gray, PNG_PARAMS)
-    if not ok:
-        raise RuntimeError("PNG encoding of the film failed")
-    return encoded.tobytes()
+    """An 8-bit grayscale film as PNG."""
+    return encode_png(gray)

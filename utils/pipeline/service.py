@@ -17,14 +17,25 @@ import numpy as np
 
 from database import crud
 from database.db import Database, DatabaseUnavailable
-from database.models import Patient, Prediction
+from database.models import PacsSend, Patient, Prediction
 from male_boneage.inference import ModelEstimate
 from storage.store import DICOM_FILM_PNG, GRADCAM_PNG, PatientStore, check_patient_id, new_prediction_id
 from utils.config import MAX_CHRONOLOGICAL_AGE_MONTHS
 from utils.errors import InvalidImage, InvalidInput, PatientNotFound
 from utils.imaging import DecodedImage, UploadLimits, decode_upload
 from utils.pipeline.draft import PredictionDraft
-from utils.pipeline.heatmap import film_background, film_png, overlay_png
+from utils.pacs.objects import (
+    HEATMAP_FILE,
+    REPORT_FILE,
+    DicomResults,
+    build_dicom_results,
+    film_study_missing,
+    side_by_side,
+    study_header,
+)
+from utils.pacs.policy import DicomPolicy
+from utils.pacs.sender import PacsSender
+from utils.pipeline.heatmap import encode_png, film_background, film_png, overlay
 from utils.pipeline.model_pool import ModelPool
 from utils.report.clinical import build_report
 from utils.tracking.worker import TrackingWorker
@@ -136,7 +147,8 @@ class BoneAgeService:
     """Runs and stores predictions; one instance per app, created in the lifespan."""
 
     def __init__(self, models: ModelPool, store: PatientStore, database: Database, tracking: TrackingWorker,
-                 in_flight: InFlight, limits: UploadLimits, heatmap_max_side: int) -> None:
+                 in_flight: InFlight, limits: UploadLimits, heatmap_max_side: int,
+                 dicom: DicomPolicy | None = None, pacs: PacsSender | None = None) -> None:
         self.models = models
         self.store = store
         self.database = database
@@ -144,6 +156,8 @@ class BoneAgeService:
         self.in_flight = in_flight
         self.limits = limits
         self.heatmap_max_side = heatmap_max_side
+        self.dicom = dicom
+        self.pacs = pacs
         # Helpers for steps that overlap within one request; apart, so a slow MLflow never delays heatmaps.
         self._heatmaps = ThreadPoolExecutor(max_workers=4, thread_name_prefix="heatmap")
         self._mlflow = ThreadPoolExecutor(max_workers=8, thread_name_prefix="mlflow-open-run")
@@ -179,6 +193,8 @@ class BoneAgeService:
                                 sex_source, male, female, self.models, report)
         prediction = self._store(draft, film, watch)
         self.tracking.wake()
+        if self.pacs is not None and prediction.pacs_sends:
+            self.pacs.wake()
         logger.info("prediction %s stored (male %.1f, female %.1f months; run %s; %.0f ms)",
                     draft.prediction_id, male.age_months, female.age_months,
                     prediction.mlflow_run_id or "pending", sum(watch.timings.values()))
@@ -192,11 +208,13 @@ class BoneAgeService:
         """
         run_future = self._mlflow.submit(self.tracking.open_run, draft.prediction_id, draft.patient_id)
         try:
-            files = {draft.original_name: draft.image.data, **self._pngs(draft, film)}
+            files, dicom = self._files(draft, film)
             watch.lap("heatmap_png")
             paths = self.store.write_prediction(draft.patient_id, draft.prediction_id, files)
             watch.lap("storage")
             prediction = draft.to_row(paths, run_future.result())
+            if dicom is not None:
+                self._add_dicom(prediction, dicom, paths, draft.created_at)
             watch.lap("mlflow_create_run")
             try:
                 with self.database.session() as session:
@@ -215,19 +233,61 @@ class BoneAgeService:
                 self.tracking.discard_run(run_id)
             raise
 
-    def _pngs(self, draft: PredictionDraft, film: np.ndarray) -> dict[str, bytes]:
-        """Both Grad-CAM overlays (one encoding when both estimates are the same), and a DICOM's film as PNG."""
-        female_png: Future[bytes] | None = None
+    def _files(self, draft: PredictionDraft, film: np.ndarray) -> tuple[dict[str, bytes], DicomResults | None]:
+        """The files of a prediction: the upload, both Grad-CAM overlays as PNG (one encoding when both estimates
+        are the same), a DICOM's film as PNG, and the DICOM results when the policy asks for them."""
+        female_overlay: Future[np.ndarray] | None = None
         if draft.female is not draft.male:
-            female_png = self._heatmaps.submit(overlay_png, film, _heatmap(draft.female))
+            female_overlay = self._heatmaps.submit(overlay, film, _heatmap(draft.female))
         dicom_png = self._heatmaps.submit(film_png, np.asarray(draft.image.gray)) if draft.image.format == "DICOM" \
             else None
-        male_png = overlay_png(film, _heatmap(draft.male))
-        pngs = {GRADCAM_PNG["male"]: male_png,
-                GRADCAM_PNG["female"]: male_png if female_png is None else female_png.result()}
+        male_overlay = overlay(film, _heatmap(draft.male))
+        female_png = None if female_overlay is None else self._heatmaps.submit(encode_png, female_overlay.result())
+        overlays = {"male": male_overlay, "female": male_overlay if female_overlay is None else female_overlay.result()}
+        dicom = self._heatmaps.submit(self._dicom_results, draft, overlays) if self._wants_dicom(draft) else None
+        male_png = encode_png(male_overlay)
+        files = {draft.original_name: draft.image.data, GRADCAM_PNG["male"]: male_png,
+                 GRADCAM_PNG["female"]: male_png if female_png is None else female_png.result()}
         if dicom_png is not None:
-            pngs[DICOM_FILM_PNG] = dicom_png.result()
-        return pngs
+            files[DICOM_FILM_PNG] = dicom_png.result()
+        results = None if dicom is None else dicom.result()
+        if results is not None:
+            files.update(results.files)
+        return files, results
+
+    def _wants_dicom(self, draft: PredictionDraft) -> bool:
+        """DICOM results for a film with a study, and for any film with BONEAGE_DICOM_FOR_ALL."""
+        if self.dicom is None:
+            return False
+        return self.dicom.for_all or film_study_missing(draft.image.dicom) is None
+
+    def _dicom_results(self, draft: PredictionDraft, overlays: dict[str, np.ndarray]) -> DicomResults:
+        """The SR and SC; the SC shows the applicable overlay, or both side by side (boys' model left) when the
+        sex is unknown and two models answered."""
+        assert self.dicom is not None
+        rgb = {sex: image[..., ::-1] for sex, image in overlays.items()}  # OpenCV's BGR -> RGB
+        shown = rgb.get(draft.sex_used)
+        if shown is None:
+            shown = rgb["male"] if overlays["female"] is overlays["male"] else side_by_side(rgb["male"], rgb["female"])
+        header = study_header(draft.image.dicom, draft.patient_id, draft.sex_used, draft.created_at,
+                              self.dicom.uid_root)
+        estimates = {"male": (draft.male, self.models.male.version),
+                     "female": (draft.female, self.models.female.version)}
+        return build_dicom_results(draft.image.dicom, header, self.dicom.uid_root, draft.sex_used, estimates,
+                                   draft.report, np.ascontiguousarray(shown), self.models.female_fallback)
+
+    def _add_dicom(self, prediction: Prediction, dicom: DicomResults, paths: dict[str, str],
+                   created_at: dt.datetime) -> None:
+        """The DICOM results' paths on the row, and a send per object when they join a study and a PACS is set."""
+        prediction.dicom_report_path = paths[REPORT_FILE]
+        prediction.dicom_heatmap_path = paths[HEATMAP_FILE]
+        destination = None if self.dicom is None else self.dicom.destination
+        if destination is None or not dicom.in_film_study:
+            return
+        prediction.pacs_sends = [
+            PacsSend(file_path=paths[name], sop_instance_uid=dicom.sop_instance_uids[name],
+                     destination=destination.label, created_at=created_at, attempts=0, next_attempt_at=created_at)
+            for name in (REPORT_FILE, HEATMAP_FILE)]
 
     def results(self, patient_id: str) -> tuple[Patient, list[Prediction]]:
         """A patient and all their predictions, newest first; PatientNotFound if none."""

@@ -1,0 +1,273 @@
+"""The DICOM results of a prediction, built with highdicom: a Comprehensive SR and a Secondary Capture.
+
+Both land in the film's own study: the Study Instance UID and the patient and study modules are copied from the
+uploaded DICOM, the SR references the film (and records it as evidence), the SC names it as its source image. Their
+Series and SOP Instance UIDs are new, made under the `BONEAGE_DICOM_UID_ROOT` setting. A film without a study (a
+PNG, JPEG or TIFF, or a DICOM lacking its Study, SOP Class or SOP Instance UID) gets them only with
+`BONEAGE_DICOM_FOR_ALL`, in a new study whose patient module holds the service's patient id and nothing else.
+
+The SR's content tree (codes of the scheme `99BONEAGE` are this service's own; README: DICOM results and PACS):
+
+    CONTAINER  Bone age estimation (research model)
+      TEXT     Comment (DCM 121106): the research-use notice
+      TEXT     Sex the estimate applies to: male | female | unknown
+      CONTAINER Estimate of the model trained on boys | on girls     (one each)
+        TEXT   Algorithm Name (DCM 111001), Algorithm Version (DCM 111003)
+        NUM    Bone age, Standard deviation of bone age, Lower and Upper limit of 90% interval   [mo]
+      NUM      Applicable bone age                                     [mo]   when the sex is known
+      NUM      Chronological age [mo], Bone age minus chronological age [mo] with its 90% interval, SDS [{SD}]
+      TEXT     Chronological age source, Classification, Reference, Note                 when known
+      IMAGE    Source of Measurement (DCM 121112): the film            when it came as DICOM
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import logging
+from dataclasses import dataclass
+
+import cv2
+import highdicom as hd
+import numpy as np
+from highdicom.sr import CodedConcept
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from male_boneage.inference import ModelEstimate
+from male_boneage.metrics import interval_90
+from utils.report.clinical import ClinicalReport
+
+MANUFACTURER = "Open-source bone age service (research)"
+NOTICE = "Research model, not a medical device: not for clinical use or diagnosis."
+SC_BANNER = "RESEARCH USE ONLY - NOT FOR DIAGNOSIS - Grad-CAM of a bone age model"
+REPORT_FILE, HEATMAP_FILE = "report.dcm", "heatmap.dcm"
+SR_SERIES_NUMBER, SC_SERIES_NUMBER = 9901, 9902
+# What a film must carry for its results to join its study and reference it.
+STUDY_UIDS = ("StudyInstanceUID", "SOPClassUID", "SOPInstanceUID")
+# Copied from the film as they are (absent stays absent, apart from the Type 2 ones below, written empty).
+PATIENT_AND_STUDY = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex",
+                     "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID", "AccessionNumber",
+                     "ReferringPhysicianName", "StudyDescription")
+TYPE_2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "StudyID",
+          "AccessionNumber", "ReferringPhysicianName")
+DICOM_SEX = {"male": "M", "female": "F"}
+# highdicom logs each module it copies at INFO, naming the film's UIDs: not for the service log.
+logging.getLogger("highdicom").setLevel(logging.WARNING)
+# Decimals of the numbers in the SR: those of the JSON response.
+DECIMALS = 2
+
+
+def _code(value: str, meaning: str, scheme: str = "99BONEAGE") -> CodedConcept:
+    return CodedConcept(value, scheme, meaning)
+
+
+MONTHS = _code("mo", "month", "UCUM")
+SD_UNIT = _code("{SD}", "standard deviation", "UCUM")
+COMMENT = _code("121106", "Comment", "DCM")
+ALGORITHM_NAME = _code("111001", "Algorithm Name", "DCM")
+ALGORITHM_VERSION = _code("111003", "Algorithm Version", "DCM")
+SOURCE = _code("121112", "Source of Measurement", "DCM")
+MODEL_CONTAINERS = {"male": _code("BA-MODEL-M", "Estimate of the model trained on boys"),
+                    "female": _code("BA-MODEL-F", "Estimate of the model trained on girls")}
+
+
+@dataclass(frozen=True)
+class DicomResults:
+    """The two objects, ready to store: {file name: bytes}, and their SOP Instance UIDs by file name."""
+
+    files: dict[str, bytes]
+    sop_instance_uids: dict[str, str]
+    in_film_study: bool  # False: a new study with placeholders (BONEAGE_DICOM_FOR_ALL); never sent to a PACS
+
+
+def film_study_missing(film: Dataset | None) -> str | None:
+    """Why a film's results cannot join its study (not a DICOM, or UIDs missing), or None when they can."""
+    if film is None:
+        return "the film is not a DICOM, so there is no study to add the results to"
+    missing = [keyword for keyword in STUDY_UIDS if not str(film.get(keyword, "") or "").strip()]
+    return f"the DICOM lacks {', '.join(missing)}" if missing else None
+
+
+def study_header(film: Dataset | None, patient_id: str, sex_used: str, created_at: dt.datetime,
+                 uid_root: str) -> Dataset:
+    """The patient and study modules the results carry: the film's own when it has a study, else placeholders
+    (a new study; Patient ID = the service's patient id)."""
+    header = Dataset()
+    if film is not None and film_study_missing(film) is None:
+        for keyword in PATIENT_AND_STUDY:
+            if keyword in film:
+                header[keyword] = film[keyword]
+        for keyword in TYPE_2:
+            if keyword not in header:
+                setattr(header, keyword, "")
+        return header
+    header.PatientName, header.PatientID, header.PatientBirthDate = "", patient_id, ""
+    header.PatientSex = DICOM_SEX.get(sex_used, "")
+    header.StudyInstanceUID = generate_uid(uid_root)
+    header.StudyDate, header.StudyTime = created_at.strftime("%Y%m%d"), created_at.strftime("%H%M%S")
+    header.StudyID, header.AccessionNumber, header.ReferringPhysicianName = "", "", ""
+    return header
+
+
+def build_dicom_results(film: Dataset | None, header: Dataset, uid_root: str, sex_used: str,
+                        estimates: dict[str, tuple[ModelEstimate, str]], report: ClinicalReport,
+                        overlay_rgb: np.ndarray, female_fallback: bool) -> DicomResults:
+    """The SR and SC of one prediction. `estimates` is {"male"|"female": (estimate, model version)};
+    `overlay_rgb` the heatmap overlay to show (the applicable one, or both side by side)."""
+    in_study = film is not None and film_study_missing(film) is None
+    source = film if in_study else None
+    sr = _structured_report(header, source, uid_root, sex_used, estimates, report, female_fallback)
+    sc = _secondary_capture(header, source, uid_root, overlay_rgb)
+    return DicomResults({REPORT_FILE: _encode(sr), HEATMAP_FILE: _encode(sc)},
+                        {REPORT_FILE: str(sr.SOPInstanceUID), HEATMAP_FILE: str(sc.SOPInstanceUID)}, in_study)
+
+
+def side_by_side(left_rgb: np.ndarray, right_rgb: np.ndarray, gap: int = 8) -> np.ndarray:
+    """Two overlays of the same film next to each other, a black gap between."""
+    height = left_rgb.shape[0]
+    return np.concatenate([left_rgb, np.zeros((height, gap, 3), np.uint8), right_rgb], axis=1)
+
+
+def _structured_report(header: Dataset, film: Dataset | None, uid_root: str, sex_used: str,
+                       estimates: dict[str, tuple[ModelEstimate, str]], report: ClinicalReport,
+                       female_fallback: bool) -> hd.sr.ComprehensiveSR:
+    items: list[hd.sr.ContentItem] = [
+        _text(COMMENT, NOTICE),
+        _text(_code("BA-SEX", "Sex the estimate applies to"), sex_used),
+    ]
+    for sex, (estimate, version) in estimates.items():
+        items.append(_model_container(sex, estimate, version, female_fallback and sex == "female"))
+    if report.bone_age_months is not None:
+        items.append(_num(_code("BA-APPLICABLE", "Applicable bone age"), report.bone_age_months, MONTHS))
+    if report.chronological_age_months is not None:
+        items.append(_num(_code("BA-CA", "Chronological age"), report.chronological_age_months, MONTHS))
+        items.append(_text(_code("BA-CA-SOURCE", "Chronological age source"), str(report.chronological_age_source)))
+    if report.difference_months is not None:
+        items.append(_num(_code("BA-DIFF", "Bone age minus chronological age"), report.difference_months, MONTHS))
+    if report.difference_interval_90 is not None:
+        interval = report.difference_interval_90
+        items.append(_num(_code("BA-DIFF-L90", "Lower limit of 90% interval of the difference"),
+                          interval.low_months, MONTHS))
+        items.append(_num(_code("BA-DIFF-U90", "Upper limit of 90% interval of the difference"),
+                          interval.high_months, MONTHS))
+    if report.sds is not None:
+        items.append(_num(_code("BA-SDS", "Bone age standard deviation score"), report.sds, SD_UNIT))
+    if report.classification is not None:
+        items.append(_text(_code("BA-CLASS", "Classification"), report.classification))
+    items.append(_text(_code("BA-REFERENCE", "Reference"),
+                       f"{report.reference['name']} ({report.reference['version']})"))
+    if report.note:
+        items.append(_text(_code("BA-NOTE", "Note"), report.note))
+    if film is not None:
+        items.append(hd.sr.ImageContentItem(SOURCE, film.SOPClassUID, film.SOPInstanceUID,
+                                            relationship_type="CONTAINS"))
+    root = hd.sr.ContainerContentItem(_code("BA-REPORT", "Bone age estimation (research model)"))
+    root.ContentSequence = hd.sr.ContentSequence(items)
+    sr = hd.sr.ComprehensiveSR(
+        evidence=[_evidence(header, film)], content=root, series_instance_uid=generate_uid(uid_root),
+        series_number=SR_SERIES_NUMBER, sop_instance_uid=generate_uid(uid_root), instance_number=1,
+        manufacturer=MANUFACTURER, is_complete=True, is_final=False, is_verified=False,
+        record_evidence=film is not None, series_description="Bone age (research model, not for diagnosis)")
+    _copy_issuer(header, sr)
+    return sr
+
+
+def _model_container(sex: str, estimate: ModelEstimate, version: str, fallback: bool) -> hd.sr.ContainerContentItem:
+    low, high = interval_90(estimate.age_months, estimate.sigma_months)
+    name = f"BoneAgeNet trained on {'boys' if sex == 'male' else 'girls'}"
+    items: list[hd.sr.ContentItem] = [
+        _text(ALGORITHM_NAME, name + (" (the boys' model stands in: no girls' weights)" if fallback else "")),
+        _text(ALGORITHM_VERSION, version),
+        _num(_code("BA", "Bone age"), estimate.age_months, MONTHS),
+        _num(_code("BA-SD", "Standard deviation of bone age"), estimate.sigma_months, MONTHS),
+        _num(_code("BA-L90", "Lower limit of 90% interval"), low, MONTHS),
+        _num(_code("BA-U90", "Upper limit of 90% interval"), high, MONTHS),
+    ]
+    container = hd.sr.ContainerContentItem(MODEL_CONTAINERS[sex], relationship_type="CONTAINS")
+    container.ContentSequence = hd.sr.ContentSequence(items)
+    return container
+
+
+def _secondary_capture(header: Dataset, film: Dataset | None, uid_root: str,
+                       overlay_rgb: np.ndarray) -> hd.sc.SCImage:
+    pixels = _with_banner(overlay_rgb)
+    orientation = _patient_orientation(film)
+    sc = hd.sc.SCImage.from_ref_dataset(
+        _evidence(header, None), pixels, "RGB", 8, "PATIENT", series_instance_uid=generate_uid(uid_root),
+        series_number=SC_SERIES_NUMBER, sop_instance_uid=generate_uid(uid_root), instance_number=1,
+        manufacturer=MANUFACTURER, patient_orientation=orientation or ("L", "F"),
+        transfer_syntax_uid="1.2.840.10008.1.2.1")
+    if orientation is None:
+        del sc.PatientOrientation
+        sc.add_new("PatientOrientation", "CS", None)  # Type 2C, empty: the film did not say how it is oriented
+    sc.ImageType = ["DERIVED", "SECONDARY"]
+    sc.BurnedInAnnotation = "YES"
+    sc.SeriesDescription = "Bone age heatmap (research model, not for diagnosis)"
+    sc.DerivationDescription = "Grad-CAM heatmap of a research bone age model blended over the film"
+    sc.ImageComments = NOTICE
+    if film is not None:
+        source = Dataset()
+        source.ReferencedSOPClassUID, source.ReferencedSOPInstanceUID = film.SOPClassUID, film.SOPInstanceUID
+        sc.SourceImageSequence = [source]
+    _copy_issuer(header, sc)
+    return sc
+
+
+def _evidence(header: Dataset, film: Dataset | None) -> Dataset:
+    """The header, as the film itself for highdicom (it reads patient and study from its evidence)."""
+    evidence = Dataset()
+    evidence.update(header)
+    if film is not None:
+        evidence.SOPClassUID, evidence.SOPInstanceUID = film.SOPClassUID, film.SOPInstanceUID
+        evidence.SeriesInstanceUID = film.get("SeriesInstanceUID") or generate_uid()  # only read by highdicom
+    return evidence
+
+
+def _copy_issuer(header: Dataset, target: Dataset) -> None:
+    if "IssuerOfPatientID" in header:
+        target.IssuerOfPatientID = header.IssuerOfPatientID
+    if "StudyDescription" in header:
+        target.StudyDescription = header.StudyDescription
+
+
+def _patient_orientation(film: Dataset | None) -> tuple[str, str] | None:
+    """The film's Patient Orientation (the overlay has the film's orientation), when it names two directions."""
+    value = None if film is None else film.get("PatientOrientation")
+    if value is None or len(value) != 2 or not all(str(v) for v in value):
+        return None
+    try:
+        for v in value:
+            hd.enum.PatientOrientationValuesBiped(str(v)[0])
+    except ValueError:
+        return None
+    return str(value[0]), str(value[1])
+
+
+def _with_banner(rgb: np.ndarray) -> np.ndarray:
+    """The overlay under a black band that says it is for research only (burned in: viewers show it always)."""
+    width = rgb.shape[1]
+    scale = max(0.35, width / 1400)
+    thickness = max(1, round(scale * 2))
+    (text_w, text_h), base = cv2.getTextSize(SC_BANNER, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
+    if text_w > width - 8:  # a narrow film: shrink the text to fit
+        scale *= (width - 8) / text_w
+        (text_w, text_h), base = cv2.getTextSize(SC_BANNER, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
+    band = np.zeros((text_h + base + 12, width, 3), np.uint8)
+    cv2.putText(band, SC_BANNER, (4, text_h + 6), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thickness,
+                cv2.LINE_AA)
+    return np.ascontiguousarray(np.concatenate([band, rgb], axis=0))
+
+
+def _text(name: CodedConcept, value: str) -> hd.sr.TextContentItem:
+    return hd.sr.TextContentItem(name, value, relationship_type="CONTAINS")
+
+
+def _num(name: CodedConcept, value: float, unit: CodedConcept) -> hd.sr.NumContentItem:
+    return hd.sr.NumContentItem(name, round(float(value), DECIMALS), unit, relationship_type="CONTAINS")
+
+
+def _encode(dataset: Dataset) -> bytes:
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
