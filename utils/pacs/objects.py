@@ -165,10 +165,12 @@ def _structured_report(header: Dataset, film: Dataset | None, uid_root: str, sex
     root = hd.sr.ContainerContentItem(_code("BA-REPORT", "Bone age estimation (research model)"))
     root.ContentSequence = hd.sr.ContentSequence(items)
     sr = hd.sr.ComprehensiveSR(
-        evidence=[_evidence(header, film)], content=root, series_instance_uid=generate_uid(uid_root),
+        evidence=[_evidence(header, film, uid_root)], content=root, series_instance_uid=generate_uid(uid_root),
         series_number=SR_SERIES_NUMBER, sop_instance_uid=generate_uid(uid_root), instance_number=1,
         manufacturer=MANUFACTURER, is_complete=True, is_final=False, is_verified=False,
-        record_evidence=film is not None, series_description="Bone age (research model, not for diagnosis)")
+        series_description="Bone age (research model, not for diagnosis)")
+    if film is None:  # highdicom records any evidence of the same study; the stand-in above is no evidence
+        del sr.CurrentRequestedProcedureEvidenceSequence
     _copy_issuer(header, sr)
     return sr
 
@@ -194,7 +196,7 @@ def _secondary_capture(header: Dataset, film: Dataset | None, uid_root: str,
     pixels = _with_banner(overlay_rgb)
     orientation = _patient_orientation(film)
     sc = hd.sc.SCImage.from_ref_dataset(
-        _evidence(header, None), pixels, "RGB", 8, "PATIENT", series_instance_uid=generate_uid(uid_root),
+        _evidence(header, None, uid_root), pixels, "RGB", 8, "PATIENT", series_instance_uid=generate_uid(uid_root),
         series_number=SC_SERIES_NUMBER, sop_instance_uid=generate_uid(uid_root), instance_number=1,
         manufacturer=MANUFACTURER, patient_orientation=orientation or ("L", "F"),
         transfer_syntax_uid="1.2.840.10008.1.2.1")
@@ -214,13 +216,17 @@ def _secondary_capture(header: Dataset, film: Dataset | None, uid_root: str,
     return sc
 
 
-def _evidence(header: Dataset, film: Dataset | None) -> Dataset:
-    """The header, as the film itself for highdicom (it reads patient and study from its evidence)."""
+def _evidence(header: Dataset, film: Dataset | None, uid_root: str) -> Dataset:
+    """The header, as the film itself for highdicom (it reads patient and study from its evidence). Without a
+    film the SOP and series UIDs are new ones that nothing records (`record_evidence=False`)."""
     evidence = Dataset()
     evidence.update(header)
     if film is not None:
         evidence.SOPClassUID, evidence.SOPInstanceUID = film.SOPClassUID, film.SOPInstanceUID
-        evidence.SeriesInstanceUID = film.get("SeriesInstanceUID") or generate_uid()  # only read by highdicom
+        evidence.SeriesInstanceUID = film.get("SeriesInstanceUID") or generate_uid(uid_root)
+    else:
+        evidence.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture: a film that came as a picture
+        evidence.SOPInstanceUID, evidence.SeriesInstanceUID = generate_uid(uid_root), generate_uid(uid_root)
     return evidence
 
 

@@ -1,0 +1,72 @@
+"""A real DICOM storage SCP for the tests (pynetdicom, loopback): records what it stores, can refuse, can go down."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import ComprehensiveSRStorage, SecondaryCaptureImageStorage  # type: ignore[attr-defined]
+
+AE_TITLE = "TESTPACS"
+OUT_OF_RESOURCES = 0xA700
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class StorageSCP:
+    """A PACS stand-in on `port`: `start`/`stop` it; `status` is what it answers to C-STORE (0 = stored)."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.status = 0x0000
+        self.stored: list[Dataset] = []  # accepted objects, in order
+        self.refused: list[str] = []  # SOP Instance UIDs refused
+        self.calling_ae_titles: list[str] = []
+        self._lock = threading.Lock()
+        self._server: Any = None
+
+    def start(self) -> StorageSCP:
+        ae = AE(ae_title=AE_TITLE)
+        for sop_class in (ComprehensiveSRStorage, SecondaryCaptureImageStorage):
+            ae.add_supported_context(sop_class)
+        self._server = ae.start_server(("127.0.0.1", self.port), block=False,
+                                       evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    def _on_store(self, event: Any) -> int:
+        dataset = event.dataset
+        dataset.file_meta = event.file_meta
+        with self._lock:
+            self.calling_ae_titles.append(str(event.assoc.requestor.ae_title))
+            if self.status != 0x0000:
+                self.refused.append(str(dataset.SOPInstanceUID))
+                return self.status
+            self.stored.append(dataset)
+        return 0x0000
+
+    def stored_uids(self) -> list[str]:
+        with self._lock:
+            return [str(d.SOPInstanceUID) for d in self.stored]
+
+    def wait_for(self, condition: Callable[[StorageSCP], bool], timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if condition(self):
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"the SCP did not see what was expected within {timeout} s: stored "
+                             f"{self.stored_uids()}, refused {self.refused}")

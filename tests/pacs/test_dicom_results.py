@@ -1,0 +1,237 @@
+"""The DICOM results of a prediction, through the real app: the Structured Report and Secondary Capture written for
+a real test film in DICOM, read back with pydicom and highdicom, against the JSON response and the upload."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from dicom_films import gray, make_dicom
+from fastapi.testclient import TestClient
+from helpers import TEST20, make_settings, png_bytes, post_image, running_app, stored_files
+from PIL import Image
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+
+from utils.config import Settings
+
+FILM = TEST20 / "4360.png"
+UID_ROOT = "1.2.826.0.1.3680043.10.1234."
+COMPREHENSIVE_SR = UID("1.2.840.10008.5.1.4.1.1.88.33")
+SECONDARY_CAPTURE = UID("1.2.840.10008.5.1.4.1.1.7")
+STUDY_TAGS = {"AccessionNumber": "ACC-4711", "StudyDate": "20240102", "StudyTime": "101500", "StudyID": "S-17",
+              "ReferringPhysicianName": "Referrer^Identifying"}
+
+
+@pytest.fixture(scope="module")
+def film_dicom() -> bytes:
+    return make_dicom(gray(FILM), sex="M", tags=STUDY_TAGS)
+
+
+@pytest.fixture(scope="module")
+def app_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    return make_settings(tmp_path_factory.mktemp("dicom-results"), dicom_uid_root=UID_ROOT)
+
+
+@pytest.fixture(scope="module")
+def client(app_settings: Settings) -> Iterator[TestClient]:
+    with running_app(app_settings) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def for_all_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    return make_settings(tmp_path_factory.mktemp("dicom-for-all"), dicom_for_all=True)
+
+
+@pytest.fixture(scope="module")
+def for_all_client(for_all_settings: Settings) -> Iterator[TestClient]:
+    with running_app(for_all_settings) as client:
+        yield client
+
+
+def post_dicom(client: TestClient, data: bytes, patient_id: str, sex: str | None = None) -> dict[str, Any]:
+    response = post_image(client, data, patient_id, sex, filename="film.dcm", content_type="application/dicom")
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def fetch_dicom(client: TestClient, url: str) -> Dataset:
+    response = client.get(url)
+    assert response.status_code == 200 and response.headers["content-type"] == "application/dicom"
+    return pydicom.dcmread(io.BytesIO(response.content))
+
+
+def content_tree(items: Any, prefix: str = "") -> dict[str, Any]:
+    """{"Container/Concept": value} of an SR content sequence: numbers, texts and image references."""
+    tree: dict[str, Any] = {}
+    for item in items:
+        name = prefix + item.ConceptNameCodeSequence[0].CodeMeaning
+        if item.ValueType == "NUM":
+            tree[name] = float(item.MeasuredValueSequence[0].NumericValue)
+            tree[name + " [unit]"] = item.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue
+        elif item.ValueType == "TEXT":
+            tree[name] = str(item.TextValue)
+        elif item.ValueType == "IMAGE":
+            tree[name] = str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+        elif item.ValueType == "CONTAINER":
+            tree.update(content_tree(item.ContentSequence, name + "/"))
+    return tree
+
+
+def assert_patient_module_from(obj: Dataset, film: Dataset) -> None:
+    """Every patient element (group 0010) of `obj` is the film's own, and the film's are all there."""
+    ours = {elem.keyword: elem.value for elem in obj if elem.tag.group == 0x0010}
+    assert ours, "the object has no patient module"
+    for keyword, value in ours.items():
+        assert keyword in film, f"{keyword} was not in the upload"
+        assert value == film[keyword].value, keyword
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex"):
+        assert keyword in ours
+
+
+def test_dicom_film_gets_an_sr_with_the_responses_numbers_in_its_own_study(client: TestClient,
+                                                                            film_dicom: bytes) -> None:
+    body = post_dicom(client, film_dicom, "P-sr", sex="male")
+    film = pydicom.dcmread(io.BytesIO(film_dicom))
+    assert body["dicom"]["pacs"] is None  # no PACS configured
+    sr = fetch_dicom(client, body["dicom"]["report_url"])
+
+    assert sr.SOPClassUID == COMPREHENSIVE_SR and sr.Modality == "SR"
+    assert sr.StudyInstanceUID == film.StudyInstanceUID
+    for keyword, value in STUDY_TAGS.items():
+        assert str(sr[keyword].value) == value, keyword
+    assert_patient_module_from(sr, film)
+    assert sr.SeriesInstanceUID.startswith(UID_ROOT) and sr.SOPInstanceUID.startswith(UID_ROOT)
+    assert sr.SeriesInstanceUID != film.SeriesInstanceUID
+    evidence = sr.CurrentRequestedProcedureEvidenceSequence[0]
+    assert evidence.StudyInstanceUID == film.StudyInstanceUID
+    referenced = evidence.ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert (referenced.ReferencedSOPClassUID, referenced.ReferencedSOPInstanceUID) == (film.SOPClassUID,
+                                                                                       film.SOPInstanceUID)
+
+    tree = content_tree(sr.ContentSequence)
+    assert tree["Source of Measurement"] == film.SOPInstanceUID
+    assert "not a medical device" in tree["Comment"]
+    assert tree["Sex the estimate applies to"] == "male"
+    for sex, container in (("male", "Estimate of the model trained on boys"),
+                           ("female", "Estimate of the model trained on girls")):
+        estimate = body[f"{sex}_prediction"]
+        assert tree[f"{container}/Bone age"] == estimate["age_months"]
+        assert tree[f"{container}/Bone age [unit]"] == "mo"
+        assert tree[f"{container}/Standard deviation of bone age"] == estimate["sigma_months"]
+        assert tree[f"{container}/Lower limit of 90% interval"] == estimate["interval_90"]["low_months"]
+        assert tree[f"{container}/Upper limit of 90% interval"] == estimate["interval_90"]["high_months"]
+        assert tree[f"{container}/Algorithm Version"] == estimate["model_version"]
+    report = body["report"]
+    assert report["chronological_age_months"] is not None  # from the birth and study dates
+    assert tree["Applicable bone age"] == report["bone_age_months"] == body["male_prediction"]["age_months"]
+    assert tree["Chronological age"] == report["chronological_age_months"]
+    assert tree["Chronological age source"] == "dicom"
+    assert tree["Bone age minus chronological age"] == report["difference_months"]
+    assert tree["Lower limit of 90% interval of the difference"] == report["difference_interval_90"]["low_months"]
+    assert tree["Bone age standard deviation score"] == pytest.approx(report["sds"], abs=0.005)
+    assert tree["Classification"] == report["classification"]
+
+    parsed = hd.sr.srread(io.BytesIO(client.get(body["dicom"]["report_url"]).content))
+    assert isinstance(parsed, hd.sr.ComprehensiveSR)
+    assert len(parsed.ContentSequence) == len(sr.ContentSequence)
+    # /results lists the same objects
+    listed = client.get("/results/P-sr").json()["predictions"][0]
+    assert listed["dicom"] == body["dicom"]
+
+
+def test_dicom_film_gets_a_secondary_capture_of_the_heatmap_labelled_not_for_diagnosis(
+        client: TestClient, film_dicom: bytes) -> None:
+    body = post_dicom(client, film_dicom, "P-sc", sex="male")
+    film = pydicom.dcmread(io.BytesIO(film_dicom))
+    sc = fetch_dicom(client, body["dicom"]["heatmap_url"])
+    assert sc.SOPClassUID == SECONDARY_CAPTURE
+    assert sc.StudyInstanceUID == film.StudyInstanceUID
+    assert_patient_module_from(sc, film)
+    assert sc.SOPInstanceUID.startswith(UID_ROOT)
+    assert list(sc.ImageType)[:2] == ["DERIVED", "SECONDARY"] and sc.BurnedInAnnotation == "YES"
+    assert "not for diagnosis" in sc.SeriesDescription
+    source = sc.SourceImageSequence[0]
+    assert (source.ReferencedSOPClassUID, source.ReferencedSOPInstanceUID) == (film.SOPClassUID, film.SOPInstanceUID)
+    assert sc.PhotometricInterpretation == "RGB" and sc.SamplesPerPixel == 3
+    # The applicable (boys') overlay under the banner: same pixels as the PNG the response names.
+    overlay = np.asarray(Image.open(io.BytesIO(client.get(body["male_prediction"]["gradcam_url"]).content)))
+    pixels = sc.pixel_array
+    assert pixels.shape[1] == overlay.shape[1] and pixels.shape[0] > overlay.shape[0]
+    assert np.array_equal(pixels[-overlay.shape[0]:], overlay)
+
+
+def test_unknown_sex_shows_both_overlays_side_by_side(client: TestClient, film_dicom: bytes) -> None:
+    body = post_dicom(client, make_dicom(gray(FILM)), "P-unknown")  # no sex in the form or the DICOM
+    assert body["sex"] == "unknown"
+    sc = fetch_dicom(client, body["dicom"]["heatmap_url"])
+    male = np.asarray(Image.open(io.BytesIO(client.get(body["male_prediction"]["gradcam_url"]).content)))
+    female = np.asarray(Image.open(io.BytesIO(client.get(body["female_prediction"]["gradcam_url"]).content)))
+    pixels = sc.pixel_array[-male.shape[0]:]
+    assert np.array_equal(pixels[:, :male.shape[1]], male)
+    assert np.array_equal(pixels[:, -female.shape[1]:], female)
+    tree = content_tree(fetch_dicom(client, body["dicom"]["report_url"]).ContentSequence)
+    assert "Applicable bone age" not in tree and tree["Note"] == body["report"]["note"]
+
+
+def test_png_upload_gets_no_dicom_results_by_default(client: TestClient, app_settings: Settings) -> None:
+    response = post_image(client, FILM.read_bytes(), "P-png", "female")
+    assert response.status_code == 200 and response.json()["dicom"] is None
+    assert not [p for p in stored_files(app_settings) if "P-png" in p.parts and p.suffix == ".dcm"]
+
+
+def test_dicom_without_study_instance_uid_is_predicted_without_dicom_results(client: TestClient) -> None:
+    body = post_dicom(client, make_dicom(gray(FILM), sex="F", tags={"StudyInstanceUID": ""}), "P-nostudy")
+    assert body["dicom"] is None and body["female_prediction"]["age_months"] > 0
+
+
+def test_for_all_gives_a_png_results_in_a_new_study_with_placeholders(for_all_client: TestClient) -> None:
+    response = post_image(for_all_client, FILM.read_bytes(), "P-png-all", "female")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["dicom"]["pacs"] is None
+    sr = fetch_dicom(for_all_client, body["dicom"]["report_url"])
+    sc = fetch_dicom(for_all_client, body["dicom"]["heatmap_url"])
+    assert sr.StudyInstanceUID == sc.StudyInstanceUID  # one new study for both
+    assert sr.PatientID == "P-png-all" and str(sr.PatientName) == "" and sr.PatientBirthDate == ""
+    assert sr.PatientSex == "F"
+    tree = content_tree(sr.ContentSequence)
+    assert "Source of Measurement" not in tree  # nothing to reference
+    assert "CurrentRequestedProcedureEvidenceSequence" not in sr
+    assert tree["Estimate of the model trained on girls/Bone age"] == body["female_prediction"]["age_months"]
+
+
+def test_for_all_gives_a_dicom_without_study_a_new_one(for_all_client: TestClient) -> None:
+    data = make_dicom(gray(FILM), sex="F", tags={"StudyInstanceUID": ""})
+    body = post_dicom(for_all_client, data, "P-nostudy-all")
+    sr = fetch_dicom(for_all_client, body["dicom"]["report_url"])
+    assert sr.StudyInstanceUID and sr.PatientID == "P-nostudy-all"  # placeholders, not the upload's patient
+
+
+def test_colour_photo_in_dicom_is_refused_and_nothing_is_written(for_all_client: TestClient,
+                                                                 for_all_settings: Settings) -> None:
+    rng = np.random.default_rng(3)
+    photo = np.zeros((300, 400, 3), np.uint8)
+    photo[...] = (60, 140, 230)
+    photo[200:] = (40, 160, 50)
+    photo = np.clip(photo + rng.normal(0, 12, photo.shape), 0, 255).astype(np.uint8)
+    before = stored_files(for_all_settings)
+    response = post_image(for_all_client, make_dicom(photo, samples=3, photometric="RGB"), "P-photo",
+                          filename="photo.dcm", content_type="application/dicom")
+    assert response.status_code == 422
+    assert stored_files(for_all_settings) == before
+    png = post_image(for_all_client, png_bytes(Image.fromarray(photo)), "P-photo")
+    assert png.status_code == 422 and stored_files(for_all_settings) == before
+
+
+def test_uid_root_must_be_dotted_digits(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="dicom_uid_root"):
+        make_settings(tmp_path, dicom_uid_root="1.2.abc.")

@@ -1,0 +1,209 @@
+"""Sending the DICOM results to a PACS: a real pynetdicom storage SCP on a loopback port, the real app.
+
+The SCP receives both objects after a prediction; with the SCP down the send waits and is delivered once it is up,
+also across a service restart; a refusing SCP (0xA700) leads to retries and a clear state, never a lost result;
+every object is stored once. The claims and the back-off are also checked on their own, on both database engines.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from dicom_films import gray, make_dicom
+from dicom_scp import AE_TITLE, OUT_OF_RESOURCES, StorageSCP
+from fastapi.testclient import TestClient
+from helpers import TEST20, make_settings, post_image, running_app
+
+from database import crud
+from database.db import Database
+from database.models import PacsSend, Prediction
+from utils.config import Settings
+from utils.pacs.policy import PacsDestination
+from utils.pacs.sender import PacsSender
+
+FILM = TEST20 / "4360.png"
+
+
+@pytest.fixture(scope="module")
+def film_dicom() -> bytes:
+    return make_dicom(gray(FILM), sex="F")
+
+
+@pytest.fixture
+def scp() -> Iterator[StorageSCP]:
+    server = StorageSCP()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def pacs_settings(tmp: Path, scp: StorageSCP, **overrides: Any) -> Settings:
+    return make_settings(tmp, pacs_host="127.0.0.1", pacs_port=scp.port, pacs_ae_title=AE_TITLE,
+                         ae_title="BONEAGE-TEST", pacs_retry_seconds=0.2, pacs_retry_max_seconds=0.5,
+                         pacs_timeout_seconds=3, **overrides)
+
+
+def post_dicom(client: TestClient, data: bytes, patient_id: str) -> dict[str, Any]:
+    response = post_image(client, data, patient_id, filename="film.dcm", content_type="application/dicom")
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def wait_for_pacs_state(client: TestClient, patient_id: str, done: Callable[[dict[str, Any]], bool],
+                        timeout: float = 30.0) -> dict[str, Any]:
+    """Poll /results until the latest prediction's `dicom.pacs` satisfies `done`; returns it."""
+    deadline = time.monotonic() + timeout
+    pacs: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        pacs = client.get(f"/results/{patient_id}").json()["predictions"][0]["dicom"]["pacs"]
+        if done(pacs):
+            return pacs
+        time.sleep(0.05)
+    raise AssertionError(f"PACS state not reached within {timeout} s: {pacs}")
+
+
+def stored_uids(client: TestClient, body: dict[str, Any]) -> set[str]:
+    """The SOP Instance UIDs of the SR and SC the service stored for a prediction."""
+    return {pydicom.dcmread(io.BytesIO(client.get(body["dicom"][key]).content)).SOPInstanceUID
+            for key in ("report_url", "heatmap_url")}
+
+
+def test_the_pacs_receives_both_objects_after_a_dicom_prediction(tmp_path: Path, scp: StorageSCP,
+                                                                 film_dicom: bytes) -> None:
+    scp.start()
+    with running_app(pacs_settings(tmp_path, scp)) as client:
+        body = post_dicom(client, film_dicom, "P-pacs")
+        assert body["dicom"]["pacs"]["state"] in ("pending", "sent")
+        assert body["dicom"]["pacs"]["destination"] == f"{AE_TITLE}@127.0.0.1:{scp.port}"
+        scp.wait_for(lambda s: len(s.stored) == 2)
+        pacs = wait_for_pacs_state(client, "P-pacs", lambda p: p["state"] == "sent")
+        assert pacs["attempts"] == 2 and pacs["last_error"] is None and pacs["sent_at"] is not None
+        assert set(scp.stored_uids()) == stored_uids(client, body)
+        assert {d.SOPClassUID.name for d in scp.stored} == {"Comprehensive SR Storage",
+                                                           "Secondary Capture Image Storage"}
+        assert set(scp.calling_ae_titles) == {"BONEAGE-TEST"}
+        health = client.get("/health").json()
+        assert health["pacs"] == "ok" and health["pacs_backlog"] == 0 and "pacs" not in health["failing"]
+        # a PNG is never sent, even with BONEAGE_DICOM_FOR_ALL off (no DICOM results at all)
+        png = post_image(client, FILM.read_bytes(), "P-pacs-png", "female").json()
+        assert png["dicom"] is None
+    assert len(scp.stored) == 2
+
+
+def test_with_the_pacs_down_the_send_waits_and_is_delivered_once_it_is_up_also_after_a_restart(
+        tmp_path: Path, scp: StorageSCP, film_dicom: bytes) -> None:
+    settings = pacs_settings(tmp_path, scp)
+    with running_app(settings) as client:
+        body = post_dicom(client, film_dicom, "P-down")
+        pacs = wait_for_pacs_state(client, "P-down", lambda p: p["state"] == "retrying" and p["attempts"] >= 4)
+        assert "unreachable" in pacs["last_error"] and pacs["next_attempt_at"] is not None
+        health = client.get("/health").json()
+        assert health["status"] == "degraded" and "pacs" in health["failing"]
+        assert health["pacs"].startswith("failing") and health["pacs_backlog"] == 2
+        uids = stored_uids(client, body)
+    scp.start()  # the PACS comes up while the service is down
+    with running_app(settings) as client:
+        scp.wait_for(lambda s: len(s.stored) == 2)
+        pacs = wait_for_pacs_state(client, "P-down", lambda p: p["state"] == "sent")
+        assert pacs["last_error"] is None
+        time.sleep(1.0)  # several retry periods: nothing is sent again
+    assert Counter(scp.stored_uids()) == {uid: 1 for uid in uids}
+
+
+def test_a_refusing_pacs_leads_to_retries_and_a_clear_state_then_delivery(tmp_path: Path, scp: StorageSCP,
+                                                                         film_dicom: bytes) -> None:
+    scp.status = OUT_OF_RESOURCES
+    scp.start()
+    with running_app(pacs_settings(tmp_path, scp)) as client:
+        body = post_dicom(client, film_dicom, "P-refused")
+        scp.wait_for(lambda s: len(s.refused) >= 4)  # both objects, twice each at least
+        pacs = wait_for_pacs_state(client, "P-refused", lambda p: p["state"] == "retrying")
+        assert "0xA700" in pacs["last_error"] and "refused" in pacs["last_error"]
+        assert client.get("/health").json()["pacs"].startswith("failing")
+        scp.status = 0x0000  # resources freed
+        scp.wait_for(lambda s: len(s.stored) == 2)
+        pacs = wait_for_pacs_state(client, "P-refused", lambda p: p["state"] == "sent")
+        assert pacs["attempts"] >= 4
+        assert Counter(scp.stored_uids()) == {uid: 1 for uid in stored_uids(client, body)}
+
+
+def test_a_bad_pacs_setting_stops_the_start(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="BONEAGE_PACS_AE_TITLE"):
+        make_settings(tmp_path, pacs_host="pacs.example", pacs_port=104)
+
+
+# --- the sender's rules on their own ---------------------------------------------------------------------------
+
+T0 = dt.datetime(2026, 11, 28, 9, 0, tzinfo=dt.UTC)
+DESTINATION = PacsDestination("127.0.0.1", 1, "PACS", "BONEAGE", 1.0)
+
+
+def prediction_with_sends(i: int, destination: str = DESTINATION.label) -> Prediction:
+    folder = f"patients/P{i}/pred-{i:03d}"
+    return Prediction(
+        id=f"pred-{i:03d}", patient_id=f"P{i}", created_at=T0, image_path=f"{folder}/original.dcm",
+        image_sha256="0" * 64, image_width=100, image_height=100, sex_used="male", sex_source="form",
+        male_age_months=100.0, male_sigma_months=10.0, male_group_probs="[1, 0, 0, 0]",
+        male_gradcam_path=f"{folder}/m.png", male_model_version="m", female_age_months=90.0,
+        female_sigma_months=10.0, female_group_probs="[1, 0, 0, 0]", female_gradcam_path=f"{folder}/f.png",
+        female_model_version="f", dicom_report_path=f"{folder}/report.dcm", dicom_heatmap_path=f"{folder}/heatmap.dcm",
+        pacs_sends=[PacsSend(file_path=f"{folder}/{name}", sop_instance_uid=f"1.2.3.{i}.{n}", destination=destination,
+                             created_at=T0, attempts=0, next_attempt_at=T0)
+                    for n, name in enumerate(("report.dcm", "heatmap.dcm"))])
+
+
+@pytest.fixture
+def database(database_url: str) -> Database:
+    database = Database(database_url)
+    database.upgrade_schema()
+    for i in range(6):
+        with database.session() as session:
+            crud.add_prediction(session, prediction_with_sends(i))
+    with database.session() as session:
+        crud.add_prediction(session, prediction_with_sends(99, "OTHER@elsewhere:104"))
+    return database
+
+
+def claim(database: Database, claimer: str, limit: int, now: dt.datetime = T0) -> list[int]:
+    with database.session() as session:
+        return [s.id for s in crud.claim_due_sends(session, claimer, DESTINATION.label, now,
+                                                   now + dt.timedelta(minutes=2), limit)]
+
+
+def test_two_senders_claim_disjoint_objects_of_their_destination_only(database: Database) -> None:
+    first, second = claim(database, "a:1", 5), claim(database, "b:2", 100)
+    assert len(first) == 5 and len(second) == 7 and not set(first) & set(second)
+    assert claim(database, "c:3", 100) == []  # all held; the other destination's are never claimed
+    with database.session() as session:
+        assert crud.next_send_due(session, DESTINATION.label, T0) == T0 + dt.timedelta(minutes=2)  # a lease's end
+        assert crud.pacs_backlog(session) == (14, 0, T0)
+
+
+def test_a_failure_waits_for_its_back_off_and_a_sent_object_is_never_claimed_again(database: Database) -> None:
+    ids = claim(database, "a:1", 2)
+    with database.session() as session:
+        crud.record_send_failure(session, ids[0], "refused", T0 + dt.timedelta(seconds=30))
+        crud.mark_sent(session, ids[1], T0)
+    later = claim(database, "b:2", 100, now=T0 + dt.timedelta(seconds=1))
+    assert ids[0] not in later and ids[1] not in later  # one waits for its retry, one is done
+    with database.session() as session:
+        crud.release_sends(session, later)
+        waiting, failed, _ = crud.pacs_backlog(session)
+    assert (waiting, failed) == (13, 1)
+    assert ids[0] in claim(database, "c:3", 100, now=T0 + dt.timedelta(seconds=31))
+
+
+def test_back_off_doubles_from_the_retry_setting_up_to_the_maximum(tmp_path: Path) -> None:
+    sender = PacsSender(DESTINATION, Database(f"sqlite:///{tmp_path / 'x.db'}"), tmp_path, retry_seconds=10,
+                        retry_max_seconds=60)
+    assert [sender.backoff(n).total_seconds() for n in range(1, 6)] == [10, 20, 40, 60, 60]
