@@ -85,6 +85,11 @@ class Settings(BaseSettings):
     pacs_lease_seconds: float = Field(
         120.0, gt=0, description="how long a process's claim on objects to send lasts if it dies while sending")
 
+    scp_host: str = Field("127.0.0.1", description="where the storage SCP (python -m utils.pacs.receiver) listens")
+    scp_port: int = Field(11112, ge=1, le=65535, description="port of the storage SCP")
+    scp_service_url: str = Field("", description="the service the storage SCP posts films to "
+                                 "(default http://<BONEAGE_HOST>:<BONEAGE_PORT>)")
+
     @model_validator(mode="after")
     def _pacs_all_or_nothing(self) -> Settings:
         given = {"BONEAGE_PACS_HOST": self.pacs_host, "BONEAGE_PACS_PORT": self.pacs_port,

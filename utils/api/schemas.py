@@ -215,7 +215,8 @@ def prediction_response(p: Prediction) -> PredictionResponse:
         female_prediction=_model_prediction(p.female_age_months, p.female_sigma_months, p.female_group_probs,
                                             p.female_model_version, p.female_gradcam_path),
         female_model_fallback=p.female_fallback, original_url=f"/storage/{p.image_path}",
-        original_path=p.image_path, film_url=_film_url(p), dicom=_dicom_outputs(p), report=Report.model_validate(report_of(p).to_dict()),
+        original_path=p.image_path, film_url=_film_url(p), dicom=_dicom_outputs(p),
+        report=Report.model_validate(report_of(p).to_dict()),
         image_sha256=p.image_sha256, timestamp=p.created_at,
     )
 

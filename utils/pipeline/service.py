@@ -23,7 +23,6 @@ from storage.store import DICOM_FILM_PNG, GRADCAM_PNG, PatientStore, check_patie
 from utils.config import MAX_CHRONOLOGICAL_AGE_MONTHS
 from utils.errors import InvalidImage, InvalidInput, PatientNotFound
 from utils.imaging import DecodedImage, UploadLimits, decode_upload
-from utils.pipeline.draft import PredictionDraft
 from utils.pacs.objects import (
     HEATMAP_FILE,
     REPORT_FILE,
@@ -35,6 +34,7 @@ from utils.pacs.objects import (
 )
 from utils.pacs.policy import DicomPolicy
 from utils.pacs.sender import PacsSender
+from utils.pipeline.draft import PredictionDraft
 from utils.pipeline.heatmap import encode_png, film_background, film_png, overlay
 from utils.pipeline.model_pool import ModelPool
 from utils.report.clinical import build_report

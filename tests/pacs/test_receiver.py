@@ -1,0 +1,107 @@
+"""The storage SCP beside the service: a film sent with C-STORE (a real pynetdicom SCU) is predicted by the real app
+and its DICOM results reach the PACS (a real SCP); refused films are set aside with the reason; while the service
+is unreachable, films wait in the inbox and nothing is lost."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pydicom
+import pytest
+from dicom_films import gray, make_dicom
+from dicom_scp import AE_TITLE, StorageSCP, free_port
+from fastapi.testclient import TestClient
+from helpers import TEST20, make_settings, running_app
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation  # type: ignore[attr-defined]
+
+from utils.pacs.receiver import UNKNOWN_PATIENT, Forwarder, Inbox, Receiver, patient_id_of
+
+FILM = TEST20 / "4360.png"
+RECEIVER_AE = "BONEAGE-SCP"
+
+
+def c_store(port: int, data: bytes) -> int:
+    """Send a DICOM file to the receiver as a modality would; the C-STORE status."""
+    dataset = pydicom.dcmread(io.BytesIO(data))
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(DigitalXRayImageStorageForPresentation, dataset.file_meta.TransferSyntaxUID)
+    association = ae.associate("127.0.0.1", port, ae_title=RECEIVER_AE)
+    assert association.is_established
+    try:
+        status = association.send_c_store(dataset)
+    finally:
+        association.release()
+    return int(status.Status)
+
+
+@pytest.fixture
+def pacs() -> Iterator[StorageSCP]:
+    server = StorageSCP().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_a_film_sent_to_the_receiver_is_predicted_and_its_results_reach_the_pacs(tmp_path: Path,
+                                                                                 pacs: StorageSCP) -> None:
+    settings = make_settings(tmp_path, pacs_host="127.0.0.1", pacs_port=pacs.port, pacs_ae_title=AE_TITLE,
+                             pacs_retry_seconds=0.2, pacs_retry_max_seconds=0.5)
+    film = make_dicom(gray(FILM), sex="M", tags={"PatientID": "MRN 0042/7"})
+    photo = np.zeros((300, 400, 3), np.uint8)
+    photo[...] = (60, 140, 230)
+    photo = np.clip(photo + np.random.default_rng(4).normal(0, 12, photo.shape), 0, 255).astype(np.uint8)
+    colour = make_dicom(photo, samples=3, photometric="RGB")
+    inbox = Inbox(tmp_path / "inbox")
+    port = free_port()
+    with running_app(settings) as client:
+        receiver = Receiver(inbox, Forwarder(inbox, client, retry_seconds=0.2), RECEIVER_AE)
+        receiver.start("127.0.0.1", port)
+        try:
+            assert c_store(port, film) == 0x0000
+            assert c_store(port, colour) == 0x0000  # accepted, then refused by the service
+            pacs.wait_for(lambda s: len(s.stored) == 2, timeout=60)
+        finally:
+            receiver.stop()
+        results = client.get("/results/MRN_0042_7").json()
+        assert len(results["predictions"]) == 1 and results["predictions"][0]["sex"] == "male"
+    sent = {str(d.SOPClassUID.name): d for d in pacs.stored}
+    source = pydicom.dcmread(io.BytesIO(film))
+    sr = sent["Comprehensive SR Storage"]
+    assert sr.StudyInstanceUID == source.StudyInstanceUID and sr.PatientID == "MRN 0042/7"
+    assert sent["Secondary Capture Image Storage"].SourceImageSequence[0].ReferencedSOPInstanceUID == \
+        source.SOPInstanceUID
+    assert inbox.waiting() == []
+    reasons = list(inbox.refused_dir.glob("*.reason.txt"))
+    assert len(reasons) == 1 and reasons[0].read_text().startswith("422") and "colour" in reasons[0].read_text()
+
+
+def test_films_wait_in_the_inbox_while_the_service_is_unreachable(tmp_path: Path, client: TestClient) -> None:
+    inbox = Inbox(tmp_path / "inbox")
+    dataset = pydicom.dcmread(io.BytesIO(make_dicom(gray(FILM), sex="F")))
+    inbox.put(dataset)
+    with httpx.Client(base_url=f"http://127.0.0.1:{free_port()}") as down:
+        assert Forwarder(inbox, down).forward_waiting() is False
+    assert len(inbox.waiting()) == 1  # kept
+    assert Forwarder(inbox, client).forward_waiting() is True
+    assert inbox.waiting() == [] and list(inbox.refused_dir.iterdir()) == []
+    assert client.get(f"/results/{patient_id_of(dataset)}").status_code == 200
+
+
+def test_patient_ids_are_made_safe_for_the_service() -> None:
+    def with_id(value: str | None) -> Dataset:
+        dataset = Dataset()
+        if value is not None:
+            dataset.PatientID = value
+        return dataset
+
+    assert patient_id_of(with_id("MRN-98765")) == "MRN-98765"
+    assert patient_id_of(with_id("..a b/c^d")) == "a_b_c_d"
+    assert patient_id_of(with_id("x" * 80)) == "x" * 64
+    assert patient_id_of(with_id(None)) == patient_id_of(with_id("  ")) == UNKNOWN_PATIENT

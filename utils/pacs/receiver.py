@@ -1,0 +1,219 @@
+"""A DICOM storage SCP beside the service: hand films sent by a modality or PACS go through the same pipeline.
+
+    python -m utils.pacs.receiver            # listens on BONEAGE_SCP_HOST:BONEAGE_SCP_PORT as BONEAGE_AE_TITLE
+
+Each film received with C-STORE is written to an inbox folder (temporary file, fsync, rename) before the C-STORE
+is answered, so an accepted film is never lost. A forwarder thread posts the inbox's films to the service's
+`POST /predict` (`BONEAGE_SCP_SERVICE_URL`, with the first of `BONEAGE_API_KEYS`), as the patient of the film's
+Patient ID, and deletes each once the service stored its prediction; the service, run with `BONEAGE_PACS_*`, then
+sends the DICOM results back. A film the service refuses (4xx: not a hand radiograph, colour, unreadable) moves to
+`refused/` with the reason beside it; while the service is unreachable or busy (5xx), the films wait and are retried.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
+from pynetdicom._globals import ALL_TRANSFER_SYNTAXES
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+    SecondaryCaptureImageStorage,
+)
+from pynetdicom.transport import ThreadedAssociationServer
+
+from utils.config import Settings
+
+logger = logging.getLogger(__name__)
+logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # its INFO and DEBUG logs can quote patient data
+
+# The image SOP classes a hand film comes as.
+FILM_CLASSES = (ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation,
+                DigitalXRayImageStorageForProcessing, SecondaryCaptureImageStorage)
+OUT_OF_RESOURCES = 0xA700
+NOT_A_PATIENT_ID_CHARACTER = re.compile(r"[^A-Za-z0-9._-]")
+UNKNOWN_PATIENT = "unknown-patient"
+
+
+def patient_id_of(dataset: Dataset) -> str:
+    """The service's patient id for a film: its Patient ID with every character the service does not allow in an id
+    replaced by `_` (64 at most, no leading dot); `unknown-patient` when it has none."""
+    value = NOT_A_PATIENT_ID_CHARACTER.sub("_", str(dataset.get("PatientID", "") or "").strip()).lstrip(".")
+    return value[:64] or UNKNOWN_PATIENT
+
+
+class Inbox:
+    """Received films waiting for the service (`<root>/*.dcm`), and those it refused (`<root>/refused/`)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.refused_dir = root / "refused"
+        self.refused_dir.mkdir(parents=True, exist_ok=True)
+
+    def put(self, dataset: Dataset) -> Path:
+        """Write a received film durably; its name sorts by arrival."""
+        name = f"{time.time_ns():020d}-{NOT_A_PATIENT_ID_CHARACTER.sub('_', str(dataset.SOPInstanceUID))}.dcm"
+        with tempfile.NamedTemporaryFile(dir=self.root, prefix=".incoming-", delete=False) as f:
+            dataset.save_as(f, enforce_file_format=True)
+            f.flush()
+            os.fsync(f.fileno())
+        target = self.root / name
+        os.rename(f.name, target)
+        return target
+
+    def waiting(self) -> list[Path]:
+        """Films not yet taken by the service, oldest first."""
+        return sorted(self.root.glob("*.dcm"))
+
+    def refuse(self, film: Path, reason: str) -> None:
+        (self.refused_dir / f"{film.name}.reason.txt").write_text(reason + "\n")
+        shutil.move(film, self.refused_dir / film.name)
+
+
+class Forwarder:
+    """Posts the inbox's films to the service, oldest first; `forward_waiting` is one round."""
+
+    def __init__(self, inbox: Inbox, client: httpx.Client, retry_seconds: float = 10.0) -> None:
+        self.inbox = inbox
+        self.client = client
+        self.retry_seconds = retry_seconds
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="scp-forwarder", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=30)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def forward_waiting(self) -> bool:
+        """Post every waiting film; False when the service could not take one now (the rest waits)."""
+        for film in self.inbox.waiting():
+            if self._stop.is_set():
+                return True
+            try:
+                self._forward(film)
+            except httpx.HTTPError as exc:
+                logger.warning("the service is unreachable (%s); %d films wait", type(exc).__name__,
+                               len(self.inbox.waiting()))
+                return False
+            except _ServiceBusy as exc:
+                logger.warning("the service cannot take films now (%s); they wait", exc)
+                return False
+        return True
+
+    def _forward(self, film: Path) -> None:
+        patient_id = patient_id_of(dcmread(film, stop_before_pixels=True))
+        response = self.client.post("/predict", files={"image": (film.name, film.read_bytes(), "application/dicom")},
+                                    data={"patient_id": patient_id})
+        if response.status_code == 200:
+            film.unlink()
+            logger.info("film %s predicted as prediction %s", film.name, response.json().get("prediction_id"))
+        elif 400 <= response.status_code < 500 and response.status_code not in (408, 429):
+            reason = f"{response.status_code}: {_detail(response)}"
+            logger.warning("the service refused film %s (%s); moved to %s", film.name, reason, self.inbox.refused_dir)
+            self.inbox.refuse(film, reason)
+        else:
+            raise _ServiceBusy(f"{response.status_code}: {_detail(response)}")
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.clear()
+            done = self.forward_waiting()
+            if not done:
+                self._wake.wait(self.retry_seconds)
+            elif not self.inbox.waiting():
+                self._wake.wait()
+
+
+class _ServiceBusy(Exception):
+    pass
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        return str(response.json().get("detail", response.text))
+    except ValueError:
+        return response.text[:200]
+
+
+class Receiver:
+    """The storage SCP and its forwarder."""
+
+    def __init__(self, inbox: Inbox, forwarder: Forwarder, ae_title: str) -> None:
+        self.inbox = inbox
+        self.forwarder = forwarder
+        self.ae_title = ae_title
+        self._server: ThreadedAssociationServer | None = None
+
+    def start(self, host: str, port: int, block: bool = False) -> None:
+        ae = AE(ae_title=self.ae_title)
+        for sop_class in FILM_CLASSES:
+            ae.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES)
+        self.forwarder.start()
+        self.forwarder.wake()  # films left from an earlier run
+        logger.info("storage SCP %s listening on %s:%d; inbox %s", self.ae_title, host, port, self.inbox.root)
+        self._server = ae.start_server((host, port), block=block, evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+        self.forwarder.stop()
+
+    def _on_store(self, event: Any) -> int:
+        dataset = event.dataset
+        dataset.file_meta = event.file_meta
+        try:
+            self.inbox.put(dataset)
+        except OSError:
+            logger.exception("could not write a received film to the inbox")
+            return OUT_OF_RESOURCES
+        self.forwarder.wake()
+        return 0x0000
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings = Settings()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", default=settings.scp_host)
+    parser.add_argument("--port", type=int, default=settings.scp_port)
+    parser.add_argument("--service", default=settings.scp_service_url or f"http://{settings.host}:{settings.port}")
+    parser.add_argument("--inbox", type=Path, default=settings.storage_dir / "inbox")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    headers = {"X-API-Key": settings.api_key_list[0]} if settings.api_key_list else {}
+    # A prediction takes well under a second; the long timeout covers a cold or heavily loaded service.
+    with httpx.Client(base_url=args.service, headers=headers, timeout=120) as client:
+        inbox = Inbox(args.inbox)
+        receiver = Receiver(inbox, Forwarder(inbox, client), settings.ae_title)
+        try:
+            receiver.start(args.host, args.port, block=True)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            receiver.stop()
+
+
+if __name__ == "__main__":
+    main()
