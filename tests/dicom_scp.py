@@ -25,8 +25,10 @@ def free_port() -> int:
 class StorageSCP:
     """A PACS stand-in on `port`: `start`/`stop` it; `status` is what it answers to C-STORE (0 = stored)."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None,
+                 sop_classes: tuple[str, ...] = (ComprehensiveSRStorage, SecondaryCaptureImageStorage)) -> None:
         self.port = port or free_port()
+        self.sop_classes = sop_classes
         self.status = 0x0000
         self.stored: list[Dataset] = []  # accepted objects, in order
         self.refused: list[str] = []  # SOP Instance UIDs refused
@@ -36,7 +38,7 @@ class StorageSCP:
 
     def start(self) -> StorageSCP:
         ae = AE(ae_title=AE_TITLE)
-        for sop_class in (ComprehensiveSRStorage, SecondaryCaptureImageStorage):
+        for sop_class in self.sop_classes:
             ae.add_supported_context(sop_class)
         self._server = ae.start_server(("127.0.0.1", self.port), block=False,
                                        evt_handlers=[(evt.EVT_C_STORE, self._on_store)])

@@ -182,6 +182,18 @@ def test_unknown_sex_shows_both_overlays_side_by_side(client: TestClient, film_d
     assert "Applicable bone age" not in tree and tree["Note"] == body["report"]["note"]
 
 
+def test_malformed_patient_and_study_values_are_left_out_of_the_results(client: TestClient) -> None:
+    data = make_dicom(gray(FILM), sex="M", tags={"PatientBirthDate": "2015-06-07", "StudyDate": "2024/01/02",
+                                                 "AccessionNumber": "A" * 40})
+    body = post_dicom(client, data, "P-malformed")
+    report = client.get(body["dicom"]["report_url"]).content
+    for value in (b"2015-06-07", b"2024/01/02", b"A" * 40):
+        assert value not in report
+    sr = pydicom.dcmread(io.BytesIO(report))
+    assert sr.PatientBirthDate == "" and sr.StudyDate == "" and sr.AccessionNumber == ""  # Type 2: present, empty
+    assert str(sr.PatientName) == str(pydicom.dcmread(io.BytesIO(data)).PatientName)  # the valid ones are kept
+
+
 def test_png_upload_gets_no_dicom_results_by_default(client: TestClient, app_settings: Settings) -> None:
     response = post_image(client, FILM.read_bytes(), "P-png", "female")
     assert response.status_code == 200 and response.json()["dicom"] is None

@@ -21,6 +21,7 @@ from dicom_films import gray, make_dicom
 from dicom_scp import AE_TITLE, OUT_OF_RESOURCES, StorageSCP
 from fastapi.testclient import TestClient
 from helpers import TEST20, make_settings, post_image, running_app
+from pynetdicom.sop_class import SecondaryCaptureImageStorage  # type: ignore[attr-defined]
 
 from database import crud
 from database.db import Database
@@ -110,6 +111,8 @@ def test_with_the_pacs_down_the_send_waits_and_is_delivered_once_it_is_up_also_a
         health = client.get("/health").json()
         assert health["status"] == "degraded" and "pacs" in health["failing"]
         assert health["pacs"].startswith("failing") and health["pacs_backlog"] == 2
+        metrics = client.get("/metrics").text
+        assert "boneage_pacs_backlog 2.0" in metrics and "boneage_pacs_failing 2.0" in metrics
         uids = stored_uids(client, body)
     scp.start()  # the PACS comes up while the service is down
     with running_app(settings) as client:
@@ -135,6 +138,20 @@ def test_a_refusing_pacs_leads_to_retries_and_a_clear_state_then_delivery(tmp_pa
         pacs = wait_for_pacs_state(client, "P-refused", lambda p: p["state"] == "sent")
         assert pacs["attempts"] >= 4
         assert Counter(scp.stored_uids()) == {uid: 1 for uid in stored_uids(client, body)}
+
+
+def test_a_pacs_that_takes_no_sr_gets_the_heatmap_and_the_report_waits_with_the_reason(
+        tmp_path: Path, film_dicom: bytes) -> None:
+    scp = StorageSCP(sop_classes=(SecondaryCaptureImageStorage,)).start()
+    try:
+        with running_app(pacs_settings(tmp_path, scp)) as client:
+            post_dicom(client, film_dicom, "P-no-sr")
+            scp.wait_for(lambda s: len(s.stored) == 1)
+            pacs = wait_for_pacs_state(client, "P-no-sr", lambda p: p["state"] == "retrying")
+            assert "cannot take Comprehensive SR Storage" in pacs["last_error"]
+    finally:
+        scp.stop()
+    assert [d.SOPClassUID.name for d in scp.stored] == ["Secondary Capture Image Storage"]
 
 
 def test_a_bad_pacs_setting_stops_the_start(tmp_path: Path) -> None:

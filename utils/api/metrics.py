@@ -1,5 +1,5 @@
 """Prometheus metrics of one app, served at `GET /metrics`: requests and their latency by route, the prediction
-stages, model batch sizes, predictions in flight and refused, the MLflow backlog and the process's memory.
+stages, model batch sizes, predictions in flight and refused, the MLflow and PACS backlogs and the process's memory.
 
 Each app owns its registry (`app.state.metrics`, made in the lifespan), never prometheus_client's global one, so
 the many apps of the tests do not collide. With `uvicorn --workers N` every process has its own figures (there is
@@ -63,6 +63,31 @@ class TrackingBacklog(Collector):
         return [backlog, oldest]
 
 
+class PacsBacklog(Collector):
+    """The DICOM objects not yet confirmed by the PACS, and how many of them failed at least once (scrape time)."""
+
+    def __init__(self, database: Database) -> None:
+        self.database = database
+
+    def describe(self) -> Iterable[GaugeMetricFamily]:
+        return self._families()
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        try:
+            with self.database.session() as session:
+                waiting, failed, _ = crud.pacs_backlog(session)
+        except Exception:  # a scrape must answer: without the database, these gauges are left out
+            logger.warning("metrics: the PACS backlog could not be read", exc_info=True)
+            return []
+        return self._families(waiting, failed)
+
+    @staticmethod
+    def _families(waiting: float | None = None, failed: float | None = None) -> list[GaugeMetricFamily]:
+        return [GaugeMetricFamily("boneage_pacs_backlog", "DICOM objects not yet stored by the PACS", value=waiting),
+                GaugeMetricFamily("boneage_pacs_failing", "DICOM objects not yet stored whose last send failed",
+                                  value=failed)]
+
+
 class ServiceMetrics:
     """The metrics of one running app, bound to its service; `exposition()` is the text `GET /metrics` serves."""
 
@@ -88,6 +113,7 @@ class ServiceMetrics:
                                "Predictions refused with 503 because the in-flight limit was reached",
                                registry=self.registry)
         self.registry.register(TrackingBacklog(service.database))
+        self.registry.register(PacsBacklog(service.database))
         in_flight = service.in_flight
         self.in_flight.set_function(lambda: in_flight.count)
         self.in_flight_limit.set(in_flight.limit or 0)

@@ -30,9 +30,13 @@ from dataclasses import dataclass
 import cv2
 import highdicom as hd
 import numpy as np
+import pydicom.config
 from highdicom.sr import CodedConcept
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.uid import generate_uid
+from pydicom.valuerep import validate_value
 
 from male_boneage.inference import ModelEstimate
 from male_boneage.metrics import interval_90
@@ -45,7 +49,7 @@ REPORT_FILE, HEATMAP_FILE = "report.dcm", "heatmap.dcm"
 SR_SERIES_NUMBER, SC_SERIES_NUMBER = 9901, 9902
 # What a film must carry for its results to join its study and reference it.
 STUDY_UIDS = ("StudyInstanceUID", "SOPClassUID", "SOPInstanceUID")
-# Copied from the film as they are (absent stays absent, apart from the Type 2 ones below, written empty).
+# Copied from the film as they are (absent or malformed stays out, apart from the Type 2 ones below, written empty).
 PATIENT_AND_STUDY = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex",
                      "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID", "AccessionNumber",
                      "ReferringPhysicianName", "StudyDescription")
@@ -82,11 +86,24 @@ class DicomResults:
 
 
 def film_study_missing(film: Dataset | None) -> str | None:
-    """Why a film's results cannot join its study (not a DICOM, or UIDs missing), or None when they can."""
+    """Why a film's results cannot join its study (not a DICOM, or UIDs missing or malformed), or None when they
+    can."""
     if film is None:
         return "the film is not a DICOM, so there is no study to add the results to"
-    missing = [keyword for keyword in STUDY_UIDS if not str(film.get(keyword, "") or "").strip()]
-    return f"the DICOM lacks {', '.join(missing)}" if missing else None
+    missing = [keyword for keyword in STUDY_UIDS if keyword not in film or not str(film[keyword].value or "").strip()
+               or not _valid(film[keyword])]
+    return f"the DICOM lacks a valid {', '.join(missing)}" if missing else None
+
+
+def _valid(element: DataElement) -> bool:
+    """The element's value(s) conform to its VR (films are read without validation: a date may be malformed)."""
+    try:
+        value = element.value
+        for item in value if isinstance(value, MultiValue | list) else [value]:
+            validate_value(element.VR, item, pydicom.config.RAISE)
+    except (ValueError, TypeError, AttributeError):
+        return False
+    return True
 
 
 def study_header(film: Dataset | None, patient_id: str, sex_used: str, created_at: dt.datetime,
@@ -96,7 +113,7 @@ def study_header(film: Dataset | None, patient_id: str, sex_used: str, created_a
     header = Dataset()
     if film is not None and film_study_missing(film) is None:
         for keyword in PATIENT_AND_STUDY:
-            if keyword in film:
+            if keyword in film and _valid(film[keyword]):  # a malformed value is left out (or empty, if Type 2)
                 header[keyword] = film[keyword]
         for keyword in TYPE_2:
             if keyword not in header:

@@ -145,7 +145,11 @@ class PacsSender:
             dataset = dcmread(path)
         except (OSError, ValueError) as exc:
             raise SendFailed(f"the stored object {send.file_path} cannot be read ({type(exc).__name__})") from None
-        status = association.send_c_store(dataset)
+        try:
+            status = association.send_c_store(dataset)
+        except (ValueError, RuntimeError) as exc:  # e.g. the PACS accepted no presentation context for this class
+            raise SendFailed(f"the PACS {self.destination.label} cannot take {dataset.SOPClassUID.name}: "
+                             f"{exc}") from None
         if "Status" not in status:
             raise SendFailed(f"no answer from the PACS {self.destination.label} to C-STORE (timeout or abort)")
         code = int(status.Status)

@@ -250,7 +250,14 @@ class BoneAgeService:
                  GRADCAM_PNG["female"]: male_png if female_png is None else female_png.result()}
         if dicom_png is not None:
             files[DICOM_FILM_PNG] = dicom_png.result()
-        results = None if dicom is None else dicom.result()
+        results = None
+        if dicom is not None:
+            try:
+                results = dicom.result()
+            except Exception as exc:  # the prediction stands without them
+                # Only the type: a message could quote a tag of the film (a malformed birth date, a name).
+                logger.warning("the DICOM results of prediction %s could not be built (%s); it is stored without "
+                               "them", draft.prediction_id, type(exc).__name__)
         if results is not None:
             files.update(results.files)
         return files, results
