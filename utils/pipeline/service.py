@@ -25,7 +25,7 @@ from utils.errors import InvalidImage, InvalidInput, PatientNotFound
 from utils.imaging import DecodedImage, UploadLimits, decode_upload
 from utils.pipeline.draft import PredictionDraft
 from utils.pipeline.heatmap import film_background, film_png, overlay_png
-from utils.pipeline.model_pool import ModelPool
+from utils.pipeline.models import Models
 from utils.report.clinical import build_report
 from utils.tracking.worker import TrackingWorker
 
@@ -135,7 +135,7 @@ class _Stopwatch:
 class BoneAgeService:
     """Runs and stores predictions; one instance per app, created in the lifespan."""
 
-    def __init__(self, models: ModelPool, store: PatientStore, database: Database, tracking: TrackingWorker,
+    def __init__(self, models: Models, store: PatientStore, database: Database, tracking: TrackingWorker,
                  in_flight: InFlight, limits: UploadLimits, heatmap_max_side: int) -> None:
         self.models = models
         self.store = store
