@@ -43,6 +43,7 @@ MODULE = "bench.ray_serve"
 BENCH_DIR = Path(__file__).resolve().parent
 APP_NAME = "boneage-bench"
 RAY_CPUS = 4  # logical: the ingress and up to 3 model replicas of 1 CPU each
+OBJECT_STORE_BYTES = 256 * 1024**2  # films and heatmaps pass through it, 40 KB each; Ray would take 30% of RAM
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,8 @@ def run_ray(replicas_list: list[int], tmp: Path, films: list[tuple[str, bytes]],
     import ray_serve  # imports ray too
 
     results = []
-    ray.init(num_cpus=RAY_CPUS, include_dashboard=False, logging_level="warning", configure_logging=False)
+    ray.init(num_cpus=RAY_CPUS, object_store_memory=OBJECT_STORE_BYTES, include_dashboard=False,
+             logging_level="warning", configure_logging=False)
     try:
         port = free_port()
         serve.start(http_options={"host": HOST, "port": port})

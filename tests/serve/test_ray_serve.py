@@ -34,6 +34,7 @@ APP_NAME = "boneage-test"
 ESTIMATE_FIELDS = ("age", "uncertainty_sigma", "age_months", "sigma_months", "interval_90", "age_group",
                    "model_version")
 RETRY_503_LIMIT = 20  # a client retries a 503 (Retry-After) a bounded number of times
+OBJECT_STORE_BYTES = 256 * 1024**2  # films and heatmaps pass through it, 40 KB each; Ray would take 30% of RAM
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeApp]:
     """The service on a local Ray cluster (loopback, 4 logical CPUs on the 2 cores: the ingress and 2 model
     replicas), on stores of its own in tmp."""
     settings = make_settings(tmp_path_factory.mktemp("serve"), serve_model_replicas=2)
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="warning", configure_logging=False)
+    ray.init(num_cpus=4, object_store_memory=OBJECT_STORE_BYTES, include_dashboard=False, logging_level="warning",
+             configure_logging=False)
     try:
         port = free_port()
         serve.start(http_options={"host": HOST, "port": port})
