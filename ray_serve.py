@@ -78,8 +78,7 @@ class ServedModels:
     device_name: str
 
 
-@serve.deployment(name=MODEL_DEPLOYMENT)
-class ModelDeployment:
+class ModelReplica:
     """Both models in each replica, each behind a `@serve.batch` queue: the films that arrive within
     BONEAGE_BATCH_MAX_WAIT_MS share one pass of at most BONEAGE_BATCH_MAX_SIZE images."""
 
@@ -116,7 +115,7 @@ def _writable(images: list[np.ndarray]) -> list[np.ndarray]:
 class DeploymentModels:
     """`models.Models` whose estimates come from the model deployment, one call per film and model."""
 
-    def __init__(self, handle: DeploymentHandle, served: ServedModels, settings: Settings) -> None:
+    def __init__(self, handle: DeploymentHandle[Any], served: ServedModels, settings: Settings) -> None:
         self._handle = handle
         self._served = served
         self._timeout_s = settings.serve_model_timeout_seconds
@@ -124,7 +123,7 @@ class DeploymentModels:
         self._calls = ThreadPoolExecutor(max_workers=2 * settings.max_in_flight, thread_name_prefix="model-call")
 
     @classmethod
-    def connect(cls, handle: DeploymentHandle, settings: Settings) -> DeploymentModels:
+    def connect(cls, handle: DeploymentHandle[Any], settings: Settings) -> DeploymentModels:
         """Wait for the model deployment to answer (its replicas may still be loading) and learn what it serves."""
         try:
             served: ServedModels = handle.describe.remote().result(timeout_s=settings.serve_model_timeout_seconds)
@@ -187,7 +186,7 @@ class DeploymentModels:
                    for model, estimate in ((self.male, male), (self.female, female)))
 
     def _estimate(self, model: str, pixels: np.ndarray) -> ModelEstimate:
-        method: DeploymentHandle = getattr(self._handle, model)
+        method: DeploymentHandle[Any] = getattr(self._handle, model)
         for attempt in range(1, CALL_ATTEMPTS + 1):
             try:
                 estimate: ModelEstimate = method.remote(pixels).result(timeout_s=self._timeout_s)
@@ -202,13 +201,11 @@ class DeploymentModels:
         raise ModelUnavailable(f"the model deployment lost this film {CALL_ATTEMPTS} times; retry later")
 
 
-@serve.deployment(name=INGRESS_DEPLOYMENT)
-@serve.ingress()
-class Ingress:
+class IngressReplica:
     """The HTTP API: `app.create_app` built in each replica (`__serve_build_asgi_app__`), with the models reached
     through the model deployment's handle. Ray Serve runs the app's lifespan at replica start and stop."""
 
-    def __init__(self, models: DeploymentHandle, settings: Settings) -> None:
+    def __init__(self, models: DeploymentHandle[Any], settings: Settings) -> None:
         self._models = models
         self._settings = settings
 
@@ -225,13 +222,15 @@ def build_app(settings: Settings | None = None) -> Application:
             "min_replicas": config.serve_model_replicas, "max_replicas": config.serve_model_max_replicas,
             # Replicas are added while each has more films waiting than one full batch per model.
             "target_ongoing_requests": 2 * config.batch_max_size}}
-    models = ModelDeployment.options(
+    models = serve.deployment(name=MODEL_DEPLOYMENT)(ModelReplica).options(
         **scale,
         ray_actor_options={"num_cpus": config.serve_model_cpus, "num_gpus": config.serve_model_gpus},
         # Both batch queues can run one full batch and fill the next (Ray Serve's default is 5 requests).
         max_ongoing_requests=4 * config.batch_max_size,
     ).bind(config)
-    return Ingress.options(
+    # Late-bound ingress: Ray Serve calls __serve_build_asgi_app__ in each replica (nothing FastAPI is pickled).
+    ingress = serve.deployment(name=INGRESS_DEPLOYMENT)(serve.ingress()(IngressReplica))
+    return ingress.options(
         num_replicas=config.serve_ingress_replicas,
         ray_actor_options={"num_cpus": config.serve_ingress_cpus},
         max_ongoing_requests=config.max_in_flight + INGRESS_EXTRA_REQUESTS,
