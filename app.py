@@ -2,6 +2,7 @@
 
     python app.py                          # 127.0.0.1:8000 (BONEAGE_HOST / BONEAGE_PORT)
     uvicorn app:app --port 8000
+    serve run ray_serve:app                # under Ray Serve, the models in a deployment of their own
 
 Building the app is cheap and reads no environment; the settings are read, the models loaded and the stores
 opened when the server starts (the lifespan). The service code lives in `utils/` (see its package docstring).
@@ -31,6 +32,7 @@ from utils.memory import limit_malloc_arenas
 from utils.pacs.policy import DicomPolicy
 from utils.pacs.sender import PacsSender
 from utils.pipeline.model_pool import ModelPool
+from utils.pipeline.models import ModelsLoader
 from utils.pipeline.recovery import recover
 from utils.pipeline.service import BoneAgeService, InFlight
 from utils.tracking.mlflow_runs import MlflowRuns
@@ -43,8 +45,12 @@ DESCRIPTION = ("Pediatric bone age from a hand radiograph, by a male and a femal
                "uncertainty and Grad-CAM heatmaps. Research models, not medical devices: not for clinical use.")
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """The app; `settings` default to the environment's (`BONEAGE_*`), read when the server starts."""
+def create_app(settings: Settings | None = None, load_models: ModelsLoader = ModelPool.load) -> FastAPI:
+    """The app; `settings` default to the environment's (`BONEAGE_*`), read when the server starts.
+
+    `load_models` builds the models at start-up: by default both are loaded into this process (`ModelPool`);
+    `ray_serve.py` passes a loader that reaches a Ray Serve model deployment instead.
+    """
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -66,7 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         recover(store, database, runs, min_age_seconds=0.0 if alone else config.recovery_min_age_seconds)
         if alone:
             live.share()
-        models = await run_in_threadpool(ModelPool.load, config)
+        models = await run_in_threadpool(load_models, config)
         models.start()
         in_flight = InFlight(config.max_in_flight)
         tracking = TrackingWorker(runs, database, config.storage_dir, config.tracking_retry_seconds,
@@ -96,6 +102,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             models.stop()
             live.release()
             database.dispose()
+            logger.info("bone age service stopped")
 
     app = FastAPI(title="Bone age estimation", version="1.0.0", description=DESCRIPTION, lifespan=lifespan,
                   docs_url=None, redoc_url=None)  # served by install_docs from local files, not a CDN

@@ -1,6 +1,6 @@
 """The import graph of the service code: every arrow points down, and nothing imports in a circle.
 
-Layers, top to bottom: `app.py` -> `utils/api`, `utils/viewer` -> `utils/pipeline` -> `utils/imaging`,
+Layers, top to bottom: `ray_serve.py` -> `app.py` -> `utils/api`, `utils/viewer` -> `utils/pipeline` -> `utils/imaging`,
 `utils/tracking`, `utils/report` ->
 `utils/config.py`, `utils/errors.py` -> `database/`, `storage/`, `male_boneage/`, `mlflow_config.py`.
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from helpers import PROJECT_ROOT
 
-SERVICE_CODE = ["app.py", "mlflow_config.py", "utils", "database", "storage", "male_boneage"]
+SERVICE_CODE = ["app.py", "ray_serve.py", "mlflow_config.py", "utils", "database", "storage", "male_boneage"]
 LOWER_PACKAGES = ("database", "storage", "male_boneage")
 GROUND = ("utils.config", "utils.errors")
 

@@ -67,6 +67,18 @@ class Settings(BaseSettings):
     # --- metrics and backpressure
     max_in_flight: int = Field(32, ge=1, description="most predictions in flight in one process; beyond it POST "
                                "/predict answers 503 with Retry-After at once, before decoding the upload")
+    # --- Ray Serve (ray_serve.py; the plain service ignores these)
+    serve_ingress_replicas: int = Field(1, ge=1, description="replicas of the HTTP ingress (the FastAPI app); more "
+                                        "than one needs PostgreSQL and an MLflow server")
+    serve_ingress_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves per ingress replica")
+    serve_model_replicas: int = Field(1, ge=1, description="replicas of the model deployment (both models each); "
+                                      "the least of them when autoscaling")
+    serve_model_max_replicas: int = Field(0, ge=0, description="above serve_model_replicas: autoscale the model "
+                                          "deployment between the two; 0: a fixed number")
+    serve_model_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves per model replica")
+    serve_model_gpus: float = Field(0.0, ge=0, description="GPUs per model replica (fractions share one GPU)")
+    serve_model_timeout_seconds: float = Field(120.0, gt=0, description="longest wait for the model deployment's "
+                                               "answer to one film before the request answers 503")
 
     # --- DICOM results and the PACS (README: DICOM results and PACS)
     dicom_for_all: bool = Field(False, description="also write the DICOM report and heatmap for PNG, JPEG and TIFF "

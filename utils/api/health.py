@@ -50,7 +50,7 @@ def health_report(service: BoneAgeService) -> HealthResponse:
             "female": ModelHealth(version=models.female.version, input_size=models.female.input_size),
         },
         female_model_fallback=models.female_fallback,
-        device=str(models.device),
+        device=models.device_name,
         database=database,
         mlflow=mlflow,
         tracking_backlog=backlog,
@@ -76,13 +76,15 @@ def _pacs_state(service: BoneAgeService, database_ok: bool) -> tuple[str, int | 
 
 
 def readiness(service: BoneAgeService | None) -> ReadinessResponse:
-    """Ready when the database answers, the storage takes a file and both model workers run. MLflow is not
-    checked: without it predictions are still stored (their runs are logged later)."""
+    """Ready when the database answers, the storage takes a file and both model workers run (under Ray Serve: the
+    model deployment answers). MLflow is not checked: without it predictions are still stored (their runs are
+    logged later)."""
     if service is None:
         reason = "the service has not started"
         return ReadinessResponse(status="not ready", failing=["service"], checks={"service": reason})
+    models = "ok" if service.models.running else "a model worker is not running or not answering"
     checks = {"database": _probe(service.database.ping), "storage": _probe(service.store.ensure_writable),
-              "models": "ok" if service.models.running else "a model worker is not running"}
+              "models": models}
     failing = [name for name, result in checks.items() if result != "ok"]
     for name in failing:
         logger.warning("readiness check of %s failed: %s", name, checks[name])

@@ -119,8 +119,8 @@ class ServiceMetrics:
         self.in_flight_limit.set(in_flight.limit or 0)
         for stage in STAGES:  # every stage shows from the first scrape, with a count of 0
             self.stage_seconds.labels(stage)
-        for batcher in service.models.batchers:
-            self.batch_size.labels(batcher.name)
+        for name in service.models.worker_names:
+            self.batch_size.labels(name)
         service.models.observe_batches(self._observe_batch)
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:

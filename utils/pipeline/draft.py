@@ -10,7 +10,7 @@ from database.models import Prediction
 from male_boneage.inference import ModelEstimate
 from storage.store import GRADCAM_PNG, ORIGINAL_STEM, PatientId
 from utils.imaging import DecodedImage
-from utils.pipeline.model_pool import ModelPool
+from utils.pipeline.models import Models
 from utils.report.clinical import ClinicalReport
 
 
@@ -26,7 +26,7 @@ class PredictionDraft:
     sex_source: str
     male: ModelEstimate
     female: ModelEstimate
-    models: ModelPool
+    models: Models
     report: ClinicalReport
 
     @property

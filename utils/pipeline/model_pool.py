@@ -1,4 +1,5 @@
-"""The two served models, loaded once at start-up, each behind its micro-batching worker.
+"""The two served models, loaded once at start-up, each behind its micro-batching worker (`models.Models` in
+this process; `ray_serve.py` runs them in a Ray Serve deployment instead).
 
 This is the one place that decides the female fallback: without female weights the male model serves female
 predictions too, computed once per film.
@@ -29,6 +30,15 @@ def pick_device(setting: str) -> torch.device:
     if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
         return torch.device("cuda")
     return torch.device("cpu")
+
+
+def model_inputs(film: Image.Image, male_size: int, female_size: int | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The pixels of an 8-bit film for the male model and for the female one (None: no female model, under the
+    fallback); one preprocessing when both take the same size."""
+    male_pixels = to_model_pixels(film, male_size)
+    if female_size is None:
+        return male_pixels, None
+    return male_pixels, male_pixels if female_size == male_size else to_model_pixels(film, female_size)
 
 
 @dataclass(frozen=True)
@@ -69,6 +79,14 @@ class ModelPool:
         return cls(male, female, female_fallback, device, male_batcher, female_batcher)
 
     @property
+    def device_name(self) -> str:
+        return str(self.device)
+
+    @property
+    def worker_names(self) -> list[str]:
+        return [batcher.name for batcher in self.batchers]
+
+    @property
     def batchers(self) -> list[MicroBatcher]:
         """The distinct workers."""
         return [self.male_batcher] if self.female_batcher is self.male_batcher else [self.male_batcher,
@@ -98,12 +116,11 @@ class ModelPool:
 
         Under the female fallback both futures are the male one: the estimate is computed once.
         """
-        male_pixels = to_model_pixels(film, self.male.input_size)
+        male_pixels, female_pixels = model_inputs(film, self.male.input_size,
+                                                  None if self.female_fallback else self.female.input_size)
         male_future = self.male_batcher.submit(male_pixels)
-        if self.female_fallback:
+        if female_pixels is None:
             return male_future, male_future
-        female_pixels = (male_pixels if self.female.input_size == self.male.input_size
-                         else to_model_pixels(film, self.female.input_size))
         return male_future, self.female_batcher.submit(female_pixels)
 
     def out_of_distribution(self, male: ModelEstimate, female: ModelEstimate) -> bool:

@@ -36,7 +36,7 @@ from utils.pacs.policy import DicomPolicy
 from utils.pacs.sender import PacsSender
 from utils.pipeline.draft import PredictionDraft
 from utils.pipeline.heatmap import encode_png, film_background, film_png, overlay
-from utils.pipeline.model_pool import ModelPool
+from utils.pipeline.models import Models
 from utils.report.clinical import build_report
 from utils.tracking.worker import TrackingWorker
 
@@ -146,7 +146,7 @@ class _Stopwatch:
 class BoneAgeService:
     """Runs and stores predictions; one instance per app, created in the lifespan."""
 
-    def __init__(self, models: ModelPool, store: PatientStore, database: Database, tracking: TrackingWorker,
+    def __init__(self, models: Models, store: PatientStore, database: Database, tracking: TrackingWorker,
                  in_flight: InFlight, limits: UploadLimits, heatmap_max_side: int,
                  dicom: DicomPolicy | None = None, pacs: PacsSender | None = None) -> None:
         self.models = models
