@@ -58,7 +58,7 @@ class ModelPool:
             female = male
         else:
             female = BoneAgeModel.from_file(settings.female_weights, device, tta)
-        # Warm-up: imports pytorch-grad-cam (~7 s) and runs one CAM pass now, not in the first request.
+        # Warm-up: one pass with Grad-CAM now (first-call allocations), not in the first request.
         male.predict(np.zeros((male.input_size, male.input_size), dtype=np.float32), with_heatmap=True)
         male_batcher = MicroBatcher(male, "male", settings.batch_max_size, settings.batch_max_wait_ms)
         # The fallback shares the male worker: one model is never run by two workers at once.
