@@ -25,7 +25,7 @@ from utils.errors import InvalidImage, InvalidInput, PatientNotFound
 from utils.imaging import DecodedImage, UploadLimits, decode_upload
 from utils.pipeline.draft import PredictionDraft
 from utils.pipeline.heatmap import film_background, film_png, overlay_png
-from utils.pipeline.model_pool import ModelPool
+from utils.pipeline.model_pool import ModelPool, out_of_distribution_message
 from utils.report.clinical import build_report
 from utils.tracking.worker import TrackingWorker
 
@@ -170,9 +170,7 @@ class BoneAgeService:
         male, female = male_future.result(), female_future.result()
         watch.lap("inference_gradcam")
         if self.models.out_of_distribution(male, female):
-            raise InvalidImage(f"the models are far less certain than on any real radiograph (sigma "
-                               f"{male.sigma_months:.0f} months, limit {self.models.male.ood_sigma_months:.0f}): "
-                               "this does not look like a hand radiograph")
+            raise InvalidImage(out_of_distribution_message(male, self.models.male.ood_sigma_months))
         created_at = dt.datetime.now(dt.UTC)
         report = build_report(sex_used, male, female, age, age_source, self.models.female_fallback)
         draft = PredictionDraft(new_prediction_id(created_at), checked_id, created_at, image, sex_used,
