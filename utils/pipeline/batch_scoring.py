@@ -343,6 +343,10 @@ def score(files: list[str], out: Path, settings: Settings, options: ScoringOptio
         skipped = len(files) - len([f for f in files if f not in done])
         if not todo:
             return ScoringSummary(len(files), skipped, 0, 0, [])
+        cpus = ray.cluster_resources().get("CPU", 0.0)
+        if options.actors * options.actor_cpus >= cpus:
+            raise ScoringInputError(f"{options.actors} actors of {options.actor_cpus} CPUs leave none of the "
+                                    f"cluster's {cpus:g} CPUs for decoding")
         if options.heatmaps is not None:
             options.heatmaps.mkdir(parents=True, exist_ok=True)
         male_size, female_size = model_input_sizes(settings)
