@@ -6,6 +6,10 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,14 +20,19 @@ import ray
 from helpers import PROJECT_ROOT, TEST20, make_settings, post_image, running_app
 from PIL import Image
 
+from bench.harness import descendants
 from utils.config import Settings
 from utils.imaging import UploadLimits, decode_upload
 from utils.pipeline.batch_scoring import (
     NOTICE,
+    DecodeOptions,
     OutputBusy,
+    ScoreFilms,
     ScoringOptions,
     ScoringSummary,
+    decode_film,
     list_films,
+    model_input_sizes,
     output_folder,
     read_results,
     score,
@@ -120,6 +129,35 @@ def test_archive_scored_in_two_runs_gives_the_service_ages_and_error_rows(
             assert response.status_code == 422 and response.json()["detail"] == bad.loc[name, "error"]
 
 
+def test_a_killed_run_leaves_whole_parts_and_resumes_without_scoring_a_film_twice(
+        archive: Path, local_ray: None, tmp_path: Path) -> None:
+    out = tmp_path / "results.parquet"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BONEAGE_")} | {"BONEAGE_DEVICE": "cpu"}
+    command = [sys.executable, "-m", "male_boneage.score", str(archive), "--out", str(out), "--num-cpus", "2",
+               "--batch-size", "2", "--part-size", "2", "--no-progress"]
+    run = subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not list(out.glob("part-*.parquet")) and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:  # the run and the local Ray cluster it started, killed at once, as by a power cut
+        for pid in [run.pid, *descendants(run.pid)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        run.wait(timeout=30)
+    partial = read_results(out)
+    assert 0 < len(partial) < 22 and partial["file"].is_unique
+
+    resumed = _run(archive, out, make_settings(tmp_path))
+    assert resumed.skipped == len(partial) and resumed.scored == 22 - len(partial)
+    rows = read_results(out)
+    assert len(rows) == 22 and rows["file"].is_unique
+    assert rows["error"].notna().sum() == 2
+
+
 def test_the_rows_equal_the_model_pool_to_the_last_digits(archive: Path, local_ray: None, tmp_path: Path) -> None:
     settings = make_settings(tmp_path)
     out = tmp_path / "results.parquet"
@@ -136,6 +174,21 @@ def test_the_rows_equal_the_model_pool_to_the_last_digits(archive: Path, local_r
             assert row["male_sigma_months"] == pytest.approx(male.result().sigma_months, abs=AGE_TOLERANCE)
     finally:
         pool.stop()
+
+
+def test_a_batch_mixing_bad_and_good_films_scores_the_good_ones(archive: Path, tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    limits = UploadLimits(settings.max_upload_bytes, settings.max_image_pixels, settings.min_image_side)
+    options = DecodeOptions(limits, *model_input_sizes(settings), heatmap_side=None)
+    names = ["corrupt.png", "4360.png", "missing.png", "photo.jpg", "4375.png"]
+    decoded = [decode_film({"file": str(archive / name)}, options) for name in names]  # the stages without Ray
+    scored = ScoreFilms(settings, threads=1, heatmaps=False)(pd.DataFrame(decoded)).set_index(pd.Index(names))
+    assert scored.loc["missing.png", "error"] == "the file does not exist"
+    for name in ("4360.png", "4375.png"):
+        assert not isinstance(scored.loc[name, "error"], str)
+        assert 60 < scored.loc[name, "male_age_months"] < 230
+        assert scored.loc[name, "male_low_90_months"] < scored.loc[name, "male_age_months"]
+    assert scored.loc[["corrupt.png", "missing.png", "photo.jpg"], "male_age_months"].isna().all()
 
 
 def test_a_second_run_on_the_same_output_is_refused(archive: Path, tmp_path: Path) -> None:

@@ -223,6 +223,11 @@ def decode_film(row: dict[str, Any], options: DecodeOptions) -> dict[str, Any]:
     return out
 
 
+def _has_error(row: dict[str, Any]) -> bool:
+    """Whether a row carries an error (a missing one reads as None, NaN or NA in a pandas batch)."""
+    return isinstance(row["error"], str)
+
+
 def _fill(row: dict[str, Any], sex: str, estimate: ModelEstimate, version: str) -> None:
     half = Z_90 * estimate.sigma_months
     row[f"{sex}_age_months"] = estimate.age_months
@@ -242,7 +247,7 @@ class ScoreFilms:
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         rows: list[dict[str, Any]] = batch.to_dict("records")
-        good = [row for row in rows if row["error"] is None]
+        good = [row for row in rows if not _has_error(row)]
         if good:
             male_inputs = [_decode_array(row[_PIXELS]) for row in good]
             female_inputs = [_decode_array(row[_FEMALE_PIXELS]) if row[_FEMALE_PIXELS] else pixels
@@ -280,7 +285,7 @@ def write_heatmaps(batch: pd.DataFrame, folder: str) -> pd.DataFrame:
     rows: list[dict[str, Any]] = batch.to_dict("records")
     for row in rows:
         film, male_cam = row.get(_FILM) or b"", row.get(_MALE_CAM)
-        if film and isinstance(male_cam, bytes) and male_cam and row["error"] is None:
+        if film and isinstance(male_cam, bytes) and male_cam and not _has_error(row):
             background = _decode_array(film)
             male_path = Path(folder) / f"{row['sha256']}.male.png"
             write_atomically(male_path, overlay_png(background, _decode_array(male_cam)))
@@ -343,7 +348,7 @@ def score(files: list[str], out: Path, settings: Settings, options: ScoringOptio
         skipped = len(files) - len([f for f in files if f not in done])
         if not todo:
             return ScoringSummary(len(files), skipped, 0, 0, [])
-        cpus = ray.cluster_resources().get("CPU", 0.0)
+        cpus = float(ray.cluster_resources().get("CPU", 0.0))  # type: ignore[no-untyped-call]  # Ray leaves it untyped
         if options.actors * options.actor_cpus >= cpus:
             raise ScoringInputError(f"{options.actors} actors of {options.actor_cpus} CPUs leave none of the "
                                     f"cluster's {cpus:g} CPUs for decoding")
