@@ -109,13 +109,24 @@ class TrainAugmentation:
 DEFAULT_TTA: tuple[tuple[float, float], ...] = ((0.0, 1.0), (-6.0, 1.0), (6.0, 1.0), (0.0, 1.08))
 
 
-def tta_batch(pixels: np.ndarray, variants: tuple[tuple[float, float], ...] = DEFAULT_TTA) -> torch.Tensor:
-    """One preprocessed image (H, W) in [0, 1] -> standardised (len(variants), 1, H, W) model input.
+def tta_variants(images: torch.Tensor, variants: tuple[tuple[float, float], ...] = DEFAULT_TTA) -> torch.Tensor:
+    """Preprocessed images (N, H, W) in [0, 1] -> standardised (N * len(variants), 1, H, W) model input, on the
+    images' device; image i's variants are rows i * len(variants) onwards, in the order of `variants`.
 
     Each variant is (rotation in degrees, zoom); the first should be the identity.
     """
-    base = torch.from_numpy(pixels).view(1, 1, *pixels.shape).expand(len(variants), 1, *pixels.shape)
-    rotation = torch.tensor([v[0] for v in variants], dtype=torch.float32)
-    scale = torch.tensor([v[1] for v in variants], dtype=torch.float32)
-    zeros, ones = torch.zeros(len(variants)), torch.ones(len(variants))
-    return standardize(warp(base.contiguous(), affine_matrices(rotation, scale, ones, zeros, zeros)))
+    n, h, w = images.shape
+    count = len(variants)
+    base = images.reshape(n, 1, 1, h, w).expand(n, count, 1, h, w).reshape(n * count, 1, h, w)
+    rotation = torch.tensor([v[0] for v in variants], dtype=torch.float32, device=images.device)
+    scale = torch.tensor([v[1] for v in variants], dtype=torch.float32, device=images.device)
+    zeros = torch.zeros(count, device=images.device)
+    ones = torch.ones(count, device=images.device)
+    matrices = affine_matrices(rotation, scale, ones, zeros, zeros).repeat(n, 1, 1)
+    return standardize(warp(base, matrices))
+
+
+def tta_batch(pixels: np.ndarray, variants: tuple[tuple[float, float], ...] = DEFAULT_TTA) -> torch.Tensor:
+    """One preprocessed image (H, W) in [0, 1] -> standardised (len(variants), 1, H, W) model input, on the CPU
+    (`tta_variants` of a batch of one)."""
+    return tta_variants(torch.from_numpy(pixels).unsqueeze(0), variants)

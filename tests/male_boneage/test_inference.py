@@ -1,16 +1,63 @@
-"""The served Grad-CAM: its backward pass stops at the CAM layer and gives the textbook heatmap."""
+"""The served Grad-CAM, computed on the device: the same heatmaps and estimates as pytorch-grad-cam's GradCAM."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
+import pytest
 import torch
-from helpers import TEST20, WEIGHTS
+from helpers import PROJECT_ROOT, TEST20, WEIGHTS
 from pytorch_grad_cam import GradCAM
 
-from male_boneage.augment import tta_batch
-from male_boneage.inference import BoneAgeModel, _AgeTarget, build_net, load_weights
+from male_boneage.augment import affine_matrices, standardize, tta_batch, tta_variants, warp
+from male_boneage.gradcam_reference import AgeTarget, reference_predict_batch
+from male_boneage.inference import BoneAgeModel, build_net, load_weights
 from male_boneage.model import FlatOutput
 from male_boneage.preprocess import film_pixels
+
+HEATMAP_TOLERANCE = 1e-3  # max abs difference from pytorch-grad-cam (measured: under 1e-6)
+ESTIMATE_TOLERANCE = 1e-4  # months (measured: equal)
+
+
+@pytest.fixture(scope="module", params=["male", "female"])
+def model_and_films(request: pytest.FixtureRequest) -> tuple[BoneAgeModel, list[np.ndarray]]:
+    model = BoneAgeModel.from_file(WEIGHTS / f"{request.param}.pt", torch.device("cpu"))
+    films = [film_pixels(path.read_bytes(), model.input_size) for path in sorted(TEST20.glob("*.png"))]
+    assert len(films) == 20
+    return model, films
+
+
+def test_heatmaps_and_estimates_equal_pytorch_grad_cam_on_the_test_films(
+        model_and_films: tuple[BoneAgeModel, list[np.ndarray]]) -> None:
+    model, films = model_and_films
+    served = model.predict_batch(films, with_heatmap=True)
+    reference = reference_predict_batch(model, films)
+    for ours, theirs in zip(served, reference, strict=True):
+        assert ours.heatmap is not None and theirs.heatmap is not None
+        assert ours.heatmap.shape == theirs.heatmap.shape == (model.input_size, model.input_size)
+        assert ours.heatmap.dtype == np.float32
+        assert float(np.abs(ours.heatmap - theirs.heatmap).max()) <= HEATMAP_TOLERANCE
+        assert ours.heatmap.max() > 0.5  # a real map, not zeros
+        assert ours.age_months == pytest.approx(theirs.age_months, abs=ESTIMATE_TOLERANCE)
+        assert ours.sigma_months == pytest.approx(theirs.sigma_months, abs=ESTIMATE_TOLERANCE)
+        assert ours.group_probabilities == pytest.approx(theirs.group_probabilities, abs=1e-6)
+
+
+def test_estimates_do_not_depend_on_the_heatmap_or_the_batch(
+        model_and_films: tuple[BoneAgeModel, list[np.ndarray]]) -> None:
+    model, films = model_and_films
+    batched = model.predict_batch(films[:8], with_heatmap=True)
+    plain = model.predict_batch(films[:8], with_heatmap=False)
+    alone = [model.predict(film, with_heatmap=True) for film in films[:8]]
+    for b, p, a in zip(batched, plain, alone, strict=True):
+        assert p.heatmap is None
+        assert b.age_months == pytest.approx(p.age_months, abs=ESTIMATE_TOLERANCE)
+        assert b.age_months == pytest.approx(a.age_months, abs=ESTIMATE_TOLERANCE)
+        assert b.heatmap is not None and a.heatmap is not None
+        assert float(np.abs(b.heatmap - a.heatmap).max()) <= HEATMAP_TOLERANCE
 
 
 def test_heatmap_equals_full_backward_grad_cam_and_no_weight_gradients() -> None:
@@ -21,13 +68,53 @@ def test_heatmap_equals_full_backward_grad_cam_and_no_weight_gradients() -> None
 
     textbook = build_net(*load_weights(path), str(path))  # weights with requires_grad: a full backward pass
     with GradCAM(model=FlatOutput(textbook).eval(), target_layers=[textbook.cam_layer]) as cam:
-        maps = cam(input_tensor=tta_batch(pixels, model.tta), targets=[_AgeTarget()] * len(model.tta))
+        maps = cam(input_tensor=tta_batch(pixels, model.tta), targets=[AgeTarget()] * len(model.tta))
     assert any(p.grad is not None for p in textbook.parameters())
 
     assert estimate.heatmap is not None and estimate.heatmap.shape == maps[0].shape
-    np.testing.assert_allclose(estimate.heatmap, maps[0], atol=1e-5)
-    assert estimate.heatmap.max() > 0.5  # a real map, not zeros
+    np.testing.assert_allclose(estimate.heatmap, maps[0], atol=HEATMAP_TOLERANCE)
     assert all(p.grad is None and not p.requires_grad for p in model.net.parameters())
-    # Same estimate whether or not a heatmap is asked for (the hook changes nothing in the forward pass).
-    plain = model.predict(pixels, with_heatmap=False)
-    assert abs(plain.age_months - estimate.age_months) < 1e-4
+    assert not model.net._forward_hooks and not model.net.cam_layer._forward_hooks  # nothing left on the model
+
+
+def test_variants_built_for_a_batch_equal_those_of_each_image_alone() -> None:
+    rng = np.random.default_rng(3)
+    images = [rng.random((100, 100), dtype=np.float32) for _ in range(3)]
+    variants = ((0.0, 1.0), (-6.0, 1.0), (6.0, 1.0), (0.0, 1.08))
+
+    def one_image(pixels: np.ndarray) -> torch.Tensor:  # the per-image CPU code tta_variants replaced
+        base = torch.from_numpy(pixels).view(1, 1, 100, 100).expand(4, 1, 100, 100).contiguous()
+        rotation, scale = torch.tensor([v[0] for v in variants]), torch.tensor([v[1] for v in variants])
+        zeros, ones = torch.zeros(4), torch.ones(4)
+        return standardize(warp(base, affine_matrices(rotation, scale, ones, zeros, zeros)))
+
+    expected = torch.cat([one_image(p) for p in images])
+    batched = tta_variants(torch.from_numpy(np.stack(images)), variants)
+    assert batched.shape == (12, 1, 100, 100)
+    torch.testing.assert_close(batched, expected, atol=1e-6, rtol=0)
+
+
+def test_one_model_serves_several_threads_at_once(model_and_films: tuple[BoneAgeModel, list[np.ndarray]]) -> None:
+    model, films = model_and_films
+    sequential = [model.predict_batch(films[i:i + 2]) for i in range(0, 8, 2)]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        concurrent = list(pool.map(lambda i: model.predict_batch(films[i:i + 2]), [0, 2, 4, 6] * 2))
+    for got, want in zip(concurrent, sequential * 2, strict=True):
+        for g, w in zip(got, want, strict=True):
+            assert g.age_months == pytest.approx(w.age_months, abs=ESTIMATE_TOLERANCE)
+            assert g.heatmap is not None and w.heatmap is not None
+            assert float(np.abs(g.heatmap - w.heatmap).max()) <= HEATMAP_TOLERANCE
+
+
+def test_the_service_path_no_longer_imports_pytorch_grad_cam() -> None:
+    script = (
+        "import sys, numpy as np, torch\n"
+        "from utils.pipeline.model_pool import ModelPool\n"
+        "from male_boneage.inference import BoneAgeModel\n"
+        f"m = BoneAgeModel.from_file(__import__('pathlib').Path({str(WEIGHTS / 'male.pt')!r}), torch.device('cpu'))\n"
+        "assert m.predict(np.zeros((m.input_size, m.input_size), np.float32)).heatmap is not None\n"
+        "print('pytorch_grad_cam' in sys.modules, 'cv2' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                            timeout=120, check=True)
+    assert result.stdout.split() == ["False", "False"]

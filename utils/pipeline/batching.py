@@ -1,7 +1,7 @@
 """Dynamic micro-batching: requests that arrive within a few milliseconds share one batched model pass.
 
-Each model gets one worker thread that owns it, so Grad-CAM hooks are never used by two passes at once and the
-CPU is not oversubscribed by many request threads each running their own small forward/backward.
+Each model gets one worker thread that owns it, so the CPU is not oversubscribed by many request threads each
+running their own small forward/backward (a model would be safe to share: its passes keep no state on it).
 """
 
 from __future__ import annotations

@@ -32,13 +32,32 @@ def pick_device(setting: str) -> torch.device:
     return torch.device("cpu")
 
 
+def load_models(settings: Settings, device: torch.device) -> tuple[BoneAgeModel, BoneAgeModel, bool]:
+    """(male, female, female fallback): both weights files loaded strictly on `device`; without female weights the
+    male model is returned for both. Raises ModelUnavailable naming a bad file."""
+    tta = DEFAULT_TTA[: settings.tta_variants]
+    male = BoneAgeModel.from_file(settings.male_weights, device, tta)
+    if not settings.female_weights.is_file():
+        logger.warning("female weights %s not found: the male model serves female predictions too",
+                       settings.female_weights)
+        return male, male, True
+    return male, BoneAgeModel.from_file(settings.female_weights, device, tta), False
+
+
 def model_inputs(film: Image.Image, male_size: int, female_size: int | None) -> tuple[np.ndarray, np.ndarray | None]:
-    """The pixels of an 8-bit film for the male model and for the female one (None: no female model, under the
-    fallback); one preprocessing when both take the same size."""
+    """An 8-bit film -> (male model input, female model input); the female one is None when the male model stands
+    in for it (`female_size` None) and the male array itself when the sizes are equal."""
     male_pixels = to_model_pixels(film, male_size)
     if female_size is None:
         return male_pixels, None
     return male_pixels, male_pixels if female_size == male_size else to_model_pixels(film, female_size)
+
+
+def out_of_distribution_message(male: ModelEstimate, limit_months: float | None) -> str:
+    """What the service answers, and batch scoring reports, for a film both models are far less sure of than of
+    any validation film (`ModelPool.out_of_distribution`)."""
+    return (f"the models are far less certain than on any real radiograph (sigma {male.sigma_months:.0f} months, "
+            f"limit {limit_months or 0:.0f}): this does not look like a hand radiograph")
 
 
 @dataclass(frozen=True)
@@ -59,16 +78,8 @@ class ModelPool:
         # The male and female workers run at the same time: give each its share of the cores, not all of them
         # (measured on 2 cores: 1 thread each cut inference from 126 to 107 ms per request).
         torch.set_num_threads(settings.torch_threads or max(1, (os.cpu_count() or 2) // 2))
-        tta = DEFAULT_TTA[: settings.tta_variants]
-        male = BoneAgeModel.from_file(settings.male_weights, device, tta)
-        female_fallback = not settings.female_weights.is_file()
-        if female_fallback:
-            logger.warning("female weights %s not found: the male model serves female predictions too",
-                           settings.female_weights)
-            female = male
-        else:
-            female = BoneAgeModel.from_file(settings.female_weights, device, tta)
-        # Warm-up: imports pytorch-grad-cam (~7 s) and runs one CAM pass now, not in the first request.
+        male, female, female_fallback = load_models(settings, device)
+        # Warm-up: one pass with Grad-CAM now (first-call allocations), not in the first request.
         male.predict(np.zeros((male.input_size, male.input_size), dtype=np.float32), with_heatmap=True)
         male_batcher = MicroBatcher(male, "male", settings.batch_max_size, settings.batch_max_wait_ms)
         # The fallback shares the male worker: one model is never run by two workers at once.

@@ -36,6 +36,7 @@ from utils.pacs.policy import DicomPolicy
 from utils.pacs.sender import PacsSender
 from utils.pipeline.draft import PredictionDraft
 from utils.pipeline.heatmap import encode_png, film_background, film_png, overlay
+from utils.pipeline.model_pool import out_of_distribution_message
 from utils.pipeline.models import Models
 from utils.report.clinical import build_report
 from utils.tracking.worker import TrackingWorker
@@ -184,9 +185,7 @@ class BoneAgeService:
         male, female = male_future.result(), female_future.result()
         watch.lap("inference_gradcam")
         if self.models.out_of_distribution(male, female):
-            raise InvalidImage(f"the models are far less certain than on any real radiograph (sigma "
-                               f"{male.sigma_months:.0f} months, limit {self.models.male.ood_sigma_months:.0f}): "
-                               "this does not look like a hand radiograph")
+            raise InvalidImage(out_of_distribution_message(male, self.models.male.ood_sigma_months))
         created_at = dt.datetime.now(dt.UTC)
         report = build_report(sex_used, male, female, age, age_source, self.models.female_fallback)
         draft = PredictionDraft(new_prediction_id(created_at), checked_id, created_at, image, sex_used,

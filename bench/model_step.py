@@ -1,0 +1,128 @@
+"""The model step alone: inference + Grad-CAM per film, before and after the on-device CAM.
+
+    .venv/bin/python -m bench.model_step                 # both models, batch 1 and 8; prints a Markdown report
+    .venv/bin/python -m bench.model_step --out FILE      # also writes it to FILE
+
+"before" is pytorch-grad-cam's GradCAM over every TTA variant with the maps made on the CPU
+(`male_boneage.gradcam_reference.reference_predict_batch`, how the service ran until the on-device CAM);
+"after" is `BoneAgeModel.predict_batch(images, with_heatmap=True)` as served. Both run on the same films of
+`rsna-test-20` in the same process, interleaved repetition by repetition, so a busy machine slows both alike.
+
+Rows: each model alone on one torch thread (the service's setting on 2 cores), and "both, as served": the male and
+female passes of the same films at once on two threads of one torch thread each, as the service's two micro-batching
+workers run them (this is the `inference_gradcam` stage of `bench.run`, without the queueing). Figures are medians
+of ms per film (a batch's time divided by its films), wall-clock and CPU time of the process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import functools
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.harness import DEFAULT_DATA, REPO, command_line, fmt, loadavg, machine_info, median, table
+from male_boneage.gradcam_reference import reference_predict_batch
+from male_boneage.inference import BoneAgeModel, ModelEstimate
+from male_boneage.preprocess import film_pixels
+
+MODULE = "bench.model_step"
+Step = Callable[[BoneAgeModel, list[np.ndarray]], list[ModelEstimate]]
+STEPS: dict[str, Step] = {
+    "before (pytorch-grad-cam)": reference_predict_batch,
+    "after (on-device CAM)": lambda model, images: model.predict_batch(images, with_heatmap=True),
+}
+
+
+def time_ms(run: Callable[[], object]) -> tuple[float, float]:
+    """(wall ms, CPU ms of this process) of `run()`; the CPU time hardly changes when other processes share the
+    cores, the wall time does."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    run()
+    return (time.perf_counter() - wall) * 1000, (time.process_time() - cpu) * 1000
+
+
+def both_at_once(pool: ThreadPoolExecutor, step: Step, models: dict[str, BoneAgeModel],
+                 chunk: dict[str, list[np.ndarray]]) -> None:
+    """Both models' passes of the same films at once on two threads, as the service's two workers run them."""
+    for future in [pool.submit(step, models[sex], chunk[sex]) for sex in models]:
+        future.result()
+
+
+def measure(models: dict[str, BoneAgeModel], films: dict[str, list[np.ndarray]], batch: int, reps: int,
+            warmup: int) -> dict[tuple[str, str, str], list[float]]:
+    """ms per film (wall and CPU) of every (step, row): each model alone, and both at once on two threads."""
+    samples: dict[tuple[str, str, str], list[float]] = {}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for rep in range(warmup + reps):
+            start = (rep * batch) % (len(films["male"]) - batch + 1)
+            chunk = {sex: films[sex][start:start + batch] for sex in models}
+            for step_name, step in STEPS.items():
+                timings = {sex: time_ms(functools.partial(step, models[sex], chunk[sex])) for sex in models}
+                timings["both, as served"] = time_ms(functools.partial(both_at_once, pool, step, models, chunk))
+                if rep >= warmup:
+                    for row, (wall, cpu) in timings.items():
+                        samples.setdefault((step_name, row, "wall"), []).append(wall / batch)
+                        samples.setdefault((step_name, row, "cpu"), []).append(cpu / batch)
+    return samples
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="batch sizes (films per pass)")
+    parser.add_argument("--reps", type=int, default=20, help="timed repetitions per batch size")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (the service: half the cores)")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--out", type=Path, help="also write the report here")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    models = {sex: BoneAgeModel.from_file(REPO / "male_boneage" / "weights" / f"{sex}.pt", device)
+              for sex in ("male", "female")}
+    paths = sorted((args.data / "rsna-test-20").glob("*.png"))
+    films = {sex: [film_pixels(p.read_bytes(), m.input_size) for p in paths] for sex, m in models.items()}
+    load_start, info = loadavg(), machine_info()
+    rows = []
+    for batch in args.batches:
+        samples = measure(models, films, batch, args.reps, args.warmup)
+        for row in ("male", "female", "both, as served"):
+            cells = [str(batch), row]
+            for clock in ("wall", "cpu"):
+                before = median(samples[("before (pytorch-grad-cam)", row, clock)])
+                after = median(samples[("after (on-device CAM)", row, clock)])
+                cells += [fmt(before), fmt(after), f"{(1 - after / before) * 100:.0f}%"]
+            rows.append(cells)
+    report = "\n".join([
+        "## Model step: inference + Grad-CAM per film, before and after the on-device CAM",
+        "",
+        f"- date: {dt.datetime.now(dt.UTC).isoformat(timespec='seconds')}",
+        f"- command: `{command_line(MODULE, argv)}`",
+        f"- machine: `nproc` = {info['nproc']}, CPU {info['cpu']}; device {device}; torch threads per pass "
+        f"{args.threads}; {len(models['male'].tta)} TTA variants; load average at start {load_start}, at end "
+        f"{loadavg()}",
+        f"- {args.reps} timed repetitions per batch size after {args.warmup} warm-up; films of rsna-test-20",
+        "",
+        table(["batch", "model", "before wall ms/film", "after wall ms/film", "cheaper by",
+               "before CPU ms/film", "after CPU ms/film", "cheaper by"], rows),
+        "",
+        "Wall: as the caller waits (on a busy machine it includes waiting for a core). CPU: the process's CPU time "
+        "(all its threads; on a busy machine the steadier figure). Medians per film.",
+        "",
+    ])
+    print(report)
+    if args.out:
+        args.out.write_text(report)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

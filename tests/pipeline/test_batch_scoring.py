@@ -1,0 +1,206 @@
+"""Batch scoring with Ray Data (`male_boneage.score`): the service's ages for every good film, an error row for every
+bad one, and a run that is interrupted and resumed scores every film exactly once."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import ray
+from helpers import PROJECT_ROOT, TEST20, make_settings, post_image, running_app
+from PIL import Image
+
+from bench.harness import descendants
+from utils.config import Settings
+from utils.imaging import UploadLimits, decode_upload
+from utils.pipeline.batch_scoring import (
+    NOTICE,
+    DecodeOptions,
+    OutputBusy,
+    ScoreFilms,
+    ScoringOptions,
+    ScoringSummary,
+    decode_film,
+    list_films,
+    model_input_sizes,
+    output_folder,
+    read_results,
+    score,
+)
+from utils.pipeline.model_pool import ModelPool
+
+# The service batches its passes too (micro-batching): ages differ across batch sizes by float rounding only.
+AGE_TOLERANCE = 1e-4
+
+
+def _colour_photo() -> bytes:
+    rng = np.random.default_rng(1)
+    sky = np.zeros((300, 400, 3), np.uint8)
+    sky[..., 0], sky[..., 1], sky[..., 2] = 60, 140, 230
+    sky[200:] = (40, 160, 50)
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(sky + rng.normal(0, 12, sky.shape), 0, 255).astype(np.uint8)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 20 test films, a truncated PNG and a colour photo (and the labels CSV, which is no film)."""
+    folder = tmp_path_factory.mktemp("archive")
+    for path in TEST20.iterdir():
+        shutil.copy(path, folder / path.name)
+    (folder / "corrupt.png").write_bytes((TEST20 / "4360.png").read_bytes()[:5000])
+    (folder / "photo.jpg").write_bytes(_colour_photo())
+    return folder
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    ray.init(num_cpus=2, include_dashboard=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(PROJECT_ROOT)}})
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _run(archive: Path, out: Path, settings: Settings, **options: object) -> ScoringSummary:
+    return score(list_films(archive), out, settings, ScoringOptions(batch_size=4, part_size=4, progress=False,
+                                                                    **options))  # type: ignore[arg-type]
+
+
+def test_archive_scored_in_two_runs_gives_the_service_ages_and_error_rows(
+        archive: Path, local_ray: None, tmp_path: Path, settings: Settings) -> None:
+    scoring_settings = make_settings(tmp_path / "scoring")
+    out, heatmaps = tmp_path / "results.parquet", tmp_path / "heatmaps"
+
+    first = _run(archive, out, scoring_settings, limit=9)  # stopped after 9 films, as an interrupted run
+    assert (first.total, first.skipped, first.scored) == (22, 0, 9)
+    assert len(read_results(out)) == 9
+    (out / ".part-x-000000.parquet.tmp").write_bytes(b"half a part of a killed run")
+
+    second = _run(archive, out, scoring_settings, heatmaps=heatmaps)
+    assert (second.skipped, second.scored) == (9, 13)
+    assert not list(out.glob(".*.tmp"))
+    rows = read_results(out)
+    assert len(rows) == 22 and rows["file"].is_unique  # every film once
+    assert set(rows["file"]) == {str(p.resolve()) for p in archive.iterdir() if p.suffix != ".csv"}
+    assert (rows["notice"] == NOTICE).all()
+
+    rows.index = rows["file"].map(lambda f: Path(f).name)
+    bad = rows[rows["error"].notna()]
+    assert sorted(bad.index) == ["corrupt.png", "photo.jpg"]
+    assert "truncated or corrupt" in bad.loc["corrupt.png", "error"]
+    assert "colour" in bad.loc["photo.jpg", "error"]
+    assert bad["male_age_months"].isna().all()
+
+    good = rows[rows["error"].isna()]
+    assert len(good) == 20 and not good["out_of_distribution"].any()
+    scored_now = {Path(f).name for part in second.parts for f in pd.read_parquet(part)["file"]}
+    with running_app(settings) as client:
+        for name, row in good.iterrows():
+            response = post_image(client, (archive / name).read_bytes(), patient_id=f"S{Path(name).stem}")
+            assert response.status_code == 200, response.text
+            body = response.json()
+            for sex in ("male", "female"):
+                served = body[f"{sex}_prediction"]
+                assert row[f"{sex}_model_version"] == served["model_version"]
+                # The response rounds to 0.01 months; the stored row keeps every digit.
+                assert abs(row[f"{sex}_age_months"] - served["age_months"]) <= 0.005 + AGE_TOLERANCE
+                assert abs(row[f"{sex}_sigma_months"] - served["sigma_months"]) <= 0.005 + AGE_TOLERANCE
+                assert abs(row[f"{sex}_low_90_months"] - served["interval_90"]["low_months"]) <= 0.005 + AGE_TOLERANCE
+                assert abs(row[f"{sex}_high_90_months"] - served["interval_90"]["high_months"]) <= 0.005 + AGE_TOLERANCE
+            if name in scored_now:  # the second run wrote overlays: PNGs of the film's proportions
+                with Image.open(row["male_heatmap"]) as overlay:
+                    assert overlay.format == "PNG" and overlay.size == (492, 640)
+                assert Path(row["female_heatmap"]).is_file()
+        for name in ("corrupt.png", "photo.jpg"):  # the service refuses them with the same words
+            response = post_image(client, (archive / name).read_bytes(), patient_id="BAD")
+            assert response.status_code == 422 and response.json()["detail"] == bad.loc[name, "error"]
+
+
+def test_a_killed_run_leaves_whole_parts_and_resumes_without_scoring_a_film_twice(
+        archive: Path, local_ray: None, tmp_path: Path) -> None:
+    out = tmp_path / "results.parquet"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BONEAGE_")} | {"BONEAGE_DEVICE": "cpu"}
+    command = [sys.executable, "-m", "male_boneage.score", str(archive), "--out", str(out), "--num-cpus", "2",
+               "--batch-size", "2", "--part-size", "2", "--no-progress"]
+    run = subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not list(out.glob("part-*.parquet")) and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:  # the run and the local Ray cluster it started, killed at once, as by a power cut
+        for pid in [run.pid, *descendants(run.pid)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        run.wait(timeout=30)
+    partial = read_results(out)
+    assert 0 < len(partial) < 22 and partial["file"].is_unique
+
+    resumed = _run(archive, out, make_settings(tmp_path))
+    assert resumed.skipped == len(partial) and resumed.scored == 22 - len(partial)
+    rows = read_results(out)
+    assert len(rows) == 22 and rows["file"].is_unique
+    assert rows["error"].notna().sum() == 2
+
+
+def test_the_rows_equal_the_model_pool_to_the_last_digits(archive: Path, local_ray: None, tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    out = tmp_path / "results.parquet"
+    _run(archive, out, settings, limit=6)
+    rows = read_results(out)
+    pool = ModelPool.load(settings)
+    pool.start()
+    try:
+        limits = UploadLimits(settings.max_upload_bytes, settings.max_image_pixels, settings.min_image_side)
+        for _, row in rows[rows["error"].isna()].iterrows():
+            male, female = pool.submit(decode_upload(Path(row["file"]).read_bytes(), limits).gray)
+            assert row["male_age_months"] == pytest.approx(male.result().age_months, abs=AGE_TOLERANCE)
+            assert row["female_age_months"] == pytest.approx(female.result().age_months, abs=AGE_TOLERANCE)
+            assert row["male_sigma_months"] == pytest.approx(male.result().sigma_months, abs=AGE_TOLERANCE)
+    finally:
+        pool.stop()
+
+
+def test_a_batch_mixing_bad_and_good_films_scores_the_good_ones(archive: Path, tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    limits = UploadLimits(settings.max_upload_bytes, settings.max_image_pixels, settings.min_image_side)
+    options = DecodeOptions(limits, *model_input_sizes(settings), heatmap_side=None)
+    names = ["corrupt.png", "4360.png", "missing.png", "photo.jpg", "4375.png"]
+    decoded = [decode_film({"file": str(archive / name)}, options) for name in names]  # the stages without Ray
+    scored = ScoreFilms(settings, threads=1, heatmaps=False)(pd.DataFrame(decoded)).set_index(pd.Index(names))
+    assert scored.loc["missing.png", "error"] == "the file does not exist"
+    for name in ("4360.png", "4375.png"):
+        assert not isinstance(scored.loc[name, "error"], str)
+        assert 60 < scored.loc[name, "male_age_months"] < 230
+        assert scored.loc[name, "male_low_90_months"] < scored.loc[name, "male_age_months"]
+    assert scored.loc[["corrupt.png", "missing.png", "photo.jpg"], "male_age_months"].isna().all()
+
+
+def test_a_second_run_on_the_same_output_is_refused(archive: Path, tmp_path: Path) -> None:
+    out = tmp_path / "results.parquet"
+    with output_folder(out), pytest.raises(OutputBusy):
+        score(list_films(archive), out, make_settings(tmp_path), ScoringOptions(progress=False))
+
+
+def test_inputs_from_a_folder_or_a_csv_of_paths(archive: Path, tmp_path: Path) -> None:
+    films = list_films(archive)
+    assert len(films) == 22 and all(os.path.isabs(f) for f in films)  # labels.csv is not a film
+    listing = tmp_path / "films.csv"
+    relative = os.path.relpath(archive / "4360.png", tmp_path)
+    listing.write_text(f"patient,path\nA,{relative}\nB,{archive / '4360.png'}\nC,{archive / 'missing.png'}\n")
+    assert list_films(listing) == [str((archive / "4360.png").resolve()), str((archive / "missing.png").resolve())]
