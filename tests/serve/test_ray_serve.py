@@ -8,6 +8,7 @@ load the shipped weights. About 1-2 minutes on 2 cores.
 
 from __future__ import annotations
 
+import io
 import threading
 import time
 from collections.abc import Iterator
@@ -17,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from helpers import TEST20, count_rows, make_settings, post_image, running_app
+from PIL import Image
 from sqlalchemy import create_engine, text
 
 ray = pytest.importorskip("ray", reason="ray is not installed (requirements.txt pins it)")
@@ -30,9 +33,12 @@ from utils.config import Settings  # noqa: E402
 
 FILMS = sorted(TEST20.glob("*.png"))
 APP_NAME = "boneage-test"
-# Fields of an estimate that must be the plain service's exactly (the heatmaps are compared as PNG bytes).
-ESTIMATE_FIELDS = ("age", "uncertainty_sigma", "age_months", "sigma_months", "interval_90", "age_group",
-                   "model_version")
+# Fields of an estimate that must be the plain service's: equal up to the float rounding that the size of a batched
+# pass makes (batches form differently under load; the plain service's micro-batches vary it the same way) and the
+# API's rounding to 0.01 month; the heatmaps within one grey level of 255.
+EXACT_FIELDS = ("model_version",)
+NUMBER_TOLERANCE = {"age": 0.0011, "uncertainty_sigma": 0.0011, "age_months": 0.011, "sigma_months": 0.011}
+HEATMAP_LEVELS = 1
 RETRY_503_LIMIT = 20  # a client retries a 503 (Retry-After) a bounded number of times
 OBJECT_STORE_BYTES = 256 * 1024**2  # films and heatmaps pass through it, 40 KB each; Ray would take 30% of RAM
 
@@ -53,10 +59,20 @@ def _answer(client: httpx.Client | Any, body: dict[str, Any]) -> Answer:
 def _assert_same(answer: Answer, expected: Answer, film: str) -> None:
     for sex in ("male", "female"):
         got, want = answer.body[f"{sex}_prediction"], expected.body[f"{sex}_prediction"]
-        for name in ESTIMATE_FIELDS:
+        for name in EXACT_FIELDS:
             assert got[name] == want[name], f"{film}: {sex} {name} {got[name]} != {want[name]}"
+        for name, tolerance in NUMBER_TOLERANCE.items():
+            assert got[name] == pytest.approx(want[name], abs=tolerance), f"{film}: {sex} {name}"
+        for bound in ("low_months", "high_months"):
+            assert got["interval_90"][bound] == pytest.approx(want["interval_90"][bound], abs=0.011), film
+        assert got["age_group"]["label"] == want["age_group"]["label"], film
+        assert got["age_group"]["probabilities"] == pytest.approx(want["age_group"]["probabilities"], abs=0.0011)
     assert answer.body["female_model_fallback"] == expected.body["female_model_fallback"]
-    assert answer.heatmaps == expected.heatmaps, f"{film}: the heatmaps differ"
+    for got_png, want_png in zip(answer.heatmaps, expected.heatmaps, strict=True):
+        got_pixels, want_pixels = (np.asarray(Image.open(io.BytesIO(png)), dtype=np.int16)
+                                   for png in (got_png, want_png))
+        assert got_pixels.shape == want_pixels.shape, film
+        assert np.abs(got_pixels - want_pixels).max() <= HEATMAP_LEVELS, f"{film}: the heatmaps differ"
 
 
 @pytest.fixture(scope="module")
