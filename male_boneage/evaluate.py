@@ -118,12 +118,28 @@ def variant_metrics(models: dict[str, BoneAgeModel], cases: Sequence[Case],
 
 
 def evaluate_variants(data: Path, male_weights: Path, female_weights: Path, variants: Sequence[str],
-                      tta_variants: int = len(DEFAULT_TTA), split: str = "all",
-                      seed: int = 17) -> dict[str, dict[str, float]]:
-    """{variant: matching-sex metrics and refusals} of the folder's cases, each variant through `film_pixels`."""
+                      tta_variants: int = len(DEFAULT_TTA), split: str = "all", seed: int = 17,
+                      cases_csv: Path | None = None) -> dict[str, dict[str, float]]:
+    """{variant: matching-sex metrics and refusals} of the folder's cases, each variant through `film_pixels`;
+    `cases_csv` gets each case's matching-sex estimate under each variant."""
     cases = select(read_labels(data), split, "both", seed)
     models = load_models(male_weights, female_weights, tta_variants)
-    return {name: variant_metrics(models, cases, variant_estimates(models, cases, name, seed)) for name in variants}
+    table = {}
+    rows = []
+    for name in variants:
+        by_model = variant_estimates(models, cases, name, seed)
+        table[name] = variant_metrics(models, cases, by_model)
+        for i, case in enumerate(cases):
+            estimate = by_model["male" if case.male else "female"][i]
+            rows.append([name, case.path.name, int(case.male), case.boneage_months, f"{estimate.age_months:.3f}",
+                         f"{estimate.sigma_months:.3f}"])
+    if cases_csv is not None:
+        cases_csv.parent.mkdir(parents=True, exist_ok=True)
+        with cases_csv.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["variant", "image", "male", "boneage_months", "pred_months", "sigma_months"])
+            writer.writerows(rows)
+    return table
 
 
 VARIANT_COLUMNS = ("n", "mae_months", "rmse_months", "coverage_90", "mean_sigma_months", "mae_0_5y", "mae_5_10y",
@@ -143,8 +159,8 @@ def write_variant_csv(table: dict[str, dict[str, float]], out_csv: Path) -> None
 def format_variant_table(table: dict[str, dict[str, float]]) -> str:
     """A markdown table: MAE (and its change from clean), coverage, mean sigma, MAE by band, refusals."""
     clean_mae = table["clean"]["mae_months"] if "clean" in table else float("nan")
-    lines = ["| variant | n | MAE | vs clean | 90% coverage | mean sigma | MAE 0-5 / 5-10 / 10-15 / 15-20 y | refused |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | n | MAE | vs clean | 90% coverage | mean sigma | MAE 0-5 / 5-10 / 10-15 / 15-20 y "
+             "| refused |", "|---|---|---|---|---|---|---|---|"]
     for name, m in table.items():
         bands = " / ".join("-" if np.isnan(m[k]) else f"{m[k]:.1f}"
                            for k in ("mae_0_5y", "mae_5_10y", "mae_10_15y", "mae_15_20y"))
@@ -190,11 +206,12 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING)
     if args.variants is not None:
         started = time.perf_counter()
+        cases_csv = args.out.with_name(f"{args.out.stem}-cases.csv")
         table = evaluate_variants(args.data, args.male_weights, args.female_weights, args.variants or tuple(VARIANTS),
-                                  args.tta, args.split, args.seed)
+                                  args.tta, args.split, args.seed, cases_csv)
         write_variant_csv(table, args.out)
         sys.stdout.write(f"{format_variant_table(table)}\n{len(table)} variants in "
-                         f"{time.perf_counter() - started:.0f} s; table: {args.out}\n")
+                         f"{time.perf_counter() - started:.0f} s; table: {args.out}, per case: {cases_csv}\n")
         return
     results = evaluate(args.data, args.male_weights, args.female_weights, args.out, args.tta, args.split, args.seed)
     sys.stdout.write(f"{format_report(results)}\nper-case results: {args.out}\n")

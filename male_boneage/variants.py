@@ -135,7 +135,8 @@ def padded(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     factor = float(rng.uniform(1.3, 1.6))
     width, height = round(image.width * factor), round(image.height * factor)
     canvas = Image.new("L", (width, height), border_level(image))
-    canvas.paste(image, (int(rng.integers(0, width - image.width + 1)), int(rng.integers(0, height - image.height + 1))))
+    corner = (int(rng.integers(0, width - image.width + 1)), int(rng.integers(0, height - image.height + 1)))
+    canvas.paste(image, corner)
     return canvas
 
 

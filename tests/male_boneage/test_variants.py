@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import csv
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import TEST20, WEIGHTS
 from PIL import Image
 
+from male_boneage.evaluate import evaluate, evaluate_variants, format_variant_table, write_variant_csv
 from male_boneage.preprocess import read_film
 from male_boneage.variants import (
     VARIANTS,
@@ -120,3 +124,17 @@ def test_variants_are_deterministic_per_film_and_differ_between_films(film: Imag
         assert apply_variant(name, film, "1377") == apply_variant(name, film, "1377"), name
     assert apply_variant("padded", film, "1377") != apply_variant("padded", film, "1394")
     assert variant_rng(17, "1377", "padded").random() != variant_rng(18, "1377", "padded").random()
+
+
+def test_benchmark_clean_row_equals_plain_evaluation_and_refuses_no_real_film(tmp_path: Path) -> None:
+    table = evaluate_variants(TEST20, WEIGHTS / "male.pt", WEIGHTS / "female.pt", ["clean", "padded"])
+    plain = evaluate(TEST20, WEIGHTS / "male.pt", WEIGHTS / "female.pt", tmp_path / "eval.csv")["matching"]
+    assert table["clean"]["mae_months"] == pytest.approx(plain["mae_months"], abs=1e-6)
+    assert table["clean"]["coverage_90"] == pytest.approx(plain["coverage_90"])
+    assert table["padded"]["mae_months"] != table["clean"]["mae_months"]  # the variant reached the models
+    assert all(row["refused"] == 0 and row["n"] == 20 for row in table.values())
+    out = tmp_path / "variants.csv"
+    write_variant_csv(table, out)
+    with out.open() as f:
+        assert [row["variant"] for row in csv.DictReader(f)] == ["clean", "padded"]
+    assert format_variant_table(table).count("\n") == 3  # header, rule, two variants
