@@ -93,9 +93,10 @@ def measure_floor(images: dict[str, bytes], reps: int, warmup: int, device_name:
     # Imported here, not at the top: torch and the models take seconds to load and only the floor needs them.
     import torch
 
-    from male_boneage.augment import standardize, to_model_pixels
+    from male_boneage.augment import standardize
     from male_boneage.inference import MEAN_INDEX, BoneAgeModel, build_net, load_weights
     from male_boneage.model import FlatOutput
+    from male_boneage.preprocess import to_model_pixels
     from utils.imaging import UploadLimits, decode_upload
 
     device = torch.device("cuda" if device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())

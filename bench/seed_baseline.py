@@ -31,9 +31,10 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from sqlalchemy import Column, DateTime, Float, Integer, String, create_engine
 from sqlalchemy.orm import Session, declarative_base
 
-from male_boneage.augment import DEFAULT_TTA, standardize, to_model_pixels, tta_batch
+from male_boneage.augment import DEFAULT_TTA, standardize, tta_batch
 from male_boneage.inference import MEAN_INDEX, build_net, combine_tta, load_weights
 from male_boneage.model import FlatOutput
+from male_boneage.preprocess import to_model_pixels
 
 REPO = Path(__file__).resolve().parent.parent
 

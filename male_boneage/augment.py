@@ -1,7 +1,7 @@
 """Preprocessing and augmentation shared by training, evaluation and the service's test-time augmentation.
 
-One path from pixels to model input: grayscale -> squash to `size` x `size` (as the RSNA 100 px set was made)
--> float in [0, 1] -> geometric / photometric variants -> per-image standardisation.
+One path from pixels to model input: `preprocess.to_model_pixels` (grayscale squashed to `size` x `size`, as the
+RSNA 100 px set was made, float in [0, 1]) -> geometric / photometric variants -> per-image standardisation.
 """
 
 from __future__ import annotations
@@ -12,16 +12,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
-
-
-def to_model_pixels(image: Image.Image, size: int) -> np.ndarray:
-    """An 8-bit grayscale PIL image -> `size` x `size` float32 array in [0, 1] (aspect ratio not kept)."""
-    if image.mode != "L":
-        raise ValueError(f"expected an 8-bit grayscale image, got mode {image.mode}")
-    if image.size != (size, size):
-        image = image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
-    return np.asarray(image, dtype=np.float32) / 255.0
 
 
 def standardize(batch: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:

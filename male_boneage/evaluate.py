@@ -1,9 +1,14 @@
 """Evaluate the shipped models on a labelled folder, through the service's own preprocessing.
 
     python -m male_boneage.evaluate --data ../shared/data/rsna-test-20 --out eval_test20.csv
+    python -m male_boneage.evaluate --data ../shared/data/rsna-train-512 --split heldout --variants --out v.csv
 
 Each case is predicted by the model of its own sex and, for comparison, by the other one. Prints MAE, RMSE,
 MAE per age band, the 90% interval coverage and the mean sigma, and writes one CSV row per case.
+
+`--variants` is the robustness benchmark: every film is sent through the service's preprocessing as each way a
+film reaches us (`variants.py`: crops, low contrast, gamma, JPEG, 16-bit, downscaled, padded, rotated); one table
+row (and CSV row) per variant. `--split heldout` is the 245 films of `rsna-train-512` never trained or tuned on.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ import argparse
 import csv
 import logging
 import sys
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +28,8 @@ from male_boneage.augment import DEFAULT_TTA
 from male_boneage.data import Case, load_pixels, read_labels, select
 from male_boneage.inference import BoneAgeModel, ModelEstimate, out_of_distribution
 from male_boneage.metrics import Z_90, summarize
+from male_boneage.preprocess import film_pixels, read_film
+from male_boneage.variants import VARIANTS, apply_variant
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_WEIGHTS = PROJECT_ROOT / "male_boneage" / "weights"
@@ -33,10 +42,7 @@ def evaluate(data: Path, male_weights: Path, female_weights: Path, out_csv: Path
     `split` selects the training code's seeded split ("val", "calib") of a training folder; "all" takes every case.
     """
     cases = select(read_labels(data), split, "both", seed)
-    tta = DEFAULT_TTA[:tta_variants]
-    device = torch.device("cpu")
-    models = {"male": BoneAgeModel.from_file(male_weights, device, tta),
-              "female": BoneAgeModel.from_file(female_weights, device, tta)}
+    models = load_models(male_weights, female_weights, tta_variants)
     size = models["male"].input_size
     pixels = load_pixels(cases, size)
     by_model = {sex: model.predict_many(pixels) for sex, model in models.items()}
@@ -72,6 +78,98 @@ def evaluate(data: Path, male_weights: Path, female_weights: Path, out_csv: Path
     return results
 
 
+def load_models(male_weights: Path, female_weights: Path, tta_variants: int) -> dict[str, BoneAgeModel]:
+    """Both shipped models on the CPU, with the service's first `tta_variants` test-time variants."""
+    tta = DEFAULT_TTA[:tta_variants]
+    device = torch.device("cpu")
+    return {"male": BoneAgeModel.from_file(male_weights, device, tta),
+            "female": BoneAgeModel.from_file(female_weights, device, tta)}
+
+
+def variant_pixels(films: Sequence[tuple[str, bytes]], variant: str, size: int, seed: int) -> np.ndarray:
+    """(N, size, size) model input of one variant of each (image id, file bytes), through `film_pixels`.
+
+    "clean" sends the file's own bytes; every other variant the PNG bytes of the varied film.
+    """
+    out = np.empty((len(films), size, size), dtype=np.float32)
+    for i, (image_id, data) in enumerate(films):
+        sent = data if variant == "clean" else apply_variant(variant, read_film(data), image_id, seed)
+        out[i] = film_pixels(sent, size)
+    return out
+
+
+def variant_estimates(models: dict[str, BoneAgeModel], cases: Sequence[Case], variant: str,
+                      seed: int) -> dict[str, list[ModelEstimate]]:
+    """Both models' estimates for one variant of every case (no heatmaps)."""
+    films = [(c.image_id, c.path.read_bytes()) for c in cases]
+    size = models["male"].input_size
+    pixels = variant_pixels(films, variant, size, seed)
+    return {sex: model.predict_many(pixels) for sex, model in models.items()}
+
+
+def variant_metrics(models: dict[str, BoneAgeModel], cases: Sequence[Case],
+                    by_model: dict[str, list[ModelEstimate]]) -> dict[str, float]:
+    """Matching-sex metrics of one variant, plus how many films the out-of-distribution rule refuses."""
+    matching = [by_model["male" if c.male else "female"][i] for i, c in enumerate(cases)]
+    metrics = summarize(matching, [c.boneage_months for c in cases])
+    metrics["refused"] = float(sum(out_of_distribution((models[s], by_model[s][i]) for s in models)
+                                   for i in range(len(cases))))
+    return metrics
+
+
+def evaluate_variants(data: Path, male_weights: Path, female_weights: Path, variants: Sequence[str],
+                      tta_variants: int = len(DEFAULT_TTA), split: str = "all", seed: int = 17,
+                      cases_csv: Path | None = None) -> dict[str, dict[str, float]]:
+    """{variant: matching-sex metrics and refusals} of the folder's cases, each variant through `film_pixels`;
+    `cases_csv` gets each case's matching-sex estimate under each variant."""
+    cases = select(read_labels(data), split, "both", seed)
+    models = load_models(male_weights, female_weights, tta_variants)
+    table = {}
+    rows = []
+    for name in variants:
+        by_model = variant_estimates(models, cases, name, seed)
+        table[name] = variant_metrics(models, cases, by_model)
+        for i, case in enumerate(cases):
+            estimate = by_model["male" if case.male else "female"][i]
+            rows.append([name, case.path.name, int(case.male), case.boneage_months, f"{estimate.age_months:.3f}",
+                         f"{estimate.sigma_months:.3f}"])
+    if cases_csv is not None:
+        cases_csv.parent.mkdir(parents=True, exist_ok=True)
+        with cases_csv.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["variant", "image", "male", "boneage_months", "pred_months", "sigma_months"])
+            writer.writerows(rows)
+    return table
+
+
+VARIANT_COLUMNS = ("n", "mae_months", "rmse_months", "coverage_90", "mean_sigma_months", "mae_0_5y", "mae_5_10y",
+                   "mae_10_15y", "mae_15_20y", "refused")
+
+
+def write_variant_csv(table: dict[str, dict[str, float]], out_csv: Path) -> None:
+    """One row per variant."""
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    with out_csv.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["variant", *VARIANT_COLUMNS])
+        for name, m in table.items():
+            writer.writerow([name, *(f"{m[k]:.4f}" for k in VARIANT_COLUMNS)])
+
+
+def format_variant_table(table: dict[str, dict[str, float]]) -> str:
+    """A markdown table: MAE (and its change from clean), coverage, mean sigma, MAE by band, refusals."""
+    clean_mae = table["clean"]["mae_months"] if "clean" in table else float("nan")
+    lines = ["| variant | n | MAE | vs clean | 90% coverage | mean sigma | MAE 0-5 / 5-10 / 10-15 / 15-20 y "
+             "| refused |", "|---|---|---|---|---|---|---|---|"]
+    for name, m in table.items():
+        bands = " / ".join("-" if np.isnan(m[k]) else f"{m[k]:.1f}"
+                           for k in ("mae_0_5y", "mae_5_10y", "mae_10_15y", "mae_15_20y"))
+        lines.append(f"| {name} | {int(m['n'])} | {m['mae_months']:.2f} | {m['mae_months'] - clean_mae:+.2f} | "
+                     f"{m['coverage_90'] * 100:.1f}% | {m['mean_sigma_months']:.2f} | {bands} | "
+                     f"{int(m['refused'])} |")
+    return "\n".join(lines)
+
+
 def format_report(results: dict[str, dict[str, float]]) -> str:
     lines = []
     ood = results.get("ood_check")
@@ -98,11 +196,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--female-weights", type=Path, default=DEFAULT_WEIGHTS / "female.pt")
     parser.add_argument("--out", type=Path, default=Path("evaluation.csv"), help="per-case CSV to write")
     parser.add_argument("--tta", type=int, default=len(DEFAULT_TTA), help="test-time variants (1 = off)")
-    parser.add_argument("--split", choices=("all", "val", "calib", "train"), default="all",
-                        help="only this part of the training code's seeded split (for the training folder)")
+    parser.add_argument("--split", choices=("all", "val", "calib", "train", "heldout"), default="all",
+                        help="only this part of the training code's seeded split (for the training folders); "
+                             "heldout = val or calib (rsna-train-512's 245 benchmark films), train = the rest")
+    parser.add_argument("--variants", nargs="*", choices=tuple(VARIANTS), default=None,
+                        help="robustness benchmark: these ways a film reaches us (none named: all of them)")
     parser.add_argument("--seed", type=int, default=17, help="split seed used in training")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if args.variants is not None:
+        started = time.perf_counter()
+        cases_csv = args.out.with_name(f"{args.out.stem}-cases.csv")
+        table = evaluate_variants(args.data, args.male_weights, args.female_weights, args.variants or tuple(VARIANTS),
+                                  args.tta, args.split, args.seed, cases_csv)
+        write_variant_csv(table, args.out)
+        sys.stdout.write(f"{format_variant_table(table)}\n{len(table)} variants in "
+                         f"{time.perf_counter() - started:.0f} s; table: {args.out}, per case: {cases_csv}\n")
+        return
     results = evaluate(args.data, args.male_weights, args.female_weights, args.out, args.tta, args.split, args.seed)
     sys.stdout.write(f"{format_report(results)}\nper-case results: {args.out}\n")
 

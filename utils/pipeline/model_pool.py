@@ -18,8 +18,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from male_boneage.augment import DEFAULT_TTA, to_model_pixels
+from male_boneage.augment import DEFAULT_TTA
 from male_boneage.inference import BoneAgeModel, ModelEstimate, out_of_distribution
+from male_boneage.preprocess import to_model_pixels
 from utils.config import Settings
 from utils.pipeline.batching import MicroBatcher
 
