@@ -36,10 +36,10 @@ APP_NAME = "boneage-test"
 # Fields of an estimate that must be the plain service's: equal up to the float rounding that the size of a batched
 # pass makes (batches form differently under load; the plain service's micro-batches vary it the same way) and the
 # API's rounding to 0.01 month. Heatmaps: a CAM that crosses a rounding edge moves the heat by one level of 255,
-# which the JET colour map (slope up to 4) blended at 0.45 turns into at most 2 levels of an overlay channel.
+# which the JET colour map (slope up to 4) blended at 0.45 and rounded turns into at most 3 levels of a channel.
 EXACT_FIELDS = ("model_version",)
 NUMBER_TOLERANCE = {"age": 0.0011, "uncertainty_sigma": 0.0011, "age_months": 0.011, "sigma_months": 0.011}
-HEATMAP_LEVELS = 2
+HEATMAP_LEVELS = 3
 HEATMAP_MEAN_LEVELS = 0.05  # and only here and there
 RETRY_503_LIMIT = 20  # a client retries a 503 (Retry-After) a bounded number of times
 OBJECT_STORE_BYTES = 256 * 1024**2  # films and heatmaps pass through it, 40 KB each; Ray would take 30% of RAM
