@@ -33,7 +33,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from app import create_app
-from male_boneage.inference import BoneAgeModel, ModelEstimate, ModelUnavailable
+from male_boneage.inference import BoneAgeModel, ModelEstimate, ModelUnavailable, out_of_distribution
 from utils.config import Settings
 from utils.errors import Overloaded
 from utils.memory import limit_malloc_arenas
@@ -62,10 +62,6 @@ class ServedModel:
     @classmethod
     def of(cls, model: BoneAgeModel) -> ServedModel:
         return cls(model.version, model.input_size, model.ood_sigma_months)
-
-    def far_less_sure_than_on_films(self, estimate: ModelEstimate) -> bool:
-        """`BoneAgeModel.far_less_sure_than_on_films` on the limit the deployment reported."""
-        return self.ood_sigma_months is not None and estimate.sigma_months > self.ood_sigma_months
 
 
 @dataclass(frozen=True)
@@ -181,9 +177,8 @@ class DeploymentModels:
         return male, self._calls.submit(self._estimate, "female", female_pixels)
 
     def out_of_distribution(self, male: ModelEstimate, female: ModelEstimate) -> bool:
-        """The rule of `inference.out_of_distribution`: both models far less sure than on any validation film."""
-        return all(model.far_less_sure_than_on_films(estimate)
-                   for model, estimate in ((self.male, male), (self.female, female)))
+        """`inference.out_of_distribution` on the limits the deployment reported."""
+        return out_of_distribution([(self.male, male), (self.female, female)])
 
     def _estimate(self, model: str, pixels: np.ndarray) -> ModelEstimate:
         method: DeploymentHandle[Any] = getattr(self._handle, model)

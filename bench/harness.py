@@ -131,6 +131,37 @@ def parse_env_pairs(parser: argparse.ArgumentParser, items: list[str]) -> dict[s
     return extra
 
 
+# Full runs of the load benchmarks (bench.multiprocess, bench.ray_serve); --quick is a smoke check.
+LOAD_REQUESTS, LOAD_CONCURRENCY = 120, 16
+QUICK_REQUESTS, QUICK_CONCURRENCY = 16, 4
+
+
+def add_load_arguments(parser: argparse.ArgumentParser, report: str) -> None:
+    """The options the load benchmarks share; `report` names their report (bench/out/<report>.md)."""
+    parser.add_argument("--requests", type=int,
+                        help=f"requests per setup (default {LOAD_REQUESTS}; quick {QUICK_REQUESTS})")
+    parser.add_argument("--concurrency", type=int,
+                        help=f"requests in flight (default {LOAD_CONCURRENCY}; quick {QUICK_CONCURRENCY})")
+    parser.add_argument("--quick", action="store_true", help="tiny counts: a smoke check, not a result")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"RSNA data folder (default {DEFAULT_DATA})")
+    parser.add_argument("--out", type=Path,
+                        help=f"report file (default bench/out/{report}.md; quick: bench/out/{report}-quick.md)")
+    parser.add_argument("--start-timeout", type=float, default=300.0, help="seconds a server may take to start")
+    parser.add_argument("--request-timeout", type=float, default=300.0, help="seconds one request may take")
+    parser.add_argument("--drain-timeout", type=float, default=300.0,
+                        help="seconds to wait for the MLflow runs of a setup to be logged")
+    parser.add_argument("--keep-tmp", action="store_true", help="keep the temporary folders (logs, stores)")
+
+
+def finish_load_arguments(args: argparse.Namespace, report: str) -> None:
+    """Fill in what `add_load_arguments` left to --quick: the counts, the report file and `args.smoke`."""
+    args.requests = args.requests if args.requests is not None else (QUICK_REQUESTS if args.quick else LOAD_REQUESTS)
+    args.concurrency = args.concurrency if args.concurrency is not None else (
+        QUICK_CONCURRENCY if args.quick else LOAD_CONCURRENCY)
+    args.out = args.out or REPO / "bench" / "out" / (f"{report}-quick.md" if args.quick else f"{report}.md")
+    args.smoke = args.quick or args.requests < LOAD_REQUESTS or args.concurrency < LOAD_CONCURRENCY
+
+
 @contextmanager
 def interruptible_workdir(prefix: str, keep: bool) -> Iterator[Path]:
     """A temporary folder in which SIGTERM and Ctrl-C raise KeyboardInterrupt; removed at the end unless `keep`."""

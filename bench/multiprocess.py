@@ -30,15 +30,16 @@ from pathlib import Path
 import httpx
 
 from bench.harness import (
-    DEFAULT_DATA,
     PostgresCluster,
     PostgresUnavailable,
     Server,
     Stores,
+    add_load_arguments,
     busy,
     command_line,
     create_database,
     drop_database,
+    finish_load_arguments,
     fmt,
     interruptible_workdir,
     loadavg,
@@ -50,7 +51,6 @@ from bench.harness import (
 )
 
 MODULE = "bench.multiprocess"
-BENCH_DIR = Path(__file__).resolve().parent
 
 
 @dataclass(frozen=True)
@@ -167,35 +167,22 @@ def report(results: list[dict[str, object]], meta: dict[str, object]) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, help="requests per setup (default 120; quick 16)")
-    parser.add_argument("--concurrency", type=int, help="requests in flight (default 16; quick 4)")
     parser.add_argument("--processes", default="1,2,4", help="process counts on PostgreSQL (default 1,2,4)")
     parser.add_argument("--no-sqlite", action="store_true", help="skip the single process on SQLite")
     parser.add_argument("--database-url", help="an existing PostgreSQL server (SQLAlchemy URL; its role needs "
                         "CREATEDB): one new database per setup, dropped at the end. Default: a throwaway cluster")
-    parser.add_argument("--quick", action="store_true", help="tiny counts: a smoke check, not a result")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="extra environment for every server, e.g. BONEAGE_TTA_VARIANTS=1 (repeatable)")
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"RSNA data folder (default {DEFAULT_DATA})")
-    parser.add_argument("--out", type=Path, help="report file (default bench/out/MULTIPROCESS.md; "
-                        "quick: bench/out/MULTIPROCESS-quick.md)")
-    parser.add_argument("--start-timeout", type=float, default=300.0, help="seconds a setup may take to start")
-    parser.add_argument("--request-timeout", type=float, default=300.0, help="seconds one request may take")
-    parser.add_argument("--drain-timeout", type=float, default=300.0,
-                        help="seconds to wait for the MLflow runs of a setup to be logged")
-    parser.add_argument("--keep-tmp", action="store_true", help="keep the temporary folders (logs, stores)")
+    add_load_arguments(parser, "MULTIPROCESS")
     args = parser.parse_args(argv)
-    args.requests = args.requests if args.requests is not None else (16 if args.quick else 120)
-    args.concurrency = args.concurrency if args.concurrency is not None else (4 if args.quick else 16)
+    finish_load_arguments(args, "MULTIPROCESS")
     try:
         args.process_counts = [int(p) for p in args.processes.split(",") if p.strip()]
     except ValueError:
         parser.error(f"--processes expects counts like 1,2,4, got {args.processes!r}")
     if args.requests < 1 or args.concurrency < 1 or any(p < 1 for p in args.process_counts):
         parser.error("--requests, --concurrency and the process counts must be at least 1")
-    args.out = args.out or BENCH_DIR / "out" / ("MULTIPROCESS-quick.md" if args.quick else "MULTIPROCESS.md")
     args.extra_env = parse_env_pairs(parser, args.env)
-    args.smoke = args.quick or args.requests < 120 or args.concurrency < 16
     return args
 
 

@@ -22,12 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.harness import (
-    DEFAULT_DATA,
     HOST,
     Server,
     Stores,
+    add_load_arguments,
     busy,
     command_line,
+    finish_load_arguments,
     fmt,
     free_port,
     interruptible_workdir,
@@ -40,7 +41,6 @@ from bench.multiprocess import send_round_robin
 from utils.config import Settings
 
 MODULE = "bench.ray_serve"
-BENCH_DIR = Path(__file__).resolve().parent
 APP_NAME = "boneage-bench"
 RAY_CPUS = 4  # logical: the ingress and up to 3 model replicas of 1 CPU each
 OBJECT_STORE_BYTES = 256 * 1024**2  # films and heatmaps pass through it, 40 KB each; Ray would take 30% of RAM
@@ -154,31 +154,17 @@ def report(results: list[dict[str, object]], meta: dict[str, object]) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, help="requests per setup (default 120; quick 16)")
-    parser.add_argument("--concurrency", type=int, help="requests in flight (default 16; quick 4)")
     parser.add_argument("--replicas", default="1,2", help="model replica counts under Ray Serve (default 1,2)")
     parser.add_argument("--no-plain", action="store_true", help="skip the plain service")
-    parser.add_argument("--quick", action="store_true", help="tiny counts: a smoke check, not a result")
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"RSNA data folder (default {DEFAULT_DATA})")
-    parser.add_argument("--out", type=Path,
-                        help="report file (default bench/out/RAY.md; quick: bench/out/RAY-quick.md)")
-    parser.add_argument("--start-timeout", type=float, default=300.0,
-                        help="seconds the plain service may take to start")
-    parser.add_argument("--request-timeout", type=float, default=300.0, help="seconds one request may take")
-    parser.add_argument("--drain-timeout", type=float, default=300.0,
-                        help="seconds to wait for the MLflow runs of a setup to be logged")
-    parser.add_argument("--keep-tmp", action="store_true", help="keep the temporary folders (logs, stores)")
+    add_load_arguments(parser, "RAY")
     args = parser.parse_args(argv)
-    args.requests = args.requests if args.requests is not None else (16 if args.quick else 120)
-    args.concurrency = args.concurrency if args.concurrency is not None else (4 if args.quick else 16)
+    finish_load_arguments(args, "RAY")
     try:
         args.replica_counts = [int(p) for p in args.replicas.split(",") if p.strip()]
     except ValueError:
         parser.error(f"--replicas expects counts like 1,2, got {args.replicas!r}")
     if args.requests < 1 or args.concurrency < 1 or any(not 1 <= r < RAY_CPUS for r in args.replica_counts):
         parser.error(f"--requests and --concurrency must be at least 1, the replica counts 1 to {RAY_CPUS - 1}")
-    args.out = args.out or BENCH_DIR / "out" / ("RAY-quick.md" if args.quick else "RAY.md")
-    args.smoke = args.quick or args.requests < 120 or args.concurrency < 16
     return args
 
 

@@ -6,7 +6,7 @@ import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -157,11 +157,6 @@ class BoneAgeModel:
     def sigma_scale(self) -> float:
         return float(self.metadata["sigma_scale"])
 
-    def far_less_sure_than_on_films(self, estimate: ModelEstimate) -> bool:
-        """Whether `estimate`'s sigma is above this model's out-of-distribution limit (False without a limit)."""
-        limit = self.ood_sigma_months
-        return limit is not None and estimate.sigma_months > limit
-
     def predict(self, pixels: np.ndarray, with_heatmap: bool = True) -> ModelEstimate:
         """One preprocessed image (input_size x input_size, [0, 1]) -> estimate, with Grad-CAM if asked."""
         return self.predict_batch([pixels], with_heatmap)[0]
@@ -212,7 +207,17 @@ class BoneAgeModel:
                 for est in self.predict_batch(list(pixels[start:start + batch_size]), with_heatmap=False)]
 
 
-def out_of_distribution(estimates: Iterable[tuple[BoneAgeModel, ModelEstimate]]) -> bool:
-    """The out-of-distribution rule, used by the service and by evaluation: an input is not a hand radiograph when
-    every model is far less sure of it than of any validation film."""
-    return all(model.far_less_sure_than_on_films(estimate) for model, estimate in estimates)
+class OodLimited(Protocol):
+    """A model as the out-of-distribution rule sees it: a loaded `BoneAgeModel`, or one served elsewhere that
+    reported its limit (`ray_serve.ServedModel`)."""
+
+    @property
+    def ood_sigma_months(self) -> float | None: ...
+
+
+def out_of_distribution(estimates: Iterable[tuple[OodLimited, ModelEstimate]]) -> bool:
+    """The out-of-distribution rule, used by the service, Ray Serve, batch scoring and evaluation: an input is not
+    a hand radiograph when every model is far less sure of it than of any validation film (its sigma above the
+    model's limit; a model without a limit never counts it out)."""
+    return all(model.ood_sigma_months is not None and estimate.sigma_months > model.ood_sigma_months
+               for model, estimate in estimates)

@@ -11,11 +11,12 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+from sqlalchemy.orm import Session
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from database import crud
@@ -30,62 +31,57 @@ BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 UNMATCHED_ROUTE = "unmatched"  # a request no route took (404, CORS preflight): never the raw path
 
 
-class TrackingBacklog(Collector):
-    """The MLflow runs not yet complete, read from the database at scrape time."""
+class DatabaseGauges(Collector):
+    """Gauges read from the database at scrape time (the whole deployment's, every process of the database).
 
-    def __init__(self, database: Database) -> None:
+    `read(session)` gives one value per gauge of `gauges` ((name, documentation) pairs); if the database cannot
+    be read, the scrape still answers, without these gauges.
+    """
+
+    def __init__(self, database: Database, gauges: list[tuple[str, str]],
+                 read: Callable[[Session], list[float]]) -> None:
         self.database = database
+        self.gauges = gauges
+        self.read = read
 
     def describe(self) -> Iterable[GaugeMetricFamily]:
-        return self._families()
+        return [GaugeMetricFamily(name, documentation) for name, documentation in self.gauges]
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         try:
             with self.database.session() as session:
-                count, oldest = crud.untracked_backlog(session)
-        except Exception:  # a scrape must answer: without the database, these two gauges are left out
-            logger.warning("metrics: the tracking backlog could not be read", exc_info=True)
+                values = self.read(session)
+        except Exception:  # a scrape must answer
+            logger.warning("metrics: %s could not be read", ", ".join(name for name, _ in self.gauges),
+                           exc_info=True)
             return []
-        age_s = 0.0
-        if oldest is not None:
-            created = oldest if oldest.tzinfo else oldest.replace(tzinfo=dt.UTC)
-            age_s = max(0.0, (dt.datetime.now(dt.UTC) - created).total_seconds())
-        return self._families(count, age_s)
-
-    @staticmethod
-    def _families(count: float | None = None, age_s: float | None = None) -> list[GaugeMetricFamily]:
-        backlog = GaugeMetricFamily("boneage_tracking_backlog",
-                                    "Predictions whose MLflow run is not complete yet (all processes of the database)",
-                                    value=count)
-        oldest = GaugeMetricFamily("boneage_tracking_oldest_pending_age_seconds",
-                                   "Age of the oldest prediction whose MLflow run is not complete (0: none)",
-                                   value=age_s)
-        return [backlog, oldest]
+        return [GaugeMetricFamily(name, documentation, value=value)
+                for (name, documentation), value in zip(self.gauges, values, strict=True)]
 
 
-class PacsBacklog(Collector):
-    """The DICOM objects not yet confirmed by the PACS, and how many of them failed at least once (scrape time)."""
+TRACKING_GAUGES = [
+    ("boneage_tracking_backlog", "Predictions whose MLflow run is not complete yet (all processes of the database)"),
+    ("boneage_tracking_oldest_pending_age_seconds",
+     "Age of the oldest prediction whose MLflow run is not complete (0: none)"),
+]
+PACS_GAUGES = [
+    ("boneage_pacs_backlog", "DICOM objects not yet stored by the PACS"),
+    ("boneage_pacs_failing", "DICOM objects not yet stored whose last send failed"),
+]
 
-    def __init__(self, database: Database) -> None:
-        self.database = database
 
-    def describe(self) -> Iterable[GaugeMetricFamily]:
-        return self._families()
+def read_tracking_backlog(session: Session) -> list[float]:
+    count, oldest = crud.untracked_backlog(session)
+    age_s = 0.0
+    if oldest is not None:
+        created = oldest if oldest.tzinfo else oldest.replace(tzinfo=dt.UTC)
+        age_s = max(0.0, (dt.datetime.now(dt.UTC) - created).total_seconds())
+    return [count, age_s]
 
-    def collect(self) -> Iterable[GaugeMetricFamily]:
-        try:
-            with self.database.session() as session:
-                waiting, failed, _ = crud.pacs_backlog(session)
-        except Exception:  # a scrape must answer: without the database, these gauges are left out
-            logger.warning("metrics: the PACS backlog could not be read", exc_info=True)
-            return []
-        return self._families(waiting, failed)
 
-    @staticmethod
-    def _families(waiting: float | None = None, failed: float | None = None) -> list[GaugeMetricFamily]:
-        return [GaugeMetricFamily("boneage_pacs_backlog", "DICOM objects not yet stored by the PACS", value=waiting),
-                GaugeMetricFamily("boneage_pacs_failing", "DICOM objects not yet stored whose last send failed",
-                                  value=failed)]
+def read_pacs_backlog(session: Session) -> list[float]:
+    waiting, failed, _ = crud.pacs_backlog(session)
+    return [waiting, failed]
 
 
 class ServiceMetrics:
@@ -112,8 +108,8 @@ class ServiceMetrics:
         self.refused = Counter("boneage_predictions_refused_overload",
                                "Predictions refused with 503 because the in-flight limit was reached",
                                registry=self.registry)
-        self.registry.register(TrackingBacklog(service.database))
-        self.registry.register(PacsBacklog(service.database))
+        self.registry.register(DatabaseGauges(service.database, TRACKING_GAUGES, read_tracking_backlog))
+        self.registry.register(DatabaseGauges(service.database, PACS_GAUGES, read_pacs_backlog))
         in_flight = service.in_flight
         self.in_flight.set_function(lambda: in_flight.count)
         self.in_flight_limit.set(in_flight.limit or 0)

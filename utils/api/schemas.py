@@ -9,13 +9,13 @@ from typing import Literal, cast
 from pydantic import BaseModel, Field
 
 from database.models import PacsSend, Patient, Prediction
+from male_boneage import RESEARCH_NOTICE
 from male_boneage.metrics import interval_90
 from male_boneage.model import AGE_GROUPS_YEARS
 from storage.store import dicom_film_path
 from utils.report.clinical import report_of
 
-NOTICE = ("Research model, not a medical device: not for clinical use or diagnosis. Trained on the RSNA "
-          "Pediatric Bone Age Challenge (2017) data.")
+NOTICE = f"{RESEARCH_NOTICE} Trained on the RSNA Pediatric Bone Age Challenge (2017) data."
 MESSAGE = "Male & Female Bone Age Results"
 GROUP_LABELS = tuple(f"{low}-{high} years" for low, high in AGE_GROUPS_YEARS)
 Sex = Literal["male", "female", "unknown"]

@@ -38,12 +38,12 @@ from pydicom.multival import MultiValue
 from pydicom.uid import generate_uid
 from pydicom.valuerep import validate_value
 
+from male_boneage import RESEARCH_NOTICE as NOTICE
 from male_boneage.inference import ModelEstimate
 from male_boneage.metrics import interval_90
 from utils.report.clinical import ClinicalReport
 
 MANUFACTURER = "Open-source bone age service (research)"
-NOTICE = "Research model, not a medical device: not for clinical use or diagnosis."
 SC_BANNER = "RESEARCH USE ONLY - NOT FOR DIAGNOSIS - Grad-CAM of a bone age model"
 REPORT_FILE, HEATMAP_FILE = "report.dcm", "heatmap.dcm"
 SR_SERIES_NUMBER, SC_SERIES_NUMBER = 9901, 9902
@@ -108,10 +108,10 @@ def _valid(element: DataElement) -> bool:
 
 def study_header(film: Dataset | None, patient_id: str, sex_used: str, created_at: dt.datetime,
                  uid_root: str) -> Dataset:
-    """The patient and study modules the results carry: the film's own when it has a study, else placeholders
-    (a new study; Patient ID = the service's patient id)."""
+    """The patient and study modules the results carry: the film's own when it joins its study (`film` given),
+    else placeholders (a new study; Patient ID = the service's patient id)."""
     header = Dataset()
-    if film is not None and film_study_missing(film) is None:
+    if film is not None:
         for keyword in PATIENT_AND_STUDY:
             if keyword in film and _valid(film[keyword]):  # a malformed value is left out (or empty, if Type 2)
                 header[keyword] = film[keyword]
@@ -127,17 +127,18 @@ def study_header(film: Dataset | None, patient_id: str, sex_used: str, created_a
     return header
 
 
-def build_dicom_results(film: Dataset | None, header: Dataset, uid_root: str, sex_used: str,
-                        estimates: dict[str, tuple[ModelEstimate, str]], report: ClinicalReport,
+def build_dicom_results(film: Dataset | None, patient_id: str, created_at: dt.datetime, uid_root: str,
+                        sex_used: str, estimates: dict[str, tuple[ModelEstimate, str]], report: ClinicalReport,
                         overlay_rgb: np.ndarray, female_fallback: bool) -> DicomResults:
-    """The SR and SC of one prediction. `estimates` is {"male"|"female": (estimate, model version)};
-    `overlay_rgb` the heatmap overlay to show (the applicable one, or both side by side)."""
-    in_study = film is not None and film_study_missing(film) is None
-    source = film if in_study else None
-    sr = _structured_report(header, source, uid_root, sex_used, estimates, report, female_fallback)
-    sc = _secondary_capture(header, source, uid_root, overlay_rgb)
+    """The SR and SC of one prediction. `film` is the uploaded DICOM when the results join its study
+    (`film_study_missing` found nothing missing), else None: a new study with placeholders. `estimates` is
+    {"male"|"female": (estimate, model version)}; `overlay_rgb` the heatmap overlay to show (the applicable one,
+    or both side by side)."""
+    header = study_header(film, patient_id, sex_used, created_at, uid_root)
+    sr = _structured_report(header, film, uid_root, sex_used, estimates, report, female_fallback)
+    sc = _secondary_capture(header, film, uid_root, overlay_rgb)
     return DicomResults({REPORT_FILE: _encode(sr), HEATMAP_FILE: _encode(sc)},
-                        {REPORT_FILE: str(sr.SOPInstanceUID), HEATMAP_FILE: str(sc.SOPInstanceUID)}, in_study)
+                        {REPORT_FILE: str(sr.SOPInstanceUID), HEATMAP_FILE: str(sc.SOPInstanceUID)}, film is not None)
 
 
 def side_by_side(left_rgb: np.ndarray, right_rgb: np.ndarray, gap: int = 8) -> np.ndarray:

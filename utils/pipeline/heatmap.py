@@ -49,8 +49,3 @@ def encode_png(image: np.ndarray) -> bytes:
 def overlay_png(film_bgr: np.ndarray, cam: np.ndarray) -> bytes:
     """`overlay` as PNG."""
     return encode_png(overlay(film_bgr, cam))
-
-
-def film_png(gray: np.ndarray) -> bytes:
-    """An 8-bit grayscale film as PNG."""
-    return encode_png(gray)

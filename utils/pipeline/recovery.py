@@ -20,7 +20,7 @@ from database.db import Database
 from storage.store import DICOM_FILM_PNG, ORIGINAL_STEM, PatientStore
 from utils.errors import InvalidImage
 from utils.imaging import UploadLimits, decode_upload
-from utils.pipeline.heatmap import film_png
+from utils.pipeline.heatmap import encode_png
 from utils.tracking.mlflow_runs import MlflowRuns
 
 logger = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def add_missing_dicom_films(store: PatientStore, folders: list[tuple[str, str]])
             continue
         try:
             gray = decode_upload(original.read_bytes(), no_limits).gray
-            store.add_file(patient, prediction, DICOM_FILM_PNG, film_png(np.asarray(gray)))
+            store.add_file(patient, prediction, DICOM_FILM_PNG, encode_png(np.asarray(gray)))
         except (InvalidImage, OSError, ValueError):
             logger.warning("could not write film.png for prediction %s", prediction, exc_info=True)
             continue

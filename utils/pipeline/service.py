@@ -14,6 +14,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+from pydicom.dataset import Dataset
 
 from database import crud
 from database.db import Database, DatabaseUnavailable
@@ -30,12 +31,11 @@ from utils.pacs.objects import (
     build_dicom_results,
     film_study_missing,
     side_by_side,
-    study_header,
 )
 from utils.pacs.policy import DicomPolicy
 from utils.pacs.sender import PacsSender
 from utils.pipeline.draft import PredictionDraft
-from utils.pipeline.heatmap import encode_png, film_background, film_png, overlay
+from utils.pipeline.heatmap import encode_png, film_background, overlay
 from utils.pipeline.model_pool import out_of_distribution_message
 from utils.pipeline.models import Models
 from utils.report.clinical import build_report
@@ -238,12 +238,15 @@ class BoneAgeService:
         female_overlay: Future[np.ndarray] | None = None
         if draft.female is not draft.male:
             female_overlay = self._heatmaps.submit(overlay, film, _heatmap(draft.female))
-        dicom_png = self._heatmaps.submit(film_png, np.asarray(draft.image.gray)) if draft.image.format == "DICOM" \
+        dicom_png = self._heatmaps.submit(encode_png, np.asarray(draft.image.gray)) if draft.image.format == "DICOM" \
             else None
         male_overlay = overlay(film, _heatmap(draft.male))
         female_png = None if female_overlay is None else self._heatmaps.submit(encode_png, female_overlay.result())
         overlays = {"male": male_overlay, "female": male_overlay if female_overlay is None else female_overlay.result()}
-        dicom = self._heatmaps.submit(self._dicom_results, draft, overlays) if self._wants_dicom(draft) else None
+        # The film joins its study only if it has one; other films get results only with BONEAGE_DICOM_FOR_ALL.
+        study_film = draft.image.dicom if film_study_missing(draft.image.dicom) is None else None
+        wants_dicom = self.dicom is not None and (study_film is not None or self.dicom.for_all)
+        dicom = self._heatmaps.submit(self._dicom_results, draft, study_film, overlays) if wants_dicom else None
         male_png = encode_png(male_overlay)
         files = {draft.original_name: draft.image.data, GRADCAM_PNG["male"]: male_png,
                  GRADCAM_PNG["female"]: male_png if female_png is None else female_png.result()}
@@ -261,13 +264,8 @@ class BoneAgeService:
             files.update(results.files)
         return files, results
 
-    def _wants_dicom(self, draft: PredictionDraft) -> bool:
-        """DICOM results for a film with a study, and for any film with BONEAGE_DICOM_FOR_ALL."""
-        if self.dicom is None:
-            return False
-        return self.dicom.for_all or film_study_missing(draft.image.dicom) is None
-
-    def _dicom_results(self, draft: PredictionDraft, overlays: dict[str, np.ndarray]) -> DicomResults:
+    def _dicom_results(self, draft: PredictionDraft, study_film: Dataset | None,
+                       overlays: dict[str, np.ndarray]) -> DicomResults:
         """The SR and SC; the SC shows the applicable overlay, or both side by side (boys' model left) when the
         sex is unknown and two models answered."""
         assert self.dicom is not None
@@ -275,12 +273,11 @@ class BoneAgeService:
         shown = rgb.get(draft.sex_used)
         if shown is None:
             shown = rgb["male"] if overlays["female"] is overlays["male"] else side_by_side(rgb["male"], rgb["female"])
-        header = study_header(draft.image.dicom, draft.patient_id, draft.sex_used, draft.created_at,
-                              self.dicom.uid_root)
         estimates = {"male": (draft.male, self.models.male.version),
                      "female": (draft.female, self.models.female.version)}
-        return build_dicom_results(draft.image.dicom, header, self.dicom.uid_root, draft.sex_used, estimates,
-                                   draft.report, np.ascontiguousarray(shown), self.models.female_fallback)
+        return build_dicom_results(study_film, draft.patient_id, draft.created_at, self.dicom.uid_root,
+                                   draft.sex_used, estimates, draft.report, np.ascontiguousarray(shown),
+                                   self.models.female_fallback)
 
     def _add_dicom(self, prediction: Prediction, dicom: DicomResults, paths: dict[str, str],
                    created_at: dt.datetime) -> None:
