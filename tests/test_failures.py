@@ -50,7 +50,8 @@ def test_mlflow_store_failing_then_back(tmp_path: Path, database_url: str) -> No
         assert health["status"] == "degraded" and "mlflow" in health["failing"]
 
         blocker.unlink()
-        blocker.mkdir()  # the store is back
+        # The store is back. The tracking worker, retrying meanwhile, may create the folder first.
+        blocker.mkdir(exist_ok=True)
         run_id = _wait_for_run_id(client, "P-ml")
     run = MlflowClient(settings.mlflow_tracking_uri).get_run(run_id)
     assert run.data.params["patient_id"] == "P-ml"
