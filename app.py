@@ -31,6 +31,7 @@ from utils.imaging import UploadLimits
 from utils.memory import limit_malloc_arenas
 from utils.pacs.policy import DicomPolicy
 from utils.pacs.sender import PacsSender
+from utils.imaging.film_check import FilmGate
 from utils.pipeline.model_pool import ModelPool
 from utils.pipeline.models import ModelsLoader
 from utils.pipeline.recovery import recover
@@ -73,6 +74,7 @@ def create_app(settings: Settings | None = None, load_models: ModelsLoader = Mod
         if alone:
             live.share()
         models = await run_in_threadpool(load_models, config)
+        film_gate = await run_in_threadpool(FilmGate.load, config.film_check_weights, config.film_check)
         models.start()
         in_flight = InFlight(config.max_in_flight)
         tracking = TrackingWorker(runs, database, config.storage_dir, config.tracking_retry_seconds,
@@ -87,7 +89,7 @@ def create_app(settings: Settings | None = None, load_models: ModelsLoader = Mod
         if pacs is not None:
             pacs.start()
         service = BoneAgeService(models, store, database, tracking, in_flight, limits, config.heatmap_max_side,
-                                 dicom, pacs)
+                                 film_gate, dicom, pacs)
         app.state.service = service
         app.state.metrics = ServiceMetrics(service)  # a registry per start: apps never share metrics
         logger.info("bone age service ready (storage %s, database %s, MLflow %s)", config.storage_dir,

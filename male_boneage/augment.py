@@ -1,7 +1,7 @@
 """Preprocessing and augmentation shared by training, evaluation and the service's test-time augmentation.
 
 One path from pixels to model input: `preprocess.to_model_pixels` (grayscale squashed to `size` x `size`, as the
-RSNA 100 px set was made, float in [0, 1]) -> geometric / photometric variants -> per-image standardisation.
+RSNA 299 px set was made, stretched to [0, 1]) -> geometric / photometric variants -> per-image standardisation.
 """
 
 from __future__ import annotations
@@ -36,24 +36,47 @@ def affine_matrices(rotation_deg: torch.Tensor, scale: torch.Tensor, aspect: tor
     return torch.stack([row0, row1], dim=1)
 
 
-def warp(batch: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
-    """Apply affine matrices to a (N, 1, H, W) batch; pixels from outside the image are black (film border)."""
-    grid = F.affine_grid(matrices, list(batch.shape), align_corners=False)
-    return F.grid_sample(batch, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+def warp(batch: torch.Tensor, matrices: torch.Tensor, fill: torch.Tensor | None = None,
+         size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Apply affine matrices to a (N, 1, H, W) batch, sampling an output of `size` (default: the input's).
+
+    Pixels from outside the image take the level `fill` ((N,) in [0, 1]; black by default), as a film padded onto a
+    larger plate does.
+    """
+    n, c, h, w = batch.shape
+    out_h, out_w = size or (h, w)
+    grid = F.affine_grid(matrices, [n, c, out_h, out_w], align_corners=False)
+    if fill is None:
+        return F.grid_sample(batch, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    level = fill.view(n, 1, 1, 1).to(batch.dtype)
+    return F.grid_sample(batch - level, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + level
+
+
+def border_level(batch: torch.Tensor) -> torch.Tensor:
+    """(N, 1, H, W) -> (N,) median level of each image's outermost rows and columns (the film's border)."""
+    edges = torch.cat([batch[:, 0, 0, :], batch[:, 0, -1, :], batch[:, 0, :, 0], batch[:, 0, :, -1]], dim=1)
+    return edges.median(dim=1).values
 
 
 @dataclass(frozen=True)
 class TrainAugmentation:
-    """Random variants that look like real uploads: framing, rotation, film proportions, exposure, markers."""
+    """Random variants that look like films as hospitals send them: cropped tight or loose, padded onto a larger
+    plate (at its border's level, black or grey), rotated up to 20 degrees, other proportions, mirrored (right
+    hands), gamma, background removed or lifted, blurred or noisy (low-quality JPEG, downscaled), "L" markers and
+    film borders. The same cases as the robustness benchmark (`variants.py`), made on the batch in torch."""
 
-    max_rotation_deg: float = 15.0
-    scale_range: tuple[float, float] = (0.85, 1.3)
+    max_rotation_deg: float = 20.0
+    scale_range: tuple[float, float] = (0.7, 1.35)
     aspect_range: tuple[float, float] = (0.8, 1.25)
-    max_shift: float = 0.08
-    gamma_range: tuple[float, float] = (0.7, 1.5)
+    max_shift: float = 0.1
+    flip_prob: float = 0.5
+    gamma_range: tuple[float, float] = (0.55, 1.85)
     background_cut_prob: float = 0.3
+    background_lift_prob: float = 0.2
+    blur_prob: float = 0.2
+    noise_prob: float = 0.2
     marker_prob: float = 0.3
-    border_prob: float = 0.2
+    border_prob: float = 0.15
 
     def __call__(self, batch: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """(N, 1, H, W) in [0, 1] -> augmented (N, 1, H, W) in [0, 1] (not yet standardised)."""
@@ -62,6 +85,11 @@ class TrainAugmentation:
         def uniform(low: float, high: float) -> torch.Tensor:
             return torch.rand(n, generator=generator) * (high - low) + low
 
+        def chance(p: float) -> torch.Tensor:
+            return torch.rand(n, generator=generator) < p
+
+        flip = chance(self.flip_prob).view(n, 1, 1, 1)
+        batch = torch.where(flip, batch.flip(-1), batch)
         # Log-uniform scale and aspect so zoom in and out are equally likely.
         scale = torch.exp(uniform(math.log(self.scale_range[0]), math.log(self.scale_range[1])))
         aspect = torch.exp(uniform(math.log(self.aspect_range[0]), math.log(self.aspect_range[1])))
@@ -69,26 +97,34 @@ class TrainAugmentation:
             uniform(-self.max_rotation_deg, self.max_rotation_deg), scale, aspect,
             uniform(-self.max_shift, self.max_shift) * 2, uniform(-self.max_shift, self.max_shift) * 2,
         )
-        out = warp(batch, matrices)
+        # Outside the film: its own border level (half), black (a quarter) or any grey (a quarter).
+        pick = torch.rand(n, generator=generator)
+        fill = torch.where(pick < 0.5, border_level(batch), torch.where(pick < 0.75, torch.zeros(n), uniform(0, 0.6)))
+        out = warp(batch, matrices, fill).clamp(0, 1)
 
         gamma = torch.exp(uniform(math.log(self.gamma_range[0]), math.log(self.gamma_range[1])))
-        out = out.clamp(0, 1) ** gamma.view(n, 1, 1, 1)
-
+        out = out ** gamma.view(n, 1, 1, 1)
         # Background removal as in registered test films: crush the darkest levels to black.
-        cut = uniform(0.1, 0.35) * (torch.rand(n, generator=generator) < self.background_cut_prob)
-        cut = cut.view(n, 1, 1, 1)
+        cut = (uniform(0.1, 0.45) * chance(self.background_cut_prob)).view(n, 1, 1, 1)
         out = ((out - cut) / (1 - cut)).clamp(0, 1)
+        # Low contrast on a raised background: levels compressed towards a grey floor.
+        lift = (uniform(0.15, 0.5) * chance(self.background_lift_prob)).view(n, 1, 1, 1)
+        out = lift + (1 - lift) * out
+        blurred = F.avg_pool2d(out, 3, 1, 1, count_include_pad=False)
+        out = torch.where(chance(self.blur_prob).view(n, 1, 1, 1), blurred, out)
+        noise = torch.randn(out.shape, generator=generator) * uniform(0.005, 0.03).view(n, 1, 1, 1)
+        out = torch.where(chance(self.noise_prob).view(n, 1, 1, 1), (out + noise).clamp(0, 1), out)
 
         ys = torch.arange(h).view(1, h, 1)
         xs = torch.arange(w).view(1, 1, w)
         # A bright "L"-style marker: a small white rectangle somewhere near the film's edge.
-        has_marker = (torch.rand(n, generator=generator) < self.marker_prob).view(n, 1, 1)
+        has_marker = chance(self.marker_prob).view(n, 1, 1)
         mx = (torch.rand(n, generator=generator) * (w - 10)).long().view(n, 1, 1)
         my = (torch.rand(n, generator=generator) * (h * 0.3)).long().view(n, 1, 1)
         marker = has_marker & (xs >= mx) & (xs < mx + max(2, w // 12)) & (ys >= my) & (ys < my + max(2, h // 10))
         out = torch.where(marker.unsqueeze(1), torch.ones_like(out), out)
         # A white film border on one side.
-        has_border = (torch.rand(n, generator=generator) < self.border_prob).view(n, 1, 1)
+        has_border = chance(self.border_prob).view(n, 1, 1)
         bw = (torch.rand(n, generator=generator) * 0.08 * w).long().view(n, 1, 1) + 1
         border = has_border & ((xs < bw) | (xs >= w - bw) | (ys < bw))
         out = torch.where(border.unsqueeze(1), torch.full_like(out, 0.9), out)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from male_boneage.augment import DEFAULT_TTA, tta_variants
+from male_boneage.preprocess import PREPROCESSING_VERSION
 from male_boneage.model import (
     AGE_SCALE_MONTHS,
     ARCHITECTURE,
@@ -22,7 +23,10 @@ from male_boneage.model import (
     target_to_months,
 )
 
-REQUIRED_METADATA = ("architecture", "sex", "input_size", "width", "normalization", "sigma_scale", "version")
+REQUIRED_METADATA = ("architecture", "sex", "input_size", "width", "preprocessing", "normalization", "sigma_scale",
+                     "version")
+# The range of the RSNA training labels: no estimate or interval bound leaves it (the models cannot know more).
+MIN_AGE_MONTHS, MAX_AGE_MONTHS = 0.0, 228.0
 MEAN_INDEX, LOG_SIGMA_INDEX = 4, 5  # positions in FlatOutput's `[grp logits (4), mean, log sigma]`
 
 
@@ -58,6 +62,9 @@ def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     if metadata["architecture"] != ARCHITECTURE:
         raise ModelUnavailable(f"model weights file {path} is for {metadata['architecture']}, "
                                f"the code is {ARCHITECTURE}")
+    if metadata["preprocessing"] != PREPROCESSING_VERSION:
+        raise ModelUnavailable(f"model weights file {path} was trained with preprocessing "
+                               f"{metadata['preprocessing']!r}, the code's is {PREPROCESSING_VERSION!r}")
     return payload["state_dict"], metadata
 
 
@@ -84,13 +91,15 @@ def state_digest(state_dict: dict[str, torch.Tensor]) -> str:
 def combine_tta(outputs: torch.Tensor, sigma_scale: float) -> tuple[float, float, tuple[float, ...]]:
     """(T, 6) outputs of the TTA variants of one image -> (age months, calibrated sigma months, group probs).
 
-    The variance is the mean predicted variance plus the spread of the variants' means.
+    The variance is the mean predicted variance plus the spread of the variants' means. The age is clamped to the
+    training labels' range (`MIN_AGE_MONTHS`-`MAX_AGE_MONTHS`).
     """
     means = target_to_months(outputs[:, MEAN_INDEX])
     sigmas = torch.exp(outputs[:, LOG_SIGMA_INDEX]) * AGE_SCALE_MONTHS
     variance = (sigmas**2).mean() + means.var(unbiased=False)
     probs = torch.softmax(outputs[:, :MEAN_INDEX], dim=1).mean(dim=0)
-    return float(means.mean()), float(variance.sqrt()) * sigma_scale, tuple(float(p) for p in probs)
+    age = min(max(float(means.mean()), MIN_AGE_MONTHS), MAX_AGE_MONTHS)
+    return age, float(variance.sqrt()) * sigma_scale, tuple(float(p) for p in probs)
 
 
 def scale_to_unit(maps: torch.Tensor) -> torch.Tensor:

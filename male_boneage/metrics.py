@@ -6,16 +6,16 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from male_boneage.inference import ModelEstimate
+from male_boneage.inference import MAX_AGE_MONTHS, MIN_AGE_MONTHS, ModelEstimate
 from male_boneage.model import AGE_GROUPS_YEARS
 
 Z_90 = 1.6448536269514722  # two-sided 90% normal interval: mean +- Z_90 * sigma
 
 
 def interval_90(age_months: float, sigma_months: float) -> tuple[float, float]:
-    """The 90% interval of an estimate, months (no age below 0)."""
+    """The 90% interval of an estimate, months, within the models' range (0-228 months)."""
     half = Z_90 * sigma_months
-    return max(0.0, age_months - half), age_months + half
+    return max(MIN_AGE_MONTHS, age_months - half), min(MAX_AGE_MONTHS, age_months + half)
 
 
 def calibrate_sigma_scale(estimates: Sequence[ModelEstimate], ages: Sequence[float], coverage: float = 0.90) -> float:

@@ -1,4 +1,9 @@
-"""BoneAgeNet: a small residual CNN with an age-group head (`grp`) and a mean/log-sigma head (`unc`)."""
+"""BoneAgeNet: a ResNet-18-shaped CNN for one grayscale film, with the patient's sex as an input beside the pooled
+features, an age-group head (`grp`) and a mean/log-sigma head (`unc`).
+
+One network is trained on both sexes (sex per film), then fine-tuned per sex; a served model has its sex fixed in a
+buffer (`male`), so the service's male and female models each take a film alone.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +15,11 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 # Age groups of the `grp` head, in years: [low, high).
 AGE_GROUPS_YEARS: tuple[tuple[int, int], ...] = ((0, 5), (5, 10), (10, 15), (15, 20))
-ARCHITECTURE = "BoneAgeNet-v1"
+ARCHITECTURE = "BoneAgeNet-v2"
 # Ages are regressed in standardised units so the heads start near the data's scale.
 AGE_CENTER_MONTHS = 120.0
 AGE_SCALE_MONTHS = 50.0
+SEX_FEATURES = 32
 
 
 class ResidualBlock(nn.Module):
@@ -39,30 +45,43 @@ class ResidualBlock(nn.Module):
         return result
 
 
-class BoneAgeNet(nn.Module):
-    """Grayscale radiograph -> (`grp` logits of 4 age groups, `unc` = [mean, log sigma] of the age).
+def _stage(in_channels: int, out_channels: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(ResidualBlock(in_channels, out_channels, stride), ResidualBlock(out_channels, out_channels))
 
-    Downsampling is 8x before `cam_layer`, so at 100 px its feature map is 13x13 (Grad-CAM needs >= 12x12);
-    the same code trains at 256 or 512 px.
+
+class BoneAgeNet(nn.Module):
+    """Grayscale radiograph (+ sex) -> (`grp` logits of 4 age groups, `unc` = [mean, log sigma] of the age).
+
+    ResNet-18's layout (7x7 stem with stride 2 and a max-pool, four stages of two residual blocks) on one channel.
+    Downsampling is 16x before `cam_layer`, so at 224 px its feature map is 14x14 (Grad-CAM needs >= 12x12).
+    The sex enters after pooling (`male`: 1.0 boy, 0.0 girl); `forward` takes it per film, or uses the buffer
+    `male` of a model whose sex is fixed.
     """
 
-    def __init__(self, input_size: int = 100, width: int = 32, dropout: float = 0.2) -> None:
+    def __init__(self, input_size: int = 224, width: int = 64, dropout: float = 0.2, male: float = 0.5) -> None:
         super().__init__()
         self.input_size = input_size
         w = width
-        self.stem = nn.Sequential(nn.Conv2d(1, w, 3, 2, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True))
-        self.layer1 = ResidualBlock(w, w)
-        self.layer2 = nn.Sequential(ResidualBlock(w, 2 * w, stride=2), ResidualBlock(2 * w, 2 * w))
-        self.layer3 = nn.Sequential(ResidualBlock(2 * w, 4 * w, stride=2), ResidualBlock(4 * w, 4 * w))
-        self.layer4 = nn.Sequential(ResidualBlock(4 * w, 8 * w, stride=2), ResidualBlock(8 * w, 8 * w))
+        self.stem = nn.Sequential(nn.Conv2d(1, w, 7, 2, 3, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True),
+                                  nn.MaxPool2d(3, 2, 1))
+        self.layer1 = _stage(w, w, 1)
+        self.layer2 = _stage(w, 2 * w, 2)
+        self.layer3 = _stage(2 * w, 4 * w, 2)
+        self.layer4 = _stage(4 * w, 8 * w, 2)
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.dropout = nn.Dropout(dropout)
-        self.grp = nn.Linear(8 * w, len(AGE_GROUPS_YEARS))
-        self.unc = nn.Linear(8 * w, 2)
+        self.sex = nn.Sequential(nn.Linear(1, SEX_FEATURES), nn.ReLU(inplace=True))
+        self.hidden = nn.Sequential(nn.Linear(8 * w + SEX_FEATURES, 256), nn.ReLU(inplace=True), nn.Dropout(dropout))
+        self.grp = nn.Linear(256, len(AGE_GROUPS_YEARS))
+        self.unc = nn.Linear(256, 2)
+        self.register_buffer("male", torch.tensor(male))
+
+    def set_sex(self, male: bool) -> None:
+        """Fix the sex the model assumes when `forward` is not given one."""
+        self.male.fill_(1.0 if male else 0.0)
 
     @property
     def cam_layer(self) -> nn.Module:
-        """The layer whose activations Grad-CAM explains (13x13 at 100 px)."""
+        """The layer whose activations Grad-CAM explains (14x14 at 224 px)."""
         return self.layer3
 
     def to_cam_layer(self, x: torch.Tensor) -> torch.Tensor:
@@ -70,13 +89,18 @@ class BoneAgeNet(nn.Module):
         result: torch.Tensor = self.cam_layer(self.layer2(self.layer1(self.stem(x))))
         return result
 
-    def from_cam_layer(self, activations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def from_cam_layer(self, activations: torch.Tensor,
+                       male: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The CAM layer's activations -> (`grp`, `unc`) (the second half of `forward`)."""
-        features = self.dropout(torch.flatten(self.pool(self.layer4(activations)), 1))
+        pooled = torch.flatten(self.pool(self.layer4(activations)), 1)
+        if male is None:
+            male = self.male.expand(pooled.shape[0])
+        sex = self.sex(male.to(pooled.dtype).view(-1, 1))
+        features = self.hidden(torch.cat([pooled, sex], dim=1))
         return self.grp(features), self.unc(features)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.from_cam_layer(self.to_cam_layer(x))
+    def forward(self, x: torch.Tensor, male: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.from_cam_layer(self.to_cam_layer(x), male)
 
 
 class FlatOutput(nn.Module):
@@ -112,7 +136,7 @@ def fold_batch_norm(net: BoneAgeNet) -> BoneAgeNet:
         return fuse_conv_bn_eval(conv, bn)
 
     folded.stem = nn.Sequential(fused(folded.stem[0], folded.stem[1]), *folded.stem[2:])
-    blocks = [folded.layer1, *folded.layer2, *folded.layer3, *folded.layer4]
+    blocks = [*folded.layer1, *folded.layer2, *folded.layer3, *folded.layer4]
     for block in blocks:
         if not isinstance(block, ResidualBlock):
             raise TypeError(f"expected a ResidualBlock, got {type(block).__name__}")

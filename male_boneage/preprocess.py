@@ -1,8 +1,10 @@
 """Film -> model input: the one conversion training, evaluation and the service share.
 
-Any Pillow image mode becomes 8-bit grayscale; images with more than 8 bits are windowed by percentiles (a few
-extreme pixels do not wash the film out). `to_model_pixels` then squashes the film to the model's input exactly as
-the RSNA 100 px training films were made.
+Any Pillow image mode becomes 8-bit grayscale for display; images with more than 8 bits are windowed by percentiles
+(a few extreme pixels do not wash the film out). `to_model_pixels` squashes the film (8-bit or wider) to the model's
+input as the RSNA 299 px training films were made (bilinear, aspect ratio not kept), in floating point, and
+stretches its 0.5th-99.5th percentile levels to [0, 1]: the same pixels sent as an 8-bit PNG or a 16-bit DICOM give
+the same input, up to the 8-bit rounding.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from PIL import Image, ImageOps
 # Window for images with more than 8 bits: percentiles, so a few extreme pixels do not wash the film out.
 WINDOW_PERCENTILES = (0.5, 99.5)
 WIDE_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
-# The 100 px training films were made with Pillow's nearest-neighbour resize of the full film (the 12 full-size
-# films of rsna-raw-12 give their 100 px copies pixel for pixel). An antialiased resize smooths away the texture the
-# models learned from: on the 955 trainable films of rsna-train-512 it cost 0.7 months of MAE (model card).
-TRAINING_RESAMPLING = Image.Resampling.NEAREST
+# The 299 px training films are bilinear squashes of the whole film; Pillow's bilinear resize is antialiased when it
+# shrinks, as theirs was (the same id squashed from rsna-train-512 correlates at >= 0.9996 with the 299 px file).
+TRAINING_RESAMPLING = Image.Resampling.BILINEAR
+# Written into every weights file; the service refuses weights made for another preprocessing (inference.py).
+PREPROCESSING_VERSION = "squash-bilinear-float-p0.5-99.5-v1"
 
 
 def percentile_window(values: np.ndarray) -> np.ndarray:
@@ -49,14 +52,25 @@ def read_film(data: bytes) -> Image.Image:
     return to_gray8(ImageOps.exif_transpose(image))
 
 
+def stretch(values: np.ndarray) -> np.ndarray:
+    """Float levels -> [0, 1], the 0.5th-99.5th percentiles (`WINDOW_PERCENTILES`) mapped to 0 and 1."""
+    low, high = np.percentile(values, WINDOW_PERCENTILES)
+    if high <= low:
+        return np.zeros_like(values, dtype=np.float32)
+    out: np.ndarray = np.clip((values - low) / (high - low), 0.0, 1.0).astype(np.float32)
+    return out
+
+
 def to_model_pixels(image: Image.Image, size: int) -> np.ndarray:
-    """An 8-bit grayscale PIL image -> `size` x `size` float32 array in [0, 1], squashed as the training films were
-    (aspect ratio not kept, nearest-neighbour)."""
-    if image.mode != "L":
-        raise ValueError(f"expected an 8-bit grayscale image, got mode {image.mode}")
-    if image.size != (size, size):
-        image = image.resize((size, size), TRAINING_RESAMPLING)
-    return np.asarray(image, dtype=np.float32) / 255.0
+    """A grayscale PIL image (8-bit "L" or wider: "I;16", "I", "F") -> `size` x `size` float32 array in [0, 1]:
+    squashed as the training films were (aspect ratio not kept, bilinear) in floating point, then stretched
+    (`stretch`)."""
+    if image.mode not in ("L", *WIDE_MODES):
+        raise ValueError(f"expected a grayscale image, got mode {image.mode}")
+    wide = image.convert("F") if image.mode != "I;16" else Image.fromarray(np.asarray(image, dtype=np.float32))
+    if wide.size != (size, size):
+        wide = wide.resize((size, size), TRAINING_RESAMPLING)
+    return stretch(np.asarray(wide, dtype=np.float32))
 
 
 def film_pixels(data: bytes, size: int) -> np.ndarray:

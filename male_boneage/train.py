@@ -1,9 +1,15 @@
 """Train a BoneAgeNet on a labelled folder, calibrate its sigma, and write a weights file with metadata.
 
-    python -m male_boneage.train --data ../shared/data/rsna-train-100px --sex both --epochs 14 \\
-        --out checkpoints/joint.pt
-    python -m male_boneage.train --data ../shared/data/rsna-train-100px --sex male --epochs 5 \\
-        --init checkpoints/joint.pt --out male_boneage/weights/male.pt
+    python -m male_boneage.train --data ../shared/data/rsna-train-299 --raw ../shared/data/rsna-train-512 \\
+        --sex both --epochs 10 --out checkpoints/joint.pt
+    python -m male_boneage.train --data ../shared/data/rsna-train-299 --raw ../shared/data/rsna-train-512 \\
+        --sex male --epochs 3 --lr 5e-4 --init checkpoints/joint.pt --out male_boneage/weights/male.pt
+
+Films: `--data` is the training folder. With `--raw` (the raw films of `rsna-train-512`), every id of that folder
+is left out of training: its 245 held-out films are the benchmark and never used here, and its 955 trainable raw
+films (as hospitals export them, through the service's own preprocessing) are split in two by id: `val` (watched
+per epoch) and `calib` (the sigma scale). Without `--raw`, `--data` is split by id (`data.split_of`).
+The decoded training films are cached under `checkpoints/cache/` (uint8, model input size).
 
 Every epoch writes a checkpoint next to `--out` (`<out>.ckpt`); running the same command again resumes from it.
 """
@@ -12,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import logging
 import math
 import os
@@ -28,15 +35,16 @@ from mlflow import MlflowClient
 from tqdm import tqdm
 
 from male_boneage.augment import DEFAULT_TTA, TrainAugmentation, standardize
-from male_boneage.data import load_pixels, read_labels, select
+from male_boneage.data import Case, load_pixels, read_labels, select, split_of
 from male_boneage.inference import BoneAgeModel, load_weights, state_digest
 from male_boneage.metrics import calibrate_sigma_scale, summarize
 from male_boneage.model import ARCHITECTURE, BoneAgeNet, age_group_index, months_to_target, target_to_months
+from male_boneage.preprocess import PREPROCESSING_VERSION
 from mlflow_config import ensure_experiment, tracking_uri
 
 logger = logging.getLogger(__name__)
 OOD_SIGMA_FACTOR = 1.5
-NORMALIZATION = "grayscale, squashed to input_size x input_size, per-image zero mean / unit std"
+NORMALIZATION = "grayscale, squashed to input_size x input_size, stretched, per-image zero mean / unit std"
 
 
 @dataclass(frozen=True)
@@ -44,13 +52,15 @@ class TrainConfig:
     data: Path
     sex: str
     out: Path
-    epochs: int = 14
+    epochs: int = 10
     batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 1e-4
-    input_size: int = 100
-    width: int = 32
+    input_size: int = 224
+    width: int = 48
     seed: int = 17
+    raw: Path | None = None
+    bf16: bool = True
     init: Path | None = None
     limit: int | None = None
     tracking_uri: str | None = None
@@ -99,20 +109,22 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run training (resuming from `<out>.ckpt` if present), calibrate, write `cfg.out`; returns its metadata."""
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
-    cases = read_labels(cfg.data)
-    splits = {name: select(cases, name, cfg.sex, cfg.seed) for name in ("train", "val", "calib")}
+    splits = split_cases(cfg)
     if cfg.limit:
         splits = {name: items[: cfg.limit if name == "train" else max(8, cfg.limit // 4)]
                   for name, items in splits.items()}
     logger.info("split sizes: %s", {k: len(v) for k, v in splits.items()})
-    pixels = {name: load_pixels(items, cfg.input_size) for name, items in splits.items()}
+    train_x = cached_pixels(splits["train"], cfg.input_size, cfg.out.parent / "cache" if cfg.limit else CACHE_DIR)
+    pixels = {name: load_pixels(splits[name], cfg.input_size) for name in ("val", "calib")}
     ages = {name: torch.tensor([c.boneage_months for c in items], dtype=torch.float32)
             for name, items in splits.items()}
+    males = {name: torch.tensor([float(c.male) for c in items]) for name, items in splits.items()}
 
     net = BoneAgeNet(input_size=cfg.input_size, width=cfg.width)
     if cfg.init:
         state_dict, _ = load_weights(cfg.init)
         net.load_state_dict(state_dict, strict=True)
+    net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stub lacks it
     optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(splits["train"]) / cfg.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
@@ -137,7 +149,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         client, run_id = None, None
 
     augment = TrainAugmentation()
-    train_x = torch.from_numpy(pixels["train"]).unsqueeze(1)
     for epoch in range(start_epoch, cfg.epochs):
         net.train()
         order = torch.randperm(len(train_x), generator=generator)
@@ -145,9 +156,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         bar = tqdm(range(steps_per_epoch), desc=f"{cfg.sex} epoch {epoch + 1}/{cfg.epochs}", leave=False)
         for step in bar:
             idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-            batch = standardize(augment(train_x[idx], generator))
-            grp, unc = net(batch)
-            loss = loss_fn(grp, unc, ages["train"][idx], cfg.group_loss_weight)
+            films = torch.from_numpy(train_x[idx.numpy()]).unsqueeze(1).float() / 255.0
+            batch = standardize(augment(films, generator)).contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+                grp, unc = net(batch, males["train"][idx])
+            loss = loss_fn(grp.float(), unc.float(), ages["train"][idx], cfg.group_loss_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]  # torch declares Tensor.backward without types
             optimizer.step()
@@ -155,7 +168,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             total += loss.item() * len(idx)
             seen += len(idx)
             bar.set_postfix(loss=f"{total / seen:.3f}")
-        val_mae = _quick_mae(net, pixels["val"], ages["val"])
+        val_mae = _quick_mae(net, pixels["val"], ages["val"], males["val"])
         history.append({"epoch": epoch + 1, "train_loss": total / seen, "val_mae_months": val_mae,
                         "seconds": time.monotonic() - started})
         logger.info("epoch %d/%d: train loss %.4f, val MAE %.2f months (%.0f s)",
@@ -167,16 +180,30 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                      "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
                      "epoch": epoch + 1, "history": history, "run_id": run_id}, checkpoint)
 
-    recalibrate_batchnorm(net, pixels["train"])
+    recalibrate_batchnorm(net, train_x, males["train"])
+    if cfg.sex != "both":
+        net.set_sex(cfg.sex == "male")
     metadata: dict[str, Any] = {
         "architecture": ARCHITECTURE, "sex": cfg.sex, "input_size": cfg.input_size, "width": cfg.width,
+        "preprocessing": PREPROCESSING_VERSION,
         "normalization": NORMALIZATION, "sigma_scale": 1.0, "tta": [list(v) for v in DEFAULT_TTA],
         "training_data": f"{cfg.data.name} (RSNA Pediatric Bone Age Challenge 2017 training split)",
-        "split": f"sha256(seed:id) % 100: <10 val, <20 calib, rest train; seed {cfg.seed}",
+        "split": (f"train: {cfg.data.name} without the ids of {cfg.raw.name}; val / calib: the trainable films of "
+                  f"{cfg.raw.name} (seed {cfg.seed}), halved by id" if cfg.raw else
+                  f"sha256(seed:id) % 100: <10 val, <20 calib, rest train; seed {cfg.seed}"),
         "split_sizes": {k: len(v) for k, v in splits.items()}, "epochs": cfg.epochs,
         "trained_on": dt.datetime.now(dt.UTC).date().isoformat(), "init": str(cfg.init) if cfg.init else "scratch",
         "history": history,
     }
+    if cfg.sex == "both":  # the shared trunk: not served (its sex varies per film), only fine-tuned from
+        state_dict = net.state_dict()
+        metadata["version"] = f"both-{metadata['trained_on']}-{state_digest(state_dict)}"
+        atomic_save({"state_dict": state_dict, "metadata": metadata}, cfg.out)
+        logger.info("wrote %s: version %s", cfg.out, metadata["version"])
+        if client is not None:
+            client.log_param(run_id, "version", metadata["version"])
+            client.set_terminated(run_id)
+        return metadata
     model = BoneAgeModel(net, metadata, torch.device("cpu"))
     calib = model.predict_many(pixels["calib"])
     metadata["sigma_scale"] = calibrate_sigma_scale(calib, ages["calib"].tolist())
@@ -202,36 +229,76 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     return metadata
 
 
-def recalibrate_batchnorm(net: BoneAgeNet, pixels: np.ndarray, max_images: int = 4000) -> None:
+def recalibrate_batchnorm(net: BoneAgeNet, films: np.ndarray, males: torch.Tensor, max_images: int = 3000) -> None:
     """Re-estimate BatchNorm statistics on clean (unaugmented) training films, then switch to eval mode.
 
     The running statistics gathered during training describe heavily augmented batches and lag behind the
-    weights; on clean films they biased the estimates by up to 20 months (measured at epoch 12 of the joint run:
-    validation MAE 20.8 -> 17.5, bias +14 -> +1.6 after recalibration).
+    weights; on clean films they biased the estimates by up to 20 months (measured at epoch 12 of the joint run of
+    the 100 px models: validation MAE 20.8 -> 17.5, bias +14 -> +1.6 after recalibration).
     """
     for module in net.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
             module.reset_running_stats()
             module.momentum = None  # cumulative average over all batches below
     net.train()
+    order = np.random.default_rng(0).permutation(len(films))[:max_images]
     with torch.no_grad():
-        for start in range(0, min(len(pixels), max_images), 100):
-            net(standardize(torch.from_numpy(pixels[start:start + 100]).unsqueeze(1)))
+        for start in range(0, len(order), 100):
+            idx = np.sort(order[start:start + 100])
+            x = torch.from_numpy(films[idx]).unsqueeze(1).float() / 255.0
+            net(standardize(x).contiguous(memory_format=torch.channels_last), males[idx])
     for module in net.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
             module.momentum = 0.1
     net.eval()
 
 
-def _quick_mae(net: BoneAgeNet, pixels: np.ndarray, ages: torch.Tensor) -> float:
+def _quick_mae(net: BoneAgeNet, pixels: np.ndarray, ages: torch.Tensor, males: torch.Tensor) -> float:
     """Validation MAE in months without TTA (cheap, for per-epoch monitoring)."""
     net.eval()
     preds = []
     with torch.no_grad():
-        for start in range(0, len(pixels), 256):
-            x = standardize(torch.from_numpy(pixels[start:start + 256]).unsqueeze(1))
-            preds.append(target_to_months(net(x)[1][:, 0]))
+        for start in range(0, len(pixels), 128):
+            x = standardize(torch.from_numpy(pixels[start:start + 128]).unsqueeze(1))
+            preds.append(target_to_months(net(x.contiguous(memory_format=torch.channels_last),
+                                              males[start:start + 128])[1][:, 0]))
     return float((torch.cat(preds) - ages).abs().mean())
+
+
+CACHE_DIR = Path(__file__).resolve().parents[1] / "checkpoints" / "cache"
+
+
+def split_cases(cfg: TrainConfig) -> dict[str, list[Case]]:
+    """{"train", "val", "calib"}: cases of the sex trained on (see the module docstring)."""
+    cases = read_labels(cfg.data)
+    if cfg.raw is None:
+        return {name: select(cases, name, cfg.sex, cfg.seed) for name in ("train", "val", "calib")}
+    raw_ids = {c.image_id for c in read_labels(cfg.raw)}
+    trainable_raw = select(read_labels(cfg.raw), "train", cfg.sex, cfg.seed)  # never the held-out 245
+    return {
+        "train": [c for c in select(cases, "all", cfg.sex, cfg.seed) if c.image_id not in raw_ids],
+        "val": [c for c in trainable_raw if split_of(c.image_id, cfg.seed + 1, 50, 50) == "val"],
+        "calib": [c for c in trainable_raw if split_of(c.image_id, cfg.seed + 1, 50, 50) == "calib"],
+    }
+
+
+def cached_pixels(cases: list[Case], size: int, cache_dir: Path) -> np.ndarray:
+    """(N, size, size) uint8 model inputs of `cases` (`preprocess.film_pixels` x 255), decoded once and kept in
+    `cache_dir` (named by a hash of the ids, the size and the preprocessing version)."""
+    key = hashlib.sha256(f"{PREPROCESSING_VERSION}:{size}:{','.join(str(c.path) for c in cases)}".encode())
+    path = cache_dir / f"films-{size}-{key.hexdigest()[:12]}.npy"
+    if path.is_file():
+        return np.load(path, mmap_mode="r")
+    logger.info("decoding %d films to %s", len(cases), path)
+    films = np.empty((len(cases), size, size), dtype=np.uint8)
+    for start in range(0, len(cases), 500):
+        films[start:start + 500] = np.round(load_pixels(cases[start:start + 500], size) * 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy")
+    with os.fdopen(fd, "wb") as f:
+        np.save(f, films)
+    os.replace(tmp, path)
+    return films
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -245,6 +312,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--input-size", type=int, default=TrainConfig.input_size)
     parser.add_argument("--width", type=int, default=TrainConfig.width)
     parser.add_argument("--seed", type=int, default=TrainConfig.seed)
+    parser.add_argument("--raw", type=Path, help="raw films (rsna-train-512): left out of training, validation and "
+                        "calibration on its trainable films")
+    parser.add_argument("--fp32", action="store_true", help="train in float32 (default: bfloat16 autocast)")
     parser.add_argument("--init", type=Path, help="weights file to start from (fine-tuning)")
     parser.add_argument("--limit", type=int, help="use only this many training images (smoke tests)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: mlflow_config)")
@@ -255,6 +325,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     train(TrainConfig(data=args.data, sex=args.sex, out=args.out, epochs=args.epochs, batch_size=args.batch_size,
                       lr=args.lr, input_size=args.input_size, width=args.width, seed=args.seed, init=args.init,
+                      raw=args.raw, bf16=not args.fp32,
                       limit=args.limit, tracking_uri=args.tracking_uri))
 
 

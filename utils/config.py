@@ -43,6 +43,11 @@ class Settings(BaseSettings):
         PROJECT_ROOT / "male_boneage" / "weights" / "female.pt",
         description="if missing, the male model serves both (reported as a fallback)",
     )
+    film_check: Literal["refuse", "warn"] = Field(
+        "refuse", description="a film that is not a hand radiograph: refuse (422, nothing stored) or warn (answer it, "
+        "marked in the response, results and SR)")
+    film_check_weights: Path = Field(PROJECT_ROOT / "male_boneage" / "weights" / "film_check.pt",
+                                     description="the film check's classifier (python -m male_boneage.film_check)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available, else CPU")
     tta_variants: int = Field(4, ge=1, le=4, description="test-time augmentation variants per model (1: off)")
     torch_threads: int = Field(0, ge=0, description="CPU threads per model pass (0: half the cores, at least 1, "

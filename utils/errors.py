@@ -34,3 +34,16 @@ class PatientNotFound(ServiceError):
 
 class Overloaded(ServiceError):
     """As many predictions as allowed (`BONEAGE_MAX_IN_FLIGHT`) are already running in this process."""
+
+
+class FilmRefused(InvalidImage):
+    """The film check found the upload is not a radiograph of a hand (`utils.imaging.film_check`).
+
+    `reason` is a short code for metrics and batch results: "body_part" (a DICOM names another body part) or
+    "not_a_hand" (the check's hand score is below its threshold).
+    """
+
+    def __init__(self, message: str, reason: str, score: float | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.score = score

@@ -13,7 +13,10 @@ from mlflow import MlflowClient
 from male_boneage.evaluate import evaluate
 from male_boneage.inference import BoneAgeModel, ModelUnavailable, load_weights
 from male_boneage.model import BoneAgeNet
+from male_boneage.preprocess import PREPROCESSING_VERSION
 from male_boneage.train import TrainConfig, train
+
+TINY_SIZE, TINY_WIDTH = 112, 16  # a small net on small films: the test is about the mechanics, not accuracy
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +24,7 @@ def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     tmp = tmp_path_factory.mktemp("train")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     cfg = TrainConfig(data=TRAIN100, sex="female", out=tmp / "female.pt", epochs=1, batch_size=32, limit=256,
-                      tracking_uri=uri)
+                      input_size=TINY_SIZE, width=TINY_WIDTH, tracking_uri=uri)
     train(cfg)
     return cfg.out, uri
 
@@ -29,7 +32,8 @@ def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 def test_tiny_training_writes_loadable_calibrated_weights(tiny_weights: tuple[Path, str]) -> None:
     path, uri = tiny_weights
     state_dict, metadata = load_weights(path)
-    assert metadata["sex"] == "female" and metadata["input_size"] == 100
+    assert metadata["sex"] == "female" and metadata["input_size"] == TINY_SIZE
+    assert metadata["preprocessing"] == PREPROCESSING_VERSION
     assert metadata["sigma_scale"] > 0 and metadata["split_sizes"]["train"] == 256
     assert 0 < metadata["val_metrics"]["mae_months"] < 240
     assert path.stat().st_size < 20 * 1024 * 1024
@@ -49,7 +53,8 @@ def test_training_resumes_from_checkpoint(tiny_weights: tuple[Path, str]) -> Non
     # equal weights alone would not tell a resume from a fresh start: the epoch's history (with its measured
     # seconds) and the one MLflow run with one train_loss value do.
     before, before_metadata = load_weights(path)
-    train(TrainConfig(data=TRAIN100, sex="female", out=path, epochs=1, batch_size=32, limit=256, tracking_uri=uri))
+    train(TrainConfig(data=TRAIN100, sex="female", out=path, epochs=1, batch_size=32, limit=256, input_size=TINY_SIZE,
+                      width=TINY_WIDTH, tracking_uri=uri))
     after, after_metadata = load_weights(path)
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert after_metadata["history"] == before_metadata["history"] and len(after_metadata["history"]) == 1
@@ -61,13 +66,18 @@ def test_training_resumes_from_checkpoint(tiny_weights: tuple[Path, str]) -> Non
 def test_wrong_shape_or_metadata_refused(tiny_weights: tuple[Path, str], tmp_path: Path) -> None:
     state_dict, metadata = load_weights(tiny_weights[0])
     wrong_shape = tmp_path / "wide.pt"
-    torch.save({"state_dict": BoneAgeNet(width=16).state_dict(), "metadata": metadata}, wrong_shape)
+    torch.save({"state_dict": BoneAgeNet(width=8).state_dict(), "metadata": metadata}, wrong_shape)
     with pytest.raises(ModelUnavailable, match="does not match"):
         BoneAgeModel.from_file(wrong_shape, torch.device("cpu"))
     wrong_arch = tmp_path / "arch.pt"
     torch.save({"state_dict": state_dict, "metadata": metadata | {"architecture": "ResNet50"}}, wrong_arch)
     with pytest.raises(ModelUnavailable, match="ResNet50"):
         BoneAgeModel.from_file(wrong_arch, torch.device("cpu"))
+    other_preprocessing = tmp_path / "preprocessing.pt"
+    torch.save({"state_dict": state_dict, "metadata": metadata | {"preprocessing": "squash-nearest-v0"}},
+               other_preprocessing)
+    with pytest.raises(ModelUnavailable, match="squash-nearest-v0"):
+        BoneAgeModel.from_file(other_preprocessing, torch.device("cpu"))
     no_meta = tmp_path / "nometa.pt"
     torch.save({"state_dict": state_dict, "metadata": {"architecture": metadata["architecture"]}}, no_meta)
     with pytest.raises(ModelUnavailable, match="lacks metadata"):
@@ -95,6 +105,7 @@ def test_shipped_weights_metadata() -> None:
     for sex in ("male", "female"):
         path = WEIGHTS / f"{sex}.pt"
         _, metadata = load_weights(path)
-        assert metadata["sex"] == sex and metadata["input_size"] == 100
-        assert "rsna-train-100px" in metadata["training_data"]
-        assert path.stat().st_size < 20 * 1024 * 1024
+        assert metadata["sex"] == sex and metadata["input_size"] >= 224
+        assert metadata["preprocessing"] == PREPROCESSING_VERSION
+        assert "rsna-train-299" in metadata["training_data"] and "rsna-train-512" in metadata["split"]
+    assert sum((WEIGHTS / name).stat().st_size for name in ("male.pt", "female.pt", "film_check.pt")) < 60 * 2**20

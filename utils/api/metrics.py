@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from database import crud
 from database.db import Database
+from utils.imaging.film_check import REFUSAL_REASONS
 from utils.pipeline.service import STAGES, BoneAgeService
 
 logger = logging.getLogger(__name__)
@@ -108,6 +109,13 @@ class ServiceMetrics:
         self.refused = Counter("boneage_predictions_refused_overload",
                                "Predictions refused with 503 because the in-flight limit was reached",
                                registry=self.registry)
+        self.film_check_failed = Counter(
+            "boneage_film_check_failures", "Films the film check failed, by reason (refused with 422, or answered "
+            "and marked with BONEAGE_FILM_CHECK=warn)", ["reason", "mode"], registry=self.registry)
+        for reason in REFUSAL_REASONS:
+            self.film_check_failed.labels(reason, service.film_gate.mode)
+        service.film_gate.observe_refusals(
+            lambda reason: self.film_check_failed.labels(reason, service.film_gate.mode).inc())
         self.registry.register(DatabaseGauges(service.database, TRACKING_GAUGES, read_tracking_backlog))
         self.registry.register(DatabaseGauges(service.database, PACS_GAUGES, read_pacs_backlog))
         in_flight = service.in_flight

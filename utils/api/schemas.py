@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field
 
 from database.models import PacsSend, Patient, Prediction
 from male_boneage import RESEARCH_NOTICE
+from male_boneage.inference import MAX_AGE_MONTHS, MIN_AGE_MONTHS
 from male_boneage.metrics import interval_90
 from male_boneage.model import AGE_GROUPS_YEARS
 from storage.store import dicom_film_path
@@ -48,6 +49,8 @@ class ModelPrediction(BaseModel):
     model_version: str
     gradcam_path: str = Field(description="path under the storage folder")
     gradcam_url: str
+    range_note: str | None = Field(None, description="set when the estimate is at an end of the models' range "
+                                                     "(0-228 months, the RSNA labels'): it was clamped there")
 
 
 class DifferenceInterval(BaseModel):
@@ -59,6 +62,16 @@ class Reference(BaseModel):
     name: str
     version: str
     citation: str
+
+
+class FilmCheckOut(BaseModel):
+    """The film check's verdict: is this a radiograph of a hand? (README: Film check)"""
+
+    passed: bool
+    score: float | None = Field(description="hand score of the classifier, 0-1")
+    threshold: float = Field(description="the score below which a film fails")
+    reason: str | None = Field(description="why it failed, in words; none when it passed")
+    version: str = Field(description="version of the film check's classifier")
 
 
 class Report(BaseModel):
@@ -75,6 +88,8 @@ class Report(BaseModel):
         description="delayed below -2 SDS, advanced above +2, normal between")
     reference: Reference
     note: str | None = Field(description="why a field is empty (no age, unknown sex, age outside the reference)")
+    film_check: FilmCheckOut | None = Field(None, description="the film check's verdict (none for predictions stored "
+                                                              "before the check existed)")
 
 
 class Visit(BaseModel):
@@ -135,6 +150,8 @@ class PredictionResponse(BaseModel):
     dicom: DicomOutputs | None = Field(
         description="the DICOM results: for a DICOM with a study, and for other films with BONEAGE_DICOM_FOR_ALL")
     report: Report
+    film_check: FilmCheckOut | None = Field(description="the film check's verdict (also in `report`): with "
+                                                        "BONEAGE_FILM_CHECK=warn a failed film is answered and marked")
     image_sha256: str
     timestamp: dt.datetime
     message: str = MESSAGE
@@ -195,6 +212,9 @@ def _model_prediction(age: float, sigma: float, probs_json: str, version: str, c
         age_group=AgeGroup(label=GROUP_LABELS[max(range(len(probs)), key=probs.__getitem__)],
                            probabilities={label: round(p, 4) for label, p in zip(GROUP_LABELS, probs, strict=True)}),
         model_version=version, gradcam_path=cam_path, gradcam_url=f"/storage/{cam_path}",
+        range_note=("at or beyond the adult end of the models' range (228 months): skeletally mature"
+                    if age >= MAX_AGE_MONTHS else "at the youngest end of the models' range (0 months)"
+                    if age <= MIN_AGE_MONTHS else None),
     )
 
 
@@ -206,6 +226,7 @@ def _tracking_state(p: Prediction) -> Tracking:
 
 def prediction_response(p: Prediction) -> PredictionResponse:
     applicable = APPLICABLE.get(p.sex_used)
+    report = Report.model_validate(report_of(p).to_dict())
     return PredictionResponse(
         patient_id=p.patient_id, prediction_id=p.id, mlflow_run_id=p.mlflow_run_id,
         tracking=_tracking_state(p), sex=cast(Sex, p.sex_used), sex_source=cast(SexSource, p.sex_source or "none"),
@@ -216,7 +237,7 @@ def prediction_response(p: Prediction) -> PredictionResponse:
                                             p.female_model_version, p.female_gradcam_path),
         female_model_fallback=p.female_fallback, original_url=f"/storage/{p.image_path}",
         original_path=p.image_path, film_url=_film_url(p), dicom=_dicom_outputs(p),
-        report=Report.model_validate(report_of(p).to_dict()),
+        report=report, film_check=report.film_check,
         image_sha256=p.image_sha256, timestamp=p.created_at,
     )
 

@@ -38,10 +38,11 @@ import torch
 from tqdm import tqdm
 
 from male_boneage.inference import ModelEstimate, load_weights, out_of_distribution
-from male_boneage.metrics import Z_90
+from male_boneage.metrics import interval_90
 from utils.config import Settings
-from utils.errors import InvalidImage, UploadTooLarge
+from utils.errors import FilmRefused, InvalidImage, UploadTooLarge
 from utils.imaging import UploadLimits, decode_upload
+from utils.imaging.film_check import FilmCheckMode, FilmGate
 from utils.pipeline.heatmap import film_background, overlay_png
 from utils.pipeline.model_pool import load_models, model_inputs, out_of_distribution_message, pick_device
 
@@ -65,6 +66,8 @@ SCHEMA = pa.schema([
     *[(f"{sex}_{name}", kind) for sex in ("male", "female") for name, kind in _ESTIMATE_FIELDS],
     ("female_model_fallback", pa.bool_()),
     ("out_of_distribution", pa.bool_()),
+    ("film_check_passed", pa.bool_()),
+    ("film_check_score", pa.float64()),
     ("error", pa.string()),
     ("scored_at", pa.string()),
     ("notice", pa.string()),
@@ -165,6 +168,14 @@ class DecodeOptions:
     male_size: int
     female_size: int | None  # None: the male model stands in for the female one
     heatmap_side: int | None  # longest side of the overlays' film; None: no heatmaps
+    film_check_weights: Path | None = None  # the film check (None: not checked, for the stage's own tests)
+    film_check: FilmCheckMode = "refuse"
+
+
+@functools.lru_cache(maxsize=4)
+def _film_gate(weights: Path, mode: FilmCheckMode) -> FilmGate:
+    """The film check of this worker process, loaded once per weights file and mode."""
+    return FilmGate.load(weights, mode)
 
 
 def _empty_row(file: str) -> dict[str, Any]:
@@ -200,6 +211,12 @@ def decode_film(row: dict[str, Any], options: DecodeOptions) -> dict[str, Any]:
     try:
         data = _read_upload(out["file"], options.limits)
         image = decode_upload(data, options.limits)
+        if options.film_check_weights is not None:
+            verdict = _film_gate(options.film_check_weights, options.film_check).check(image)
+            out.update(film_check_passed=verdict.passed, film_check_score=verdict.score)
+    except FilmRefused as exc:
+        out.update(error=str(exc), film_check_passed=False, film_check_score=exc.score)
+        return out
     except (InvalidImage, UploadTooLarge) as exc:
         out["error"] = str(exc)
         return out
@@ -229,11 +246,11 @@ def _has_error(row: dict[str, Any]) -> bool:
 
 
 def _fill(row: dict[str, Any], sex: str, estimate: ModelEstimate, version: str) -> None:
-    half = Z_90 * estimate.sigma_months
+    low, high = interval_90(estimate.age_months, estimate.sigma_months)
     row[f"{sex}_age_months"] = estimate.age_months
     row[f"{sex}_sigma_months"] = estimate.sigma_months
-    row[f"{sex}_low_90_months"] = max(0.0, estimate.age_months - half)
-    row[f"{sex}_high_90_months"] = estimate.age_months + half
+    row[f"{sex}_low_90_months"] = low
+    row[f"{sex}_high_90_months"] = high
     row[f"{sex}_model_version"] = version
 
 
@@ -357,7 +374,8 @@ def score(files: list[str], out: Path, settings: Settings, options: ScoringOptio
         male_size, female_size = model_input_sizes(settings)
         decode_options = DecodeOptions(
             UploadLimits(settings.max_upload_bytes, settings.max_image_pixels, settings.min_image_side),
-            male_size, female_size, settings.heatmap_max_side if options.heatmaps is not None else None)
+            male_size, female_size, settings.heatmap_max_side if options.heatmaps is not None else None,
+            settings.film_check_weights, settings.film_check)
 
         ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts films written
         dataset: ray.data.Dataset = ray.data.from_items([{"file": f} for f in todo],

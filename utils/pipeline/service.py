@@ -24,6 +24,7 @@ from storage.store import DICOM_FILM_PNG, GRADCAM_PNG, PatientStore, check_patie
 from utils.config import MAX_CHRONOLOGICAL_AGE_MONTHS
 from utils.errors import InvalidImage, InvalidInput, PatientNotFound
 from utils.imaging import DecodedImage, UploadLimits, decode_upload
+from utils.imaging.film_check import FilmGate
 from utils.pacs.objects import (
     HEATMAP_FILE,
     REPORT_FILE,
@@ -148,7 +149,7 @@ class BoneAgeService:
     """Runs and stores predictions; one instance per app, created in the lifespan."""
 
     def __init__(self, models: Models, store: PatientStore, database: Database, tracking: TrackingWorker,
-                 in_flight: InFlight, limits: UploadLimits, heatmap_max_side: int,
+                 in_flight: InFlight, limits: UploadLimits, heatmap_max_side: int, film_gate: FilmGate,
                  dicom: DicomPolicy | None = None, pacs: PacsSender | None = None) -> None:
         self.models = models
         self.store = store
@@ -157,6 +158,7 @@ class BoneAgeService:
         self.in_flight = in_flight
         self.limits = limits
         self.heatmap_max_side = heatmap_max_side
+        self.film_gate = film_gate
         self.dicom = dicom
         self.pacs = pacs
         # Helpers for steps that overlap within one request; apart, so a slow MLflow never delays heatmaps.
@@ -176,6 +178,7 @@ class BoneAgeService:
         form_sex = check_sex(sex)
         form_age = check_age(chronological_age_months)
         image = decode_upload(data, self.limits)
+        film_check = self.film_gate.check(image)  # refused here, before anything is stored
         sex_used, sex_source = resolve_sex(form_sex, image)
         age, age_source = resolve_age(form_age, image)
         watch.lap("decode")
@@ -187,7 +190,8 @@ class BoneAgeService:
         if self.models.out_of_distribution(male, female):
             raise InvalidImage(out_of_distribution_message(male, self.models.male.ood_sigma_months))
         created_at = dt.datetime.now(dt.UTC)
-        report = build_report(sex_used, male, female, age, age_source, self.models.female_fallback)
+        report = build_report(sex_used, male, female, age, age_source, self.models.female_fallback,
+                              film_check.to_dict())
         draft = PredictionDraft(new_prediction_id(created_at), checked_id, created_at, image, sex_used,
                                 sex_source, male, female, self.models, report)
         prediction = self._store(draft, film, watch)

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from database.models import Prediction
-from male_boneage.inference import ModelEstimate
+from male_boneage.inference import MAX_AGE_MONTHS, ModelEstimate
 from male_boneage.metrics import Z_90
 from utils.report import reference
 from utils.report.chart import ChartPoint, chart_png
@@ -40,6 +40,7 @@ class ClinicalReport:
     classification: Classification | None
     reference: dict[str, str]
     note: str | None
+    film_check: dict[str, Any] | None = None  # `utils.imaging.film_check.FilmCheck.to_dict()`; None before the check
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -53,7 +54,7 @@ def classify(sds: float) -> Classification:
 
 def build_report(sex: str, male: ModelEstimate | None, female: ModelEstimate | None,
                  chronological_age_months: float | None, age_source: str | None,
-                 female_fallback: bool = False) -> ClinicalReport:
+                 female_fallback: bool = False, film_check: dict[str, Any] | None = None) -> ClinicalReport:
     """The report for a child of `sex` ("male", "female" or "unknown"); fields that cannot be known are None and
     `note` says why."""
     applicable = {"male": male, "female": female}.get(sex)
@@ -85,7 +86,15 @@ def build_report(sex: str, male: ModelEstimate | None, female: ModelEstimate | N
             low, high = curve.age_range
             notes.append(f"chronological age {chronological_age_months:g} months is outside the reference's "
                          f"range for {sex} children ({low:g}-{high:g} months): no SDS")
+    if bone_age is not None and bone_age >= MAX_AGE_MONTHS:
+        notes.append(f"the skeleton is mature: at or beyond the adult end of the models' range ({MAX_AGE_MONTHS:g} "
+                     "months), so the bone age is reported as 19 years, not as a number past it")
+    elif bone_age is not None and bone_age <= 0:
+        notes.append("the estimate is at the youngest end of the models' range (0 months)")
+    if film_check is not None and not film_check.get("passed", True):
+        notes.append(f"the film check failed ({film_check.get('reason')}): the estimates may be meaningless")
     return ClinicalReport(
+        film_check=film_check,
         chronological_age_months=chronological_age_months, chronological_age_source=age_source,
         bone_age_months=bone_age, difference_months=difference, difference_interval_90=interval, sds=sds,
         classification=classification,

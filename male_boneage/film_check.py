@@ -1,0 +1,343 @@
+"""The film check: is this image a radiograph of a hand? A small CNN that runs before the bone-age models.
+
+    python -m male_boneage.film_check train --out male_boneage/weights/film_check.pt
+    python -m male_boneage.film_check measure --weights male_boneage/weights/film_check.pt
+
+Input: the film squashed to 128 x 128 px by the service's own preprocessing (`preprocess.to_model_pixels`),
+standardised per image. Output: one logit; `FilmChecker.score` is its probability ("hand score", 0-1).
+
+Training data (all real films, plus negatives made from them):
+- positives: hand films of `rsna-train-299` whose ids are not in `rsna-train-512` (the benchmark's 245 held-out
+  films and the 955 raw films used for the bone-age models' validation are never used), with the bone-age models'
+  own augmentation (crops, padding, rotation up to 20 degrees, gamma, background, blur, markers);
+- negatives: the real non-hand images of `non-hand/` (other radiographs, MRI/CT, photos, documents), augmented the
+  same way, and hand films made into what is not a usable hand film: a few fingers (zoomed 3-6x), rotated 90 or
+  180 degrees, inverted, and blank film with a marker.
+`measure` holds out whole sources of `non-hand/` (folds by repository), trains on the rest, and reports the refusal
+rate per held-out source and body part; the shipped checker is trained on every source.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import hashlib
+import json
+import logging
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from male_boneage.augment import TrainAugmentation, standardize
+from male_boneage.data import Case, read_labels
+from male_boneage.inference import ModelUnavailable
+from male_boneage.preprocess import PREPROCESSING_VERSION, read_film, to_model_pixels
+
+logger = logging.getLogger(__name__)
+CHECK_ARCHITECTURE = "FilmCheckNet-v1"
+CHECK_SIZE = 128
+DATA_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+class FilmCheckNet(nn.Module):
+    """Four strided 3x3 convolutions (16-128 channels), global average pooling, one logit."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = 1
+        for i in range(5):
+            out = width * 2 ** min(i, 3)
+            layers += [nn.Conv2d(channels, out, 3, 2, 1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
+            channels = out
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1)
+        logit: torch.Tensor = self.head(pooled)[:, 0]
+        return logit
+
+
+@dataclass(frozen=True)
+class FilmCheckResult:
+    """The check's answer for one film: its hand score (0-1) and whether it passed the threshold."""
+
+    score: float
+    threshold: float
+
+    @property
+    def passed(self) -> bool:
+        return self.score >= self.threshold
+
+
+class FilmChecker:
+    """A loaded film check (weights frozen; safe to call from several threads)."""
+
+    def __init__(self, net: FilmCheckNet, metadata: dict[str, Any]) -> None:
+        self.net = net.eval().requires_grad_(False)
+        self.metadata = metadata
+
+    @classmethod
+    def from_file(cls, path: Path) -> FilmChecker:
+        """Load checked weights (`weights_only=True`, strict); raises ModelUnavailable naming the file otherwise."""
+        if not path.is_file():
+            raise ModelUnavailable(f"film check weights not found: {path}")
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+            metadata = payload["metadata"]
+            if metadata["architecture"] != CHECK_ARCHITECTURE:
+                raise ModelUnavailable(f"film check weights {path} are for {metadata['architecture']}")
+            if metadata["preprocessing"] != PREPROCESSING_VERSION:
+                raise ModelUnavailable(f"film check weights {path} were made for preprocessing {metadata['preprocessing']!r}")
+            net = FilmCheckNet(int(metadata["width"]))
+            net.load_state_dict(payload["state_dict"], strict=True)
+        except ModelUnavailable:
+            raise
+        except Exception as exc:
+            raise ModelUnavailable(f"film check weights {path} are corrupt or do not match the code "
+                             f"({type(exc).__name__})") from None
+        return cls(net, metadata)
+
+    @property
+    def threshold(self) -> float:
+        return float(self.metadata["threshold"])
+
+    @property
+    def version(self) -> str:
+        return str(self.metadata["version"])
+
+    def check(self, film: Image.Image) -> FilmCheckResult:
+        """The hand score of a grayscale film (any size; squashed as the models' input is)."""
+        return self.check_pixels(to_model_pixels(film, CHECK_SIZE))
+
+    def check_pixels(self, pixels: np.ndarray) -> FilmCheckResult:
+        """The hand score of a film already at `CHECK_SIZE` (float, [0, 1])."""
+        with torch.no_grad():
+            logit = self.net(standardize(torch.from_numpy(pixels).view(1, 1, CHECK_SIZE, CHECK_SIZE)))
+        return FilmCheckResult(float(torch.sigmoid(logit)[0]), self.threshold)
+
+    def scores(self, pixels: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """Hand scores of many films (N, CHECK_SIZE, CHECK_SIZE)."""
+        out = []
+        with torch.no_grad():
+            for start in range(0, len(pixels), batch_size):
+                x = standardize(torch.from_numpy(pixels[start:start + batch_size]).unsqueeze(1))
+                out.append(torch.sigmoid(self.net(x)))
+        return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
+
+
+# --- training -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NonHand:
+    path: Path
+    kind: str
+    body_part: str
+    source: str
+
+
+def read_non_hand(folder: Path) -> list[NonHand]:
+    with (folder / "labels.csv").open(newline="") as f:
+        return [NonHand(folder / r["image"], r["kind"], r["body_part"], r["source"].split(":")[0])
+                for r in csv.DictReader(f)]
+
+
+def decode(paths: list[Path]) -> np.ndarray:
+    """Films -> (N, CHECK_SIZE, CHECK_SIZE) float32 through the service's own decoding and preprocessing."""
+    out = np.empty((len(paths), CHECK_SIZE, CHECK_SIZE), dtype=np.float32)
+    for i, path in enumerate(paths):
+        out[i] = to_model_pixels(read_film(path.read_bytes()), CHECK_SIZE)
+    return out
+
+
+def hand_cases(data_root: Path, count: int, seed: int) -> tuple[list[Case], list[Case]]:
+    """(training hands, validation hands): films of `rsna-train-299` whose ids are not in `rsna-train-512`."""
+    raw_ids = {c.image_id for c in read_labels(data_root / "rsna-train-512")}
+    cases = [c for c in read_labels(data_root / "rsna-train-299") if c.image_id not in raw_ids]
+    ranked = sorted(cases, key=lambda c: hashlib.sha256(f"{seed}:check:{c.image_id}".encode()).hexdigest())
+    return ranked[:count], ranked[count:count + count // 4]
+
+
+def made_negatives(hands: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Hand films (N, 1, S, S) in [0, 1] -> what is not a usable hand film: a few fingers, rotated 90/180/270
+    degrees, inverted, or a blank film with a marker."""
+    n, _, s, _ = hands.shape
+    kind = torch.randint(0, 4, (n,), generator=generator)
+    out = hands.clone()
+    # A few fingers: zoomed 3-6x onto a random point.
+    zoom = torch.rand(n, generator=generator) * 3 + 3
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1 / zoom
+    theta[:, :, 2] = torch.rand(n, 2, generator=generator) * 1.2 - 0.6
+    grid = F.affine_grid(theta, [n, 1, s, s], align_corners=False)
+    zoomed = F.grid_sample(hands, grid, align_corners=False)
+    rotated = torch.stack([torch.rot90(h, int(k), dims=(1, 2))
+                           for h, k in zip(hands, torch.randint(1, 4, (n,), generator=generator), strict=True)])
+    blank = (torch.rand(n, 1, 1, 1, generator=generator) * 0.6
+             + torch.randn(n, 1, s, s, generator=generator) * 0.02
+             + torch.linspace(0, 1, s).view(1, 1, 1, s) * torch.rand(n, 1, 1, 1, generator=generator) * 0.3)
+    marker_x, marker_y = (torch.randint(0, s - 16, (2,), generator=generator)).tolist()
+    blank[:, :, marker_y:marker_y + 14, marker_x:marker_x + 10] = 1.0
+    choices = [zoomed, rotated, 1 - hands, blank.clamp(0, 1)]
+    for k, made in enumerate(choices):
+        mask = (kind == k).view(n, 1, 1, 1)
+        out = torch.where(mask, made, out)
+    return out
+
+
+def train_checker(hands: np.ndarray, negatives: np.ndarray, epochs: int = 6, batch_size: int = 64,
+                  seed: int = 17, width: int = 16) -> FilmCheckNet:
+    """A FilmCheckNet trained on hand films (positives) and `negatives` plus negatives made from hands.
+
+    Each batch holds half hands and half negatives (one real non-hand image to one made from a hand).
+    """
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    net = FilmCheckNet(width)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
+    steps_per_epoch = math.ceil(len(hands) / (batch_size // 2))
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=epochs * steps_per_epoch)
+    augment = TrainAugmentation()
+    pos = torch.from_numpy(hands).unsqueeze(1)
+    neg = torch.from_numpy(negatives).unsqueeze(1)
+    half, quarter = batch_size // 2, batch_size // 4
+    for epoch in range(epochs):
+        net.train()
+        order = torch.randperm(len(pos), generator=generator)
+        total = 0.0
+        for step in range(steps_per_epoch):
+            idx = order[step * half:(step + 1) * half]
+            real_neg = neg[torch.randint(0, len(neg), (quarter,), generator=generator)]
+            made = made_negatives(pos[torch.randint(0, len(pos), (quarter,), generator=generator)], generator)
+            x = augment(torch.cat([pos[idx], real_neg, made]), generator)
+            y = torch.cat([torch.ones(len(idx)), torch.zeros(2 * quarter)])
+            loss = F.binary_cross_entropy_with_logits(net(standardize(x)), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[no-untyped-call]
+            optimizer.step()
+            scheduler.step()
+            total += float(loss)
+        logger.info("film check epoch %d/%d: loss %.4f", epoch + 1, epochs, total / steps_per_epoch)
+    return net.eval()
+
+
+def threshold_for(hand_scores: np.ndarray, refuse_at_most: float = 0.002) -> float:
+    """The threshold: the hand score below which at most `refuse_at_most` of validation hands fall (capped at
+    0.5, so a film the check thinks more likely a hand than not always passes)."""
+    return float(min(0.5, np.quantile(hand_scores, refuse_at_most) * 0.9))
+
+
+def source_folds(items: list[NonHand], folds: int) -> list[set[str]]:
+    """Whole sources in `folds` groups, by size, so no repository's look is both trained and measured."""
+    sizes: dict[str, int] = defaultdict(int)
+    for item in items:
+        sizes[item.source] += 1
+    groups: list[set[str]] = [set() for _ in range(folds)]
+    totals = [0] * folds
+    for source in sorted(sizes, key=lambda s: (-sizes[s], s)):
+        i = totals.index(min(totals))
+        groups[i].add(source)
+        totals[i] += sizes[source]
+    return groups
+
+
+def _load(data_root: Path, count: int, seed: int) -> tuple[np.ndarray, np.ndarray, list[NonHand], np.ndarray]:
+    train_hands, val_hands = hand_cases(data_root, count, seed)
+    started = time.monotonic()
+    hands = decode([c.path for c in train_hands])
+    val = decode([c.path for c in val_hands])
+    non_hand = read_non_hand(data_root / "non-hand")
+    negatives = decode([n.path for n in non_hand])
+    logger.info("decoded %d hands, %d validation hands, %d non-hand images in %.0f s",
+                len(hands), len(val), len(negatives), time.monotonic() - started)
+    return hands, val, non_hand, negatives
+
+
+def measure(data_root: Path, folds: int, count: int, seed: int, epochs: int) -> dict[str, Any]:
+    """Refusal rates on whole held-out sources of `non-hand/` (each fold trained without them)."""
+    hands, val, non_hand, negatives = _load(data_root, count, seed)
+    per_source: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    per_part: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    hand_refused = 0
+    for fold, held in enumerate(source_folds(non_hand, folds)):
+        keep = np.array([n.source not in held for n in non_hand])
+        net = train_checker(hands, negatives[keep], epochs=epochs, seed=seed)
+        checker = FilmChecker(net, {"threshold": 0.5})
+        threshold = threshold_for(checker.scores(val))
+        scores = checker.scores(negatives[~keep])
+        for item, score in zip([n for n, k in zip(non_hand, keep, strict=True) if not k], scores, strict=True):
+            refused = int(score < threshold)
+            per_source[item.source][0] += refused
+            per_source[item.source][1] += 1
+            per_part[f"{item.kind}: {item.body_part.split(' (')[0]}"][0] += refused
+            per_part[f"{item.kind}: {item.body_part.split(' (')[0]}"][1] += 1
+        hand_refused += int((checker.scores(val) < threshold).sum())
+        logger.info("fold %d (held out %s): threshold %.3f", fold, sorted(held), threshold)
+    radiographs = [v for k, v in per_part.items() if k.startswith("radiograph")]
+    others = [v for k, v in per_part.items() if k.startswith("other")]
+    return {
+        "radiographs_refused": sum(r for r, _ in radiographs) / max(1, sum(n for _, n in radiographs)),
+        "other_refused": sum(r for r, _ in others) / max(1, sum(n for _, n in others)),
+        "validation_hands_refused": hand_refused / (folds * len(val)),
+        "per_source": {k: f"{r}/{n}" for k, (r, n) in sorted(per_source.items())},
+        "per_body_part": {k: f"{r}/{n}" for k, (r, n) in sorted(per_part.items())},
+    }
+
+
+def train_release(data_root: Path, out: Path, count: int, seed: int, epochs: int) -> dict[str, Any]:
+    """Train the shipped checker on every source and write it with its threshold."""
+    hands, val, _, negatives = _load(data_root, count, seed)
+    started = time.monotonic()
+    net = train_checker(hands, negatives, epochs=epochs, seed=seed)
+    checker = FilmChecker(net, {"threshold": 0.5})
+    val_scores = checker.scores(val)
+    state_dict = net.state_dict()
+    digest = hashlib.sha256(b"".join(t.numpy().tobytes() for t in state_dict.values())).hexdigest()[:10]
+    metadata = {
+        "architecture": CHECK_ARCHITECTURE, "width": 16, "input_size": CHECK_SIZE,
+        "preprocessing": PREPROCESSING_VERSION, "threshold": threshold_for(val_scores),
+        "version": f"film-check-{dt.datetime.now(dt.UTC).date().isoformat()}-{digest}",
+        "training": {"hands": len(hands), "non_hand": len(negatives), "epochs": epochs, "seed": seed,
+                     "seconds": round(time.monotonic() - started)},
+        "validation_hands": len(val),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": state_dict, "metadata": metadata}, out)
+    logger.info("wrote %s: %s", out, metadata)
+    return metadata
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=("train", "measure"))
+    parser.add_argument("--data-root", type=Path, default=DATA_ROOT, help="the shared data folder")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "weights" / "film_check.pt")
+    parser.add_argument("--hands", type=int, default=4000, help="hand films to train on")
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--folds", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=17)
+    parser.add_argument("--threads", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.command == "train":
+        train_release(args.data_root, args.out, args.hands, args.seed, args.epochs)
+    else:
+        print(json.dumps(measure(args.data_root, args.folds, args.hands, args.seed, args.epochs), indent=2))  # noqa: T201
+
+
+if __name__ == "__main__":
+    main()
