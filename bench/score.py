@@ -1,4 +1,4 @@
-"""Batch scoring (Ray Data, `male_boneage.score`) against the HTTP service at concurrency 16, on the same films.
+"""Batch scoring (Ray Data, `python -m score`) against the HTTP service at concurrency 16, on the same films.
 
     .venv/bin/python -m bench.score                  # 200 films (rsna-test-20 x 10); prints a Markdown report
     .venv/bin/python -m bench.score --films 40       # a quicker run

@@ -1,8 +1,9 @@
 """The import graph of the service code: every arrow points down, and nothing imports in a circle.
 
-Layers, top to bottom: `ray_serve.py` -> `app.py` -> `utils/api`, `utils/viewer` -> `utils/pipeline` -> `utils/imaging`,
+Layers, top to bottom: `ray_serve.py` -> `app.py`, `score.py` -> `utils/api`, `utils/viewer` -> `utils/pipeline` -> `utils/imaging`,
 `utils/tracking`, `utils/report` ->
 `utils/config.py`, `utils/errors.py` -> `database/`, `storage/`, `male_boneage/`, `mlflow_config.py`.
+The lower packages import nothing above them: no exception.
 """
 
 from __future__ import annotations
@@ -12,14 +13,11 @@ from pathlib import Path
 
 from helpers import PROJECT_ROOT
 
-SERVICE_CODE = ["app.py", "ray_serve.py", "mlflow_config.py", "utils", "database", "storage", "male_boneage"]
+SERVICE_CODE = ["app.py", "ray_serve.py", "score.py", "mlflow_config.py", "utils", "database", "storage", "male_boneage"]
 LOWER_PACKAGES = ("database", "storage", "male_boneage")
-# Entry points that live in a lower package but compose the layers above, as app.py does; nothing imports them.
-# `male_boneage.score` (python -m male_boneage.score, the name the batch-scoring issue gives it) runs
-# utils/pipeline/batch_scoring.py, which must use the service's own decoding to give the service's ages.
-COMPOSITION_ROOTS = ("male_boneage.score",)
-# What a command starts: python app.py / uvicorn app:app, serve run ray_serve:app, python -m male_boneage.score.
-ENTRY_POINTS = ("app", "ray_serve", *COMPOSITION_ROOTS)
+# What a command starts: python app.py / uvicorn app:app, serve run ray_serve:app, python -m score. They compose
+# the layers; nothing imports them (but ray_serve builds on app).
+ENTRY_POINTS = ("app", "ray_serve", "score")
 GROUND = ("utils.config", "utils.errors")
 
 
@@ -101,8 +99,6 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def _room(module: str) -> str:
     """The room a module belongs to: `utils.<room>` for utils' subpackages, an entry point its own (as `app`), else
     its top-level package."""
-    if module in COMPOSITION_ROOTS:
-        return module
     parts = module.split(".")
     return ".".join(parts[:2]) if parts[0] == "utils" and len(parts) > 1 else parts[0]
 
@@ -119,9 +115,12 @@ def test_the_rooms_import_each_other_without_circles() -> None:
 
 
 def test_model_storage_and_database_packages_never_reach_up() -> None:
-    upward = {module: sorted(t for t in targets if t.startswith("utils") or t == "app")
-              for module, targets in GRAPH.items()
-              if module.startswith(LOWER_PACKAGES) and module not in COMPOSITION_ROOTS}
+    """Not one module of `male_boneage/`, `storage/` or `database/` imports `utils/` or an entry point, at module
+    level or in a function."""
+    lower = [module for module in GRAPH if module.split(".")[0] in LOWER_PACKAGES]
+    assert "male_boneage.inference" in lower and "database.crud" in lower  # the walk found the packages
+    upward = {module: sorted(t for t in GRAPH[module] if t.split(".")[0] == "utils" or t in ENTRY_POINTS)
+              for module in lower}
     assert {m: t for m, t in upward.items() if t} == {}
 
 

@@ -4,6 +4,8 @@ a real test film in DICOM, read back with pydicom and highdicom, against the JSO
 from __future__ import annotations
 
 import io
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,8 @@ FILM = TEST20 / "4360.png"
 UID_ROOT = "1.2.826.0.1.3680043.10.1234."
 COMPREHENSIVE_SR = UID("1.2.840.10008.5.1.4.1.1.88.33")
 SECONDARY_CAPTURE = UID("1.2.840.10008.5.1.4.1.1.7")
+CR_STORAGE = UID("1.2.840.10008.5.1.4.1.1.1")
+STANDARD_SCHEMES = {"DCM", "SCT", "LN", "UCUM"}  # coding schemes DICOM defines (PS3.16 Table 8-1)
 STUDY_TAGS = {"AccessionNumber": "ACC-4711", "StudyDate": "20240102", "StudyTime": "101500", "StudyID": "S-17",
               "ReferringPhysicianName": "Referrer^Identifying"}
 
@@ -86,6 +90,20 @@ def content_tree(items: Any, prefix: str = "") -> dict[str, Any]:
     return tree
 
 
+def codes(items: Any) -> list[tuple[str, str, str]]:
+    """(scheme, value, meaning) of every concept name and unit in an SR content sequence."""
+    found = []
+    for item in items:
+        concept = item.ConceptNameCodeSequence[0]
+        found.append((concept.CodingSchemeDesignator, concept.CodeValue, concept.CodeMeaning))
+        if item.ValueType == "NUM":
+            unit = item.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0]
+            found.append((unit.CodingSchemeDesignator, unit.CodeValue, unit.CodeMeaning))
+        if "ContentSequence" in item:
+            found.extend(codes(item.ContentSequence))
+    return found
+
+
 def assert_patient_module_from(obj: Dataset, film: Dataset) -> None:
     """Every patient element (group 0010) of `obj` is the film's own, and the film's are all there."""
     ours = {elem.keyword: elem.value for elem in obj if elem.tag.group == 0x0010}
@@ -120,25 +138,35 @@ def test_dicom_film_gets_an_sr_with_the_responses_numbers_in_its_own_study(clien
     tree = content_tree(sr.ContentSequence)
     assert tree["Source of Measurement"] == film.SOPInstanceUID
     assert "not a medical device" in tree["Comment"]
-    assert tree["Sex the estimate applies to"] == "male"
+    assert tree["Subject Sex"] == "male"
     for sex, container in (("male", "Estimate of the model trained on boys"),
                            ("female", "Estimate of the model trained on girls")):
         estimate = body[f"{sex}_prediction"]
         assert tree[f"{container}/Bone age"] == estimate["age_months"]
         assert tree[f"{container}/Bone age [unit]"] == "mo"
-        assert tree[f"{container}/Standard deviation of bone age"] == estimate["sigma_months"]
+        assert tree[f"{container}/Standard Deviation"] == estimate["sigma_months"]
         assert tree[f"{container}/Lower limit of 90% interval"] == estimate["interval_90"]["low_months"]
         assert tree[f"{container}/Upper limit of 90% interval"] == estimate["interval_90"]["high_months"]
         assert tree[f"{container}/Algorithm Version"] == estimate["model_version"]
     report = body["report"]
     assert report["chronological_age_months"] is not None  # from the birth and study dates
-    assert tree["Applicable bone age"] == report["bone_age_months"] == body["male_prediction"]["age_months"]
-    assert tree["Chronological age"] == report["chronological_age_months"]
+    assert tree["Bone age"] == report["bone_age_months"] == body["male_prediction"]["age_months"]
+    assert tree["Subject Age"] == report["chronological_age_months"]
     assert tree["Chronological age source"] == "dicom"
     assert tree["Bone age minus chronological age"] == report["difference_months"]
     assert tree["Lower limit of 90% interval of the difference"] == report["difference_interval_90"]["low_months"]
-    assert tree["Bone age standard deviation score"] == pytest.approx(report["sds"], abs=0.005)
+    assert tree["Z-Score of measurement"] == pytest.approx(report["sds"], abs=0.005)
     assert tree["Classification"] == report["classification"]
+
+    # Standard codes where DICOM, LOINC and SNOMED CT define the concept; the private scheme that remains declared.
+    used = codes(sr.ContentSequence)
+    assert ("LN", "85151-9", "Bone age") in used and ("DCM", "121033", "Subject Age") in used
+    assert ("DCM", "121416", "Z-Score of measurement") in used and ("SCT", "386136009", "Standard Deviation") in used
+    assert (sr.ConceptNameCodeSequence[0].CodingSchemeDesignator, sr.ConceptNameCodeSequence[0].CodeValue) == \
+        ("LN", "18748-4")
+    declared = {item.CodingSchemeDesignator: item for item in sr.CodingSchemeIdentificationSequence}
+    assert {scheme for scheme, _, _ in used} - STANDARD_SCHEMES == set(declared) == {"99BONEAGE"}
+    assert declared["99BONEAGE"].CodingSchemeName and declared["99BONEAGE"].CodingSchemeResponsibleOrganization
 
     parsed = hd.sr.srread(io.BytesIO(client.get(body["dicom"]["report_url"]).content))
     assert isinstance(parsed, hd.sr.ComprehensiveSR)
@@ -162,11 +190,19 @@ def test_dicom_film_gets_a_secondary_capture_of_the_heatmap_labelled_not_for_dia
     source = sc.SourceImageSequence[0]
     assert (source.ReferencedSOPClassUID, source.ReferencedSOPInstanceUID) == (film.SOPClassUID, film.SOPInstanceUID)
     assert sc.PhotometricInterpretation == "RGB" and sc.SamplesPerPixel == 3
+    assert sc.BodyPartExamined == "HAND" and sc.Laterality == ""  # the film names no side: Type 2C, empty
     # The applicable (boys') overlay under the banner: same pixels as the PNG the response names.
     overlay = np.asarray(Image.open(io.BytesIO(client.get(body["male_prediction"]["gradcam_url"]).content)))
     pixels = sc.pixel_array
     assert pixels.shape[1] == overlay.shape[1] and pixels.shape[0] > overlay.shape[0]
     assert np.array_equal(pixels[-overlay.shape[0]:], overlay)
+
+
+def test_the_secondary_capture_takes_the_films_side(client: TestClient) -> None:
+    for tags, side in (({"ImageLaterality": "L"}, "L"), ({"Laterality": "R"}, "R"), ({"ImageLaterality": "U"}, "")):
+        body = post_dicom(client, make_dicom(gray(FILM), sex="F", tags=tags), "P-side")
+        sc = fetch_dicom(client, body["dicom"]["heatmap_url"])
+        assert sc.Laterality == side, tags
 
 
 def test_unknown_sex_shows_both_overlays_side_by_side(client: TestClient, film_dicom: bytes) -> None:
@@ -179,7 +215,7 @@ def test_unknown_sex_shows_both_overlays_side_by_side(client: TestClient, film_d
     assert np.array_equal(pixels[:, :male.shape[1]], male)
     assert np.array_equal(pixels[:, -female.shape[1]:], female)
     tree = content_tree(fetch_dicom(client, body["dicom"]["report_url"]).ContentSequence)
-    assert "Applicable bone age" not in tree and tree["Note"] == body["report"]["note"]
+    assert "Bone age" not in tree and tree["Note"] == body["report"]["note"]
 
 
 def test_malformed_patient_and_study_values_are_left_out_of_the_results(client: TestClient) -> None:
@@ -247,3 +283,39 @@ def test_colour_photo_in_dicom_is_refused_and_nothing_is_written(for_all_client:
 def test_uid_root_must_be_dotted_digits(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="dicom_uid_root"):
         make_settings(tmp_path, dicom_uid_root="1.2.abc.")
+
+
+def films_of_each_kind() -> dict[str, tuple[bytes, str]]:
+    """A DX, a CR in MONOCHROME1 and in MONOCHROME2, a Secondary Capture and a PNG: (data, content type)."""
+    pixels = gray(FILM)
+    cr = {"SOPClassUID": CR_STORAGE, "Modality": "CR", "ImageLaterality": "L"}
+    sc = {"SOPClassUID": SECONDARY_CAPTURE, "Modality": "OT"}
+    return {
+        "dx": (make_dicom(pixels, sex="M", tags=STUDY_TAGS | {"ImageLaterality": "L"}), "application/dicom"),
+        "cr-mono1": (make_dicom(255 - pixels, photometric="MONOCHROME1", sex="F", tags=cr), "application/dicom"),
+        "cr-mono2": (make_dicom(pixels, sex="F", tags=cr | {"Laterality": "R"}), "application/dicom"),
+        "sc": (make_dicom(pixels, tags=sc), "application/dicom"),
+        "png": (FILM.read_bytes(), "image/png"),
+    }
+
+
+def test_dciodvfy_finds_no_error_in_the_sr_and_sc_of_each_input_kind(for_all_client: TestClient,
+                                                                    tmp_path: Path) -> None:
+    """dicom3tools' validator (`dciodvfy`, Debian package dicom3tools; .ci/run installs it) on the SR and SC made
+    from each kind of film: no `Error` line. (It warns about any coding scheme designator not in its own list,
+    declared or not: the private scheme's items remain warnings.)"""
+    dciodvfy = shutil.which("dciodvfy")
+    if dciodvfy is None:
+        pytest.skip("dciodvfy is not installed (apt-get install dicom3tools; .ci/run does)")
+    for kind, (data, content_type) in films_of_each_kind().items():
+        response = post_image(for_all_client, data, f"P-verify-{kind}", filename="film",
+                              content_type=content_type)
+        assert response.status_code == 200, (kind, response.text)
+        for name in ("report_url", "heatmap_url"):
+            path = tmp_path / f"{kind}-{name}.dcm"
+            path.write_bytes(for_all_client.get(response.json()["dicom"][name]).content)
+            run = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True, timeout=120)
+            output = run.stdout + run.stderr
+            errors = [line for line in output.splitlines() if line.startswith("Error")]
+            assert errors == [], f"{kind} {name}:\n{output}"
+            assert "Missing attribute Type 2C Conditional Element=<Laterality>" not in output

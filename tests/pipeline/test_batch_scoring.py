@@ -1,4 +1,4 @@
-"""Batch scoring with Ray Data (`male_boneage.score`): the service's ages for every good film, an error row for every
+"""Batch scoring with Ray Data (`score.py`): the service's ages for every good film, an error row for every
 bad one, and a run that is interrupted and resumed scores every film exactly once."""
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ def test_a_killed_run_leaves_whole_parts_and_resumes_without_scoring_a_film_twic
         archive: Path, local_ray: None, tmp_path: Path) -> None:
     out = tmp_path / "results.parquet"
     env = {k: v for k, v in os.environ.items() if not k.startswith("BONEAGE_")} | {"BONEAGE_DEVICE": "cpu"}
-    command = [sys.executable, "-m", "male_boneage.score", str(archive), "--out", str(out), "--num-cpus", "2",
+    command = [sys.executable, "-m", "score", str(archive), "--out", str(out), "--num-cpus", "2",
                "--batch-size", "2", "--part-size", "2", "--no-progress"]
     run = subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                            start_new_session=True)

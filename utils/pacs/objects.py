@@ -6,17 +6,22 @@ Series and SOP Instance UIDs are new, made under the `BONEAGE_DICOM_UID_ROOT` se
 PNG, JPEG or TIFF, or a DICOM lacking its Study, SOP Class or SOP Instance UID) gets them only with
 `BONEAGE_DICOM_FOR_ALL`, in a new study whose patient module holds the service's patient id and nothing else.
 
-The SR's content tree (codes of the scheme `99BONEAGE` are this service's own; README: DICOM results and PACS):
+The SR's content tree. Standard codes where DICOM (DCM), LOINC (LN) or SNOMED CT (SCT) define the concept; the
+rest are of the scheme `99BONEAGE`, this service's own, declared in the Coding Scheme Identification Sequence
+(0008,0110) (README: DICOM results and PACS):
 
-    CONTAINER  Bone age estimation (research model)
+    CONTAINER  Diagnostic Imaging Report (LN 18748-4)
       TEXT     Comment (DCM 121106): the research-use notice
-      TEXT     Sex the estimate applies to: male | female | unknown
-      CONTAINER Estimate of the model trained on boys | on girls     (one each)
+      TEXT     Subject Sex (DCM 121032): male | female | unknown, the sex the estimate applies to
+      CONTAINER Estimate of the model trained on boys | on girls     (99BONEAGE; one each)
         TEXT   Algorithm Name (DCM 111001), Algorithm Version (DCM 111003)
-        NUM    Bone age, Standard deviation of bone age, Lower and Upper limit of 90% interval   [mo]
-      NUM      Applicable bone age                                     [mo]   when the sex is known
-      NUM      Chronological age [mo], Bone age minus chronological age [mo] with its 90% interval, SDS [{SD}]
-      TEXT     Chronological age source, Classification, Reference, Note                 when known
+        NUM    Bone age (LN 85151-9), Standard Deviation (SCT 386136009)                      [mo]
+        NUM    Lower and Upper limit of 90% interval (99BONEAGE)                              [mo]
+      NUM      Bone age (LN 85151-9), the applicable estimate          [mo]   when the sex is known
+      NUM      Subject Age (DCM 121033): the chronological age         [mo]
+      NUM      Bone age minus chronological age with its 90% interval (99BONEAGE)   [mo]
+      NUM      Z-Score of measurement (DCM 121416): the SDS            [{SD}]
+      TEXT     Reference Authority (DCM 121406); Chronological age source, Classification, Note (99BONEAGE)
       IMAGE    Source of Measurement (DCM 121112): the film            when it came as DICOM
 """
 
@@ -62,16 +67,35 @@ logging.getLogger("highdicom").setLevel(logging.WARNING)
 DECIMALS = 2
 
 
-def _code(value: str, meaning: str, scheme: str = "99BONEAGE") -> CodedConcept:
+PRIVATE_SCHEME = "99BONEAGE"
+
+
+def _code(value: str, meaning: str, scheme: str = PRIVATE_SCHEME) -> CodedConcept:
     return CodedConcept(value, scheme, meaning)
 
 
 MONTHS = _code("mo", "month", "UCUM")
 SD_UNIT = _code("{SD}", "standard deviation", "UCUM")
+# Standard codes. DCM and SCT: DICOM PS3.16 (Annex D, the DICOM controlled terminology, and the SNOMED CT codes it
+# uses), as tabulated in pydicom's pydicom/sr/_concepts_dict.py; LN: LOINC (https://loinc.org), release 2.82.
 COMMENT = _code("121106", "Comment", "DCM")
 ALGORITHM_NAME = _code("111001", "Algorithm Name", "DCM")
 ALGORITHM_VERSION = _code("111003", "Algorithm Version", "DCM")
 SOURCE = _code("121112", "Source of Measurement", "DCM")
+SUBJECT_SEX = _code("121032", "Subject Sex", "DCM")
+SUBJECT_AGE = _code("121033", "Subject Age", "DCM")  # the chronological age at the film
+Z_SCORE = _code("121416", "Z-Score of measurement", "DCM")  # (value - population mean) / population SD: the SDS
+REFERENCE_AUTHORITY = _code("121406", "Reference Authority", "DCM")
+STANDARD_DEVIATION = _code("386136009", "Standard Deviation", "SCT")  # DICOM CID 7464
+# LOINC 85151-9 "XR Bone age" (component Bone age, property Time, scale Qn): "used to report the bone age (e.g.
+# in years, months)"; https://loinc.org/85151-9/.
+BONE_AGE = _code("85151-9", "Bone age", "LN")
+# The document title, of DICOM CID 7000 (Diagnostic Imaging Report Document Titles).
+REPORT_TITLE = _code("18748-4", "Diagnostic Imaging Report", "LN")
+# What no standard names (a prediction interval, the model's containers, the service's own classification): this
+# service's private scheme, declared in every SR (Coding Scheme Identification Sequence).
+PRIVATE_SCHEME_NAME = "Bone age service (research) private codes"
+PRIVATE_SCHEME_ORGANIZATION = "Open-source bone age service"
 MODEL_CONTAINERS = {"male": _code("BA-MODEL-M", "Estimate of the model trained on boys"),
                     "female": _code("BA-MODEL-F", "Estimate of the model trained on girls")}
 
@@ -152,14 +176,14 @@ def _structured_report(header: Dataset, film: Dataset | None, uid_root: str, sex
                        female_fallback: bool) -> hd.sr.ComprehensiveSR:
     items: list[hd.sr.ContentItem] = [
         _text(COMMENT, NOTICE),
-        _text(_code("BA-SEX", "Sex the estimate applies to"), sex_used),
+        _text(SUBJECT_SEX, sex_used),
     ]
     for sex, (estimate, version) in estimates.items():
         items.append(_model_container(sex, estimate, version, female_fallback and sex == "female"))
     if report.bone_age_months is not None:
-        items.append(_num(_code("BA-APPLICABLE", "Applicable bone age"), report.bone_age_months, MONTHS))
+        items.append(_num(BONE_AGE, report.bone_age_months, MONTHS))  # the estimate for the patient's sex
     if report.chronological_age_months is not None:
-        items.append(_num(_code("BA-CA", "Chronological age"), report.chronological_age_months, MONTHS))
+        items.append(_num(SUBJECT_AGE, report.chronological_age_months, MONTHS))
         items.append(_text(_code("BA-CA-SOURCE", "Chronological age source"), str(report.chronological_age_source)))
     if report.difference_months is not None:
         items.append(_num(_code("BA-DIFF", "Bone age minus chronological age"), report.difference_months, MONTHS))
@@ -170,17 +194,17 @@ def _structured_report(header: Dataset, film: Dataset | None, uid_root: str, sex
         items.append(_num(_code("BA-DIFF-U90", "Upper limit of 90% interval of the difference"),
                           interval.high_months, MONTHS))
     if report.sds is not None:
-        items.append(_num(_code("BA-SDS", "Bone age standard deviation score"), report.sds, SD_UNIT))
+        items.append(_num(Z_SCORE, report.sds, SD_UNIT))
     if report.classification is not None:
         items.append(_text(_code("BA-CLASS", "Classification"), report.classification))
-    items.append(_text(_code("BA-REFERENCE", "Reference"),
+    items.append(_text(REFERENCE_AUTHORITY,
                        f"{report.reference['name']} ({report.reference['version']})"))
     if report.note:
         items.append(_text(_code("BA-NOTE", "Note"), report.note))
     if film is not None:
         items.append(hd.sr.ImageContentItem(SOURCE, film.SOPClassUID, film.SOPInstanceUID,
                                             relationship_type="CONTAINS"))
-    root = hd.sr.ContainerContentItem(_code("BA-REPORT", "Bone age estimation (research model)"))
+    root = hd.sr.ContainerContentItem(REPORT_TITLE)
     root.ContentSequence = hd.sr.ContentSequence(items)
     sr = hd.sr.ComprehensiveSR(
         evidence=[_evidence(header, film, uid_root)], content=root, series_instance_uid=generate_uid(uid_root),
@@ -190,7 +214,17 @@ def _structured_report(header: Dataset, film: Dataset | None, uid_root: str, sex
     if film is None:  # highdicom records any evidence of the same study; the stand-in above is no evidence
         del sr.CurrentRequestedProcedureEvidenceSequence
     _copy_issuer(header, sr)
+    sr.CodingSchemeIdentificationSequence = [_private_scheme()]
     return sr
+
+
+def _private_scheme() -> Dataset:
+    """The Coding Scheme Identification item that declares the private scheme (SOP Common module)."""
+    item = Dataset()
+    item.CodingSchemeDesignator = PRIVATE_SCHEME
+    item.CodingSchemeName = PRIVATE_SCHEME_NAME
+    item.CodingSchemeResponsibleOrganization = PRIVATE_SCHEME_ORGANIZATION
+    return item
 
 
 def _model_container(sex: str, estimate: ModelEstimate, version: str, fallback: bool) -> hd.sr.ContainerContentItem:
@@ -199,8 +233,8 @@ def _model_container(sex: str, estimate: ModelEstimate, version: str, fallback: 
     items: list[hd.sr.ContentItem] = [
         _text(ALGORITHM_NAME, name + (" (the boys' model stands in: no girls' weights)" if fallback else "")),
         _text(ALGORITHM_VERSION, version),
-        _num(_code("BA", "Bone age"), estimate.age_months, MONTHS),
-        _num(_code("BA-SD", "Standard deviation of bone age"), estimate.sigma_months, MONTHS),
+        _num(BONE_AGE, estimate.age_months, MONTHS),
+        _num(STANDARD_DEVIATION, estimate.sigma_months, MONTHS),
         _num(_code("BA-L90", "Lower limit of 90% interval"), low, MONTHS),
         _num(_code("BA-U90", "Upper limit of 90% interval"), high, MONTHS),
     ]
@@ -221,6 +255,12 @@ def _secondary_capture(header: Dataset, film: Dataset | None, uid_root: str,
     if orientation is None:
         del sc.PatientOrientation
         sc.add_new("PatientOrientation", "CS", None)  # Type 2C, empty: the film did not say how it is oriented
+    # General Series: Laterality is Type 2C for a paired body part (a hand) when no Image Laterality is sent (the
+    # SC IOD has none): the film's side (its Laterality, else its Image Laterality) when it says L or R, else
+    # empty (unknown). Body Part Examined (Type 3) as the film gives it.
+    sc.Laterality = _laterality(film)
+    if film is not None and "BodyPartExamined" in film and film.BodyPartExamined and _valid(film["BodyPartExamined"]):
+        sc.BodyPartExamined = film.BodyPartExamined
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.BurnedInAnnotation = "YES"
     sc.SeriesDescription = "Bone age heatmap (research model, not for diagnosis)"
@@ -253,6 +293,15 @@ def _copy_issuer(header: Dataset, target: Dataset) -> None:
         target.IssuerOfPatientID = header.IssuerOfPatientID
     if "StudyDescription" in header:
         target.StudyDescription = header.StudyDescription
+
+
+def _laterality(film: Dataset | None) -> str:
+    """`L` or `R` when the film names its side (Laterality, else Image Laterality), else empty."""
+    for keyword in ("Laterality", "ImageLaterality"):
+        value = str(film.get(keyword, "") or "").strip().upper() if film is not None else ""
+        if value in ("L", "R"):
+            return value
+    return ""
 
 
 def _patient_orientation(film: Dataset | None) -> tuple[str, str] | None:

@@ -2,6 +2,9 @@
 
     python -m utils.pacs.receiver            # listens on BONEAGE_SCP_HOST:BONEAGE_SCP_PORT as BONEAGE_AE_TITLE
 
+It answers C-ECHO (the Verification service class), with which a modality or PACS tests the connection:
+`echoscu -aec BONEAGE 127.0.0.1 11112`.
+
 Each film received with C-STORE is written to an inbox folder (temporary file, fsync, rename) before the C-STORE
 is answered, so an accepted film is never lost. A forwarder thread posts the inbox's films to the service's
 `POST /predict` (`BONEAGE_SCP_SERVICE_URL`, with the first of `BONEAGE_API_KEYS`), as the patient of the film's
@@ -33,6 +36,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     DigitalXRayImageStorageForPresentation,
     DigitalXRayImageStorageForProcessing,
     SecondaryCaptureImageStorage,
+    Verification,
 )
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -170,6 +174,9 @@ class Receiver:
         ae = AE(ae_title=self.ae_title)
         for sop_class in FILM_CLASSES:
             ae.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES)
+        # Verification (C-ECHO): how a modality or PACS tests the connection (`echoscu`); pynetdicom answers it
+        # with Success by itself, touching neither the inbox nor the service.
+        ae.add_supported_context(Verification)
         self.forwarder.start()
         self.forwarder.wake()  # films left from an earlier run
         logger.info("storage SCP %s listening on %s:%d; inbox %s", self.ae_title, host, port, self.inbox.root)

@@ -1,9 +1,8 @@
-"""Score an archive of films with Ray Data: `python -m male_boneage.score INPUT --out results.parquet`.
+"""Score an archive of films with Ray Data: `python -m score INPUT --out results.parquet` (or `python score.py`).
 
-A thin entry point, and the one module of `male_boneage` that imports `utils`: the rows must equal the HTTP
-service's, so the work is the service's own decoding, preprocessing and out-of-distribution rule, which live in
-`utils/` (`utils/pipeline/batch_scoring.py`). Like `app.py` it only composes; nothing imports it
-(tests/test_architecture.py names it as the exception).
+An entry point, as `app.py` and `ray_serve.py` are: it composes the layers and nothing imports it. The rows must
+equal the HTTP service's, so the work is the service's own decoding, preprocessing and out-of-distribution rule
+(`utils/pipeline/batch_scoring.py`); the models come from `male_boneage/`, which imports nothing above it.
 
 INPUT is a folder of PNG/JPEG/TIFF/DICOM files (searched recursively) or a CSV of paths (column `path` or `file`).
 The output is a folder of parquet parts, one row per film; films already in it are skipped, so an interrupted run
@@ -22,11 +21,11 @@ import ray
 from utils.config import PROJECT_ROOT, Settings
 from utils.pipeline.batch_scoring import OutputBusy, ScoringInputError, ScoringOptions, list_films, score
 
-logger = logging.getLogger("male_boneage.score")
+logger = logging.getLogger("score")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m male_boneage.score", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m score", description=__doc__.splitlines()[0])
     parser.add_argument("input", type=Path, help="a folder of films or a CSV of paths")
     parser.add_argument("--out", type=Path, required=True, help="output folder of parquet parts (e.g. results.parquet)")
     parser.add_argument("--heatmaps", type=Path, help="also write the Grad-CAM overlays (PNG) into this folder")
