@@ -92,14 +92,14 @@ def _stored(server: Server) -> tuple[dict[str, dict[str, Any]], set[str], list[R
 
 
 def test_sigkill_mid_prediction_then_restart_is_consistent(server: Server) -> None:
-    server.start(timeout_s=120)
+    server.start(timeout_s=300)
     responses, _, held = _send_and_signal(server, FILMS, "K", server.kill)
     assert held.error == CUT_OFF, held  # the request held in flight at the kill got no answer
     answered = {patient: r for patient, r in responses.items() if r is not None}
     cut_off = {patient for patient, r in responses.items() if r is None} | {held.patient_id}
     assert all(r.status_code == 200 for r in answered.values()), {p: r.text[:200] for p, r in answered.items()}
 
-    server.start(timeout_s=120)  # starts cleanly and reconciles
+    server.start(timeout_s=300)  # starts cleanly and reconciles
     assert httpx.get(f"{server.base_url}/health", timeout=10, trust_env=False).json()["database"] == "ok"
     _, drain_s = wait_for_tracking(server.base_url, timeout_s=60)  # the worker completes the interrupted runs
     assert not math.isnan(drain_s), "MLflow runs of stored predictions were still pending a minute after restart"
@@ -137,7 +137,7 @@ def test_sigkill_mid_prediction_then_restart_is_consistent(server: Server) -> No
 
 
 def test_sigterm_lets_in_flight_requests_finish(server: Server) -> None:
-    server.start(timeout_s=120)
+    server.start(timeout_s=300)
     assert server.proc is not None
     responses, _, held = _send_and_signal(server, FILMS[:3], "T", lambda: server.proc.send_signal(signal.SIGTERM))
     code = server.proc.wait(timeout=60)
