@@ -134,9 +134,16 @@ def test_a_killed_run_leaves_whole_parts_and_resumes_without_scoring_a_film_twic
     # A held input: the last film of the list is a named pipe that nobody writes to, so the decoding task that
     # reads it waits forever and the run cannot finish, however fast the machine (last: Ray Data hands the blocks
     # before it on). The kill comes once a part is written: an event, not a race against the scorer.
+    # Two more copies of the good films (hard links) make several Ray Data blocks (8 films each) ahead of the
+    # held one, so parts come out while its block waits.
+    copies = tmp_path / "copies"
+    for n in range(2):
+        (copies / str(n)).mkdir(parents=True)
+        for film in TEST20.glob("*.png"):
+            os.link(archive / film.name, copies / str(n) / film.name)
     held = tmp_path / "held.png"
     os.mkfifo(held)
-    films = [*list_films(archive), str(held.resolve())]
+    films = [*list_films(archive), *list_films(copies), str(held.resolve())]
     listing = tmp_path / "films.csv"
     listing.write_text("path\n" + "".join(f"{f}\n" for f in films))
     out, log = tmp_path / "results.parquet", tmp_path / "score.log"
