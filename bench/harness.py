@@ -318,6 +318,7 @@ class Server:
     sampler: MemorySampler | None = None
     cold_start_s: float = math.nan
     _launched_at: float = math.nan
+    _port_reservation: socket.socket | None = field(default=None, repr=False)
 
     @property
     def base_url(self) -> str:
@@ -365,7 +366,9 @@ class Server:
         """Start the process on a new free port and return at once (`wait_until_up` waits for it). Linux sends it
         SIGTERM when the *thread* that launched it ends (PR_SET_PDEATHSIG): launch from one that outlives it."""
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
+        self._release_port()
+        self._port_reservation = reserve_port()  # held until the server listens (wait_until_up)
+        self.port = int(self._port_reservation.getsockname()[1])
         argv = [sys.executable, "-c", PARENT_DEATH_WRAPPER, str(os.getpid()),
                 "-m", "uvicorn", self.app, "--app-dir", str(self.app_dir), "--host", HOST, "--port", str(self.port),
                 "--log-level", self.log_level, "--no-access-log",
@@ -393,12 +396,18 @@ class Server:
                 try:
                     if client.get(f"{self.base_url}/health").status_code == 200:
                         self.cold_start_s = time.perf_counter() - started
+                        self._release_port()
                         return
                 except httpx.HTTPError:
                     pass
                 time.sleep(0.05)
         raise RuntimeError(f"{self.name} did not answer GET /health with 200 within {timeout_s:.0f} s:\n"
                            + self.log_tail())
+
+    def _release_port(self) -> None:
+        if self._port_reservation is not None:
+            self._port_reservation.close()
+            self._port_reservation = None
 
     def log_tail(self, lines: int = 30) -> str:
         """The last lines of the server's log."""
@@ -426,6 +435,7 @@ class Server:
         self._end(signal.SIGKILL, grace_s=30)
 
     def _end(self, sig: signal.Signals, grace_s: float) -> None:
+        self._release_port()
         if self.sampler is not None:
             self.sampler.stop()
         if self.proc is None or self.proc.poll() is not None:
@@ -441,10 +451,22 @@ class Server:
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free now."""
+    """A TCP port on 127.0.0.1 that is free now (and may be taken by anyone before it is bound: for a server to
+    start on it, hold `reserve_port()` instead until the server listens)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((HOST, 0))
         return int(s.getsockname()[1])
+
+
+def reserve_port() -> socket.socket:
+    """A loopback socket bound to a port the kernel picked, never listening: connections to the port are refused,
+    no other socket can bind it while it is held (Ray, PostgreSQL and the other servers of a test session open many
+    ports), yet a server that sets SO_REUSEADDR (uvicorn, PostgreSQL, pynetdicom, gunicorn) binds and listens on it.
+    `.getsockname()[1]` is the port; close it once the server listens (or keep it to keep the port for a restart)."""
+    reservation = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    reservation.bind((HOST, 0))
+    return reservation
 
 
 def wait_for_tracking(base_url: str, timeout_s: float = 300.0) -> tuple[int | None, float]:
@@ -521,7 +543,14 @@ class PostgresCluster:
                        "--auth-host=scram-sha-256", "--auth-local=peer", "-E", "UTF8", "--locale=C.UTF-8"],
                       timeout_s)
             pwfile.unlink()
-        self.port = self.port or free_port()  # a restart keeps the port, so URLs handed out stay valid
+        if not self.port:  # a restart keeps the port, so URLs handed out stay valid
+            with reserve_port() as reservation:  # held while PostgreSQL binds it (it sets SO_REUSEADDR)
+                self.port = int(reservation.getsockname()[1])
+                self._start_server(bin_dir, timeout_s)
+            return
+        self._start_server(bin_dir, timeout_s)
+
+    def _start_server(self, bin_dir: Path, timeout_s: float) -> None:
         options = f"-c listen_addresses={HOST} -p {self.port} -k {self.folder} -c max_connections=300"
         if not self.durable:
             options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"

@@ -9,10 +9,12 @@ from __future__ import annotations
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -21,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from helpers import TRAIN100
+from helpers import TRAIN100, wait_until
 from mlflow import MlflowClient
 from mlflow.entities import Run
 from sqlalchemy import create_engine, text
@@ -35,23 +37,89 @@ FILMS = sorted(TRAIN100.glob("*.png"))  # 100 px films: cheap to predict, so the
 # the MLflow store ("UNIQUE constraint failed", "table ... already exists").
 BAD_LOG_MARKS = ("Traceback", "UNIQUE constraint", "already exists")
 # Short waits for what a killed process leaves: its claims on pending MLflow runs lapse after 10 s, and a process
-# started beside live ones removes the folders and runs of unstored predictions once they are 3 s old (a live
-# process stores a prediction within well under a second of opening its run).
+# started beside live ones removes the folders and runs of unstored predictions once they are RECOVERY_MIN_AGE_S
+# old. A live process stores a prediction well within that even on a loaded 2-core machine (it opens the run,
+# predicts one 100 px film and stores it); the killed process stays down that long before it is started again, so
+# what it left is old enough to be removed by its own restart.
+RECOVERY_MIN_AGE_S = 20.0
 QUICK_RECOVERY_ENV = {
     "BONEAGE_TRACKING_RETRY_SECONDS": "0.5",
     "BONEAGE_TRACKING_LEASE_SECONDS": "10",
-    "BONEAGE_RECOVERY_MIN_AGE_SECONDS": "3",
+    "BONEAGE_RECOVERY_MIN_AGE_SECONDS": f"{RECOVERY_MIN_AGE_S:g}",
 }
+CUT_OFF = "cut off by the kill"
 
 
 @dataclass
 class Reply:
-    """One POST /predict: where it went and what came back (`status` None: the connection broke, no answer)."""
+    """One POST /predict: where it went and what came back. `status` None: no answer, and `error` says why:
+    CUT_OFF when the connection broke while a kill of that process fell within the request, else the error (a
+    timeout, a reset from a live process...), which the consistency check counts as a problem."""
 
     patient_id: str
     server: str
     status: int | None
     body: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+
+class HeldRequest:
+    """A POST /predict whose upload the test holds: the headers and half the body are sent at once, the rest only
+    by `finish`. Until then the request is in flight at the server by construction, so a kill in between cuts it
+    off, however fast the machine answers the other requests. A raw socket, so the test knows its local port and
+    can tell which process accepted it (`accepted_by`)."""
+
+    def __init__(self, server: Server, film: Path, patient_id: str) -> None:
+        self.server_name, self.patient_id, self.port = server.name, patient_id, server.port
+        boundary = uuid.uuid4().hex
+        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"patient_id\"\r\n\r\n{patient_id}\r\n"
+                f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{film.name}\"\r\n"
+                "Content-Type: image/png\r\n\r\n").encode() + film.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
+        head = (f"POST /predict HTTP/1.1\r\nHost: {HOST}:{server.port}\r\nConnection: close\r\n"
+                f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n")
+        self._rest = body[len(body) // 2:]
+        self.socket = socket.create_connection((HOST, server.port), timeout=120)
+        self.socket.sendall(head.encode() + body[: len(body) // 2])
+        self.local_port = int(self.socket.getsockname()[1])
+
+    def accepted_by(self, pids: list[int]) -> int | None:
+        """The one of `pids` that holds the server's end of this connection (accepted it), else None."""
+        inode = _server_socket_inode(self.port, self.local_port)
+        if inode is None:
+            return None
+        for pid in pids:
+            try:
+                if any(os.readlink(fd) == f"socket:[{inode}]" for fd in Path(f"/proc/{pid}/fd").iterdir()):
+                    return pid
+            except OSError:
+                continue
+        return None
+
+    def finish(self) -> Reply:
+        """Send the rest and read the answer: CUT_OFF if the connection is gone."""
+        try:
+            with self.socket:
+                self.socket.sendall(self._rest)
+                answer = b""
+                while chunk := self.socket.recv(65536):
+                    answer += chunk
+        except OSError:
+            return Reply(self.patient_id, self.server_name, None, error=CUT_OFF)
+        if not answer:
+            return Reply(self.patient_id, self.server_name, None, error=CUT_OFF)
+        status = int(answer.split(b" ", 2)[1])
+        return Reply(self.patient_id, self.server_name, status, error=None if status == 200 else answer[-500:].decode(
+            errors="replace"))
+
+
+def _server_socket_inode(server_port: int, client_port: int) -> int | None:
+    """The inode of the server's end of the loopback TCP connection from `client_port` to `server_port`."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote, inode = fields[1], fields[2], int(fields[9])
+        if int(local.split(":")[1], 16) == server_port and int(remote.split(":")[1], 16) == client_port and inode:
+            return inode
+    return None
 
 
 def post_film(base_url: str, film: Path, patient_id: str, timeout_s: float = 120.0) -> httpx.Response:
@@ -71,6 +139,8 @@ class Deployment:
         self.servers = [Server(folder / f"process-{i}", name=f"process-{i}", stores=stores, workers=workers,
                                log_level="info", extra_env=env) for i in range(processes)]
         self._down: set[str] = set()  # servers not to send to now (killed, starting again)
+        self._kills: dict[str, list[float]] = {}  # monotonic times of the kills of each server (or of its worker)
+        self.held: list[Reply] = []  # the answers of the held requests each kill cut off
         self._lock = threading.Lock()
         # Every process is launched from this one thread, which lives as long as the deployment: a server gets
         # SIGTERM when the thread that launched it ends (see Server.launch).
@@ -134,7 +204,7 @@ class Deployment:
         if disruption is not None:
             disruption.join(timeout=max(1.0, deadline - time.monotonic()))
             assert not disruption.is_alive(), "the disruption did not end in time"
-        return replies
+        return replies + self.held
 
     def _post_somewhere(self, i: int, film: Path, patient_id: str, deadline: float) -> Reply:
         while time.monotonic() < deadline:
@@ -144,25 +214,36 @@ class Deployment:
                 time.sleep(0.1)
                 continue
             server = up[i % len(up)]
+            sent_at = time.monotonic()
             try:
                 response = post_film(server.base_url, film, patient_id)
             except httpx.ConnectError:  # down (or going down): never reached it, so send it elsewhere
                 i += 1
                 time.sleep(0.05)
                 continue
-            except httpx.HTTPError:  # the process died with the request in flight
-                return Reply(patient_id, server.name, None)
+            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+                # The connection broke: cut off by the kill only if that process was killed during the request.
+                with self._lock:
+                    killed = any(sent_at <= t for t in self._kills.get(server.name, []))
+                return Reply(patient_id, server.name, None, error=CUT_OFF if killed else f"{type(exc).__name__}: {exc}")
+            except httpx.HTTPError as exc:  # a timeout or anything else: never explained by a kill
+                return Reply(patient_id, server.name, None, error=f"{type(exc).__name__}: {exc}")
             return Reply(patient_id, server.name, response.status_code, response.json())
         raise AssertionError(f"no process took the request of {patient_id} in time")
 
     # --- disruptions -----------------------------------------------------------------------------------------------
 
-    def kill_and_restart(self, server: Server, down_s: float = 4.0) -> None:
-        """SIGKILL the process (a crash), leave it down `down_s` (longer than the recovery age limit, so what it
-        left is old enough for the restarted process to remove), and start it again."""
+    def kill_and_restart(self, server: Server, down_s: float = RECOVERY_MIN_AGE_S + 1) -> None:
+        """SIGKILL the process (a crash) with a request held in flight at it (`HeldRequest`), leave it down `down_s`
+        (longer than the recovery age limit, so what it left is old enough for the restarted process to remove),
+        and start it again."""
         with self._lock:
             self._down.add(server.name)
+        assert server.proc is not None
+        held = self._hold(server, [server.proc.pid, *descendants(server.proc.pid)])
+        self._record_kill(server)
         server.kill()
+        self.held.append(held.finish())
         time.sleep(down_s)
         self._launcher.submit(server.launch).result()
         server.wait_until_up(timeout_s=180)
@@ -170,15 +251,31 @@ class Deployment:
             self._down.discard(server.name)
 
     def kill_a_worker(self, server: Server, timeout_s: float = 180.0) -> None:
-        """SIGKILL one of the `--workers` processes of `server` and wait until uvicorn has started a new one and
-        its start-up is complete."""
+        """SIGKILL the one of the `--workers` processes of `server` that has a request held in flight
+        (`HeldRequest`), and wait until uvicorn has started a new one and its start-up is complete."""
         assert server.proc is not None
         started = server.log_path.read_text(errors="replace").count("Application startup complete.")
         workers = [pid for pid in descendants(server.proc.pid) if _is_uvicorn_worker(pid)]
         assert len(workers) == server.workers, f"expected {server.workers} workers, found {workers}"
-        os.kill(workers[0], signal.SIGKILL)
+        held = self._hold(server, workers)
+        victim = held.accepted_by(workers)
+        assert victim is not None
+        self._record_kill(server)
+        os.kill(victim, signal.SIGKILL)
+        self.held.append(held.finish())
         wait_until(lambda: server.log_path.read_text(errors="replace").count("Application startup complete.")
                    > started, timeout_s, f"uvicorn did not start a new worker within {timeout_s:.0f} s")
+
+    def _hold(self, server: Server, pids: list[int], timeout_s: float = 60.0) -> HeldRequest:
+        """A request held in flight at `server`, once one of `pids` has accepted it."""
+        held = HeldRequest(server, FILMS[0], f"HELD-{server.name}-{len(self.held)}")
+        wait_until(lambda: held.accepted_by(pids) is not None, timeout_s,
+                   f"{server.name} did not accept the held request within {timeout_s:.0f} s")
+        return held
+
+    def _record_kill(self, server: Server) -> None:
+        with self._lock:
+            self._kills.setdefault(server.name, []).append(time.monotonic())
 
     # --- what the stores hold ------------------------------------------------------------------------------------
 
@@ -229,6 +326,8 @@ class Snapshot:
         found = []
         for reply in replies:
             if reply.status is None:
+                if reply.error != CUT_OFF:  # a timeout, or a broken connection no kill explains
+                    found.append(f"{reply.patient_id} ({reply.server}) got no answer: {reply.error}")
                 continue
             if reply.status != 200:
                 found.append(f"{reply.patient_id} ({reply.server}) answered {reply.status}: {reply.body}")
@@ -257,15 +356,6 @@ class Snapshot:
         found += [f"{patient} (cut off) has {per_patient.count(patient)} rows" for patient in cut_off
                   if per_patient.count(patient) > 1]
         return found
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float, message: str, interval_s: float = 0.2) -> None:
-    """Poll `condition` until it holds; AssertionError(`message`) after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(message)
-        time.sleep(interval_s)
 
 
 def consistent_within(deployment: Deployment, replies: list[Reply], timeout_s: float = 30.0) -> Snapshot:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -12,22 +11,21 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import ComprehensiveSRStorage, SecondaryCaptureImageStorage  # type: ignore[attr-defined]
 
+from bench.harness import reserve_port
+
 AE_TITLE = "TESTPACS"
 OUT_OF_RESOURCES = 0xA700
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 class StorageSCP:
-    """A PACS stand-in on `port`: `start`/`stop` it; `status` is what it answers to C-STORE (0 = stored)."""
+    """A PACS stand-in on `port`: `start`/`stop` it; `status` is what it answers to C-STORE (0 = stored). The port
+    is reserved for the SCP's whole life (`reserve_port`): while it is stopped, connections are refused and no other
+    server can take the port, so a restart finds it free."""
 
-    def __init__(self, port: int | None = None,
-                 sop_classes: tuple[str, ...] = (ComprehensiveSRStorage, SecondaryCaptureImageStorage)) -> None:
-        self.port = port or free_port()
+    def __init__(self, sop_classes: tuple[str, ...] = (ComprehensiveSRStorage, SecondaryCaptureImageStorage)) -> None:
+        self._reservation = reserve_port()
+        self.port = int(self._reservation.getsockname()[1])
         self.sop_classes = sop_classes
         self.status = 0x0000
         self.stored: list[Dataset] = []  # accepted objects, in order
@@ -49,6 +47,11 @@ class StorageSCP:
             self._server.shutdown()
             self._server = None
 
+    def close(self) -> None:
+        """Stop, and give the port back."""
+        self.stop()
+        self._reservation.close()
+
     def _on_store(self, event: Any) -> int:
         dataset = event.dataset
         dataset.file_meta = event.file_meta
@@ -64,7 +67,7 @@ class StorageSCP:
         with self._lock:
             return [str(d.SOPInstanceUID) for d in self.stored]
 
-    def wait_for(self, condition: Callable[[StorageSCP], bool], timeout: float = 30.0) -> None:
+    def wait_for(self, condition: Callable[[StorageSCP], bool], timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if condition(self):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,6 +87,16 @@ def wait_until_logged(client: TestClient, patient_id: str, timeout: float = 60.0
             return results
         time.sleep(0.1)
     raise AssertionError(f"MLflow runs of {patient_id} were not logged within {timeout} s")
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float, message: str, interval_s: float = 0.05) -> None:
+    """Poll `condition` until it holds; AssertionError(`message`) after `timeout_s`. The tests wait for a state
+    this way, with a generous deadline, never for a fixed time."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(message)
+        time.sleep(interval_s)
 
 
 def running_app(settings: Settings) -> TestClient:

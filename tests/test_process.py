@@ -12,7 +12,8 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import TEST20
+from deployment import CUT_OFF, HeldRequest, Reply
+from helpers import TEST20, wait_until
 from mlflow import MlflowClient
 from mlflow.entities import Run
 from sqlalchemy import create_engine, text
@@ -48,20 +49,27 @@ def _post(url: str, path: Path, patient_id: str) -> httpx.Response | None:
 
 
 def _send_and_signal(server: Server, films: list[Path], prefix: str, signal_server: Callable[[], object]
-                     ) -> tuple[dict[str, httpx.Response | None], int]:
+                     ) -> tuple[dict[str, httpx.Response | None], int, Reply]:
     """POST the films at once (patient ids prefix0, prefix1, ...); call `signal_server()` as soon as the first
-    response has come back. Returns each patient's response (None: none came) and how many requests were still
-    waiting for theirs when the signal was sent."""
+    response has come back. Returns each patient's response (None: none came), how many requests were still
+    waiting for theirs when the signal was sent, and the answer to one more request (patient `prefix`-held) that
+    the test holds in flight across the signal (`HeldRequest`: accepted by the server, its upload half sent, the
+    rest sent after the signal), so that a request is in flight at the signal by construction, not by timing."""
+    assert server.proc is not None
+    held = HeldRequest(server, films[0], f"{prefix}-held")
+    wait_until(lambda: held.accepted_by([server.proc.pid]) is not None, 60,  # type: ignore[union-attr]
+               "the server did not accept the held request")
     with ThreadPoolExecutor(max_workers=len(films)) as pool:
         futures: dict[str, Future[httpx.Response | None]] = {
             f"{prefix}{i}": pool.submit(_post, server.base_url, film, f"{prefix}{i}") for i, film in enumerate(films)}
         done, _ = wait(futures.values(), timeout=120, return_when=FIRST_COMPLETED)
         in_flight = sum(not f.done() for f in futures.values())
         signal_server()
+        held_reply = held.finish()
         first = next(iter(done), None)
         assert first is not None and first.result() is not None, server.log_tail()
         assert first.result().status_code == 200, first.result().text  # type: ignore[union-attr]
-        return {patient: f.result() for patient, f in futures.items()}, in_flight
+        return {patient: f.result() for patient, f in futures.items()}, in_flight, held_reply
 
 
 def _stored(server: Server) -> tuple[dict[str, dict[str, Any]], set[str], list[Run], set[tuple[str, str]]]:
@@ -84,14 +92,14 @@ def _stored(server: Server) -> tuple[dict[str, dict[str, Any]], set[str], list[R
 
 
 def test_sigkill_mid_prediction_then_restart_is_consistent(server: Server) -> None:
-    server.start(timeout_s=120)
-    responses, in_flight = _send_and_signal(server, FILMS, "K", server.kill)
+    server.start(timeout_s=300)
+    responses, _, held = _send_and_signal(server, FILMS, "K", server.kill)
+    assert held.error == CUT_OFF, held  # the request held in flight at the kill got no answer
     answered = {patient: r for patient, r in responses.items() if r is not None}
-    cut_off = {patient for patient, r in responses.items() if r is None}
-    assert in_flight and cut_off, "the kill did not land while requests were in flight"
+    cut_off = {patient for patient, r in responses.items() if r is None} | {held.patient_id}
     assert all(r.status_code == 200 for r in answered.values()), {p: r.text[:200] for p, r in answered.items()}
 
-    server.start(timeout_s=120)  # starts cleanly and reconciles
+    server.start(timeout_s=300)  # starts cleanly and reconciles
     assert httpx.get(f"{server.base_url}/health", timeout=10, trust_env=False).json()["database"] == "ok"
     _, drain_s = wait_for_tracking(server.base_url, timeout_s=60)  # the worker completes the interrupted runs
     assert not math.isnan(drain_s), "MLflow runs of stored predictions were still pending a minute after restart"
@@ -129,11 +137,12 @@ def test_sigkill_mid_prediction_then_restart_is_consistent(server: Server) -> No
 
 
 def test_sigterm_lets_in_flight_requests_finish(server: Server) -> None:
-    server.start(timeout_s=120)
+    server.start(timeout_s=300)
     assert server.proc is not None
-    responses, in_flight = _send_and_signal(server, FILMS[:3], "T", lambda: server.proc.send_signal(signal.SIGTERM))
+    responses, _, held = _send_and_signal(server, FILMS[:3], "T", lambda: server.proc.send_signal(signal.SIGTERM))
     code = server.proc.wait(timeout=60)
-    assert in_flight, "SIGTERM came after every request had been answered"
+    # The held request was in flight at SIGTERM (its upload only half sent): it is still answered in full.
+    assert held.status == 200, held
     assert [r.status_code if r is not None else None for r in responses.values()] == [200, 200, 200]
     # uvicorn shuts down gracefully, then re-raises SIGTERM so the exit status tells how it ended
     assert code in (0, -signal.SIGTERM)

@@ -47,6 +47,14 @@ def _apng() -> bytes:
     return png_bytes(frames[0], save_all=True, append_images=frames[1:])
 
 
+def _tiff_pages(pages: int) -> bytes:
+    """A multi-page TIFF of film-sized gray pages (as a scanner's batch of films would be)."""
+    images = [Image.new("L", (256, 320), color=60 + i * 40) for i in range(pages)]
+    buffer = io.BytesIO()
+    images[0].save(buffer, format="TIFF", save_all=True, append_images=images[1:])
+    return buffer.getvalue()
+
+
 @pytest.mark.parametrize(
     ("data", "status", "phrase"),
     [
@@ -58,8 +66,9 @@ def _apng() -> bytes:
         (png_bytes(Image.new("L", (63, 300))), 422, "at least 64"),
         (_gif(1), 422, "GIF is not accepted"),
         (_apng(), 422, "multi-frame"),
+        (_tiff_pages(2), 422, "multi-frame"),
     ],
-    ids=["empty", "zeros", "random", "truncated-png", "bomb", "too-small", "gif", "animated-png"],
+    ids=["empty", "zeros", "random", "truncated-png", "bomb", "too-small", "gif", "animated-png", "multi-page-tiff"],
 )
 def test_bad_images_rejected_and_nothing_stored(client: TestClient, settings: Settings, data: bytes, status: int,
                                                 phrase: str) -> None:

@@ -95,6 +95,27 @@ def test_a_failed_prediction_gives_its_place_back(limited: TestClient) -> None:
     assert post_image(limited, SMALL_FILM, "P-good").status_code == 200
 
 
+def test_an_oversized_upload_is_refused_with_413_before_a_place_is_taken(limited: TestClient) -> None:
+    """The size check comes first: with the one place taken, an oversized upload still gets 413 (not 503), and with
+    the place free it takes none and counts no overload refusal."""
+    service = limited.app.state.service  # type: ignore[attr-defined]
+    settings: Settings = limited.app.state.settings  # type: ignore[attr-defined]
+    oversized = b"\0" * (settings.max_upload_bytes + 65 * 1024)  # beyond the limit and the form's allowance
+    refused_before = _metric(limited, "boneage_predictions_refused_overload_total")
+    assert service.in_flight.reserve()  # every place taken
+    try:
+        response = post_image(limited, oversized, "P-oversized-busy")
+        assert response.status_code == 413, response.text
+        assert service.in_flight.count == 1
+    finally:
+        service.in_flight.release()
+    response = post_image(limited, oversized, "P-oversized")
+    assert response.status_code == 413 and "limit" in response.json()["detail"]
+    assert service.in_flight.count == 0
+    assert _metric(limited, "boneage_predictions_refused_overload_total") == refused_before  # no overload refusal counted
+    assert limited.get("/results/P-oversized").status_code == 404
+
+
 def test_live_and_the_refusal_need_no_worker_thread(limited: TestClient) -> None:
     """With every place taken and every thread of the pool busy, /health/live and the 503 still answer."""
     service = limited.app.state.service  # type: ignore[attr-defined]

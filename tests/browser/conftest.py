@@ -3,11 +3,12 @@ folder, an API key configured) and the system Chromium driven by Playwright, wit
 the server aborted and recorded.
 
 The tests never download a browser: they use /usr/bin/chromium (`.ci/run` installs it with apt) and skip, saying
-why, where it is missing.
+why, where it is missing, unless BONEAGE_TEST_REQUIRE_BROWSER is set (as `.ci/run` sets it): then they fail.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -22,6 +23,8 @@ CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
     "--disable-sync", "--no-first-run",
 ]
+# Set (by .ci/run, which installs Chromium or fails): a missing Chromium fails the browser tests, not skips them.
+REQUIRE_BROWSER_ENV = "BONEAGE_TEST_REQUIRE_BROWSER"
 API_KEY = "browser-test-key"
 TIMEOUT_MS = 60_000  # a prediction on a slow CPU takes seconds; an element that never comes fails after this
 
@@ -44,8 +47,11 @@ def api_key() -> str:
 @pytest.fixture(scope="session")
 def playwright() -> Iterator[Playwright]:
     if not CHROMIUM.is_file():
-        pytest.skip(f"{CHROMIUM} is missing: install it (apt-get install chromium, as .ci/run does) to run the "
-                    "browser tests; they never download a browser")
+        reason = (f"{CHROMIUM} is missing: install it (apt-get install chromium, as .ci/run does) to run the "
+                  "browser tests; they never download a browser")
+        if os.environ.get(REQUIRE_BROWSER_ENV):
+            pytest.fail(reason)
+        pytest.skip(reason)
     with sync_playwright() as pw:
         yield pw
 

@@ -13,13 +13,14 @@ import numpy as np
 import pydicom
 import pytest
 from dicom_films import gray, make_dicom
-from dicom_scp import AE_TITLE, StorageSCP, free_port
+from dicom_scp import AE_TITLE, StorageSCP
 from fastapi.testclient import TestClient
-from helpers import TEST20, make_settings, running_app
+from helpers import TEST20, make_settings, running_app, wait_until
 from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation  # type: ignore[attr-defined]
 
+from bench.harness import reserve_port
 from utils.pacs.receiver import UNKNOWN_PATIENT, Forwarder, Inbox, Receiver, patient_id_of
 
 FILM = TEST20 / "4360.png"
@@ -46,7 +47,7 @@ def pacs() -> Iterator[StorageSCP]:
     try:
         yield server
     finally:
-        server.stop()
+        server.close()
 
 
 def test_a_film_sent_to_the_receiver_is_predicted_and_its_results_reach_the_pacs(tmp_path: Path,
@@ -59,14 +60,17 @@ def test_a_film_sent_to_the_receiver_is_predicted_and_its_results_reach_the_pacs
     photo = np.clip(photo + np.random.default_rng(4).normal(0, 12, photo.shape), 0, 255).astype(np.uint8)
     colour = make_dicom(photo, samples=3, photometric="RGB")
     inbox = Inbox(tmp_path / "inbox")
-    port = free_port()
-    with running_app(settings) as client:
+    with running_app(settings) as client, reserve_port() as reservation:
+        port = int(reservation.getsockname()[1])  # held while the receiver binds it (pynetdicom sets SO_REUSEADDR)
         receiver = Receiver(inbox, Forwarder(inbox, client, retry_seconds=0.2), RECEIVER_AE)
         receiver.start("127.0.0.1", port)
         try:
             assert c_store(port, film) == 0x0000
             assert c_store(port, colour) == 0x0000  # accepted, then refused by the service
             pacs.wait_for(lambda s: len(s.stored) == 2, timeout=60)
+            # Stopped only once both films are through: the colour one refused with its reason, the inbox empty.
+            wait_until(lambda: inbox.waiting() == [] and len(list(inbox.refused_dir.glob("*.reason.txt"))) == 1,
+                       60, f"films still waiting in the inbox: {inbox.waiting()}")
         finally:
             receiver.stop()
         results = client.get("/results/MRN_0042_7").json()
@@ -86,7 +90,8 @@ def test_films_wait_in_the_inbox_while_the_service_is_unreachable(tmp_path: Path
     inbox = Inbox(tmp_path / "inbox")
     dataset = pydicom.dcmread(io.BytesIO(make_dicom(gray(FILM), sex="F")))
     inbox.put(dataset)
-    with httpx.Client(base_url=f"http://127.0.0.1:{free_port()}") as down:
+    with reserve_port() as reservation, \
+            httpx.Client(base_url=f"http://127.0.0.1:{reservation.getsockname()[1]}") as down:  # refused: held, shut
         assert Forwarder(inbox, down).forward_waiting() is False
     assert len(inbox.waiting()) == 1  # kept
     assert Forwarder(inbox, client).forward_waiting() is True

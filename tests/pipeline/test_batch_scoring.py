@@ -131,16 +131,37 @@ def test_archive_scored_in_two_runs_gives_the_service_ages_and_error_rows(
 
 def test_a_killed_run_leaves_whole_parts_and_resumes_without_scoring_a_film_twice(
         archive: Path, local_ray: None, tmp_path: Path) -> None:
-    out = tmp_path / "results.parquet"
+    # A held input: the last film of the list is a named pipe that nobody writes to, so the decoding task that
+    # reads it waits forever and the run cannot finish, however fast the machine (last: Ray Data hands the blocks
+    # before it on). The kill comes once a part is written: an event, not a race against the scorer.
+    # Two more copies of the good films (hard links) make several Ray Data blocks (8 films each) ahead of the
+    # held one, so parts come out while its block waits.
+    copies = tmp_path / "copies"
+    for n in range(2):
+        (copies / str(n)).mkdir(parents=True)
+        for film in TEST20.glob("*.png"):
+            os.link(archive / film.name, copies / str(n) / film.name)
+    held = tmp_path / "held.png"
+    os.mkfifo(held)
+    films = [*list_films(archive), *list_films(copies), str(held.resolve())]
+    listing = tmp_path / "films.csv"
+    listing.write_text("path\n" + "".join(f"{f}\n" for f in films))
+    out, log = tmp_path / "results.parquet", tmp_path / "score.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("BONEAGE_")} | {"BONEAGE_DEVICE": "cpu"}
-    command = [sys.executable, "-m", "score", str(archive), "--out", str(out), "--num-cpus", "2",
+    # 3 logical CPUs: one for the model actor, one for the task stuck on the pipe, one to decode the rest.
+    command = [sys.executable, "-m", "score", str(listing), "--out", str(out), "--num-cpus", "3",
                "--batch-size", "2", "--part-size", "2", "--no-progress"]
-    run = subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           start_new_session=True)
+    with log.open("wb") as log_file:
+        run = subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                               start_new_session=True)
     try:
-        deadline = time.monotonic() + 180
-        while not list(out.glob("part-*.parquet")) and run.poll() is None and time.monotonic() < deadline:
+        deadline = time.monotonic() + 300
+        while not list(out.glob("part-*.parquet")):
+            assert run.poll() is None, f"the run ended ({run.returncode}) before writing a part, with the held " \
+                                       f"film unread:\n{log.read_text(errors='replace')[-3000:]}"
+            assert time.monotonic() < deadline, f"no part within 300 s:\n{log.read_text(errors='replace')[-3000:]}"
             time.sleep(0.05)
+        assert run.poll() is None  # the held film is still unread: the run cannot have finished
     finally:  # the run and the local Ray cluster it started, killed at once, as by a power cut
         for pid in [run.pid, *descendants(run.pid)]:
             try:
@@ -149,13 +170,17 @@ def test_a_killed_run_leaves_whole_parts_and_resumes_without_scoring_a_film_twic
                 pass
         run.wait(timeout=30)
     partial = read_results(out)
-    assert 0 < len(partial) < 22 and partial["file"].is_unique
+    assert 0 < len(partial) < len(films) and partial["file"].is_unique
+    assert films[-1] not in set(partial["file"])
 
-    resumed = _run(archive, out, make_settings(tmp_path))
-    assert resumed.skipped == len(partial) and resumed.scored == 22 - len(partial)
+    held.unlink()  # the held film arrives: a copy of a real one
+    shutil.copy(archive / "4360.png", held)
+    resumed = score(list_films(listing), out, make_settings(tmp_path),
+                    ScoringOptions(batch_size=4, part_size=4, progress=False))
+    assert resumed.skipped == len(partial) and resumed.scored == len(films) - len(partial)
     rows = read_results(out)
-    assert len(rows) == 22 and rows["file"].is_unique
-    assert rows["error"].notna().sum() == 2
+    assert len(rows) == len(films) and rows["file"].is_unique
+    assert rows["error"].notna().sum() == 2  # the corrupt PNG and the colour photo
 
 
 def test_the_rows_equal_the_model_pool_to_the_last_digits(archive: Path, local_ray: None, tmp_path: Path) -> None:
