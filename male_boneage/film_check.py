@@ -1,7 +1,8 @@
 """The film check: is this image a radiograph of a hand? A small CNN that runs before the bone-age models.
 
     python -m male_boneage.film_check train --out male_boneage/weights/film_check.pt
-    python -m male_boneage.film_check measure --weights male_boneage/weights/film_check.pt
+    python -m male_boneage.film_check measure     # refusal rates with whole non-hand sources held out
+    python -m male_boneage.film_check hands       # the shipped checker on real hand films and their variants
 
 Input: the film squashed to 128 x 128 px by the service's own preprocessing (`preprocess.to_model_pixels`),
 standardised per image. Output: one logit; `FilmChecker.score` is its probability ("hand score", 0-1).
@@ -228,7 +229,7 @@ def train_checker(hands: np.ndarray, negatives: np.ndarray, epochs: int = 6, bat
             loss.backward()  # type: ignore[no-untyped-call]
             optimizer.step()
             scheduler.step()
-            total += float(loss)
+            total += loss.item()
         logger.info("film check epoch %d/%d: loss %.4f", epoch + 1, epochs, total / steps_per_epoch)
     return net.eval()
 
@@ -319,9 +320,48 @@ def train_release(data_root: Path, out: Path, count: int, seed: int, epochs: int
     return metadata
 
 
+def measure_hands(data_root: Path, weights: Path, seed: int = 17) -> dict[str, Any]:
+    """The shipped checker on real hand films it never trained on (the 245 held-out films of `rsna-train-512`,
+    `rsna-test-20`, `rsna-raw-12`, its own validation hands), each also sent as every robustness variant of
+    `variants.py`: how many it refuses, and which."""
+    from male_boneage.data import select
+    from male_boneage.variants import VARIANTS, apply_variant
+
+    checker = FilmChecker.from_file(weights)
+    sets = {
+        "rsna-train-512 held-out": [c.path for c in select(read_labels(data_root / "rsna-train-512"), "heldout",
+                                                           "both", seed)],
+        "rsna-test-20": [c.path for c in read_labels(data_root / "rsna-test-20")],
+        "rsna-raw-12": [c.path for c in read_labels(data_root / "rsna-raw-12")],
+        "validation hands (rsna-train-299)": [c.path for c in hand_cases(data_root, 4000, seed)[1]],
+    }
+    report: dict[str, Any] = {"threshold": checker.threshold}
+    for name, paths in sets.items():
+        scores = checker.scores(decode(paths))
+        refused = [p.name for p, s in zip(paths, scores, strict=True) if s < checker.threshold]
+        report[name] = {"n": len(paths), "refused": len(refused), "refused_films": refused,
+                        "lowest_score": round(float(scores.min()), 4)}
+    films = [(p, read_film(p.read_bytes())) for p in sets["rsna-train-512 held-out"] + sets["rsna-test-20"]]
+    started = time.monotonic()
+    for variant in VARIANTS:
+        pixels = np.stack([to_model_pixels(read_film(apply_variant(variant, film, p.stem, seed)), CHECK_SIZE)
+                           for p, film in films])
+        scores = checker.scores(pixels)
+        refused = [p.name for (p, _), s in zip(films, scores, strict=True) if s < checker.threshold]
+        report[f"variant {variant}"] = {"n": len(films), "refused": len(refused), "refused_films": refused}
+    film = read_film((data_root / "rsna-test-20" / "4360.png").read_bytes())
+    started = time.monotonic()
+    for _ in range(50):
+        checker.check(film)
+    report["ms_per_full_film"] = round((time.monotonic() - started) / 50 * 1000, 2)
+    return report
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=("train", "measure"))
+    parser.add_argument("command", choices=("train", "measure", "hands"),
+                        help="train the shipped checker; measure it on held-out sources; hands: refusals of real hand "
+                             "films and their variants by the shipped checker")
     parser.add_argument("--data-root", type=Path, default=DATA_ROOT, help="the shared data folder")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "weights" / "film_check.pt")
     parser.add_argument("--hands", type=int, default=4000, help="hand films to train on")
@@ -335,6 +375,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     if args.command == "train":
         train_release(args.data_root, args.out, args.hands, args.seed, args.epochs)
+    elif args.command == "hands":
+        print(json.dumps(measure_hands(args.data_root, args.out, args.seed), indent=2))  # noqa: T201
     else:
         print(json.dumps(measure(args.data_root, args.folds, args.hands, args.seed, args.epochs), indent=2))  # noqa: T201
 
