@@ -40,9 +40,10 @@ from PIL import Image
 from torch import nn
 
 from male_boneage.augment import TrainAugmentation, standardize
-from male_boneage.data import Case, read_labels
+from male_boneage.data import Case, read_labels, select
 from male_boneage.inference import ModelUnavailable
 from male_boneage.preprocess import PREPROCESSING_VERSION, read_film, to_model_pixels
+from male_boneage.variants import VARIANTS, apply_variant
 
 logger = logging.getLogger(__name__)
 CHECK_ARCHITECTURE = "FilmCheckNet-v1"
@@ -324,9 +325,6 @@ def measure_hands(data_root: Path, weights: Path, seed: int = 17) -> dict[str, A
     """The shipped checker on real hand films it never trained on (the 245 held-out films of `rsna-train-512`,
     `rsna-test-20`, `rsna-raw-12`, its own validation hands), each also sent as every robustness variant of
     `variants.py`: how many it refuses, and which."""
-    from male_boneage.data import select
-    from male_boneage.variants import VARIANTS, apply_variant
-
     checker = FilmChecker.from_file(weights)
     sets = {
         "rsna-train-512 held-out": [c.path for c in select(read_labels(data_root / "rsna-train-512"), "heldout",
@@ -342,7 +340,6 @@ def measure_hands(data_root: Path, weights: Path, seed: int = 17) -> dict[str, A
         report[name] = {"n": len(paths), "refused": len(refused), "refused_films": refused,
                         "lowest_score": round(float(scores.min()), 4)}
     films = [(p, read_film(p.read_bytes())) for p in sets["rsna-train-512 held-out"] + sets["rsna-test-20"]]
-    started = time.monotonic()
     for variant in VARIANTS:
         pixels = np.stack([to_model_pixels(read_film(apply_variant(variant, film, p.stem, seed)), CHECK_SIZE)
                            for p, film in films])

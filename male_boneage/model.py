@@ -73,6 +73,7 @@ class BoneAgeNet(nn.Module):
         self.hidden = nn.Sequential(nn.Linear(8 * w + SEX_FEATURES, 256), nn.ReLU(inplace=True), nn.Dropout(dropout))
         self.grp = nn.Linear(256, len(AGE_GROUPS_YEARS))
         self.unc = nn.Linear(256, 2)
+        self.male: torch.Tensor
         self.register_buffer("male", torch.tensor(male))
 
     def set_sex(self, male: bool) -> None:

@@ -124,7 +124,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.init:
         state_dict, _ = load_weights(cfg.init)
         net.load_state_dict(state_dict, strict=True)
-    net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stub lacks it
+    net = net.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(splits["train"]) / cfg.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
@@ -288,7 +288,8 @@ def cached_pixels(cases: list[Case], size: int, cache_dir: Path) -> np.ndarray:
     key = hashlib.sha256(f"{PREPROCESSING_VERSION}:{size}:{','.join(str(c.path) for c in cases)}".encode())
     path = cache_dir / f"films-{size}-{key.hexdigest()[:12]}.npy"
     if path.is_file():
-        return np.load(path, mmap_mode="r")
+        cached: np.ndarray = np.load(path, mmap_mode="r")
+        return cached
     logger.info("decoding %d films to %s", len(cases), path)
     films = np.empty((len(cases), size, size), dtype=np.uint8)
     for start in range(0, len(cases), 500):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dicom_films import gray, make_dicom
+from dicom_films import make_dicom, small_film
 from helpers import RAW, make_settings, post_image, running_app
 
 FILM = (RAW / "7047.png").read_bytes()
@@ -62,7 +62,7 @@ def test_start_up_removes_unrecorded_and_partial_folders(tmp_path: Path) -> None
 
 def test_start_up_gives_dicom_predictions_of_an_earlier_release_their_film_png(tmp_path: Path) -> None:
     settings = make_settings(tmp_path)
-    dicom = make_dicom(gray(RAW / "7036.png")[:600, :500])
+    dicom = make_dicom(small_film(RAW / "7036.png"))
     with running_app(settings) as client:
         body = post_image(client, dicom, "P-legacy").json()
     film = settings.storage_dir / body["film_url"].removeprefix("/storage/")

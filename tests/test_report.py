@@ -8,7 +8,7 @@ import logging
 
 import numpy as np
 import pytest
-from dicom_films import BIRTH_DATE, gray, make_dicom
+from dicom_films import BIRTH_DATE, make_dicom, small_film
 from fastapi.testclient import TestClient
 from helpers import RAW, assert_nothing_stored, wait_until_logged
 from mlflow import MlflowClient
@@ -32,7 +32,7 @@ def predict(client: TestClient, data: bytes, patient_id: str, sex: str | None = 
 
 def dicom_with(**tags: str) -> bytes:
     """A DICOM of the raw film with these patient/study tags set (and the test DICOMs' birth date)."""
-    return make_dicom(gray(RAW / "7036.png")[:600, :500], tags=tags)
+    return make_dicom(small_film(RAW / "7036.png"), tags=tags)
 
 
 def test_a_given_age_gives_a_report_stored_with_the_prediction(client: TestClient, settings: Settings) -> None:

@@ -14,7 +14,6 @@ import httpx
 import pydicom
 import pytest
 from dicom_films import gray, make_dicom
-from dicom_scp import free_port
 from helpers import TEST20
 from pynetdicom import AE
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -22,6 +21,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 
+from bench.harness import reserve_port
 from utils.pacs.receiver import Forwarder, Inbox, Receiver
 
 RECEIVER_AE = "BONEAGE"
@@ -31,14 +31,17 @@ RECEIVER_AE = "BONEAGE"
 def receiver(tmp_path: Path) -> Iterator[tuple[Receiver, int]]:
     """The receiver on a free loopback port; its service is unreachable (nothing is forwarded in these tests)."""
     inbox = Inbox(tmp_path / "inbox")
-    port = free_port()
-    with httpx.Client(base_url=f"http://127.0.0.1:{free_port()}") as down:
+    reservation, unreachable = reserve_port(), reserve_port()  # the service's port is held and never listens
+    port = reservation.getsockname()[1]
+    with httpx.Client(base_url=f"http://127.0.0.1:{unreachable.getsockname()[1]}") as down:
         scp = Receiver(inbox, Forwarder(inbox, down, retry_seconds=60), RECEIVER_AE)
         scp.start("127.0.0.1", port)
+        reservation.close()
         try:
             yield scp, port
         finally:
             scp.stop()
+            unreachable.close()
 
 
 def test_a_pynetdicom_scu_gets_success_for_c_echo_and_can_still_send_a_film(
