@@ -15,7 +15,7 @@ import pytest
 from dicom_films import gray, make_dicom
 from dicom_scp import AE_TITLE, StorageSCP
 from fastapi.testclient import TestClient
-from helpers import TEST20, make_settings, running_app, wait_until
+from helpers import DATA, TEST20, make_settings, running_app, wait_until
 from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation  # type: ignore[attr-defined]
@@ -110,3 +110,17 @@ def test_patient_ids_are_made_safe_for_the_service() -> None:
     assert patient_id_of(with_id("..a b/c^d")) == "a_b_c_d"
     assert patient_id_of(with_id("x" * 80)) == "x" * 64
     assert patient_id_of(with_id(None)) == patient_id_of(with_id("  ")) == UNKNOWN_PATIENT
+
+
+def test_the_receiver_sets_aside_what_the_film_check_refuses(tmp_path: Path, client: TestClient) -> None:
+    chest = DATA / "non-hand" / "radiographs" / sorted(p.name for p in (DATA / "non-hand" / "radiographs").glob(
+        "*.jpg") if "chest" in p.name.lower() or "covid" in p.name.lower())[0]
+    inbox = Inbox(tmp_path / "inbox")
+    inbox.put(pydicom.dcmread(io.BytesIO(make_dicom(gray(FILM), tags={"BodyPartExamined": "CHEST"}))))
+    inbox.put(pydicom.dcmread(io.BytesIO(make_dicom(gray(chest), tags={"BodyPartExamined": ""}))))
+    assert Forwarder(inbox, client).forward_waiting() is True
+    assert inbox.waiting() == []
+    reasons = sorted(r.read_text() for r in inbox.refused_dir.glob("*.reason.txt"))
+    assert len(reasons) == 2 and all(r.startswith("422") for r in reasons)
+    assert any("Body Part Examined is CHEST" in r for r in reasons)
+    assert any("does not look like a radiograph of a hand" in r for r in reasons)
