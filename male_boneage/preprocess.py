@@ -14,8 +14,12 @@ import io
 import numpy as np
 from PIL import Image, ImageOps
 
-# Window for images with more than 8 bits: percentiles, so a few extreme pixels do not wash the film out.
+# The model input's stretch (`stretch`): its levels between these percentiles become 0-1.
 WINDOW_PERCENTILES = (0.5, 99.5)
+# Images with more than 8 bits become 8-bit for display and the models by this wider window: a few extreme pixels
+# (dead detector pixels, burned-in text) do not wash the film out, yet it clips next to nothing, so the model's own
+# stretch sees the film an 8-bit PNG of the same pixels would give (clipping 0.5% twice moved estimates 0.5 month).
+WIDE_WINDOW_PERCENTILES = (0.01, 99.99)
 WIDE_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 # The 299 px training films are bilinear squashes of the whole film; Pillow's bilinear resize is antialiased when it
 # shrinks, as theirs was (the same id squashed from rsna-train-512 correlates at >= 0.9996 with the 299 px file).
@@ -27,7 +31,7 @@ PREPROCESSING_VERSION = "squash-bilinear-float-p0.5-99.5-v1"
 def percentile_window(values: np.ndarray) -> np.ndarray:
     """Values of any range -> uint8, windowed by percentiles."""
     values = np.asarray(values, dtype=np.float32)
-    low, high = np.percentile(values, WINDOW_PERCENTILES)
+    low, high = np.percentile(values, WIDE_WINDOW_PERCENTILES)
     if high <= low:
         high = low + 1.0
     scaled = np.clip((values - low) / (high - low), 0.0, 1.0) * 255.0
