@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import math
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -373,9 +374,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "train":
         train_release(args.data_root, args.out, args.hands, args.seed, args.epochs)
     elif args.command == "hands":
-        print(json.dumps(measure_hands(args.data_root, args.out, args.seed), indent=2))  # noqa: T201
+        sys.stdout.write(json.dumps(measure_hands(args.data_root, args.out, args.seed), indent=2) + "\n")
     else:
-        print(json.dumps(measure(args.data_root, args.folds, args.hands, args.seed, args.epochs), indent=2))  # noqa: T201
+        sys.stdout.write(json.dumps(measure(args.data_root, args.folds, args.hands, args.seed, args.epochs), indent=2)
+                         + "\n")
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from male_boneage.augment import DEFAULT_TTA, TrainAugmentation, standardize
 from male_boneage.data import Case, load_pixels, read_labels, select, split_of
-from male_boneage.inference import BoneAgeModel, load_weights, state_digest
+from male_boneage.inference import BoneAgeModel, half_precision, load_weights, state_digest
 from male_boneage.metrics import calibrate_sigma_scale, summarize
 from male_boneage.model import ARCHITECTURE, BoneAgeNet, age_group_index, months_to_target, target_to_months
 from male_boneage.preprocess import PREPROCESSING_VERSION
@@ -216,7 +216,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     metadata["ood_sigma_months"] = OOD_SIGMA_FACTOR * metadata["val_sigma_max_months"]
     state_dict = net.state_dict()
     metadata["version"] = f"{cfg.sex}-{metadata['trained_on']}-{state_digest(state_dict)}"
-    atomic_save({"state_dict": state_dict, "metadata": metadata}, cfg.out)
+    atomic_save({"state_dict": half_precision(state_dict), "metadata": metadata}, cfg.out)
     logger.info("wrote %s: version %s, sigma scale %.3f, validation %s",
                 cfg.out, metadata["version"], metadata["sigma_scale"], val_metrics)
     if client is not None:
