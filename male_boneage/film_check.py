@@ -13,7 +13,9 @@ Training data (all real films, plus negatives made from them):
   own augmentation (crops, padding, rotation up to 20 degrees, gamma, background, blur, markers);
 - negatives: the real non-hand images of `non-hand/` (other radiographs, MRI/CT, photos, documents), augmented the
   same way, and hand films made into what is not a usable hand film: a few fingers (zoomed 3-6x), rotated 90 or
-  180 degrees, inverted, and blank film with a marker.
+  180 degrees, inverted, and blank film with a marker; and negatives drawn from nothing (`drawn_negatives`: pages
+  of text, diagrams, CT/MRI-like slices, photo-like textures), so that a kind of image with few real examples is
+  not learned from one repository's look.
 `measure` holds out whole sources of `non-hand/` (folds by repository), trains on the rest, and reports the refusal
 rate per held-out source and body part; the shipped checker is trained on every source.
 """
@@ -37,18 +39,19 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from torch import nn
 
 from male_boneage.augment import TrainAugmentation, standardize
 from male_boneage.data import Case, read_labels, select
-from male_boneage.inference import ModelUnavailable
+from male_boneage.inference import ModelUnavailable, read_weights_file
 from male_boneage.preprocess import PREPROCESSING_VERSION, read_film, to_model_pixels
 from male_boneage.variants import VARIANTS, apply_variant
 
 logger = logging.getLogger(__name__)
 CHECK_ARCHITECTURE = "FilmCheckNet-v1"
 CHECK_SIZE = 128
+CHECK_METADATA = ("architecture", "width", "preprocessing", "threshold", "version")
 DATA_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
@@ -94,22 +97,13 @@ class FilmChecker:
     @classmethod
     def from_file(cls, path: Path) -> FilmChecker:
         """Load checked weights (`weights_only=True`, strict); raises ModelUnavailable naming the file otherwise."""
-        if not path.is_file():
-            raise ModelUnavailable(f"film check weights not found: {path}")
+        state_dict, metadata = read_weights_file(path, CHECK_ARCHITECTURE, CHECK_METADATA, "film check weights")
+        net = FilmCheckNet(int(metadata["width"]))
         try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-            metadata = payload["metadata"]
-            if metadata["architecture"] != CHECK_ARCHITECTURE:
-                raise ModelUnavailable(f"film check weights {path} are for {metadata['architecture']}")
-            if metadata["preprocessing"] != PREPROCESSING_VERSION:
-                raise ModelUnavailable(f"film check weights {path} were made for preprocessing {metadata['preprocessing']!r}")
-            net = FilmCheckNet(int(metadata["width"]))
-            net.load_state_dict(payload["state_dict"], strict=True)
-        except ModelUnavailable:
-            raise
-        except Exception as exc:
-            raise ModelUnavailable(f"film check weights {path} are corrupt or do not match the code "
-                             f"({type(exc).__name__})") from None
+            net.load_state_dict(state_dict, strict=True)
+        except RuntimeError as exc:
+            first = str(exc).splitlines()[0] if str(exc) else "shape mismatch"
+            raise ModelUnavailable(f"film check weights {path} do not match {CHECK_ARCHITECTURE}: {first}") from None
         return cls(net, metadata)
 
     @property
@@ -200,6 +194,114 @@ def made_negatives(hands: torch.Tensor, generator: torch.Generator) -> torch.Ten
     return out
 
 
+# --- negatives drawn from nothing: pages, diagrams, cross-sections, textures ------------------------------------
+
+WORDS = ("bone age hand wrist report patient study series image left right film date name the of and to in for is on "
+         "with as by at from this that radiograph result figure table page section model data value").split()
+
+
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    return ImageFont.load_default(size=size)
+
+
+def _text_line(rng: np.random.Generator, words: int) -> str:
+    return " ".join(str(rng.choice(WORDS)) for _ in range(words))
+
+
+def drawn_page(rng: np.random.Generator) -> Image.Image:
+    """A page of text, a form or a screenshot: lines of words on a plain ground, light or dark."""
+    width, height = int(rng.integers(300, 700)), int(rng.integers(300, 900))
+    dark = rng.random() < 0.25
+    ground, ink = (int(rng.integers(0, 60)), int(rng.integers(170, 256))) if dark else \
+        (int(rng.integers(180, 256)), int(rng.integers(0, 90)))
+    image = Image.new("L", (width, height), ground)
+    draw = ImageDraw.Draw(image)
+    size = int(rng.integers(10, 30))
+    y = int(rng.integers(5, 40))
+    while y < height - size:
+        if rng.random() < 0.85:
+            draw.text((int(rng.integers(5, 40)), y), _text_line(rng, int(rng.integers(2, 12))), fill=ink,
+                      font=_font(size))
+        if rng.random() < 0.1:  # a rule or a table line
+            draw.line((0, y + size, width, y + size), fill=ink, width=1)
+        y += int(size * rng.uniform(1.2, 2.2))
+    return image
+
+
+def drawn_diagram(rng: np.random.Generator) -> Image.Image:
+    """A diagram: boxes, circles and arrows with labels, on a light or dark ground."""
+    width, height = int(rng.integers(300, 800)), int(rng.integers(250, 700))
+    dark = rng.random() < 0.3
+    ground, ink = (int(rng.integers(0, 50)), int(rng.integers(160, 256))) if dark else \
+        (int(rng.integers(200, 256)), int(rng.integers(0, 120)))
+    image = Image.new("L", (width, height), ground)
+    draw = ImageDraw.Draw(image)
+    centres = []
+    for _ in range(int(rng.integers(3, 10))):
+        x, y = int(rng.integers(20, width - 80)), int(rng.integers(20, height - 50))
+        w, h = int(rng.integers(40, 160)), int(rng.integers(25, 80))
+        fill = int(rng.integers(0, 256)) if rng.random() < 0.5 else None
+        if rng.random() < 0.7:
+            draw.rectangle((x, y, x + w, y + h), outline=ink, fill=fill, width=int(rng.integers(1, 4)))
+        else:
+            draw.ellipse((x, y, x + w, y + h), outline=ink, fill=fill, width=int(rng.integers(1, 4)))
+        draw.text((x + 4, y + 4), _text_line(rng, int(rng.integers(1, 3))), fill=ink, font=_font(int(rng.integers(9, 18))))
+        centres.append((x + w // 2, y + h // 2))
+    for (x0, y0), (x1, y1) in zip(centres, centres[1:], strict=False):
+        draw.line((x0, y0, x1, y1), fill=ink, width=int(rng.integers(1, 4)))
+    return image
+
+
+def drawn_cross_section(rng: np.random.Generator) -> Image.Image:
+    """A CT or MRI slice: an oval body or head on black, a bright rim (skin, skull), organs as grey blobs."""
+    size = int(rng.integers(256, 600))
+    image = Image.new("L", (size, size), int(rng.integers(0, 25)))
+    draw = ImageDraw.Draw(image)
+    cx, cy = size / 2 + rng.uniform(-0.05, 0.05) * size, size / 2 + rng.uniform(-0.05, 0.05) * size
+    rx, ry = size * rng.uniform(0.3, 0.47), size * rng.uniform(0.25, 0.47)
+    rim = int(rng.integers(120, 256))
+    draw.ellipse((cx - rx, cy - ry, cx + rx, cy + ry), fill=rim)
+    t = rng.uniform(0.03, 0.1)
+    draw.ellipse((cx - rx * (1 - t), cy - ry * (1 - t), cx + rx * (1 - t), cy + ry * (1 - t)),
+                 fill=int(rng.integers(60, 160)))
+    for _ in range(int(rng.integers(3, 14))):
+        bx, by = cx + rng.uniform(-0.6, 0.6) * rx, cy + rng.uniform(-0.6, 0.6) * ry
+        br = size * rng.uniform(0.02, 0.15)
+        draw.ellipse((bx - br, by - br * rng.uniform(0.5, 1.5), bx + br, by + br * rng.uniform(0.5, 1.5)),
+                     fill=int(rng.integers(0, 256)))
+    pixels = np.asarray(image.filter(ImageFilter.GaussianBlur(rng.uniform(0.5, 3))), dtype=np.float32)
+    pixels += rng.normal(0, rng.uniform(2, 12), pixels.shape)
+    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+
+
+def drawn_texture(rng: np.random.Generator) -> Image.Image:
+    """A grey photo-like scene: smooth random structure at every scale (1/f noise), some edges."""
+    size = 128
+    freq = np.fft.fftfreq(size)
+    radius = np.sqrt(freq[:, None] ** 2 + freq[None, :] ** 2)
+    radius[0, 0] = 1.0
+    spectrum = (rng.normal(size=(size, size)) + 1j * rng.normal(size=(size, size))) / radius ** rng.uniform(0.8, 1.6)
+    field = np.real(np.fft.ifft2(spectrum))
+    field = (field - field.min()) / (np.ptp(field) + 1e-6) * 255
+    image = Image.fromarray(field.astype(np.uint8)).resize((int(rng.integers(256, 600)),) * 2,
+                                                            Image.Resampling.BILINEAR)
+    return image
+
+
+DRAWN = (drawn_page, drawn_diagram, drawn_cross_section, drawn_texture)
+
+
+def drawn_negatives(count: int, seed: int) -> np.ndarray:
+    """`count` drawn images (pages, diagrams, CT/MRI-like slices, textures, in turn) at CHECK_SIZE through the
+    service's preprocessing: what a check trained only on radiographs has never seen, without copying any real
+    source's look (the real sources are held out whole when measuring)."""
+    rng = np.random.default_rng(seed)
+    out = np.empty((count, CHECK_SIZE, CHECK_SIZE), dtype=np.float32)
+    for i in range(count):
+        out[i] = to_model_pixels(DRAWN[i % len(DRAWN)](rng), CHECK_SIZE)
+    return out
+
+
 def train_checker(hands: np.ndarray, negatives: np.ndarray, epochs: int = 6, batch_size: int = 64,
                   seed: int = 17, width: int = 16) -> FilmCheckNet:
     """A FilmCheckNet trained on hand films (positives) and `negatives` plus negatives made from hands.
@@ -256,27 +358,33 @@ def source_folds(items: list[NonHand], folds: int) -> list[set[str]]:
     return groups
 
 
-def _load(data_root: Path, count: int, seed: int) -> tuple[np.ndarray, np.ndarray, list[NonHand], np.ndarray]:
+DRAWN_NEGATIVES = 240
+
+
+def _load(data_root: Path, count: int, seed: int
+          ) -> tuple[np.ndarray, np.ndarray, list[NonHand], np.ndarray, np.ndarray]:
+    """(training hands, validation hands, the non-hand items, their pixels, drawn negatives)."""
     train_hands, val_hands = hand_cases(data_root, count, seed)
     started = time.monotonic()
     hands = decode([c.path for c in train_hands])
     val = decode([c.path for c in val_hands])
     non_hand = read_non_hand(data_root / "non-hand")
     negatives = decode([n.path for n in non_hand])
-    logger.info("decoded %d hands, %d validation hands, %d non-hand images in %.0f s",
-                len(hands), len(val), len(negatives), time.monotonic() - started)
-    return hands, val, non_hand, negatives
+    drawn = drawn_negatives(DRAWN_NEGATIVES, seed)
+    logger.info("decoded %d hands, %d validation hands, %d non-hand images, drew %d negatives in %.0f s",
+                len(hands), len(val), len(negatives), len(drawn), time.monotonic() - started)
+    return hands, val, non_hand, negatives, drawn
 
 
 def measure(data_root: Path, folds: int, count: int, seed: int, epochs: int) -> dict[str, Any]:
     """Refusal rates on whole held-out sources of `non-hand/` (each fold trained without them)."""
-    hands, val, non_hand, negatives = _load(data_root, count, seed)
+    hands, val, non_hand, negatives, drawn = _load(data_root, count, seed)
     per_source: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     per_part: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     hand_refused = 0
     for fold, held in enumerate(source_folds(non_hand, folds)):
         keep = np.array([n.source not in held for n in non_hand])
-        net = train_checker(hands, negatives[keep], epochs=epochs, seed=seed)
+        net = train_checker(hands, np.concatenate([negatives[keep], drawn]), epochs=epochs, seed=seed)
         checker = FilmChecker(net, {"threshold": 0.5})
         threshold = threshold_for(checker.scores(val))
         scores = checker.scores(negatives[~keep])
@@ -301,9 +409,9 @@ def measure(data_root: Path, folds: int, count: int, seed: int, epochs: int) -> 
 
 def train_release(data_root: Path, out: Path, count: int, seed: int, epochs: int) -> dict[str, Any]:
     """Train the shipped checker on every source and write it with its threshold."""
-    hands, val, _, negatives = _load(data_root, count, seed)
+    hands, val, _, negatives, drawn = _load(data_root, count, seed)
     started = time.monotonic()
-    net = train_checker(hands, negatives, epochs=epochs, seed=seed)
+    net = train_checker(hands, np.concatenate([negatives, drawn]), epochs=epochs, seed=seed)
     checker = FilmChecker(net, {"threshold": 0.5})
     val_scores = checker.scores(val)
     state_dict = net.state_dict()
@@ -312,7 +420,7 @@ def train_release(data_root: Path, out: Path, count: int, seed: int, epochs: int
         "architecture": CHECK_ARCHITECTURE, "width": 16, "input_size": CHECK_SIZE,
         "preprocessing": PREPROCESSING_VERSION, "threshold": threshold_for(val_scores),
         "version": f"film-check-{dt.datetime.now(dt.UTC).date().isoformat()}-{digest}",
-        "training": {"hands": len(hands), "non_hand": len(negatives), "epochs": epochs, "seed": seed,
+        "training": {"hands": len(hands), "non_hand": len(negatives), "drawn_negatives": len(drawn), "epochs": epochs, "seed": seed,
                      "seconds": round(time.monotonic() - started)},
         "validation_hands": len(val),
     }

@@ -45,25 +45,32 @@ class ModelEstimate:
 
 
 def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read a weights file safely (`weights_only=True`) and check its metadata; errors name the file."""
+    """Read a bone-age weights file safely and check its metadata (`read_weights_file`); errors name the file."""
+    return read_weights_file(path, ARCHITECTURE, REQUIRED_METADATA, "model weights")
+
+
+def read_weights_file(path: Path, architecture: str, required: tuple[str, ...],
+                      what: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state dict in float32, metadata) of a weights file written as {"state_dict", "metadata"}: read with
+    `weights_only=True`, its metadata holding `required`, made for `architecture` and for this code's preprocessing.
+    Anything else raises ModelUnavailable naming the file (`what` says which kind of file it is)."""
     if not path.is_file():
-        raise ModelUnavailable(f"model weights not found: {path}")
+        raise ModelUnavailable(f"{what} not found: {path}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a corrupt file
-        raise ModelUnavailable(f"model weights file {path} is corrupt or not a weights file "
+        raise ModelUnavailable(f"{what} file {path} is corrupt or not a weights file "
                                f"({type(exc).__name__})") from None
     if not isinstance(payload, dict) or "state_dict" not in payload or "metadata" not in payload:
-        raise ModelUnavailable(f"model weights file {path} lacks 'state_dict' and 'metadata'")
+        raise ModelUnavailable(f"{what} file {path} lacks 'state_dict' and 'metadata'")
     metadata = payload["metadata"]
-    missing = [key for key in REQUIRED_METADATA if key not in metadata]
+    missing = [key for key in required if key not in metadata]
     if missing:
-        raise ModelUnavailable(f"model weights file {path} lacks metadata: {', '.join(missing)}")
-    if metadata["architecture"] != ARCHITECTURE:
-        raise ModelUnavailable(f"model weights file {path} is for {metadata['architecture']}, "
-                               f"the code is {ARCHITECTURE}")
+        raise ModelUnavailable(f"{what} file {path} lacks metadata: {', '.join(missing)}")
+    if metadata["architecture"] != architecture:
+        raise ModelUnavailable(f"{what} file {path} is for {metadata['architecture']}, the code is {architecture}")
     if metadata["preprocessing"] != PREPROCESSING_VERSION:
-        raise ModelUnavailable(f"model weights file {path} was trained with preprocessing "
+        raise ModelUnavailable(f"{what} file {path} was trained with preprocessing "
                                f"{metadata['preprocessing']!r}, the code's is {PREPROCESSING_VERSION!r}")
     # Weights are stored in float16 where that halves the file (`half_precision`); the nets run in float32.
     state_dict = {name: t.float() if t.is_floating_point() else t for name, t in payload["state_dict"].items()}

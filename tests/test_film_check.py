@@ -8,11 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from dicom_films import gray, make_dicom
 from fastapi.testclient import TestClient
-from helpers import DATA, RAW, TEST20, assert_nothing_stored, make_settings, post_image, running_app
+from helpers import DATA, RAW, TEST20, WEIGHTS, assert_nothing_stored, make_settings, post_image, running_app
 from PIL import Image
 
+from male_boneage.film_check import FilmChecker
+from male_boneage.inference import ModelUnavailable
 from male_boneage.preprocess import read_film
 from male_boneage.variants import VARIANTS, apply_variant
 from utils.config import Settings
@@ -112,3 +115,19 @@ def test_made_up_images_are_refused(client: TestClient) -> None:
     for image in (noise, hand.rotate(90, expand=True), hand.rotate(180)):
         from helpers import png_bytes
         assert post_image(client, png_bytes(image), "P1").status_code == 422
+
+
+def test_film_check_weights_that_do_not_fit_the_code_are_refused_by_name(tmp_path: Path) -> None:
+    shipped = torch.load(WEIGHTS / "film_check.pt", map_location="cpu", weights_only=True)
+    other_preprocessing = tmp_path / "other_preprocessing.pt"
+    torch.save({**shipped, "metadata": {**shipped["metadata"], "preprocessing": "another-v0"}}, other_preprocessing)
+    wider = tmp_path / "wider.pt"
+    torch.save({**shipped, "metadata": {**shipped["metadata"], "width": 32}}, wider)
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a weights file")
+    for path, reason in ((other_preprocessing, "preprocessing 'another-v0'"), (wider, "do not match FilmCheckNet"),
+                         (corrupt, "corrupt"), (tmp_path / "missing.pt", "not found")):
+        with pytest.raises(ModelUnavailable, match=reason) as refused:
+            FilmChecker.from_file(path)
+        assert str(path) in str(refused.value)
+    assert FilmChecker.from_file(WEIGHTS / "film_check.pt").threshold == shipped["metadata"]["threshold"]
