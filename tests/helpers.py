@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import time
 import uuid
@@ -17,6 +18,7 @@ from PIL import Image
 from sqlalchemy import create_engine, make_url, text
 
 from app import create_app
+from database.models import Prediction
 from bench.harness import PostgresCluster, create_database, drop_database
 from utils.config import Settings
 
@@ -148,3 +150,20 @@ class PostgresServer:
                     conn.execute(text(statement))
         finally:
             engine.dispose()
+
+
+def make_prediction(prediction_id: str, patient_id: str, created_at: dt.datetime, **fields: Any) -> Prediction:
+    """A prediction row as the service stores one (files under patients/<patient>/<prediction>/, a boy read at 10
+    years), with `fields` replacing any column or relation. The files it names need not exist."""
+    folder = f"patients/{patient_id}/{prediction_id}"
+    values: dict[str, Any] = {
+        "id": prediction_id, "patient_id": patient_id, "created_at": created_at,
+        "image_path": f"{folder}/original.png", "image_sha256": "0" * 64, "image_width": 800, "image_height": 1000,
+        "sex_used": "male", "sex_source": "form",
+        "male_age_months": 120.0, "male_sigma_months": 6.0, "male_group_probs": "[0.1, 0.6, 0.2, 0.1]",
+        "male_gradcam_path": f"{folder}/male_gradcam.png", "male_model_version": "male-test",
+        "female_age_months": 114.0, "female_sigma_months": 9.0, "female_group_probs": "[0.2, 0.5, 0.2, 0.1]",
+        "female_gradcam_path": f"{folder}/female_gradcam.png", "female_model_version": "female-test",
+        "mlflow_run_id": None, "mlflow_logged": False,
+    }
+    return Prediction(**(values | fields))

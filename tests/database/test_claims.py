@@ -6,6 +6,7 @@ import datetime as dt
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from helpers import make_prediction
 from sqlalchemy import text
 
 from database import crud
@@ -17,14 +18,7 @@ LEASE = dt.timedelta(minutes=5)
 
 
 def row(i: int) -> Prediction:
-    folder = f"patients/P{i}/pred-{i:03d}"
-    return Prediction(
-        id=f"pred-{i:03d}", patient_id=f"P{i}", created_at=T0 + dt.timedelta(seconds=i), image_path=f"{folder}/o.png",
-        image_sha256="0" * 64, image_width=100, image_height=100, sex_used="male", sex_source="form",
-        male_age_months=100.0, male_sigma_months=10.0, male_group_probs="[1, 0, 0, 0]",
-        male_gradcam_path=f"{folder}/m.png", male_model_version="m", female_age_months=90.0,
-        female_sigma_months=10.0, female_group_probs="[1, 0, 0, 0]", female_gradcam_path=f"{folder}/f.png",
-        female_model_version="f", mlflow_run_id=None, mlflow_logged=False)
+    return make_prediction(f"pred-{i:03d}", f"P{i}", T0 + dt.timedelta(seconds=i))
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import make_settings, running_app
+from helpers import make_prediction, make_settings, running_app
 from sqlalchemy import inspect, select
 
 from database import crud
@@ -23,15 +23,8 @@ T0 = dt.datetime(2026, 11, 27, 10, 0, tzinfo=dt.UTC)
 def prediction(prediction_id: str, patient_id: str = "P1", minutes: float = 0, logged: bool = False,
                run_id: str | None = None) -> Prediction:
     """A prediction row made `minutes` after T0 (the files it names need not exist here)."""
-    folder = f"patients/{patient_id}/{prediction_id}"
-    return Prediction(
-        id=prediction_id, patient_id=patient_id, created_at=T0 + dt.timedelta(minutes=minutes),
-        image_path=f"{folder}/original.png", image_sha256="0" * 64, image_width=800, image_height=1000,
-        sex_used="female", sex_source="form", male_age_months=120.0, male_sigma_months=6.0,
-        male_group_probs="[0.1, 0.6, 0.2, 0.1]", male_gradcam_path=f"{folder}/male_gradcam.png",
-        male_model_version="male-test", female_age_months=114.0, female_sigma_months=9.0,
-        female_group_probs="[0.2, 0.5, 0.2, 0.1]", female_gradcam_path=f"{folder}/female_gradcam.png",
-        female_model_version="female-test", mlflow_run_id=run_id, mlflow_logged=logged)
+    return make_prediction(prediction_id, patient_id, T0 + dt.timedelta(minutes=minutes), sex_used="female",
+                           mlflow_run_id=run_id, mlflow_logged=logged)
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ import pytest
 from dicom_films import gray, make_dicom
 from dicom_scp import AE_TITLE, OUT_OF_RESOURCES, StorageSCP
 from fastapi.testclient import TestClient
-from helpers import TEST20, make_settings, post_image, running_app
+from helpers import TEST20, make_prediction, make_settings, post_image, running_app
 from pynetdicom.sop_class import SecondaryCaptureImageStorage  # type: ignore[attr-defined]
 
 from database import crud
@@ -175,13 +175,9 @@ DESTINATION = PacsDestination("127.0.0.1", 1, "PACS", "BONEAGE", 1.0)
 
 def prediction_with_sends(i: int, destination: str = DESTINATION.label) -> Prediction:
     folder = f"patients/P{i}/pred-{i:03d}"
-    return Prediction(
-        id=f"pred-{i:03d}", patient_id=f"P{i}", created_at=T0, image_path=f"{folder}/original.dcm",
-        image_sha256="0" * 64, image_width=100, image_height=100, sex_used="male", sex_source="form",
-        male_age_months=100.0, male_sigma_months=10.0, male_group_probs="[1, 0, 0, 0]",
-        male_gradcam_path=f"{folder}/m.png", male_model_version="m", female_age_months=90.0,
-        female_sigma_months=10.0, female_group_probs="[1, 0, 0, 0]", female_gradcam_path=f"{folder}/f.png",
-        female_model_version="f", dicom_report_path=f"{folder}/report.dcm", dicom_heatmap_path=f"{folder}/heatmap.dcm",
+    return make_prediction(
+        f"pred-{i:03d}", f"P{i}", T0, image_path=f"{folder}/original.dcm", dicom_report_path=f"{folder}/report.dcm",
+        dicom_heatmap_path=f"{folder}/heatmap.dcm",
         pacs_sends=[PacsSend(file_path=f"{folder}/{name}", sop_instance_uid=f"1.2.3.{i}.{n}", destination=destination,
                              created_at=T0, attempts=0, next_attempt_at=T0)
                     for n, name in enumerate(("report.dcm", "heatmap.dcm"))])

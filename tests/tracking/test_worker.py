@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from helpers import png_bytes
+from helpers import make_prediction, png_bytes
 from mlflow import MlflowClient
 from PIL import Image
 from sqlalchemy import select
@@ -120,14 +120,11 @@ class Rig:
                      GRADCAM_PNG["male"]: png_bytes(Image.new("RGB", (8, 6), (200, 0, i))),
                      GRADCAM_PNG["female"]: png_bytes(Image.new("RGB", (8, 6), (0, 200, i)))}
             paths = self.store.write_prediction(check_patient_id(patient_id), prediction_id, files)
-            added.append(Prediction(
-                id=prediction_id, patient_id=patient_id, created_at=created_at, image_path=paths["original.png"],
+            added.append(make_prediction(
+                prediction_id, patient_id, created_at, image_path=paths["original.png"],
                 image_sha256=hashlib.sha256(files["original.png"]).hexdigest(), image_width=8, image_height=6,
-                sex_used=sex, sex_source="form", male_age_months=120.0 + i, male_sigma_months=6.0,
-                male_group_probs="[0.1, 0.6, 0.2, 0.1]", male_gradcam_path=paths[GRADCAM_PNG["male"]],
-                male_model_version="male-test", female_age_months=114.0 + i, female_sigma_months=9.0,
-                female_group_probs="[0.2, 0.5, 0.2, 0.1]", female_gradcam_path=paths[GRADCAM_PNG["female"]],
-                female_model_version="female-test",
+                sex_used=sex, male_age_months=120.0 + i, male_gradcam_path=paths[GRADCAM_PNG["male"]],
+                female_age_months=114.0 + i, female_gradcam_path=paths[GRADCAM_PNG["female"]],
                 mlflow_run_id=open_run(prediction_id, patient_id) if open_run else None))
         with self.database.session() as session:
             for prediction in added:
