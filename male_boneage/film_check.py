@@ -245,7 +245,8 @@ def drawn_diagram(rng: np.random.Generator) -> Image.Image:
             draw.rectangle((x, y, x + w, y + h), outline=ink, fill=fill, width=int(rng.integers(1, 4)))
         else:
             draw.ellipse((x, y, x + w, y + h), outline=ink, fill=fill, width=int(rng.integers(1, 4)))
-        draw.text((x + 4, y + 4), _text_line(rng, int(rng.integers(1, 3))), fill=ink, font=_font(int(rng.integers(9, 18))))
+        label = _text_line(rng, int(rng.integers(1, 3)))
+        draw.text((x + 4, y + 4), label, fill=ink, font=_font(int(rng.integers(9, 18))))
         centres.append((x + w // 2, y + h // 2))
     for (x0, y0), (x1, y1) in zip(centres, centres[1:], strict=False):
         draw.line((x0, y0, x1, y1), fill=ink, width=int(rng.integers(1, 4)))
@@ -420,7 +421,8 @@ def train_release(data_root: Path, out: Path, count: int, seed: int, epochs: int
         "architecture": CHECK_ARCHITECTURE, "width": 16, "input_size": CHECK_SIZE,
         "preprocessing": PREPROCESSING_VERSION, "threshold": threshold_for(val_scores),
         "version": f"film-check-{dt.datetime.now(dt.UTC).date().isoformat()}-{digest}",
-        "training": {"hands": len(hands), "non_hand": len(negatives), "drawn_negatives": len(drawn), "epochs": epochs, "seed": seed,
+        "training": {"hands": len(hands), "non_hand": len(negatives), "drawn_negatives": len(drawn),
+                     "epochs": epochs, "seed": seed,
                      "seconds": round(time.monotonic() - started)},
         "validation_hands": len(val),
     }

@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 
 from male_boneage.augment import DEFAULT_TTA, tta_variants
-from male_boneage.preprocess import PREPROCESSING_VERSION
 from male_boneage.model import (
     AGE_SCALE_MONTHS,
     ARCHITECTURE,
@@ -22,6 +21,7 @@ from male_boneage.model import (
     fold_batch_norm,
     target_to_months,
 )
+from male_boneage.preprocess import PREPROCESSING_VERSION
 
 REQUIRED_METADATA = ("architecture", "sex", "input_size", "width", "preprocessing", "normalization", "sigma_scale",
                      "version")

@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 from fastapi.testclient import TestClient
 from PIL import Image
 from sqlalchemy import create_engine, make_url, text
 
 from app import create_app
-from database.models import Prediction
 from bench.harness import PostgresCluster, create_database, drop_database
+from database.models import Prediction
 from utils.config import Settings
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -167,3 +168,17 @@ def make_prediction(prediction_id: str, patient_id: str, created_at: dt.datetime
         "mlflow_run_id": None, "mlflow_logged": False,
     }
     return Prediction(**(values | fields))
+
+
+def colour_photo(seed: int = 1) -> np.ndarray:
+    """(300, 400, 3) uint8: a noisy colour photo (a blue sky over green grass), what a phone sends instead of a film."""
+    photo = np.zeros((300, 400, 3), np.uint8)
+    photo[...] = (60, 140, 230)
+    photo[200:] = (40, 160, 50)
+    return np.clip(photo + np.random.default_rng(seed).normal(0, 12, photo.shape), 0, 255).astype(np.uint8)
+
+
+def jpeg_bytes(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG")
+    return buffer.getvalue()

@@ -14,6 +14,8 @@ from helpers import (
     RAW,
     TRAIN100,
     assert_nothing_stored,
+    colour_photo,
+    jpeg_bytes,
     make_settings,
     png_bytes,
     post_image,
@@ -163,20 +165,9 @@ def test_sixteen_bit_is_windowed_not_clipped(fmt: str) -> None:
     assert len(np.unique(values)) > 200  # a full range of grays, not a clipped white
 
 
-def _photo() -> bytes:
-    rng = np.random.default_rng(1)
-    sky = np.zeros((300, 400, 3), np.uint8)
-    sky[..., 0], sky[..., 1], sky[..., 2] = 60, 140, 230  # a blue sky
-    sky[200:] = (40, 160, 50)  # green grass
-    noisy = np.clip(sky + rng.normal(0, 12, sky.shape), 0, 255).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(noisy).save(buffer, format="JPEG")
-    return buffer.getvalue()
-
-
 @pytest.mark.parametrize(
     ("data", "phrase"),
-    [(_photo(), "colour"), (png_bytes(Image.new("L", (400, 500), 128)), "blank"),
+    [(jpeg_bytes(colour_photo()), "colour"), (png_bytes(Image.new("L", (400, 500), 128)), "blank"),
      (png_bytes(Image.new("RGB", (400, 500), (250, 250, 250))), "blank")],
     ids=["colour-photo", "gray-blank", "white-rgb"],
 )

@@ -16,7 +16,7 @@ import pydicom
 import pytest
 from dicom_films import gray, make_dicom
 from fastapi.testclient import TestClient
-from helpers import TEST20, make_settings, png_bytes, post_image, running_app, stored_files
+from helpers import TEST20, colour_photo, make_settings, png_bytes, post_image, running_app, stored_files
 from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
@@ -266,11 +266,7 @@ def test_for_all_gives_a_dicom_without_study_a_new_one(for_all_client: TestClien
 
 def test_colour_photo_in_dicom_is_refused_and_nothing_is_written(for_all_client: TestClient,
                                                                  for_all_settings: Settings) -> None:
-    rng = np.random.default_rng(3)
-    photo = np.zeros((300, 400, 3), np.uint8)
-    photo[...] = (60, 140, 230)
-    photo[200:] = (40, 160, 50)
-    photo = np.clip(photo + rng.normal(0, 12, photo.shape), 0, 255).astype(np.uint8)
+    photo = colour_photo(3)
     before = stored_files(for_all_settings)
     response = post_image(for_all_client, make_dicom(photo, samples=3, photometric="RGB"), "P-photo",
                           filename="photo.dcm", content_type="application/dicom")

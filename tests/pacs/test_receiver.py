@@ -9,13 +9,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pydicom
 import pytest
 from dicom_films import gray, make_dicom
 from dicom_scp import AE_TITLE, StorageSCP
 from fastapi.testclient import TestClient
-from helpers import DATA, TEST20, make_settings, running_app, wait_until
+from helpers import DATA, TEST20, colour_photo, make_settings, running_app, wait_until
 from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation  # type: ignore[attr-defined]
@@ -55,10 +54,7 @@ def test_a_film_sent_to_the_receiver_is_predicted_and_its_results_reach_the_pacs
     settings = make_settings(tmp_path, pacs_host="127.0.0.1", pacs_port=pacs.port, pacs_ae_title=AE_TITLE,
                              pacs_retry_seconds=0.2, pacs_retry_max_seconds=0.5)
     film = make_dicom(gray(FILM), sex="M", tags={"PatientID": "MRN 0042/7"})
-    photo = np.zeros((300, 400, 3), np.uint8)
-    photo[...] = (60, 140, 230)
-    photo = np.clip(photo + np.random.default_rng(4).normal(0, 12, photo.shape), 0, 255).astype(np.uint8)
-    colour = make_dicom(photo, samples=3, photometric="RGB")
+    colour = make_dicom(colour_photo(4), samples=3, photometric="RGB")
     inbox = Inbox(tmp_path / "inbox")
     with running_app(settings) as client, reserve_port() as reservation:
         port = int(reservation.getsockname()[1])  # held while the receiver binds it (pynetdicom sets SO_REUSEADDR)

@@ -3,7 +3,6 @@ bad one, and a run that is interrupted and resumed scores every film exactly onc
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
 import signal
@@ -13,11 +12,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 import ray
-from helpers import PROJECT_ROOT, TEST20, make_settings, post_image, running_app
+from helpers import PROJECT_ROOT, TEST20, colour_photo, jpeg_bytes, make_settings, post_image, running_app
 from PIL import Image
 
 from bench.harness import descendants
@@ -43,16 +41,6 @@ from utils.pipeline.model_pool import ModelPool
 AGE_TOLERANCE = 1e-4
 
 
-def _colour_photo() -> bytes:
-    rng = np.random.default_rng(1)
-    sky = np.zeros((300, 400, 3), np.uint8)
-    sky[..., 0], sky[..., 1], sky[..., 2] = 60, 140, 230
-    sky[200:] = (40, 160, 50)
-    buffer = io.BytesIO()
-    Image.fromarray(np.clip(sky + rng.normal(0, 12, sky.shape), 0, 255).astype(np.uint8)).save(buffer, "JPEG")
-    return buffer.getvalue()
-
-
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The 20 test films, a truncated PNG and a colour photo (and the labels CSV, which is no film)."""
@@ -60,7 +48,7 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for path in TEST20.iterdir():
         shutil.copy(path, folder / path.name)
     (folder / "corrupt.png").write_bytes((TEST20 / "4360.png").read_bytes()[:5000])
-    (folder / "photo.jpg").write_bytes(_colour_photo())
+    (folder / "photo.jpg").write_bytes(jpeg_bytes(colour_photo()))
     return folder
 
 
