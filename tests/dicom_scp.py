@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
+from helpers import wait_until
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import ComprehensiveSRStorage, SecondaryCaptureImageStorage  # type: ignore[attr-defined]
@@ -68,10 +68,5 @@ class StorageSCP:
             return [str(d.SOPInstanceUID) for d in self.stored]
 
     def wait_for(self, condition: Callable[[StorageSCP], bool], timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if condition(self):
-                return
-            time.sleep(0.05)
-        raise AssertionError(f"the SCP did not see what was expected within {timeout} s: stored "
-                             f"{self.stored_uids()}, refused {self.refused}")
+        wait_until(lambda: condition(self), timeout, lambda: f"the SCP did not see what was expected within {timeout} "
+                   f"s: stored {self.stored_uids()}, refused {self.refused}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -92,13 +93,14 @@ def wait_until_logged(client: TestClient, patient_id: str, timeout: float = 60.0
     raise AssertionError(f"MLflow runs of {patient_id} were not logged within {timeout} s")
 
 
-def wait_until(condition: Callable[[], bool], timeout_s: float, message: str, interval_s: float = 0.05) -> None:
-    """Poll `condition` until it holds; AssertionError(`message`) after `timeout_s`. The tests wait for a state
-    this way, with a generous deadline, never for a fixed time."""
+def wait_until(condition: Callable[[], bool], timeout_s: float, message: str | Callable[[], str],
+               interval_s: float = 0.05) -> None:
+    """Poll `condition` until it holds; AssertionError(`message`, or what `message()` says then) after `timeout_s`.
+    The tests wait for a state this way, with a generous deadline, never for a fixed time."""
     deadline = time.monotonic() + timeout_s
     while not condition():
         if time.monotonic() > deadline:
-            raise AssertionError(message)
+            raise AssertionError(message() if callable(message) else message)
         time.sleep(interval_s)
 
 
@@ -182,3 +184,21 @@ def jpeg_bytes(pixels: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="JPEG")
     return buffer.getvalue()
+
+
+# The model card's table "Pinned by the tests": the shipped weights' figures, within these tolerances.
+MODEL_CARD = PROJECT_ROOT / "male_boneage" / "MODEL_CARD.md"
+MAE_TOLERANCE_MONTHS = 0.1
+COVERAGE_TOLERANCE = 0.011  # a rounding of the card's per cent
+
+
+def card_figures() -> dict[str, tuple[int, float, float]]:
+    """{set name: (films, MAE months, 90% coverage)} from the rows of the model card's pinned table."""
+    text = MODEL_CARD.read_text()
+    table = text.split("### Pinned by the tests", 1)[1].split("\n\n", 2)[1]
+    rows = {}
+    for line in table.splitlines():
+        match = re.match(r"\| `(?P<name>[^`]+)` \| (?P<n>\d+) \| (?P<mae>[\d.]+) \| (?P<coverage>[\d.]+)% \|", line)
+        if match:
+            rows[match["name"]] = (int(match["n"]), float(match["mae"]), float(match["coverage"]) / 100)
+    return rows

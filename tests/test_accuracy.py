@@ -9,31 +9,21 @@ augmentation or calibration that moves them fails here until the card says what 
 from __future__ import annotations
 
 import mimetypes
-import re
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from helpers import DATA, TEST20, make_settings, running_app
+from helpers import (
+    COVERAGE_TOLERANCE,
+    DATA,
+    MAE_TOLERANCE_MONTHS,
+    TEST20,
+    card_figures,
+    make_settings,
+    running_app,
+)
 
 from male_boneage.data import Case, read_labels, select
-
-CARD = Path(__file__).resolve().parents[1] / "male_boneage" / "MODEL_CARD.md"
-MAE_TOLERANCE_MONTHS = 0.1
-COVERAGE_TOLERANCE = 0.011  # a rounding of the card's per cent
-
-
-def card_figures() -> dict[str, tuple[int, float, float]]:
-    """{set name: (films, MAE months, 90% coverage)} from the rows of the model card's pinned table."""
-    text = CARD.read_text()
-    table = text.split("### Pinned by the tests", 1)[1].split("\n\n", 2)[1]
-    rows = {}
-    for line in table.splitlines():
-        match = re.match(r"\| `(?P<name>[^`]+)` \| (?P<n>\d+) \| (?P<mae>[\d.]+) \| (?P<coverage>[\d.]+)% \|", line)
-        if match:
-            rows[match["name"]] = (int(match["n"]), float(match["mae"]), float(match["coverage"]) / 100)
-    return rows
 
 
 def held_out_sample() -> list[Case]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import io
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,7 +19,7 @@ import pytest
 from dicom_films import gray, make_dicom
 from dicom_scp import AE_TITLE, OUT_OF_RESOURCES, StorageSCP
 from fastapi.testclient import TestClient
-from helpers import TEST20, make_prediction, make_settings, post_image, running_app
+from helpers import TEST20, make_prediction, make_settings, post_image, running_app, wait_until
 from pynetdicom.sop_class import SecondaryCaptureImageStorage  # type: ignore[attr-defined]
 
 from database import crud
@@ -65,14 +64,15 @@ def post_dicom(client: TestClient, data: bytes, patient_id: str) -> dict[str, An
 def wait_for_pacs_state(client: TestClient, patient_id: str, done: Callable[[dict[str, Any]], bool],
                         timeout: float = 60.0) -> dict[str, Any]:
     """Poll /results until the latest prediction's `dicom.pacs` satisfies `done`; returns it."""
-    deadline = time.monotonic() + timeout
     pacs: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        pacs = client.get(f"/results/{patient_id}").json()["predictions"][0]["dicom"]["pacs"]
-        if done(pacs):
-            return pacs
-        time.sleep(0.05)
-    raise AssertionError(f"PACS state not reached within {timeout} s: {pacs}")
+
+    def reached() -> bool:
+        pacs.clear()
+        pacs.update(client.get(f"/results/{patient_id}").json()["predictions"][0]["dicom"]["pacs"])
+        return done(pacs)
+
+    wait_until(reached, timeout, lambda: f"PACS state not reached within {timeout} s: {pacs}")
+    return pacs
 
 
 def stored_uids(client: TestClient, body: dict[str, Any]) -> set[str]:

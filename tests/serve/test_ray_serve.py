@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from helpers import TEST20, count_rows, make_settings, post_image, running_app
+from helpers import TEST20, count_rows, make_settings, post_image, running_app, wait_until
 from PIL import Image
 from sqlalchemy import create_engine, text
 
@@ -204,10 +204,7 @@ def test_a_model_replica_killed_mid_load_is_replaced_and_no_answer_is_lost_or_wr
         names = _model_replicas()
         return len(names) == 2 and killed[0] not in names and _running_model_replicas() == 2
 
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not replaced():
-        time.sleep(0.5)
-    assert replaced(), f"the killed replica was not replaced: {_model_replicas()}"
+    wait_until(replaced, 120, lambda: f"the killed replica was not replaced: {_model_replicas()}", interval_s=0.5)
     with served.client() as client:  # the replacement serves
         response, _ = served.post(client, FILMS[0], "K-after")
         assert response.status_code == 200
