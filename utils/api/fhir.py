@@ -18,13 +18,16 @@ from utils.errors import PatientNotFound
 from utils.pipeline.service import BoneAgeService
 
 FHIR_JSON = "application/fhir+json"
+# Errors are plain JSON (`{"detail": ...}`, utils/api/errors.py), not FHIR: declared with their media type, since
+# FastAPI would document a `model` under the route's (application/fhir+json).
+_ERROR = {"application/json": {"schema": ErrorResponse.model_json_schema()}}
 RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"content": {FHIR_JSON: {"schema": {"type": "object"}}},
           "description": "a FHIR R4 Bundle (type collection): DiagnosticReport, Observations, Devices, ImagingStudy"},
-    401: {"model": ErrorResponse, "description": "missing or wrong API key (only when keys are configured)"},
-    404: {"model": ErrorResponse, "description": "no such patient or prediction"},
-    422: {"model": ErrorResponse, "description": "malformed patient id"},
-    503: {"model": ErrorResponse, "description": "database unavailable; retry after Retry-After seconds"},
+    401: {"content": _ERROR, "description": "missing or wrong API key (only when keys are configured)"},
+    404: {"content": _ERROR, "description": "no such patient or prediction"},
+    422: {"content": _ERROR, "description": "malformed patient id"},
+    503: {"content": _ERROR, "description": "database unavailable; retry after Retry-After seconds"},
 }
 
 fhir_router = APIRouter(dependencies=[Depends(require_api_key)])

@@ -25,6 +25,7 @@ prediction always gives the same resources.
 from __future__ import annotations
 
 import datetime as dt
+import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -56,6 +57,8 @@ IDENTIFIER_TYPE = "http://terminology.hl7.org/CodeSystem/v2-0203"
 # This service's own codes, for what no standard names; the same codes as the DICOM SR's private scheme 99BONEAGE.
 PRIVATE = "urn:boneage:codes"
 PREDICTION_ID_SYSTEM = "urn:boneage:prediction-id"
+UID_PATTERN = re.compile(r"[0-9]+(\.[0-9]+)*")
+UID_MAX_LENGTH = 64
 # Fixed namespace of the resource ids (UUID 5 of the prediction id and the resource's role).
 ID_NAMESPACE = uuid.UUID("5b0f3c1e-8d4a-4f55-9a35-1c2b7e4d9a60")
 
@@ -137,8 +140,10 @@ def _header(path: Path | None) -> pydicom.Dataset | None:
 
 
 def _series_of(header: pydicom.Dataset, description: str | None = None) -> Series | None:
+    """The series of a stored DICOM, or None when its Series Instance UID is missing or malformed (films are read
+    without validation; FHIR's `id` type takes at most 64 of digits and dots here)."""
     uid = str(header.get("SeriesInstanceUID") or "").strip()
-    if not uid:
+    if len(uid) > UID_MAX_LENGTH or not UID_PATTERN.fullmatch(uid):
         return None
     return Series(uid, str(header.get("Modality") or "OT").strip() or "OT",
                   ((str(header.SOPInstanceUID), str(header.SOPClassUID)),), description)
