@@ -19,6 +19,8 @@ import pytest
 from dicom_films import gray, make_dicom
 from helpers import TEST20, make_settings, running_app, wait_until
 from orthanc import AE_TITLE, OrthancServer, orthanc_binary
+from pynetdicom import AE
+from pynetdicom.sop_class import ComprehensiveSRStorage  # type: ignore[attr-defined]
 
 REQUIRE_ORTHANC_ENV = "BONEAGE_TEST_REQUIRE_ORTHANC"
 CALLING_AE = "BONEAGE-TEST"
@@ -48,6 +50,11 @@ def test_the_sr_and_sc_land_in_the_films_study_in_orthanc(tmp_path: Path, orthan
     film = pydicom.dcmread(io.BytesIO(film_bytes))
     orthanc.upload(film_bytes)
     (study_id,) = orthanc.find_studies(film.StudyInstanceUID)
+    # The test's Orthanc takes objects from the service's AE title only.
+    stranger = AE(ae_title="STRANGER")
+    stranger.add_requested_context(ComprehensiveSRStorage)
+    association = stranger.associate("127.0.0.1", orthanc.dicom_port, ae_title=AE_TITLE)
+    assert not association.is_established
 
     settings = make_settings(tmp_path, pacs_host="127.0.0.1", pacs_port=orthanc.dicom_port, pacs_ae_title=AE_TITLE,
                              ae_title=CALLING_AE, pacs_timeout_seconds=60, pacs_retry_seconds=0.2,
