@@ -54,7 +54,8 @@ INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpreta
 DATA_ABSENT = "http://terminology.hl7.org/CodeSystem/data-absent-reason"
 GENDER = "http://hl7.org/fhir/administrative-gender"
 IDENTIFIER_TYPE = "http://terminology.hl7.org/CodeSystem/v2-0203"
-# This service's own codes, for what no standard names; the same codes as the DICOM SR's private scheme 99BONEAGE.
+# This service's own codes, for what no standard names: those of the DICOM SR's private scheme 99BONEAGE, and three
+# of FHIR's own (BA-I90 and BA-DIFF-I90, an interval as one Range where the SR has two limits; BA-APPLICABLE).
 PRIVATE = "urn:boneage:codes"
 PREDICTION_ID_SYSTEM = "urn:boneage:prediction-id"
 UID_PATTERN = re.compile(r"[0-9]+(\.[0-9]+)*")
