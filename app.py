@@ -24,6 +24,7 @@ from storage.store import PatientStore
 from utils.api.cors import CORSFromSettings
 from utils.api.docs import install_docs
 from utils.api.errors import install_error_handlers
+from utils.api.fhir import fhir_router
 from utils.api.metrics import RequestMetrics, ServiceMetrics
 from utils.api.routes import open_router, patient_router
 from utils.config import Settings
@@ -113,6 +114,7 @@ def create_app(settings: Settings | None = None, load_models: ModelsLoader = Mod
     install_error_handlers(app)
     app.include_router(open_router)
     app.include_router(patient_router)
+    app.include_router(fhir_router)
     install_docs(app)
     install_viewer(app)
     return app

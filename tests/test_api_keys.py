@@ -85,7 +85,7 @@ def test_every_route_but_the_open_ones_needs_a_key_and_every_stored_file_is_guar
         # Every URL the answers hand out, and every file stored for the prediction: refused without a key, served
         # with one.
         urls = set(_urls_in(body)) | set(_urls_in(client.get(f"/results/{patient}", headers=WITH_KEY).json()))
-        urls.add(f"/results/{patient}/chart.png")
+        urls |= {f"/results/{patient}/chart.png", f"/results/{patient}/fhir", f"/results/{patient}/{prediction}/fhir"}
         folder = settings.patients_dir / patient / prediction
         stored = sorted(p.name for p in folder.iterdir() if p.is_file())
         for name in ("original.dcm", "report.dcm", "heatmap.dcm", "film.png"):

@@ -102,6 +102,12 @@ class Settings(BaseSettings):
     pacs_lease_seconds: float = Field(
         120.0, gt=0, description="how long a process's claim on objects to send lasts if it dies while sending")
 
+    # --- FHIR for the EHR (README: FHIR)
+    fhir_patient_id_system: str = Field(
+        "urn:boneage:patient-id", pattern=r"^[A-Za-z][A-Za-z0-9+.-]*:\S+$",
+        description="the system (a URI) of the patient ids in the FHIR Bundles' references: set the one your EHR "
+                    "knows the service's patient ids by, e.g. the MRN system urn:oid:<your root>")
+
     scp_host: str = Field("127.0.0.1", description="where the storage SCP (python -m utils.pacs.receiver) listens")
     scp_port: int = Field(11112, ge=1, le=65535, description="port of the storage SCP")
     scp_service_url: str = Field("", description="the service the storage SCP posts films to "
