@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import httpx
+from fastapi.testclient import TestClient
 from mlflow import MlflowClient
 from mlflow.entities import ViewType
 from sqlalchemy import create_engine, text
@@ -22,6 +24,13 @@ FLAT_KEY = "a-flat-key"
 def header(name: str) -> dict[str, str]:
     """The X-API-Key header of one of `KEYS`, or of the flat key (`"flat"`)."""
     return {"X-API-Key": FLAT_KEY if name == "flat" else KEYS[name][1]}
+
+
+def upload(client: TestClient, film: bytes, patient_id: str, key: str | None = "everything",
+           filename: str = "x.png", content_type: str = "image/png") -> httpx.Response:
+    """POST /predict with the key of `KEYS` named `key` (None: no key)."""
+    return client.post("/predict", files={"image": (filename, film, content_type)}, data={"patient_id": patient_id},
+                       headers={} if key is None else header(key))
 
 
 def write_keys_file(folder: Path) -> Path:

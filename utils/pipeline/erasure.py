@@ -81,6 +81,7 @@ class PatientEraser:
 
     def finish(self, patient_id: str, audit: AuditEntry) -> ErasureReport:
         """Steps 2-5 of an erasure whose `erasures` row is written."""
+        audit.patient_id = patient_id
         with self.database.session() as session:
             audit_log.lock(session)  # first, as uploads do: the two never interleave
             rows = crud.erase_patient_rows(session, patient_id, self._clock())
