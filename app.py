@@ -25,6 +25,7 @@ from utils.api.cors import CORSFromSettings
 from utils.api.docs import install_docs
 from utils.api.errors import install_error_handlers
 from utils.api.metrics import RequestMetrics, ServiceMetrics
+from utils.api.audit import AuditWriter
 from utils.api.auth import KeyRing
 from utils.api.patients import admin_router
 from utils.api.routes import open_router, patient_router, upload_router
@@ -96,6 +97,7 @@ def create_app(settings: Settings | None = None, load_models: ModelsLoader = Mod
                                  film_gate, dicom, pacs)
         app.state.service = service
         app.state.eraser = PatientEraser(store, database, runs)
+        app.state.audit = AuditWriter(database)
         app.state.metrics = ServiceMetrics(service)  # a registry per start: apps never share metrics
         logger.info("bone age service ready (storage %s, database %s, MLflow %s)", config.storage_dir,
                     make_url(config.database_url).render_as_string(hide_password=True), config.mlflow_tracking_uri)
@@ -103,6 +105,7 @@ def create_app(settings: Settings | None = None, load_models: ModelsLoader = Mod
             yield
         finally:
             await run_in_threadpool(service.close)
+            app.state.audit.close()
             tracking.stop()
             if pacs is not None:
                 pacs.stop()

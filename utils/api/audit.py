@@ -5,16 +5,20 @@ role before anything else (401 without a valid key, 403 without the role; the up
 exactly one audit row per request, refusals and errors included: the service writes it in the transaction of the
 change it records (an upload, an erasure) and marks it recorded; otherwise it is written here once the response is
 ready and before it is sent, and a read whose row cannot be written answers 503 instead of the patient's data.
+
+Those rows are written by a few threads of the audit's own (`AuditWriter`), not the shared worker pool, so a
+refusal (401, 403, the 503 of a full service) never waits for a worker thread busy with predictions.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any, ClassVar
 
 from fastapi import Depends, Request, Response
-from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
@@ -81,18 +85,35 @@ def status_for(exc: Exception) -> int:
     return 500
 
 
-def append_alone(database: Database, entry: AuditEntry) -> None:
-    """The entry's row in a transaction of its own."""
-    with database.session() as session:
-        audit_log.append(session, entry)
-    entry.recorded = True
+# Threads writing audit rows: appends are one at a time anyway (the chain's lock), so a few suffice.
+AUDIT_THREADS = 4
+
+
+class AuditWriter:
+    """Writes the audit rows the HTTP layer records, on threads of its own; one per app, made in the lifespan."""
+
+    def __init__(self, database: Database) -> None:
+        self.database = database
+        self._threads = ThreadPoolExecutor(max_workers=AUDIT_THREADS, thread_name_prefix="audit")
+
+    def _append(self, entry: AuditEntry) -> None:
+        with self.database.session() as session:
+            audit_log.append(session, entry)
+        entry.recorded = True
+
+    async def write(self, entry: AuditEntry) -> None:
+        """The entry's row in a transaction of its own; `DatabaseUnavailable` if it cannot be written."""
+        await asyncio.wrap_future(self._threads.submit(self._append, entry))
+
+    def close(self) -> None:
+        self._threads.shutdown(wait=True)
 
 
 async def record(request: Request, entry: AuditEntry) -> None:
     """Write the entry's row unless the service did; `DatabaseUnavailable` if it cannot be written."""
     if not entry.recorded:
-        database: Database = request.app.state.service.database
-        await run_in_threadpool(append_alone, database, entry)
+        writer: AuditWriter = request.app.state.audit
+        await writer.write(entry)
 
 
 class AuditedRoute(APIRoute):
