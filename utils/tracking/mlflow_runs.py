@@ -14,12 +14,13 @@ import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 from mlflow import MlflowClient
 from mlflow.entities import LifecycleStage, Metric, Param, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-from mlflow.utils.file_utils import local_file_uri_to_path
 
 import mlflow_config
 
@@ -150,7 +151,8 @@ class MlflowRuns:
             raise
         if run.info.lifecycle_stage != LifecycleStage.DELETED:
             client.delete_run(run_id)
-        get_artifact_repository(run.info.artifact_uri).delete_artifacts()
+        repository = get_artifact_repository(run.info.artifact_uri)
+        repository.delete_artifacts()  # type: ignore[no-untyped-call]  # MLflow's artifact repositories are untyped
         _remove_empty_run_folder(run.info.artifact_uri)
         # No public API deletes a run for good; `mlflow gc` calls this same method of SQL and file stores.
         hard_delete = getattr(client._tracking_client.store, "_hard_delete_run", None)
@@ -164,7 +166,7 @@ def _remove_empty_run_folder(artifact_uri: str) -> None:
     """A local store's run folder (`.../<run id>/artifacts`) is left empty once its artifacts are deleted."""
     if not artifact_uri.startswith("file:"):
         return
-    run_folder = Path(local_file_uri_to_path(artifact_uri)).parent
+    run_folder = Path(url2pathname(urlparse(artifact_uri).path)).parent
     try:
         run_folder.rmdir()
     except OSError:  # not empty (files of MLflow's own) or already gone
