@@ -24,9 +24,12 @@ from storage.store import PatientStore
 from utils.api.cors import CORSFromSettings
 from utils.api.docs import install_docs
 from utils.api.errors import install_error_handlers
+from utils.api.audit import AuditWriter
+from utils.api.auth import KeyRing
 from utils.api.fhir import fhir_router
 from utils.api.metrics import RequestMetrics, ServiceMetrics
-from utils.api.routes import open_router, patient_router
+from utils.api.patients import admin_router
+from utils.api.routes import open_router, patient_router, upload_router
 from utils.config import Settings
 from utils.imaging import UploadLimits
 from utils.memory import limit_malloc_arenas
@@ -34,6 +37,7 @@ from utils.pacs.policy import DicomPolicy
 from utils.pacs.sender import PacsSender
 from utils.imaging.film_check import FilmGate
 from utils.pipeline.model_pool import ModelPool
+from utils.pipeline.erasure import PatientEraser
 from utils.pipeline.models import ModelsLoader
 from utils.pipeline.recovery import recover
 from utils.pipeline.service import BoneAgeService, InFlight
@@ -62,6 +66,7 @@ def create_app(settings: Settings | None = None, load_models: ModelsLoader = Mod
         limit_malloc_arenas()
         warn_if_exposed(config)
         app.state.settings = config
+        app.state.keys = KeyRing.from_settings(config)  # a malformed keys file stops the start, naming the line
         database = Database(config.database_url, PoolSettings(
             config.database_busy_timeout, config.database_pool_size, config.database_max_overflow,
             config.database_pool_timeout, statement_timeout_ms=config.database_statement_timeout_ms))
@@ -92,6 +97,8 @@ def create_app(settings: Settings | None = None, load_models: ModelsLoader = Mod
         service = BoneAgeService(models, store, database, tracking, in_flight, limits, config.heatmap_max_side,
                                  film_gate, dicom, pacs)
         app.state.service = service
+        app.state.eraser = PatientEraser(store, database, runs)
+        app.state.audit = AuditWriter(database)
         app.state.metrics = ServiceMetrics(service)  # a registry per start: apps never share metrics
         logger.info("bone age service ready (storage %s, database %s, MLflow %s)", config.storage_dir,
                     make_url(config.database_url).render_as_string(hide_password=True), config.mlflow_tracking_uri)
@@ -99,6 +106,7 @@ def create_app(settings: Settings | None = None, load_models: ModelsLoader = Mod
             yield
         finally:
             await run_in_threadpool(service.close)
+            app.state.audit.close()
             tracking.stop()
             if pacs is not None:
                 pacs.stop()
@@ -113,8 +121,10 @@ def create_app(settings: Settings | None = None, load_models: ModelsLoader = Mod
     app.add_middleware(RequestMetrics)  # outermost: also counts what CORS answers
     install_error_handlers(app)
     app.include_router(open_router)
+    app.include_router(upload_router)
     app.include_router(patient_router)
     app.include_router(fhir_router)
+    app.include_router(admin_router)
     install_docs(app)
     install_viewer(app)
     return app
@@ -128,7 +138,7 @@ def is_loopback(host: str) -> bool:
 
 
 def warn_if_exposed(settings: Settings) -> None:
-    if not settings.api_key_list and not is_loopback(settings.host):
+    if not settings.keys_configured and not is_loopback(settings.host):
         logger.warning(
             "no API key configured (BONEAGE_API_KEYS): patient data must not be exposed beyond this "
             "machine; python app.py listens on 127.0.0.1 only until a key is set"
@@ -142,5 +152,5 @@ if __name__ == "__main__":
 
     _settings = Settings()
     logging.basicConfig(level=_settings.log_level, format=LOG_FORMAT)
-    _host = _settings.host if _settings.api_key_list or is_loopback(_settings.host) else "127.0.0.1"
+    _host = _settings.host if _settings.keys_configured or is_loopback(_settings.host) else "127.0.0.1"
     uvicorn.run("app:app", host=_host, port=_settings.port)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from dataclasses import dataclass, field
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from database.models import PacsSend, Patient, Prediction
+from database.models import Erasure, PacsSend, Patient, Prediction
 
 
 def add_prediction(session: Session, prediction: Prediction) -> None:
@@ -142,3 +143,70 @@ def pacs_backlog(session: Session) -> tuple[int, int, dt.datetime | None]:
         .where(PacsSend.sent_at.is_(None))
     count, failed, due = session.execute(query).one()
     return int(count or 0), int(failed or 0), due
+
+
+def prediction_exists(session: Session, prediction_id: str) -> bool:
+    return session.scalar(select(Prediction.id).where(Prediction.id == prediction_id)) is not None
+
+
+# --- erasure of a patient (utils/pipeline/erasure.py) ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UnrecalledObject:
+    """A DICOM object of an erased patient that the PACS may hold: delivered, or being sent at the erasure."""
+
+    sop_instance_uid: str
+    destination: str
+    delivered_at: dt.datetime | None  # None: a send was in progress, it may have arrived
+
+
+@dataclass
+class ErasedRows:
+    """What one erasure removed from the database."""
+
+    prediction_ids: list[str] = field(default_factory=list)
+    mlflow_run_ids: list[str] = field(default_factory=list)
+    pending_sends_cancelled: int = 0
+    not_recalled: list[UnrecalledObject] = field(default_factory=list)
+
+
+def erasure_pending(session: Session, patient_id: str) -> bool:
+    return session.scalar(select(Erasure.id).where(Erasure.patient_id == patient_id).limit(1)) is not None
+
+
+def begin_erasure(session: Session, patient_id: str, now: dt.datetime, requested_by: str | None) -> None:
+    """Note that the patient is being erased (once: an erasure already under way is joined)."""
+    if not erasure_pending(session, patient_id):
+        session.add(Erasure(patient_id=patient_id, requested_at=now, requested_by=requested_by))
+
+
+def pending_erasures(session: Session) -> list[Erasure]:
+    return list(session.scalars(select(Erasure).order_by(Erasure.id)))
+
+
+def end_erasure(session: Session, patient_id: str) -> None:
+    session.execute(delete(Erasure).where(Erasure.patient_id == patient_id))
+
+
+def erase_patient_rows(session: Session, patient_id: str, now: dt.datetime) -> ErasedRows:
+    """Delete the patient, their predictions and their PACS sends; say what was there. A send the PACS confirmed,
+    or one a live sender holds now, may be at the PACS: it is listed in `not_recalled`."""
+    erased = ErasedRows()
+    predictions = session.execute(select(Prediction.id, Prediction.mlflow_run_id)
+                                  .where(Prediction.patient_id == patient_id)).all()
+    erased.prediction_ids = [prediction_id for prediction_id, _ in predictions]
+    erased.mlflow_run_ids = [run_id for _, run_id in predictions if run_id]
+    if erased.prediction_ids:
+        sends = session.scalars(select(PacsSend).where(PacsSend.prediction_id.in_(erased.prediction_ids))
+                                .order_by(PacsSend.id)).all()
+        for send in sends:
+            sending = send.claim_expires_at is not None and send.claim_expires_at >= now
+            if send.sent_at is not None or sending:
+                erased.not_recalled.append(UnrecalledObject(send.sop_instance_uid, send.destination, send.sent_at))
+            else:
+                erased.pending_sends_cancelled += 1
+        session.execute(delete(PacsSend).where(PacsSend.prediction_id.in_(erased.prediction_ids)))
+        session.execute(delete(Prediction).where(Prediction.patient_id == patient_id))
+    session.execute(delete(Patient).where(Patient.patient_id == patient_id))
+    return erased

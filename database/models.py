@@ -1,10 +1,11 @@
-"""ORM tables: `patients`, `predictions` and `pacs_sends` (SQLAlchemy 2.x typed mappings)."""
+"""ORM tables: `patients`, `predictions`, `pacs_sends`, the audit trail (`audit_events`, `audit_head`) and the
+erasures under way (`erasures`) (SQLAlchemy 2.x typed mappings)."""
 
 from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import DateTime, Dialect, Float, ForeignKey, Index, String, Text
+from sqlalchemy import DateTime, Dialect, Float, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
@@ -111,3 +112,51 @@ class PacsSend(Base):
     claim_expires_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, default=None)
 
     prediction: Mapped[Prediction] = relationship(back_populates="pacs_sends")
+
+
+class AuditEvent(Base):
+    """One access to patient data (or a refused attempt): append-only, never updated or deleted by the service.
+
+    `row_hash` is SHA-256 over the previous row's hash and this row's fields (`database.audit.chain_hash`), so a row
+    changed or removed in the database breaks the chain (`python -m utils.audit verify`).
+    """
+
+    __tablename__ = "audit_events"
+    __table_args__ = (Index("ix_audit_events_patient_seq", "patient_id", "seq"),
+                      Index("ix_audit_events_at", "at"))
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False,
+                                     comment="1, 2, 3, ...: the position in the chain")
+    at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    key_name: Mapped[str | None] = mapped_column(String(64), comment="the API key's name (never the key); none: no key")
+    client: Mapped[str | None] = mapped_column(String(64), comment="the client's address")
+    action: Mapped[str] = mapped_column(String(32), comment="upload, results, chart, file, fhir..., erase, audit")
+    route: Mapped[str] = mapped_column(String(512), comment="method and path of the request")
+    patient_id: Mapped[str | None] = mapped_column(String(64))
+    prediction_id: Mapped[str | None] = mapped_column(String(64))
+    status: Mapped[int] = mapped_column(Integer, comment="the HTTP status answered (401, 403: refused)")
+    detail: Mapped[str | None] = mapped_column(Text, comment="an erasure: what was removed and what was not recalled")
+    row_hash: Mapped[str] = mapped_column(String(64), comment="SHA-256 of the previous row's hash and this row")
+
+
+class AuditHead(Base):
+    """The one row (id 1) with the chain's last position and hash: appending locks it, so rows are chained one at a
+    time whatever the number of processes, and a removed last row no longer matches the head."""
+
+    __tablename__ = "audit_head"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    seq: Mapped[int] = mapped_column(Integer)
+    last_hash: Mapped[str] = mapped_column(String(64))
+
+
+class Erasure(Base):
+    """An erasure of a patient under way: written before anything is removed and deleted once everything is, so
+    start-up recovery finishes one a crash interrupted, and uploads of the patient are refused meanwhile."""
+
+    __tablename__ = "erasures"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    patient_id: Mapped[str] = mapped_column(String(64), index=True)
+    requested_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    requested_by: Mapped[str | None] = mapped_column(String(64), comment="the API key's name")

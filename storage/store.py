@@ -34,6 +34,9 @@ def dicom_film_path(original_path: str) -> str | None:
         return None
     return f"{original_path.rsplit('/', 1)[0]}/{DICOM_FILM_PNG}"
 
+# Tries at removing a patient's folder while an upload may be adding to it.
+REMOVE_ATTEMPTS = 5
+
 # A patient id that passed `check_patient_id`: safe as a folder name. The store only takes these.
 PatientId = NewType("PatientId", str)
 
@@ -126,6 +129,29 @@ class PatientStore:
     def remove_prediction(self, patient_id: str, prediction_id: str) -> None:
         """Delete a prediction folder (used when the database refused the row that would point at it)."""
         shutil.rmtree(self._folder(patient_id, prediction_id), ignore_errors=True)
+
+    def remove_patient(self, patient_id: str) -> int:
+        """Delete every file of a patient: all prediction folders and any staging leftovers; how many files.
+        `StorageUnavailable` if the folder cannot be removed (it is tried again a few times first: an upload being
+        written there at the same moment adds files while the folder is removed)."""
+        if not PATIENT_ID_PATTERN.fullmatch(patient_id):
+            raise ValueError("malformed patient id for a storage folder")
+        folder = self.root / patient_id
+        removed: set[Path] = set()
+        for _attempt in range(REMOVE_ATTEMPTS):
+            if not folder.exists():
+                return len(removed)
+            removed.update(path for path in folder.rglob("*") if path.is_file())
+            try:
+                shutil.rmtree(folder)
+                return len(removed)
+            except FileNotFoundError:
+                continue  # part of it vanished meanwhile (an upload removing its own staging folder)
+            except OSError:
+                if not folder.exists():
+                    return len(removed)
+                logger.warning("removing a patient folder failed; trying again", exc_info=True)
+        raise StorageUnavailable("the patient's files could not all be removed (storage not writable)")
 
     def _folder(self, patient_id: str, prediction_id: str) -> Path:
         """The folder of a prediction; only well-formed ids, so no write or delete ever leaves the root (a second

@@ -1,7 +1,9 @@
 """API keys over every route of the app: with keys set, each route that is not on the short list of open ones
 answers 401 without a key, whatever patient data it serves (the routes are read from `app.routes`, so a route added
-to the open router, or a new patient route, is caught here); every file the service stores for a prediction is
-refused without a key and served with one; without a key, `python app.py` listens on 127.0.0.1 only."""
+to the open router, or a new patient route, is caught here), and is an audited route of a role: the upload needs
+predict, erasure and the audit admin, every other one read (tests/test_roles.py checks each role for real); every
+file the service stores for a prediction is refused without a key and served with one; without a key, `python
+app.py` listens on 127.0.0.1 only."""
 
 from __future__ import annotations
 
@@ -15,12 +17,17 @@ from fastapi.routing import APIRoute
 from helpers import PROJECT_ROOT, RAW, make_settings, post_image, running_app
 from starlette.routing import Route
 
+from utils.api.audit import AuditedRoute
+from utils.api.auth import Role
+
 KEY = "key-one"
 WITH_KEY = {"X-API-Key": KEY}
 # The only routes that answer without a key when keys are set: health, metrics, the docs and the viewer page (no
 # patient data in any). A route added to this list is a decision to make in review, not by accident.
 OPEN_PATHS = {"/health", "/health/live", "/health/ready", "/metrics", "/openapi.json", "/docs",
               "/docs/oauth2-redirect", "/redoc", "/"}
+# The routes that need another role than read (results, files, chart, FHIR: every other patient route).
+ROLES = {"/predict": Role.predict, "/patients/{patient_id}": Role.admin, "/audit": Role.admin}
 
 
 def _urls_in(value: Any) -> list[str]:
@@ -64,6 +71,11 @@ def test_every_route_but_the_open_ones_needs_a_key_and_every_stored_file_is_guar
         assert paths >= OPEN_PATHS, "an open route is gone: update OPEN_PATHS"
         assert paths >= set(client.get("/openapi.json").json()["paths"]), "a route was missed in app.routes"
         assert any(isinstance(r, APIRoute) and r.path == "/results/{patient_id}/chart.png" for r in routes)
+        guarded = {r.path: r for r in routes if r.path not in OPEN_PATHS}
+        assert set(ROLES) <= set(guarded)
+        for path, route in guarded.items():
+            assert isinstance(route, AuditedRoute), f"{path} is not audited: put it on a router of utils.api.audit"
+            assert route.role is ROLES.get(path, Role.read), f"{path} needs {ROLES.get(path, Role.read)}"
         open_found = set()
         for route in routes:
             path = route.path

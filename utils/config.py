@@ -67,7 +67,10 @@ class Settings(BaseSettings):
     tracking_max_deferred: int = Field(64, ge=0, description="most MLflow runs held back while predictions are "
                                        "being served (logged right after; 0: log at once)")
     log_level: str = Field("INFO")
-    api_keys: str = Field("", description="comma-separated API keys; when set, patient routes require one")
+    api_keys: str = Field("", description="comma-separated API keys; when set, patient routes require one. Each has "
+                          "the roles predict and read, never admin (README: Patient data)")
+    api_keys_file: Path | None = Field(None, description="a file of named keys with roles, one `name roles sha256:<hex>` "
+                                       "a line (python -m utils.api.auth new NAME ROLES prints one)")
     cors_origins: str = Field("", description="comma-separated origins allowed by CORS (none by default)")
     # --- metrics and backpressure
     max_in_flight: int = Field(32, ge=1, description="most predictions in flight in one process; beyond it POST "
@@ -129,6 +132,11 @@ class Settings(BaseSettings):
     @property
     def api_key_list(self) -> list[str]:
         return _comma_separated(self.api_keys)
+
+    @property
+    def keys_configured(self) -> bool:
+        """Whether any API key is set (flat or in the keys file): then every patient route needs one."""
+        return bool(self.api_key_list or self.api_keys_file)
 
     @property
     def cors_origin_list(self) -> list[str]:

@@ -28,6 +28,18 @@ class NotAuthenticated(ServiceError):
     """API keys are configured and the request did not carry a valid one."""
 
 
+class Forbidden(ServiceError):
+    """The request's API key lacks the role the route needs (or the route needs an admin key and none is set)."""
+
+
+class PatientBeingErased(ServiceError):
+    """The patient is being erased, or was erased while this upload was processed: nothing of it was stored."""
+
+
+class ErasureIncomplete(ServiceError):
+    """An erasure removed part of the patient's data; the rest is removed by repeating it or at the next start."""
+
+
 class PatientNotFound(ServiceError):
     """No prediction was ever stored for this patient, or no such stored file."""
 

@@ -1,13 +1,12 @@
-"""Dependencies of the routes: the service, settings and metrics from the app state, API keys, the upload size
-guard and the place among the predictions in flight.
+"""Dependencies of the routes: the service, settings and metrics from the app state, the upload size guard and the
+place among the predictions in flight. (API keys and roles are checked by the route classes of `utils.api.audit`.)
 
 They are `async def` and do nothing that blocks, so they never wait for a worker thread: a busy thread pool
-cannot delay a refusal (401, 413, 503).
+cannot delay a refusal (413, 503).
 """
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -15,7 +14,7 @@ from fastapi import Depends, Request
 
 from utils.api.metrics import ServiceMetrics
 from utils.config import Settings
-from utils.errors import NotAuthenticated, Overloaded, UploadTooLarge
+from utils.errors import Overloaded, UploadTooLarge
 from utils.pipeline.service import BoneAgeService
 
 # Multipart framing around the file: a request this much over the byte limit may still hold an acceptable file.
@@ -40,21 +39,6 @@ async def get_metrics(request: Request) -> ServiceMetrics:
 ServiceDep = Annotated[BoneAgeService, Depends(get_service)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[ServiceMetrics, Depends(get_metrics)]
-
-
-async def require_api_key(request: Request, settings: SettingsDep) -> None:
-    """When API keys are configured, demand one (`Authorization: Bearer <key>` or `X-API-Key`)."""
-    keys = settings.api_key_list
-    if not keys:
-        return
-    given = request.headers.get("x-api-key", "")
-    authorization = request.headers.get("authorization", "")
-    if not given and authorization.lower().startswith("bearer "):
-        given = authorization[7:].strip()
-    # Compare against every key in constant time, without stopping at the first match.
-    matches = [hmac.compare_digest(given.encode(), key.encode()) for key in keys]
-    if not given or not any(matches):
-        raise NotAuthenticated("a valid API key is required (Authorization: Bearer <key> or X-API-Key)")
 
 
 async def content_length_within_limit(request: Request, settings: SettingsDep) -> None:

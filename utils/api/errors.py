@@ -11,7 +11,16 @@ from fastapi.responses import JSONResponse
 from database.db import DatabaseUnavailable
 from male_boneage.inference import ModelUnavailable
 from storage.store import InvalidPatientId, StorageUnavailable
-from utils.errors import InvalidInput, NotAuthenticated, Overloaded, PatientNotFound, UploadTooLarge
+from utils.errors import (
+    ErasureIncomplete,
+    Forbidden,
+    InvalidInput,
+    NotAuthenticated,
+    Overloaded,
+    PatientBeingErased,
+    PatientNotFound,
+    UploadTooLarge,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -21,7 +30,10 @@ STATUS_BY_ERROR: tuple[tuple[type[Exception], int], ...] = (
     (InvalidPatientId, 422),
     (UploadTooLarge, 413),
     (NotAuthenticated, 401),
+    (Forbidden, 403),
     (PatientNotFound, 404),
+    (PatientBeingErased, 409),
+    (ErasureIncomplete, 503),
     (StorageUnavailable, 503),
     (DatabaseUnavailable, 503),
     (ModelUnavailable, 503),

@@ -1,6 +1,6 @@
 """FHIR R4 routes for the EHR: a patient's predictions, or one of them, as a Bundle (README: FHIR).
 
-The same API key rules as `/results`; an unknown patient or prediction is a 404, a malformed patient id a 422.
+The same key role (read) and audit as `/results`; an unknown patient or prediction is a 404, a malformed patient id a 422.
 """
 
 from __future__ import annotations
@@ -8,10 +8,11 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from utils.api.deps import ServiceDep, SettingsDep, require_api_key
+from utils.api.audit import ReadRoute
+from utils.api.deps import ServiceDep, SettingsDep
 from utils.api.fhir_bundle import FilmStudy, bundle_of, film_study
 from utils.api.schemas import ErrorResponse, PredictionResponse, prediction_response
 from utils.errors import PatientNotFound
@@ -25,12 +26,13 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"content": {FHIR_JSON: {"schema": {"type": "object"}}},
           "description": "a FHIR R4 Bundle (type collection): DiagnosticReport, Observations, Devices, ImagingStudy"},
     401: {"content": _ERROR, "description": "missing or wrong API key (only when keys are configured)"},
+    403: {"content": _ERROR, "description": "the API key lacks the read role"},
     404: {"content": _ERROR, "description": "no such patient or prediction"},
     422: {"content": _ERROR, "description": "malformed patient id"},
     503: {"content": _ERROR, "description": "database unavailable; retry after Retry-After seconds"},
 }
 
-fhir_router = APIRouter(dependencies=[Depends(require_api_key)])
+fhir_router = APIRouter(route_class=ReadRoute)  # the read role, one audit row per request
 
 
 class FhirResponse(JSONResponse):

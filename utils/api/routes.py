@@ -1,4 +1,8 @@
-"""The HTTP routes: parse, call the service, map its result to a response schema."""
+"""The HTTP routes: parse, call the service, map its result to a response schema.
+
+The upload needs a key with the predict role, the other patient routes one with the read role (a FHIR route belongs
+on `patient_router` too); each request to them leaves one audit row (`utils.api.audit`).
+"""
 
 from __future__ import annotations
 
@@ -9,13 +13,13 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from utils.api.audit import AuditDep, PredictRoute, ReadRoute
 from utils.api.deps import (
     MetricsDep,
     ServiceDep,
     SettingsDep,
     content_length_within_limit,
     prediction_place,
-    require_api_key,
 )
 from utils.api.health import health_report, readiness
 from utils.api.schemas import (
@@ -35,6 +39,8 @@ from utils.report.clinical import patient_chart
 ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorResponse, "description": "not found"},
     401: {"model": ErrorResponse, "description": "missing or wrong API key (only when keys are configured)"},
+    403: {"model": ErrorResponse, "description": "the API key lacks the role the route needs"},
+    409: {"model": ErrorResponse, "description": "upload of a patient being erased (or erased meanwhile): not stored"},
     413: {"model": ErrorResponse, "description": "upload larger than the limit"},
     422: {"model": ErrorResponse, "description": "invalid image, patient id, sex or chronological age"},
     503: {"model": ErrorResponse, "description": "database or storage unavailable, or too many predictions in "
@@ -42,10 +48,11 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 open_router = APIRouter()
-patient_router = APIRouter(dependencies=[Depends(require_api_key)])
+upload_router = APIRouter(route_class=PredictRoute)
+patient_router = APIRouter(route_class=ReadRoute)
 
 
-@patient_router.post(
+@upload_router.post(
     "/predict", response_model=PredictionResponse, responses=ERRORS,
     # In this order: an oversized upload gets 413 without taking a place among the predictions in flight. The
     # place is given back as soon as the route returns or raises ("function"), before the response is sent.
@@ -56,6 +63,7 @@ async def predict(
     service: ServiceDep,
     settings: SettingsDep,
     metrics: MetricsDep,
+    audit: AuditDep,
     image: Annotated[UploadFile, File(description="hand radiograph: PNG, JPEG, TIFF or DICOM")],
     patient_id: Annotated[str, Form(description="1-64 of A-Z a-z 0-9 - _ . (not starting with .)")],
     sex: Annotated[str, Form(description="male, female or unknown")] = "unknown",
@@ -67,7 +75,7 @@ async def predict(
     """Estimate bone age with both models, report it against the chronological age, store everything and log an
     MLflow run."""
     data = await image.read(settings.max_upload_bytes + 1)
-    outcome = await run_in_threadpool(service.predict, data, patient_id, sex, chronological_age_months)
+    outcome = await run_in_threadpool(service.predict, data, patient_id, sex, chronological_age_months, audit)
     metrics.observe_stages(outcome.timings_ms)
     response.headers["Server-Timing"] = ", ".join(f"{k};dur={v:.1f}" for k, v in outcome.timings_ms.items())
     return prediction_response(outcome.prediction)
@@ -93,7 +101,8 @@ def chart(patient_id: str, service: ServiceDep) -> Response:
 @patient_router.get(
     "/storage/patients/{patient_id}/{prediction_id}/{file_name}",
     response_class=FileResponse,
-    responses={404: {"model": ErrorResponse, "description": "no such file"}},
+    responses={404: {"model": ErrorResponse, "description": "no such file"},
+               **{code: ERRORS[code] for code in (401, 403)}},
 )
 def stored_file(patient_id: str, prediction_id: str, file_name: str, service: ServiceDep) -> FileResponse:
     """An original upload, a DICOM's film as PNG, a Grad-CAM overlay, or a DICOM result (SR or SC)."""

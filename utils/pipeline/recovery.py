@@ -4,7 +4,8 @@ A prediction exists once its database row is committed; no client was told of an
 before any request is served: hidden staging folders are removed, prediction folders the database does not know
 are removed, and unfinished MLflow runs of predictions the database does not know are deleted. Beside other live
 processes (`database.db.LiveLock`), only what is older than an age limit is removed: a younger folder or run may
-be a prediction another process is storing right now. DICOM predictions
+be a prediction another process is storing right now. Erasures a crash interrupted are finished first
+(`utils.pipeline.erasure`), whatever their age: each step is safe to repeat. DICOM predictions
 stored by an earlier release, which wrote no `film.png`, get theirs (MLflow logs it as the original).
 """
 
@@ -20,6 +21,7 @@ from database.db import Database
 from storage.store import DICOM_FILM_PNG, ORIGINAL_STEM, PatientStore
 from utils.errors import InvalidImage
 from utils.imaging import UploadLimits, decode_upload
+from utils.pipeline.erasure import PatientEraser
 from utils.pipeline.heatmap import encode_png
 from utils.tracking.mlflow_runs import MlflowRuns
 
@@ -32,10 +34,12 @@ class RecoveryReport:
     unrecorded_folders: int
     unrecorded_runs: int | None  # None: MLflow could not be checked (it is checked again at the next start)
     dicom_films_added: int = 0
+    erasures_finished: int = 0
 
 
 def recover(store: PatientStore, database: Database, runs: MlflowRuns, min_age_seconds: float = 0.0) -> RecoveryReport:
     """Remove what an interrupted run left behind (at least `min_age_seconds` old) and say what was removed."""
+    erasures = PatientEraser(store, database, runs).finish_interrupted()
     staging = store.remove_staging_leftovers(min_age_seconds)
     with database.session() as session:
         known = crud.known_prediction_ids(session)
@@ -51,7 +55,7 @@ def recover(store: PatientStore, database: Database, runs: MlflowRuns, min_age_s
         runs.reset()
         logger.warning("could not check MLflow for runs of unstored predictions", exc_info=True)
         unrecorded_runs = None
-    report = RecoveryReport(staging, len(orphans), unrecorded_runs, films)
+    report = RecoveryReport(staging, len(orphans), unrecorded_runs, films, erasures)
     if staging or orphans or unrecorded_runs:
         logger.warning("start-up clean-up after an interrupted run: removed %d incomplete and %d unrecorded "
                        "prediction folders and %s MLflow runs of predictions that were never stored (%s)",

@@ -16,13 +16,15 @@ from dataclasses import dataclass, field
 import numpy as np
 from pydicom.dataset import Dataset
 
+from database import audit as audit_log
 from database import crud
+from database.audit import AuditEntry
 from database.db import Database, DatabaseUnavailable
 from database.models import PacsSend, Patient, Prediction
 from male_boneage.inference import ModelEstimate
 from storage.store import DICOM_FILM_PNG, GRADCAM_PNG, PatientStore, check_patient_id, new_prediction_id
 from utils.config import MAX_CHRONOLOGICAL_AGE_MONTHS
-from utils.errors import InvalidImage, InvalidInput, PatientNotFound
+from utils.errors import InvalidImage, InvalidInput, PatientBeingErased, PatientNotFound
 from utils.imaging import DecodedImage, UploadLimits, decode_upload
 from utils.imaging.film_check import FilmGate
 from utils.pacs.objects import (
@@ -166,19 +168,26 @@ class BoneAgeService:
         self._mlflow = ThreadPoolExecutor(max_workers=8, thread_name_prefix="mlflow-open-run")
 
     def predict(self, data: bytes, patient_id: str, sex: str | None,
-                chronological_age_months: float | None = None) -> PredictionOutcome:
+                chronological_age_months: float | None = None, audit: AuditEntry | None = None) -> PredictionOutcome:
         """Validate, infer, store and log one upload. Blocking: call it from a worker thread, holding a place of
-        `in_flight` (`InFlight.reserve`; the HTTP layer takes it before the upload is read).
+        `in_flight` (`InFlight.reserve`; the HTTP layer takes it before the upload is read). `audit`, when given,
+        is recorded in the transaction that stores the prediction.
+
+        A patient being erased gets `PatientBeingErased`, and so does an upload during which the patient was
+        erased: it is refused at the end, its files and run removed, so it is never half-kept.
 
         Steps that do not depend on each other overlap: the film is shrunk for the heatmaps while the models
         run, and the MLflow run is opened and the female heatmap encoded while the male one is encoded.
         """
         watch = _Stopwatch()
         checked_id = check_patient_id(patient_id)
+        if audit is not None:
+            audit.patient_id = checked_id
         form_sex = check_sex(sex)
         form_age = check_age(chronological_age_months)
         image = decode_upload(data, self.limits)
         film_check = self.film_gate.check(image)  # refused here, before anything is stored
+        audit_position = self._not_being_erased(checked_id)
         sex_used, sex_source = resolve_sex(form_sex, image)
         age, age_source = resolve_age(form_age, image)
         watch.lap("decode")
@@ -194,7 +203,7 @@ class BoneAgeService:
                               film_check.to_dict())
         draft = PredictionDraft(new_prediction_id(created_at), checked_id, created_at, image, sex_used,
                                 sex_source, male, female, self.models, report)
-        prediction = self._store(draft, film, watch)
+        prediction = self._store(draft, film, watch, audit_position, audit)
         self.tracking.wake()
         if self.pacs is not None and prediction.pacs_sends:
             self.pacs.wake()
@@ -203,11 +212,24 @@ class BoneAgeService:
                     prediction.mlflow_run_id or "pending", sum(watch.timings.values()))
         return PredictionOutcome(prediction, watch.timings)
 
-    def _store(self, draft: PredictionDraft, film: np.ndarray, watch: _Stopwatch) -> Prediction:
+    def _not_being_erased(self, patient_id: str) -> int:
+        """`PatientBeingErased` if an erasure of the patient is under way; else the audit trail's position now, so
+        the row's transaction can see whether the patient was erased since (`_store`)."""
+        with self.database.session() as session:
+            if crud.erasure_pending(session, patient_id):
+                raise PatientBeingErased(f"patient '{patient_id}' is being erased; nothing was stored")
+            return audit_log.head_seq(session)
+
+    def _store(self, draft: PredictionDraft, film: np.ndarray, watch: _Stopwatch, audit_position: int,
+               audit: AuditEntry | None) -> Prediction:
         """Heatmaps, files, MLflow run and database row of one prediction; nothing is left behind if a step fails.
 
         The run is only opened here (one quick call, beside the heatmaps) so the response can name it; the
-        tracking worker fills it in. If the prediction is not stored in the end, the run is deleted.
+        tracking worker fills it in. If the prediction is not stored in the end, the run is deleted (for good when
+        the patient was erased meanwhile).
+
+        The row's transaction locks the audit chain first, as an erasure's does, so the two never interleave: an
+        erasure that came first (since `audit_position`) refuses the row; one that comes after finds and erases it.
         """
         run_future = self._mlflow.submit(self.tracking.open_run, draft.prediction_id, draft.patient_id)
         try:
@@ -221,18 +243,32 @@ class BoneAgeService:
             watch.lap("mlflow_create_run")
             try:
                 with self.database.session() as session:
+                    audit_log.lock(session)
+                    if (crud.erasure_pending(session, draft.patient_id)
+                            or audit_log.erased_since(session, draft.patient_id, audit_position)):
+                        raise PatientBeingErased(f"patient '{draft.patient_id}' was erased while this upload was "
+                                                 "processed; nothing was stored")
+                    if audit is not None:
+                        audit.prediction_id, audit.status = draft.prediction_id, 200
+                        audit_log.append(session, audit)
                     crud.add_prediction(session, prediction)
-            except DatabaseUnavailable:
+            except (DatabaseUnavailable, PatientBeingErased) as exc:
+                if audit is not None:
+                    audit.prediction_id = None  # it names no stored prediction
                 # The database does not know these files: remove them so nothing is left half-stored.
                 self.store.remove_prediction(draft.patient_id, draft.prediction_id)
-                logger.error("database write failed for prediction %s; its files and run are removed",
-                             draft.prediction_id)
+                logger.error("prediction %s not stored (%s); its files and run are removed", draft.prediction_id,
+                             "patient erased meanwhile" if isinstance(exc, PatientBeingErased) else "database failed")
                 raise
+            if audit is not None:
+                audit.recorded = True
             watch.lap("database")
             return prediction
-        except BaseException:
+        except BaseException as exc:
             run_id = run_future.result()
-            if run_id:
+            if run_id and isinstance(exc, PatientBeingErased):
+                self.tracking.purge_run(run_id)
+            elif run_id:
                 self.tracking.discard_run(run_id)
             raise
 

@@ -14,13 +14,19 @@ import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param
+from mlflow.entities import LifecycleStage, Metric, Param, ViewType
+from mlflow.exceptions import MlflowException
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
 import mlflow_config
 
 logger = logging.getLogger(__name__)
+# Runs read per search when looking up a patient's runs.
+SEARCH_PAGE = 1000
 
 # Fail fast when a tracking server is down instead of MLflow's default minutes of retries; the worker retries.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -118,3 +124,50 @@ class MlflowRuns:
                 self.client.delete_run(run.info.run_id)
                 removed += 1
         return removed
+
+    def runs_of_patient(self, patient_id: str) -> list[str]:
+        """Every run tagged with the patient, those already marked deleted too. (A patient id is letters, digits,
+        '.', '_' and '-' only, so it is safe inside the filter's quotes.)"""
+        found: list[str] = []
+        token = None
+        while True:
+            page = self.client.search_runs([self.experiment_id()], f"tags.patient_id = '{patient_id}'",
+                                           run_view_type=ViewType.ALL, max_results=SEARCH_PAGE, page_token=token)
+            found += [str(run.info.run_id) for run in page]
+            token = page.token
+            if not token:
+                return found
+
+    def purge_run(self, run_id: str) -> bool:
+        """Remove a run for good: its artifacts, then its params, metrics and tags. True when it is gone; False when
+        the tracking store can only mark it deleted (a tracking server: `mlflow gc` there removes it for good).
+        A run that does not exist counts as gone."""
+        client = self.client
+        try:
+            run = client.get_run(run_id)
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return True
+            raise
+        if run.info.lifecycle_stage != LifecycleStage.DELETED:
+            client.delete_run(run_id)
+        repository = get_artifact_repository(run.info.artifact_uri)
+        repository.delete_artifacts()  # type: ignore[no-untyped-call]  # MLflow's artifact repositories are untyped
+        _remove_empty_run_folder(run.info.artifact_uri)
+        # No public API deletes a run for good; `mlflow gc` calls this same method of SQL and file stores.
+        hard_delete = getattr(client._tracking_client.store, "_hard_delete_run", None)
+        if hard_delete is None:
+            return False
+        hard_delete(run_id)
+        return True
+
+
+def _remove_empty_run_folder(artifact_uri: str) -> None:
+    """A local store's run folder (`.../<run id>/artifacts`) is left empty once its artifacts are deleted."""
+    if not artifact_uri.startswith("file:"):
+        return
+    run_folder = Path(url2pathname(urlparse(artifact_uri).path)).parent
+    try:
+        run_folder.rmdir()
+    except OSError:  # not empty (files of MLflow's own) or already gone
+        pass

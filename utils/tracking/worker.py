@@ -130,6 +130,15 @@ class TrackingWorker:
             self.runs.reset()
             logger.warning("could not delete MLflow run %s of an unstored prediction", run_id, exc_info=True)
 
+    def purge_run(self, run_id: str) -> None:
+        """Best effort: remove for good the run of a prediction refused because its patient was erased meanwhile
+        (the erasure purges the patient's runs too, but may have looked before this one existed)."""
+        try:
+            self.runs.purge_run(run_id)
+        except Exception:
+            self.runs.reset()
+            logger.warning("could not purge MLflow run %s of an erased patient", run_id, exc_info=True)
+
     def wake(self) -> None:
         """A prediction was stored: look for work now."""
         self._wake.set()
@@ -148,7 +157,36 @@ class TrackingWorker:
 
     def log_pending(self, prediction: Prediction) -> bool:
         """Create the run if it has none (or find the one a crash lost), complete it, mark the row logged;
-        False if MLflow failed. The caller holds the prediction's claim."""
+        False if MLflow failed. The caller holds the prediction's claim.
+
+        If the patient was erased while the run was being logged (the row is gone), the run is purged again: the
+        erasure may have purged it before this logged into it."""
+        try:
+            return self._log(prediction)
+        finally:
+            self._purge_if_erased(prediction)
+
+    def _purge_if_erased(self, prediction: Prediction) -> None:
+        try:
+            with self.database.session() as session:
+                if crud.prediction_exists(session, prediction.id):
+                    return
+        except Exception:  # the database is down: the erasure's own purge and start-up recovery remain
+            logger.warning("could not check whether prediction %s was erased", prediction.id, exc_info=True)
+            return
+        run_id = prediction.mlflow_run_id or self._find_run(prediction.id)
+        if run_id is not None:
+            logger.info("prediction %s was erased while its run was logged: purging the run", prediction.id)
+            self.purge_run(run_id)
+
+    def _find_run(self, prediction_id: str) -> str | None:
+        try:
+            return self.runs.find_run(prediction_id)
+        except Exception:
+            self.runs.reset()
+            return None
+
+    def _log(self, prediction: Prediction) -> bool:
         try:
             if prediction.mlflow_run_id is None:
                 prediction.mlflow_run_id = (self.runs.find_run(prediction.id)

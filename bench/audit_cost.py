@@ -1,0 +1,70 @@
+"""What the audit trail and the erasure checks add to one prediction, on the database alone.
+
+    .venv/bin/python -m bench.audit_cost                                  # a SQLite file in a temporary folder
+    .venv/bin/python -m bench.audit_cost postgresql+psycopg://u:p@db/boneage_bench   # an empty database
+
+A prediction gains two things (utils/pipeline/service.py): a read before its files are written (is the patient being
+erased? where is the audit chain now?) and, in the transaction that stores its row, the chain's lock, two checks
+and its audit row. This times both against the same transaction without them (medians of 300, twice); the issue's
+target is at most 2 ms added to a prediction's median.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+
+from database import audit as audit_log
+from database import crud
+from database.audit import AuditEntry
+from database.db import Database
+
+REPEATS = 300
+
+
+def median_ms(step: Callable[[], None], repeats: int = REPEATS) -> float:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times)
+
+
+def main(argv: list[str]) -> int:
+    url = argv[0] if argv else f"sqlite:///{tempfile.mkdtemp(prefix='audit-cost-')}/predictions.db"
+    database = Database(url)
+    database.upgrade_schema()
+
+    def pre_check() -> None:
+        with database.session() as session:
+            crud.erasure_pending(session, "P1")
+            audit_log.head_seq(session)
+
+    def transaction_before() -> None:
+        with database.session() as session:
+            crud.get_patient(session, "P1")
+
+    def transaction_now() -> None:
+        with database.session() as session:
+            audit_log.lock(session)
+            crud.erasure_pending(session, "P1")
+            audit_log.erased_since(session, "P1", 0)
+            audit_log.append(session, AuditEntry(action="upload", route="POST /predict", patient_id="P1", status=200))
+            crud.get_patient(session, "P1")
+
+    try:
+        for _ in range(2):
+            check, before, now = median_ms(pre_check), median_ms(transaction_before), median_ms(transaction_now)
+            sys.stdout.write(f"pre-check {check:.2f} ms + transaction {now - before:+.2f} ms ({before:.2f} -> "
+                             f"{now:.2f}) = {check + now - before:.2f} ms added per prediction\n")
+    finally:
+        database.dispose()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

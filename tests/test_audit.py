@@ -1,0 +1,174 @@
+"""The audit trail: one row per request to a patient route (upload, results, chart, file, erase, audit, refusals and
+errors), exactly one under 32 parallel mixed requests on SQLite and PostgreSQL, paged by GET /audit, exported as
+CSV and JSON lines, and a hash chain whose check finds a row changed, removed or added in the database."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import json
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from helpers import RAW, make_settings, running_app
+from patient_data import audit_rows, execute, header, query, upload, write_keys_file
+
+from utils.audit_trail import main as audit_cli
+from utils.config import Settings
+
+FILM = (RAW / "7047.png").read_bytes()
+OTHER_FILM = (RAW / "7036.png").read_bytes()
+
+
+def keyed_settings(tmp_path: Path, **overrides: Any) -> Settings:
+    return make_settings(tmp_path, api_keys_file=write_keys_file(tmp_path), **overrides)
+
+
+def cli(capsys: pytest.CaptureFixture[str], settings: Settings, *args: str) -> tuple[int, str]:
+    status = audit_cli(["--database-url", settings.database_url, *args])
+    return status, capsys.readouterr().out
+
+
+def test_each_patient_route_leaves_one_row_with_who_what_and_the_answer(tmp_path: Path) -> None:
+    settings = keyed_settings(tmp_path)
+    with running_app(settings) as client:
+        lead = header("everything")
+        body = client.post("/predict", files={"image": ("x.png", FILM, "image/png")}, data={"patient_id": "P-a"},
+                           headers=lead).json()
+        prediction = body["prediction_id"]
+        answers = [
+            client.get("/results/P-a", headers=lead).status_code,
+            client.get("/results/P-a/chart.png", headers=lead).status_code,
+            client.get(body["original_url"], headers=lead).status_code,
+            client.get(f"/storage/patients/P-a/{prediction}/nothing.png", headers=lead).status_code,
+            client.get("/results/P-unknown", headers=lead).status_code,
+            client.get("/results/.hidden", headers=lead).status_code,
+            client.post("/predict", files={"image": ("x.png", b"not an image", "image/png")},
+                        data={"patient_id": "P-a"}, headers=lead).status_code,
+            client.get("/results/P-a", headers=header("uploader")).status_code,
+            client.get("/audit?patient_id=P-a", headers=lead).status_code,
+        ]
+    assert answers == [200, 200, 200, 404, 404, 422, 422, 403, 200]
+    rows = audit_rows(settings)
+    seen = [(r["action"], r["route"], r["key_name"], r["patient_id"], r["prediction_id"], r["status"]) for r in rows]
+    assert seen == [
+        ("upload", "POST /predict", "everything", "P-a", prediction, 200),
+        ("results", "GET /results/P-a", "everything", "P-a", None, 200),
+        ("chart", "GET /results/P-a/chart.png", "everything", "P-a", None, 200),
+        ("file", f"GET /storage/patients/P-a/{prediction}/original.png", "everything", "P-a", prediction, 200),
+        ("file", f"GET /storage/patients/P-a/{prediction}/nothing.png", "everything", "P-a", prediction, 404),
+        ("results", "GET /results/P-unknown", "everything", "P-unknown", None, 404),
+        ("results", "GET /results/.hidden", "everything", None, None, 422),
+        ("upload", "POST /predict", "everything", "P-a", None, 422),
+        ("results", "GET /results/P-a", "uploader", "P-a", None, 403),
+        ("audit", "GET /audit", "everything", "P-a", None, 200),
+    ]
+    assert {r["client"] for r in rows} == {"testclient"}
+    assert [r["seq"] for r in rows] == list(range(1, len(rows) + 1))
+    assert all(isinstance(r["at"], (str, dt.datetime)) and len(r["row_hash"]) == 64 for r in rows)
+
+
+def mixed_request(client: TestClient, i: int, prediction: dict[str, Any]) -> int:
+    """One of 8 kinds of request, by `i`: uploads, reads of every kind, refusals, a 404 and the audit."""
+    lead = header("everything")
+    kind = i % 8
+    if kind == 0:
+        return client.post("/predict", files={"image": ("x.png", OTHER_FILM, "image/png")},
+                           data={"patient_id": f"P-mix-{i}"}, headers=lead).status_code
+    url = {1: "/results/P-mix", 2: "/results/P-mix/chart.png", 3: prediction["original_url"],
+           4: prediction["female_prediction"]["gradcam_url"], 5: "/results/P-nobody", 6: "/results/P-mix",
+           7: "/audit?limit=5"}[kind]
+    headers = {6: {}, 7: header("viewer")}.get(kind, lead)  # 6: no key (401); 7: no admin role (403)
+    return client.get(url, headers=headers).status_code
+
+
+@pytest.mark.parametrize("database_url", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgresql)],
+                         indirect=True)
+def test_32_parallel_mixed_requests_leave_32_rows_in_an_intact_chain(
+        tmp_path: Path, database_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    settings = keyed_settings(tmp_path, database_url=database_url)
+    with running_app(settings) as client:
+        first = client.post("/predict", files={"image": ("x.png", FILM, "image/png")},
+                            data={"patient_id": "P-mix"}, headers=header("everything"))
+        assert first.status_code == 200, first.text
+        before = len(audit_rows(settings))
+        with ThreadPoolExecutor(max_workers=32) as pool:
+            statuses = list(pool.map(lambda i: mixed_request(client, i, first.json()), range(32)))
+    assert Counter(statuses) == {200: 20, 404: 4, 401: 4, 403: 4}, statuses
+    rows = audit_rows(settings)[before:]
+    assert len(rows) == 32
+    assert sorted(r["status"] for r in rows) == sorted(statuses)
+    assert sorted(r["action"] for r in rows) == sorted(["upload"] * 4 + ["results"] * 12 + ["chart"] * 4
+                                                       + ["file"] * 8 + ["audit"] * 4)
+    assert cli(capsys, settings, "verify") == (0, f"audit chain intact: 33 rows, last hash {rows[-1]['row_hash']}\n")
+
+
+def test_get_audit_pages_through_the_rows_of_a_patient_and_a_time_span(tmp_path: Path) -> None:
+    settings = keyed_settings(tmp_path)
+    officer = header("officer")
+    with running_app(settings) as client:
+        assert upload(client, FILM, "P-page", "uploader").status_code == 200
+        for _ in range(4):
+            client.get("/results/P-page", headers=header("viewer"))
+            client.get("/results/P-other", headers=header("viewer"))
+        first = client.get("/audit", params={"patient_id": "P-page", "limit": 3}, headers=officer).json()
+        second = client.get("/audit", params={"patient_id": "P-page", "limit": 3, "after": first["next_after"]},
+                            headers=officer).json()
+        middle = audit_rows(settings)[4]["at"]
+        middle = middle if isinstance(middle, dt.datetime) else dt.datetime.fromisoformat(middle)
+        since = middle.replace(tzinfo=dt.UTC).astimezone(dt.timezone(dt.timedelta(hours=2))).isoformat()
+        later = client.get("/audit", params={"since": since, "limit": 1000}, headers=officer).json()
+        bad = [client.get("/audit", params=params, headers=officer).status_code
+               for params in ({"patient_id": "../x"}, {"since": "yesterday"}, {"limit": 0}, {"after": -1})]
+    assert [e["action"] for e in first["events"]] == ["upload", "results", "results"]
+    # the first page's own request was recorded (seq 10) before the second page was read
+    assert [(e["action"], e["seq"]) for e in second["events"]] == [("results", 6), ("results", 8), ("audit", 10)]
+    assert first["next_after"] == first["events"][-1]["seq"]
+    assert {e["patient_id"] for e in first["events"] + second["events"]} == {"P-page"}
+    assert later["events"][0]["seq"] == 5  # a time in another zone is compared in UTC
+    assert bad == [422, 422, 422, 422]
+
+
+def test_the_chain_check_finds_a_row_changed_removed_or_added_in_the_database(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    settings = keyed_settings(tmp_path)
+    with running_app(settings) as client:
+        assert upload(client, FILM, "P-chain", "uploader").status_code == 200
+        for _ in range(3):
+            client.get("/results/P-chain", headers=header("viewer"))
+    assert cli(capsys, settings, "verify")[0] == 0
+
+    status, csv_text = cli(capsys, settings, "export", "--format", "csv")
+    exported = list(csv.DictReader(io.StringIO(csv_text)))
+    assert status == 0 and [r["action"] for r in exported] == ["upload", "results", "results", "results"]
+    status, lines = cli(capsys, settings, "export", "--format", "jsonl", "--patient-id", "P-chain", "--since",
+                        "2000-01-01T00:00:00Z")
+    records = [json.loads(line) for line in lines.splitlines()]
+    assert [r["seq"] for r in records] == [1, 2, 3, 4] and records[0]["status"] == 200
+    assert [r["row_hash"] for r in records] == [r["row_hash"] for r in exported]
+
+    # a row changed: who read it is rewritten
+    execute(settings, "UPDATE audit_events SET key_name = 'someone-else' WHERE seq = 2")
+    assert cli(capsys, settings, "verify") == (1, "audit chain BROKEN after 1 intact rows: row 2 was changed: its "
+                                                  "hash does not match its fields and the previous row's hash\n")
+    execute(settings, "UPDATE audit_events SET key_name = 'viewer' WHERE seq = 2")
+    assert cli(capsys, settings, "verify")[0] == 0
+    # a row removed in the middle, then at the end
+    saved = query(settings, "SELECT * FROM audit_events WHERE seq = 3")[0]
+    execute(settings, "DELETE FROM audit_events WHERE seq = 3")
+    assert cli(capsys, settings, "verify") == (1, "audit chain BROKEN after 2 intact rows: row 3 is missing (the "
+                                                  "next row is 4)\n")
+    execute(settings, "DELETE FROM audit_events WHERE seq = 4")
+    status, out = cli(capsys, settings, "verify")
+    assert status == 1 and "rows at the end were removed" in out
+    # a row added with a made-up hash
+    columns = ", ".join(saved)
+    execute(settings, f"INSERT INTO audit_events ({columns}) VALUES ({', '.join(':' + c for c in saved)})",
+            **(saved | {"row_hash": "f" * 64}))
+    status, out = cli(capsys, settings, "verify")
+    assert status == 1 and "row 3 was changed" in out

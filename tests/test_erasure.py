@@ -1,0 +1,241 @@
+"""Erasure of a patient: files, rows, MLflow runs (artifacts and params) and pending PACS sends removed, objects the
+PACS already holds named by their SOP Instance UIDs, idempotent, an upload of the same patient in flight erased or
+refused (never half-kept), and an erasure killed mid-way (SIGKILL) finished by the next start-up."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from dicom_films import gray, make_dicom
+from dicom_scp import AE_TITLE, StorageSCP
+from fastapi.testclient import TestClient
+from helpers import PROJECT_ROOT, RAW, TEST20, make_settings, running_app, wait_until
+from patient_data import (
+    artifact_folder,
+    assert_nothing_left_of,
+    audit_rows,
+    header,
+    patient_runs,
+    query,
+    upload,
+    write_keys_file,
+)
+
+from utils.config import Settings
+
+FILM = (RAW / "7047.png").read_bytes()
+OTHER_FILM = (RAW / "7036.png").read_bytes()
+OFFICER = header("officer")
+
+
+@pytest.fixture
+def scp() -> Iterator[StorageSCP]:
+    server = StorageSCP()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def wait_until_logged(client: TestClient, patient_id: str) -> dict[str, Any]:
+    """The patient's results once every MLflow run of theirs is complete."""
+    results: dict[str, Any] = {}
+
+    def logged() -> bool:
+        nonlocal results
+        results = client.get(f"/results/{patient_id}", headers=header("viewer")).json()
+        return all(p["tracking"] == "logged" for p in results["predictions"])
+
+    wait_until(logged, 120, f"the MLflow runs of {patient_id} were not logged")
+    return results
+
+
+def pacs_state(client: TestClient, patient_id: str) -> list[dict[str, Any]]:
+    predictions = client.get(f"/results/{patient_id}", headers=header("viewer")).json()["predictions"]
+    return [p["dicom"]["pacs"] for p in predictions]
+
+
+def patient_files(settings: Settings, patient_id: str) -> list[Path]:
+    return sorted(p for p in (settings.patients_dir / patient_id).rglob("*") if p.is_file())
+
+
+def test_erasure_removes_files_rows_runs_and_pending_sends_names_what_the_pacs_holds_and_is_idempotent(
+        tmp_path: Path, scp: StorageSCP) -> None:
+    settings = make_settings(tmp_path, api_keys_file=write_keys_file(tmp_path), pacs_host="127.0.0.1",
+                             pacs_port=scp.port, pacs_ae_title=AE_TITLE, pacs_timeout_seconds=60,
+                             pacs_retry_seconds=600)  # a failed send waits: no send is in progress at the erasure
+    scp.start()
+    with running_app(settings) as client:
+        sent = upload(client, make_dicom(gray(TEST20 / "4360.png"), sex="F"), "P-erase", filename="a.dcm",
+                      content_type="application/dicom")
+        assert sent.status_code == 200, sent.text
+        scp.wait_for(lambda s: len(s.stored) == 2)
+        wait_until(lambda: pacs_state(client, "P-erase")[0]["state"] == "sent", 60, "first send not confirmed")
+        delivered = set(scp.stored_uids())
+        scp.stop()  # the second prediction's objects stay pending
+        pending = upload(client, make_dicom(gray(TEST20 / "4375.png"), sex="F"), "P-erase", filename="b.dcm",
+                         content_type="application/dicom")
+        assert pending.status_code == 200, pending.text
+        wait_until(lambda: pacs_state(client, "P-erase")[0]["state"] == "retrying", 60, "second send not tried")
+        assert upload(client, FILM, "P-keep").status_code == 200
+        wait_until_logged(client, "P-erase")
+        kept = wait_until_logged(client, "P-keep")
+        files = patient_files(settings, "P-erase")
+        runs = patient_runs(settings, "P-erase")
+        assert len(runs) == 2 and all(any(artifact_folder(settings, r).iterdir()) for r in runs)
+        assert len(query(settings, "SELECT id FROM pacs_sends")) == 4
+
+        erased = client.delete("/patients/P-erase", headers=OFFICER)
+        assert erased.status_code == 200, erased.text
+        report = erased.json()
+        assert {k: report[k] for k in ("status", "patient_id", "predictions_removed", "files_removed",
+                                       "mlflow_runs_removed", "mlflow_runs_purged", "pending_pacs_sends_cancelled")} \
+            == {"status": "erased", "patient_id": "P-erase", "predictions_removed": 2, "files_removed": len(files),
+                "mlflow_runs_removed": 2, "mlflow_runs_purged": True, "pending_pacs_sends_cancelled": 2}
+        assert {o["sop_instance_uid"] for o in report["not_recalled"]} == delivered
+        assert {o["state"] for o in report["not_recalled"]} == {"delivered"}
+        assert "PACS" in report["operator_note"] and "backups" in report["operator_note"]
+        assert_nothing_left_of(settings, "P-erase")
+        assert not [r for r in runs if artifact_folder(settings, r).exists()]
+        assert query(settings, "SELECT id FROM pacs_sends") == []
+
+        again = client.delete("/patients/P-erase", headers=OFFICER)
+        assert again.status_code == 200
+        assert {k: again.json()[k] for k in ("predictions_removed", "files_removed", "mlflow_runs_removed",
+                                             "pending_pacs_sends_cancelled", "not_recalled")} == {
+            "predictions_removed": 0, "files_removed": 0, "mlflow_runs_removed": 0,
+            "pending_pacs_sends_cancelled": 0, "not_recalled": []}
+        assert client.get("/results/P-erase", headers=header("viewer")).status_code == 404
+        # the other patient is untouched
+        assert client.get("/results/P-keep", headers=header("viewer")).json() == kept
+        assert client.get(kept["predictions"][0]["original_url"], headers=header("viewer")).content == FILM
+        assert len(patient_runs(settings, "P-keep")) == 1
+
+    erasures = [r for r in audit_rows(settings, "P-erase") if r["action"] == "erase"]
+    assert [(r["key_name"], r["status"], r["route"]) for r in erasures] == [
+        ("officer", 200, "DELETE /patients/P-erase")] * 2
+    detail = erasures[0]["detail"]
+    assert "erased 2 predictions" in detail and "cancelled 2 pending PACS sends" in detail
+    assert all(uid in detail for uid in delivered)
+    assert "month" not in detail and ".png" not in detail and ".dcm" not in detail  # no erased data in the audit
+    assert erasures[1]["detail"] == "erased 0 predictions of patient P-erase; cancelled 0 pending PACS sends"
+
+
+def test_an_upload_in_flight_during_an_erasure_is_refused_and_leaves_nothing(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, api_keys_file=write_keys_file(tmp_path))
+    with running_app(settings) as client:
+        service = client.app.state.service  # type: ignore[attr-defined]
+        eraser = client.app.state.eraser  # type: ignore[attr-defined]
+        assert upload(client, FILM, "P-race").status_code == 200
+        assert upload(client, FILM, "P-noted").status_code == 200
+
+        # 1. The upload has written its files when the erasure runs; it commits after: refused, nothing kept.
+        files_written, erasure_done = threading.Event(), threading.Event()
+        write_prediction = service.store.write_prediction
+
+        def write_then_wait(*args: Any) -> dict[str, str]:
+            paths: dict[str, str] = write_prediction(*args)
+            files_written.set()
+            assert erasure_done.wait(120)
+            return paths
+
+        service.store.write_prediction = write_then_wait
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            in_flight = pool.submit(upload, client, OTHER_FILM, "P-race")
+            assert files_written.wait(120)
+            erased = client.delete("/patients/P-race", headers=OFFICER)
+            erasure_done.set()
+            refused = in_flight.result()
+        service.store.write_prediction = write_prediction
+        assert erased.status_code == 200 and erased.json()["predictions_removed"] == 1
+        assert refused.status_code == 409, refused.text
+        assert "erased while this upload was processed" in refused.json()["detail"]
+        assert_nothing_left_of(settings, "P-race")
+
+        # 2. An erasure is under way (noted, not yet done) when an upload of the patient arrives: refused at once.
+        noted, go_on = threading.Event(), threading.Event()
+        finish = eraser.finish
+
+        def wait_then_finish(*args: Any) -> Any:
+            noted.set()
+            assert go_on.wait(120)
+            return finish(*args)
+
+        eraser.finish = wait_then_finish
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            erasing = pool.submit(client.delete, "/patients/P-noted", headers=OFFICER)
+            assert noted.wait(120)
+            during = upload(client, OTHER_FILM, "P-noted")
+            go_on.set()
+            assert erasing.result().status_code == 200
+        eraser.finish = finish
+        assert during.status_code == 409 and "is being erased" in during.json()["detail"]
+        assert_nothing_left_of(settings, "P-noted")
+        # once erased, the patient id can be used again
+        assert upload(client, FILM, "P-noted").status_code == 200
+
+    race = [(r["action"], r["status"], r["prediction_id"] is not None) for r in audit_rows(settings, "P-race")]
+    assert race == [("upload", 200, True), ("erase", 200, False), ("upload", 409, False)]
+    noted_rows = [(r["action"], r["status"]) for r in audit_rows(settings, "P-noted")]
+    assert noted_rows == [("upload", 200), ("upload", 409), ("erase", 200), ("upload", 200)]
+
+
+KILL_SCRIPT = """
+import os, signal, sys
+from database.audit import AuditEntry
+from database.db import Database
+from storage.store import PatientStore
+from utils.pipeline.erasure import PatientEraser
+from utils.tracking.mlflow_runs import MlflowRuns
+
+database_url, patients_dir, tracking_uri, experiment, kill_point = sys.argv[1:]
+eraser = PatientEraser(PatientStore(__import__("pathlib").Path(patients_dir)), Database(database_url),
+                       MlflowRuns(tracking_uri, experiment))
+die = lambda *args: os.kill(os.getpid(), signal.SIGKILL)
+if kill_point == "noted":
+    eraser.finish = die  # the erasure is noted; nothing is removed yet
+else:
+    eraser.store.remove_patient = die  # the rows are deleted; files and runs are not
+eraser.erase("P-kill", AuditEntry(action="erase", route="DELETE /patients/P-kill", key_name="officer"))
+"""
+
+
+@pytest.mark.parametrize("kill_point", ["noted", "rows deleted"])
+def test_an_erasure_killed_mid_way_is_finished_at_the_next_start(tmp_path: Path, kill_point: str) -> None:
+    settings = make_settings(tmp_path, api_keys_file=write_keys_file(tmp_path))
+    with running_app(settings) as client:
+        for film in (FILM, OTHER_FILM):
+            assert upload(client, film, "P-kill").status_code == 200
+        assert upload(client, FILM, "P-stay").status_code == 200
+        wait_until_logged(client, "P-kill")
+        stay = wait_until_logged(client, "P-stay")
+
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_SCRIPT, settings.database_url, str(settings.patients_dir),
+         settings.mlflow_tracking_uri, settings.mlflow_experiment, kill_point],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300, env=os.environ | {"PYTHONPATH": "."})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert query(settings, "SELECT patient_id FROM erasures") == [{"patient_id": "P-kill"}]
+    assert patient_files(settings, "P-kill") and len(patient_runs(settings, "P-kill")) == 2
+    rows_left = query(settings, "SELECT id FROM predictions WHERE patient_id = 'P-kill'")
+    assert len(rows_left) == (2 if kill_point == "noted" else 0)
+
+    with running_app(settings) as client:
+        assert_nothing_left_of(settings, "P-kill")
+        assert client.get("/results/P-stay", headers=header("viewer")).json() == stay
+        assert client.get("/results/P-kill", headers=header("viewer")).status_code == 404
+    erasures = [(r["route"], r["key_name"], r["status"]) for r in audit_rows(settings, "P-kill")
+                if r["action"] == "erase"]
+    recovery = ("start-up recovery", "officer", 200)
+    killed_request = ("DELETE /patients/P-kill", "officer", 200)
+    assert erasures == ([recovery] if kill_point == "noted" else [killed_request, recovery])
+    assert [r["action"] for r in audit_rows(settings, "P-kill")][:2] == ["upload", "upload"]

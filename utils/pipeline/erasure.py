@@ -1,0 +1,130 @@
+"""Erasure of a patient (DELETE /patients/{patient_id}): database rows, files, MLflow runs and pending PACS sends.
+
+The steps, each safe to repeat, so an erasure is idempotent and one a crash interrupted is finished by start-up
+recovery:
+
+1. an `erasures` row notes the erasure (uploads of the patient are refused from now on);
+2. one transaction locks the audit chain, deletes the patient, their predictions and PACS sends, and appends the
+   erasure's audit row (what was removed, which DICOM objects the PACS may already hold; no clinical data);
+3. the patient's folder goes, with every upload, heatmap, SR and SC in it;
+4. every MLflow run tagged with the patient is purged: artifacts, params, metrics and tags;
+5. the `erasures` row is deleted: nothing of the patient is left but the audit rows.
+
+An upload of the same patient in flight is either erased (its row committed before step 2, so step 2 finds it and
+step 3 its files) or refused (`PatientBeingErased`, see `BoneAgeService._store`): never half-kept.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from database import audit as audit_log
+from database import crud
+from database.audit import AuditEntry
+from database.crud import ErasedRows, UnrecalledObject
+from database.db import Database
+from storage.store import PatientStore, StorageUnavailable, check_patient_id
+from utils.errors import ErasureIncomplete
+from utils.tracking.mlflow_runs import MlflowRuns
+
+logger = logging.getLogger(__name__)
+ERASE_ACTION = "erase"
+RECOVERY_ROUTE = "start-up recovery"
+
+
+@dataclass(frozen=True)
+class ErasureReport:
+    """What one erasure removed, and what it could not recall."""
+
+    patient_id: str
+    predictions: int
+    files: int
+    mlflow_runs: int
+    mlflow_purged: bool  # False: a tracking server only marked the runs deleted (`mlflow gc` there purges them)
+    pending_sends_cancelled: int
+    not_recalled: list[UnrecalledObject]
+
+
+def describe(patient_id: str, rows: ErasedRows) -> str:
+    """The erasure's audit detail: counts and the SOP Instance UIDs the PACS may hold, nothing else."""
+    text = (f"erased {len(rows.prediction_ids)} predictions of patient {patient_id}; cancelled "
+            f"{rows.pending_sends_cancelled} pending PACS sends")
+    if rows.not_recalled:
+        objects = ", ".join(f"{o.sop_instance_uid} at {o.destination}"
+                            f"{'' if o.delivered_at else ' (send in progress)'}" for o in rows.not_recalled)
+        text += f"; not recalled (the PACS may hold them): {objects}"
+    return text
+
+
+class PatientEraser:
+    """Erases patients; one per app (and one for start-up recovery)."""
+
+    def __init__(self, store: PatientStore, database: Database, runs: MlflowRuns,
+                 clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)) -> None:
+        self.store = store
+        self.database = database
+        self.runs = runs
+        self._clock = clock
+
+    def erase(self, patient_id: str, audit: AuditEntry) -> ErasureReport:
+        """Erase everything of the patient; `audit` is recorded in the transaction that deletes the rows.
+        Blocking: call it from a worker thread. `ErasureIncomplete` if files or MLflow runs could not all be
+        removed (the rows are gone; the rest goes on a repeat or at the next start)."""
+        checked = check_patient_id(patient_id)
+        audit.patient_id = checked
+        with self.database.session() as session:
+            crud.begin_erasure(session, checked, self._clock(), audit.key_name)
+        return self.finish(checked, audit)
+
+    def finish(self, patient_id: str, audit: AuditEntry) -> ErasureReport:
+        """Steps 2-5 of an erasure whose `erasures` row is written."""
+        audit.patient_id = patient_id
+        with self.database.session() as session:
+            audit_log.lock(session)  # first, as uploads do: the two never interleave
+            rows = crud.erase_patient_rows(session, patient_id, self._clock())
+            audit.status, audit.detail = 200, describe(patient_id, rows)
+            audit_log.append(session, audit)
+        audit.recorded = True
+        try:
+            files = self.store.remove_patient(patient_id)
+        except StorageUnavailable:
+            raise ErasureIncomplete("the patient's records are erased but not all their files could be removed; "
+                                    "repeat the erasure (it is also finished at the next start)") from None
+        try:
+            run_ids = sorted(set(rows.mlflow_run_ids) | set(self.runs.runs_of_patient(patient_id)))
+            purged = [self.runs.purge_run(run_id) for run_id in run_ids]
+        except Exception:
+            self.runs.reset()
+            logger.warning("MLflow runs of an erased patient could not be purged; retried on repeat or at start-up",
+                           exc_info=True)
+            raise ErasureIncomplete("the patient's records and files are erased but MLflow is unreachable: repeat "
+                                    "the erasure once it is back (it is also finished at the next start)") from None
+        with self.database.session() as session:
+            crud.end_erasure(session, patient_id)
+        report = ErasureReport(patient_id, len(rows.prediction_ids), files, len(run_ids), all(purged),
+                               rows.pending_sends_cancelled, rows.not_recalled)
+        logger.info("erasure done: %d predictions, %d files, %d MLflow runs, %d pending PACS sends removed; %d DICOM "
+                    "objects already at the PACS", report.predictions, report.files, report.mlflow_runs,
+                    report.pending_sends_cancelled, len(report.not_recalled))
+        return report
+
+    def finish_interrupted(self) -> int:
+        """At start-up: finish every erasure a crash interrupted (audited as done by start-up recovery, for the
+        key that asked for it); how many were finished."""
+        with self.database.session() as session:
+            pending = {erasure.patient_id: erasure.requested_by for erasure in crud.pending_erasures(session)}
+        finished = 0
+        for patient_id, requested_by in pending.items():
+            entry = AuditEntry(action=ERASE_ACTION, route=RECOVERY_ROUTE, key_name=requested_by)
+            try:
+                self.finish(patient_id, entry)
+                finished += 1
+            except ErasureIncomplete:
+                logger.warning("an interrupted erasure could not be finished at start-up; tried again at the next",
+                               exc_info=True)
+        if finished:
+            logger.warning("start-up finished %d erasures a crash had interrupted", finished)
+        return finished
