@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -52,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--busy", type=int, default=os.cpu_count() or 1, help="busy loops beside the tests")
     args = parser.parse_args(argv)
 
+    # A SIGTERM ends the script through `finally`, so the busy loops never outlive it.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     loops = [multiprocessing.Process(target=spin, daemon=True) for _ in range(args.busy)]
     for loop in loops:
         loop.start()
