@@ -208,12 +208,18 @@ def _text_line(rng: np.random.Generator, words: int) -> str:
     return " ".join(str(rng.choice(WORDS)) for _ in range(words))
 
 
+def _ground_and_ink(rng: np.random.Generator, dark_chance: float, dark: tuple[int, int, int, int],
+                    light: tuple[int, int, int, int]) -> tuple[int, int]:
+    """(ground level, ink level): a dark ground with light ink (`dark`: ground and ink ranges) with `dark_chance`,
+    else a light ground with dark ink."""
+    low_ground, high_ground, low_ink, high_ink = dark if rng.random() < dark_chance else light
+    return int(rng.integers(low_ground, high_ground)), int(rng.integers(low_ink, high_ink))
+
+
 def drawn_page(rng: np.random.Generator) -> Image.Image:
     """A page of text, a form or a screenshot: lines of words on a plain ground, light or dark."""
     width, height = int(rng.integers(300, 700)), int(rng.integers(300, 900))
-    dark = rng.random() < 0.25
-    ground, ink = (int(rng.integers(0, 60)), int(rng.integers(170, 256))) if dark else \
-        (int(rng.integers(180, 256)), int(rng.integers(0, 90)))
+    ground, ink = _ground_and_ink(rng, 0.25, (0, 60, 170, 256), (180, 256, 0, 90))
     image = Image.new("L", (width, height), ground)
     draw = ImageDraw.Draw(image)
     size = int(rng.integers(10, 30))
@@ -231,9 +237,7 @@ def drawn_page(rng: np.random.Generator) -> Image.Image:
 def drawn_diagram(rng: np.random.Generator) -> Image.Image:
     """A diagram: boxes, circles and arrows with labels, on a light or dark ground."""
     width, height = int(rng.integers(300, 800)), int(rng.integers(250, 700))
-    dark = rng.random() < 0.3
-    ground, ink = (int(rng.integers(0, 50)), int(rng.integers(160, 256))) if dark else \
-        (int(rng.integers(200, 256)), int(rng.integers(0, 120)))
+    ground, ink = _ground_and_ink(rng, 0.3, (0, 50, 160, 256), (200, 256, 0, 120))
     image = Image.new("L", (width, height), ground)
     draw = ImageDraw.Draw(image)
     centres = []

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from dicom_scp import StorageSCP
 from fastapi.testclient import TestClient
 from helpers import PostgresServer, make_settings, running_app
 from sqlalchemy import make_url
@@ -47,6 +48,16 @@ def shared_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClie
     """One app for tests that only add predictions under their own patient ids (start-up costs seconds)."""
     with running_app(make_settings(tmp_path_factory.mktemp("shared"))) as test_client:
         yield test_client
+
+
+@pytest.fixture
+def scp() -> Iterator[StorageSCP]:
+    """A real DICOM storage SCP on loopback (`dicom_scp.StorageSCP`), the PACS of the tests that send to one."""
+    server = StorageSCP()
+    try:
+        yield server
+    finally:
+        server.close()
 
 
 @pytest.fixture(scope="session")

@@ -82,15 +82,19 @@ def assert_nothing_stored(settings: Settings) -> None:
     assert count_rows(settings, "patients") == 0
 
 
-def wait_until_logged(client: TestClient, patient_id: str, timeout: float = 60.0) -> dict[str, Any]:
-    """Poll /results until every prediction of the patient has its MLflow run complete; returns the results."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        results: dict[str, Any] = client.get(f"/results/{patient_id}").json()
-        if all(p["tracking"] == "logged" for p in results["predictions"]):
-            return results
-        time.sleep(0.1)
-    raise AssertionError(f"MLflow runs of {patient_id} were not logged within {timeout} s")
+def wait_until_logged(client: TestClient, patient_id: str, timeout: float = 60.0,
+                      headers: dict[str, str] | None = None) -> dict[str, Any]:
+    """Poll /results (with `headers`, e.g. an API key) until every prediction of the patient has its MLflow run
+    complete; returns the results."""
+    results: dict[str, Any] = {}
+
+    def logged() -> bool:
+        nonlocal results
+        results = client.get(f"/results/{patient_id}", headers=headers).json()
+        return all(p["tracking"] == "logged" for p in results["predictions"])
+
+    wait_until(logged, timeout, f"MLflow runs of {patient_id} were not logged within {timeout} s", interval_s=0.1)
+    return results
 
 
 def wait_until(condition: Callable[[], bool], timeout_s: float, message: str | Callable[[], str],

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ import pytest
 from dicom_films import gray, make_dicom
 from dicom_scp import AE_TITLE, StorageSCP
 from fastapi.testclient import TestClient
-from helpers import PROJECT_ROOT, RAW, TEST20, make_settings, running_app, wait_until
+from helpers import PROJECT_ROOT, RAW, TEST20, make_settings, running_app, wait_until, wait_until_logged
 from patient_data import (
     artifact_folder,
     assert_nothing_left_of,
@@ -35,28 +34,6 @@ from utils.config import Settings
 FILM = (RAW / "7047.png").read_bytes()
 OTHER_FILM = (RAW / "7036.png").read_bytes()
 OFFICER = header("officer")
-
-
-@pytest.fixture
-def scp() -> Iterator[StorageSCP]:
-    server = StorageSCP()
-    try:
-        yield server
-    finally:
-        server.close()
-
-
-def wait_until_logged(client: TestClient, patient_id: str) -> dict[str, Any]:
-    """The patient's results once every MLflow run of theirs is complete."""
-    results: dict[str, Any] = {}
-
-    def logged() -> bool:
-        nonlocal results
-        results = client.get(f"/results/{patient_id}", headers=header("viewer")).json()
-        return all(p["tracking"] == "logged" for p in results["predictions"])
-
-    wait_until(logged, 120, f"the MLflow runs of {patient_id} were not logged")
-    return results
 
 
 def pacs_state(client: TestClient, patient_id: str) -> list[dict[str, Any]]:
@@ -87,8 +64,8 @@ def test_erasure_removes_files_rows_runs_and_pending_sends_names_what_the_pacs_h
         assert pending.status_code == 200, pending.text
         wait_until(lambda: pacs_state(client, "P-erase")[0]["state"] == "retrying", 60, "second send not tried")
         assert upload(client, FILM, "P-keep").status_code == 200
-        wait_until_logged(client, "P-erase")
-        kept = wait_until_logged(client, "P-keep")
+        wait_until_logged(client, "P-erase", 120, header("viewer"))
+        kept = wait_until_logged(client, "P-keep", 120, header("viewer"))
         files = patient_files(settings, "P-erase")
         runs = patient_runs(settings, "P-erase")
         assert len(runs) == 2 and all(any(artifact_folder(settings, r).iterdir()) for r in runs)
@@ -216,8 +193,8 @@ def test_an_erasure_killed_mid_way_is_finished_at_the_next_start(tmp_path: Path,
         for film in (FILM, OTHER_FILM):
             assert upload(client, film, "P-kill").status_code == 200
         assert upload(client, FILM, "P-stay").status_code == 200
-        wait_until_logged(client, "P-kill")
-        stay = wait_until_logged(client, "P-stay")
+        wait_until_logged(client, "P-kill", 120, header("viewer"))
+        stay = wait_until_logged(client, "P-stay", 120, header("viewer"))
 
     killed = subprocess.run(
         [sys.executable, "-c", KILL_SCRIPT, settings.database_url, str(settings.patients_dir),

@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 
 import pytest
-from helpers import RAW, make_settings, post_image, running_app
+from helpers import RAW, make_settings, running_app
 from patient_data import FLAT_KEY, KEYS, audit_rows, header, write_keys_file
 
 from utils.api.auth import FLAT_KEY_ROLES, KeyFileError, KeyRing, Role, main, read_key_file
@@ -36,7 +36,7 @@ def test_each_role_reaches_its_routes_and_no_other_and_every_refusal_is_audited(
         assert upload(client, "P-roles-flat", header("flat")) == 200
         body = client.get("/results/P-roles", headers=header("viewer")).json()
         prediction = body["predictions"][0]
-        reads = [f"/results/P-roles", "/results/P-roles/chart.png", prediction["original_url"],
+        reads = ["/results/P-roles", "/results/P-roles/chart.png", prediction["original_url"],
                  prediction["male_prediction"]["gradcam_url"]]
         # results, chart, files: read role (the viewer, the lead, a flat key)
         for url in reads:

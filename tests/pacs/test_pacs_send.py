@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,15 +35,6 @@ FILM = TEST20 / "4360.png"
 @pytest.fixture(scope="module")
 def film_dicom() -> bytes:
     return make_dicom(gray(FILM), sex="F")
-
-
-@pytest.fixture
-def scp() -> Iterator[StorageSCP]:
-    server = StorageSCP()
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 def pacs_settings(tmp: Path, scp: StorageSCP, **overrides: Any) -> Settings:
