@@ -21,25 +21,25 @@ from sqlalchemy import make_url
 
 from database.db import Database, LiveLock, PoolSettings
 from storage.store import PatientStore
+from utils.api.audit import AuditWriter
+from utils.api.auth import KeyRing
 from utils.api.cors import CORSFromSettings
 from utils.api.docs import install_docs
 from utils.api.errors import install_error_handlers
-from utils.api.audit import AuditWriter
-from utils.api.auth import KeyRing
 from utils.api.fhir import fhir_router
 from utils.api.metrics import RequestMetrics, ServiceMetrics
 from utils.api.patients import admin_router
 from utils.api.routes import open_router, patient_router, upload_router
 from utils.config import Settings
 from utils.imaging import UploadLimits
+from utils.imaging.film_check import FilmGate
 from utils.memory import limit_malloc_arenas
 from utils.pacs.policy import DicomPolicy
 from utils.pacs.sender import PacsSender
-from utils.imaging.film_check import FilmGate
-from utils.pipeline.model_pool import ModelPool
 from utils.pipeline.erasure import PatientEraser
+from utils.pipeline.model_pool import ModelPool
 from utils.pipeline.models import ModelsLoader
-from utils.pipeline.recovery import recover
+from utils.pipeline.recovery import Sweeper, recover
 from utils.pipeline.service import BoneAgeService, InFlight
 from utils.tracking.mlflow_runs import MlflowRuns
 from utils.tracking.worker import TrackingWorker
@@ -94,8 +94,12 @@ def create_app(settings: Settings | None = None, load_models: ModelsLoader = Mod
             lease_seconds=config.pacs_lease_seconds)
         if pacs is not None:
             pacs.start()
+        min_age = config.recovery_min_age_seconds
+        sweeper = Sweeper(store, database, runs, min_age) if min_age > 0 else None
+        if sweeper is not None:
+            sweeper.start()
         service = BoneAgeService(models, store, database, tracking, in_flight, limits, config.heatmap_max_side,
-                                 film_gate, dicom, pacs)
+                                 film_gate, dicom, pacs, store_deadline_seconds=min_age / 2 if sweeper else None)
         app.state.service = service
         app.state.eraser = PatientEraser(store, database, runs)
         app.state.audit = AuditWriter(database)
@@ -106,6 +110,8 @@ def create_app(settings: Settings | None = None, load_models: ModelsLoader = Mod
             yield
         finally:
             await run_in_threadpool(service.close)
+            if sweeper is not None:
+                sweeper.stop()
             app.state.audit.close()
             tracking.stop()
             if pacs is not None:

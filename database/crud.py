@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from sqlalchemy import delete, func, or_, select, update
@@ -84,6 +85,16 @@ def release_claims(session: Session, prediction_ids: list[str]) -> None:
 
 def known_prediction_ids(session: Session) -> set[str]:
     return set(session.scalars(select(Prediction.id)))
+
+
+def stored_prediction_ids(session: Session, ids: Iterable[str], chunk: int = 500) -> set[str]:
+    """Those of `ids` that have a prediction row (asked in chunks, so any number of ids fits one statement's
+    parameter limit)."""
+    wanted = sorted(set(ids))
+    found: set[str] = set()
+    for start in range(0, len(wanted), chunk):
+        found.update(session.scalars(select(Prediction.id).where(Prediction.id.in_(wanted[start:start + chunk]))))
+    return found
 
 
 # --- sends to the PACS (utils/pacs/sender.py) -----------------------------------------------------------------------

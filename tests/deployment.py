@@ -36,11 +36,11 @@ FILMS = sorted(TRAIN100.glob("*.png"))  # 100 px films: cheap to predict, so the
 # A line with one of these in a server's log means something went wrong: a stack trace, or processes racing on
 # the MLflow store ("UNIQUE constraint failed", "table ... already exists").
 BAD_LOG_MARKS = ("Traceback", "UNIQUE constraint", "already exists")
-# Short waits for what a killed process leaves: its claims on pending MLflow runs lapse after 10 s, and a process
-# started beside live ones removes the folders and runs of unstored predictions once they are RECOVERY_MIN_AGE_S
-# old. A live process stores a prediction well within that even on a loaded 2-core machine (it opens the run,
-# predicts one 100 px film and stores it); the killed process stays down that long before it is started again, so
-# what it left is old enough to be removed by its own restart.
+# Short waits for what a killed process leaves: its claims on pending MLflow runs lapse after 10 s, and the folders
+# and runs of unstored predictions are removed once they are RECOVERY_MIN_AGE_S old, by a process's start-up beside
+# live ones or by the clean-up pass every live process runs every half that. A live process stores a prediction well
+# within half that even on a loaded 2-core machine (it opens the run, predicts one 100 px film and stores it; one
+# that takes longer is refused with 503, which fails the test).
 RECOVERY_MIN_AGE_S = 20.0
 QUICK_RECOVERY_ENV = {
     "BONEAGE_TRACKING_RETRY_SECONDS": "0.5",
@@ -358,9 +358,11 @@ class Snapshot:
         return found
 
 
-def consistent_within(deployment: Deployment, replies: list[Reply], timeout_s: float = 30.0) -> Snapshot:
+def consistent_within(deployment: Deployment, replies: list[Reply],
+                      timeout_s: float = 2 * RECOVERY_MIN_AGE_S) -> Snapshot:
     """The stores' snapshot once it has no problems; AssertionError listing them if it still has after
-    `timeout_s` (clean-up of what a killed process left may come a little after the backlog is drained)."""
+    `timeout_s`: what a killed process left is removed once it is RECOVERY_MIN_AGE_S old, at the next clean-up
+    pass of a live process (every half that), which may come after the backlog is drained."""
     deadline = time.monotonic() + timeout_s
     while True:
         snapshot = deployment.snapshot()

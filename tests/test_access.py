@@ -1,11 +1,16 @@
-"""API keys, CORS, and start-up reconciliation of storage with the database."""
+"""API keys, CORS, and reconciliation of storage and MLflow with the database: at start-up, and by the clean-up
+pass of a live process."""
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 from dicom_films import make_dicom, small_film
-from helpers import RAW, make_settings, post_image, running_app
+from helpers import RAW, make_settings, post_image, running_app, wait_until, wait_until_logged
+from mlflow import MlflowClient
+from mlflow.entities import ViewType
 
 FILM = (RAW / "7047.png").read_bytes()
 
@@ -71,3 +76,36 @@ def test_start_up_gives_dicom_predictions_of_an_earlier_release_their_film_png(t
     with running_app(settings) as client:
         assert film.read_bytes() == written
         assert client.get(body["film_url"]).content == written
+
+
+def test_a_live_process_removes_what_a_crashed_one_left_once_it_is_old_enough(tmp_path: Path) -> None:
+    # What a worker killed mid-request leaves beside a live one (uvicorn starts its replacement at once, too soon
+    # for the start-up clean-up to take them): a staging folder, a folder without a row and an unfinished run.
+    settings = make_settings(tmp_path, recovery_min_age_seconds=10.0)  # a pass every 5 s
+    with running_app(settings) as client:
+        kept = post_image(client, FILM, "P-live").json()
+        wait_until_logged(client, "P-live")
+        patient_dir = settings.patients_dir / "P-live"
+        staging = patient_dir / ".20261127T101010000000Z-abcdefabcdef.tmp123"
+        orphan = patient_dir / "20261127T101010000000Z-abcdefabcdef"
+        young = patient_dir / "20261127T111111000000Z-abcdefabcdef"  # as if still being stored: never old enough
+        for folder in (staging, orphan, young):
+            folder.mkdir()
+            (folder / "original.png").write_bytes(FILM)
+        an_hour = 3600.0
+        for folder, shift in ((staging, -an_hour), (orphan, -an_hour), (young, an_hour)):
+            os.utime(folder, (time.time() + shift, time.time() + shift))
+        mlflow = MlflowClient(settings.mlflow_tracking_uri)
+        experiment = mlflow.get_experiment_by_name(settings.mlflow_experiment)
+        assert experiment is not None
+        orphan_run = mlflow.create_run(experiment.experiment_id, start_time=int((time.time() - an_hour) * 1000),
+                                       tags={"prediction_id": orphan.name, "patient_id": "P-live"}).info.run_id
+
+        wait_until(lambda: not staging.exists() and not orphan.exists()
+                   and mlflow.get_run(orphan_run).info.lifecycle_stage == "deleted", 60,
+                   "the live process did not remove the leftovers within 60 s")
+        assert young.is_dir()
+        assert (settings.storage_dir / kept["original_path"]).is_file()
+        runs = mlflow.search_runs([experiment.experiment_id], run_view_type=ViewType.ACTIVE_ONLY)
+        assert [run.info.run_id for run in runs] == [kept["mlflow_run_id"]]
+        assert len(client.get("/results/P-live").json()["predictions"]) == 1

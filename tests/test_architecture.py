@@ -1,7 +1,7 @@
 """The import graph of the service code: every arrow points down, and nothing imports in a circle.
 
-Layers, top to bottom: `ray_serve.py` -> `app.py`, `score.py` -> `utils/api`, `utils/viewer` -> `utils/pipeline` -> `utils/imaging`,
-`utils/tracking`, `utils/report` ->
+Layers, top to bottom: `ray_serve.py` -> `app.py`, `score.py` -> `utils/api`, `utils/viewer` -> `utils/pipeline` ->
+`utils/imaging`, `utils/tracking`, `utils/report` ->
 `utils/config.py`, `utils/errors.py` -> `database/`, `storage/`, `male_boneage/`, `mlflow_config.py`.
 The lower packages import nothing above them: no exception.
 """
@@ -13,7 +13,8 @@ from pathlib import Path
 
 from helpers import PROJECT_ROOT
 
-SERVICE_CODE = ["app.py", "ray_serve.py", "score.py", "mlflow_config.py", "utils", "database", "storage", "male_boneage"]
+SERVICE_CODE = ["app.py", "ray_serve.py", "score.py", "mlflow_config.py", "utils", "database", "storage",
+                "male_boneage"]
 LOWER_PACKAGES = ("database", "storage", "male_boneage")
 # What a command starts: python app.py / uvicorn app:app, serve run ray_serve:app, python -m score. They compose
 # the layers; nothing imports them (but ray_serve builds on app).

@@ -91,6 +91,19 @@ def test_database_locked_gives_503_and_leaves_nothing(tmp_path: Path) -> None:
         assert post_image(client, FILM, "P-locked").status_code == 200
 
 
+def test_a_prediction_not_stored_within_half_the_recovery_age_is_refused_whole(tmp_path: Path) -> None:
+    # Beside other processes, leftovers older than the recovery age are taken for a crashed process's: a
+    # prediction still being stored by then must not be kept (its files could be removed under its row).
+    settings = make_settings(tmp_path, recovery_min_age_seconds=0.002)
+    with running_app(settings) as client:
+        response = post_image(client, FILM, "P-slow")
+        assert response.status_code == 503 and response.headers["Retry-After"]
+        assert "overloaded" in response.json()["detail"] and "nothing was stored" in response.json()["detail"]
+        assert stored_files(settings) == []
+        assert count_rows(settings, "predictions") == 0
+        assert _runs(settings) == {"active": 0, "deleted": 1}
+
+
 def test_storage_unwritable_gives_503_and_no_rows(tmp_path: Path, database_url: str) -> None:
     settings = make_settings(tmp_path, database_url=database_url)
     with running_app(settings) as client:

@@ -34,7 +34,9 @@ class Settings(BaseSettings):
     database_statement_timeout_ms: int = Field(10_000, gt=0, description="PostgreSQL: longest statement, ms")
     recovery_min_age_seconds: float = Field(
         600.0, ge=0, description="start-up clean-up beside other live processes only removes folders and MLflow runs "
-        "older than this (a process alone on the database removes them all)")
+        "of unstored predictions older than this (a process alone on the database removes them all); every live "
+        "process removes such leftovers of crashed processes every half this, and refuses (503) a prediction it "
+        "could not store within half this. 0: neither (only a process started alone cleans up)")
     tracking_lease_seconds: float = Field(
         300.0, gt=0, description="how long a process's claim on pending MLflow runs lasts if it dies while logging")
     storage_dir: Path = Field(PROJECT_ROOT / "storage", description="uploads and heatmaps go to <dir>/patients")
@@ -69,8 +71,9 @@ class Settings(BaseSettings):
     log_level: str = Field("INFO")
     api_keys: str = Field("", description="comma-separated API keys; when set, patient routes require one. Each has "
                           "the roles predict and read, never admin (README: Patient data)")
-    api_keys_file: Path | None = Field(None, description="a file of named keys with roles, one `name roles sha256:<hex>` "
-                                       "a line (python -m utils.api.auth new NAME ROLES prints one)")
+    api_keys_file: Path | None = Field(None, description="a file of named keys with roles, one "
+                                       "`name roles sha256:<hex>` a line (python -m utils.api.auth new NAME ROLES "
+                                       "prints one)")
     cors_origins: str = Field("", description="comma-separated origins allowed by CORS (none by default)")
     # --- metrics and backpressure
     max_in_flight: int = Field(32, ge=1, description="most predictions in flight in one process; beyond it POST "

@@ -112,7 +112,8 @@ def test_an_oversized_upload_is_refused_with_413_before_a_place_is_taken(limited
     response = post_image(limited, oversized, "P-oversized")
     assert response.status_code == 413 and "limit" in response.json()["detail"]
     assert service.in_flight.count == 0
-    assert _metric(limited, "boneage_predictions_refused_overload_total") == refused_before  # no overload refusal counted
+    # no overload refusal counted
+    assert _metric(limited, "boneage_predictions_refused_overload_total") == refused_before
     assert limited.get("/results/P-oversized").status_code == 404
 
 

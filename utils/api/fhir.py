@@ -1,6 +1,7 @@
 """FHIR R4 routes for the EHR: a patient's predictions, or one of them, as a Bundle (README: FHIR).
 
-The same key role (read) and audit as `/results`; an unknown patient or prediction is a 404, a malformed patient id a 422.
+The same key role (read) and audit as `/results`; an unknown patient or prediction is a 404, a malformed patient id
+a 422.
 """
 
 from __future__ import annotations

@@ -1,17 +1,23 @@
-"""Start-up recovery after a crash: storage, database and MLflow made to agree again, in one place.
+"""Recovery after a crash: storage, database and MLflow made to agree again, in one place.
 
 A prediction exists once its database row is committed; no client was told of anything else. So at start-up,
 before any request is served: hidden staging folders are removed, prediction folders the database does not know
-are removed, and unfinished MLflow runs of predictions the database does not know are deleted. Beside other live
-processes (`database.db.LiveLock`), only what is older than an age limit is removed: a younger folder or run may
-be a prediction another process is storing right now. Erasures a crash interrupted are finished first
-(`utils.pipeline.erasure`), whatever their age: each step is safe to repeat. DICOM predictions
-stored by an earlier release, which wrote no `film.png`, get theirs (MLflow logs it as the original).
+are removed, and unfinished MLflow runs of predictions the database does not know are deleted. Erasures a crash
+interrupted are finished first (`utils.pipeline.erasure`): each step is safe to repeat. DICOM predictions stored
+by an earlier release, which wrote no `film.png`, get theirs (MLflow logs it as the original).
+
+Beside other live processes (`database.db.LiveLock`) only what is older than an age limit is removed: a younger
+folder or run may be a prediction another process is storing right now. What a crashed process left younger than
+that is removed by the `Sweeper` every live process runs: the same clean-up, every half age limit. It is safe
+because no prediction is stored later than half the age limit after its run was opened
+(`BoneAgeService._store` refuses it whole), and the database is asked about a folder or run only after it was
+listed as old: one not stored by then never will be.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +35,18 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class Removed:
+    """What one clean-up pass removed."""
+
+    staging_folders: int
+    unrecorded_folders: int
+    unrecorded_runs: int | None  # None: MLflow could not be checked (it is checked again at the next pass)
+
+    def __bool__(self) -> bool:
+        return bool(self.staging_folders or self.unrecorded_folders or self.unrecorded_runs)
+
+
+@dataclass(frozen=True)
 class RecoveryReport:
     staging_folders: int
     unrecorded_folders: int
@@ -40,31 +58,93 @@ class RecoveryReport:
 def recover(store: PatientStore, database: Database, runs: MlflowRuns, min_age_seconds: float = 0.0) -> RecoveryReport:
     """Remove what an interrupted run left behind (at least `min_age_seconds` old) and say what was removed."""
     erasures = PatientEraser(store, database, runs).finish_interrupted()
-    staging = store.remove_staging_leftovers(min_age_seconds)
+    removed = remove_unrecorded(store, database, runs, min_age_seconds)
     with database.session() as session:
         known = crud.known_prediction_ids(session)
-    folders = store.prediction_folders()  # listed once, for both passes below
-    orphans = [(patient, prediction) for patient, prediction in folders
-               if prediction not in known and store.folder_age_seconds(patient, prediction) >= min_age_seconds]
+    films = add_missing_dicom_films(store, [folder for folder in store.prediction_folders() if folder[1] in known])
+    if removed:
+        _log_removed("start-up clean-up after an interrupted run", removed, min_age_seconds)
+    if films:
+        logger.info("wrote film.png for %d DICOM predictions of an earlier release", films)
+    return RecoveryReport(removed.staging_folders, removed.unrecorded_folders, removed.unrecorded_runs, films,
+                          erasures)
+
+
+def remove_unrecorded(store: PatientStore, database: Database, runs: MlflowRuns, min_age_seconds: float) -> Removed:
+    """Remove the staging folders, prediction folders and unfinished MLflow runs at least `min_age_seconds` old
+    whose prediction has no row. The rows are looked up after the listing (see the module's docstring)."""
+    staging = store.remove_staging_leftovers(min_age_seconds)
+    old = [(patient, prediction) for patient, prediction in store.prediction_folders()
+           if _age_seconds(store, patient, prediction) >= min_age_seconds]
+    with database.session() as session:
+        stored = crud.stored_prediction_ids(session, [prediction for _, prediction in old])
+    orphans = [(patient, prediction) for patient, prediction in old if prediction not in stored]
     for patient, prediction in orphans:
         store.remove_prediction(patient, prediction)
-    films = add_missing_dicom_films(store, [folder for folder in folders if folder not in orphans])
+
+    def stored_among(ids: set[str]) -> set[str]:
+        with database.session() as session:
+            return crud.stored_prediction_ids(session, ids)
+
     try:
-        unrecorded_runs: int | None = runs.delete_unrecorded_runs(known, min_age_seconds)
+        unrecorded_runs: int | None = runs.delete_unrecorded_runs(stored_among, min_age_seconds)
     except Exception:
         runs.reset()
         logger.warning("could not check MLflow for runs of unstored predictions", exc_info=True)
         unrecorded_runs = None
-    report = RecoveryReport(staging, len(orphans), unrecorded_runs, films, erasures)
-    if staging or orphans or unrecorded_runs:
-        logger.warning("start-up clean-up after an interrupted run: removed %d incomplete and %d unrecorded "
-                       "prediction folders and %s MLflow runs of predictions that were never stored (%s)",
-                       staging, len(orphans), unrecorded_runs,
-                       "alone on the database" if not min_age_seconds
-                       else f"only those older than {min_age_seconds:g} s, since other processes are live")
-    if films:
-        logger.info("wrote film.png for %d DICOM predictions of an earlier release", films)
-    return report
+    return Removed(staging, len(orphans), unrecorded_runs)
+
+
+def _age_seconds(store: PatientStore, patient: str, prediction: str) -> float:
+    try:
+        return store.folder_age_seconds(patient, prediction)
+    except FileNotFoundError:  # removed since it was listed (an erasure, another process's clean-up)
+        return -1.0
+
+
+def _log_removed(what: str, removed: Removed, min_age_seconds: float) -> None:
+    logger.warning("%s: removed %d incomplete and %d unrecorded prediction folders and %s MLflow runs of "
+                   "predictions that were never stored (%s)", what, removed.staging_folders,
+                   removed.unrecorded_folders, removed.unrecorded_runs,
+                   "alone on the database" if not min_age_seconds
+                   else f"only those older than {min_age_seconds:g} s, since other processes may be live")
+
+
+class Sweeper:
+    """Removes, every half `min_age_seconds` (at most once a second), what a crashed process left that is at least
+    that old; one per live process (`uvicorn --workers` starts a killed worker's replacement at once, so its
+    start-up recovery finds the crashed worker's leftovers too young to remove)."""
+
+    def __init__(self, store: PatientStore, database: Database, runs: MlflowRuns, min_age_seconds: float) -> None:
+        if min_age_seconds <= 0:
+            raise ValueError("the sweeper needs an age limit above 0 s")
+        self.store, self.database, self.runs = store, database, runs
+        self.min_age_seconds = min_age_seconds
+        self.interval_seconds = max(min_age_seconds / 2, 1.0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sweeper", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+
+    def sweep(self) -> Removed:
+        removed = remove_unrecorded(self.store, self.database, self.runs, self.min_age_seconds)
+        if removed:
+            _log_removed("clean-up after a crashed process", removed, self.min_age_seconds)
+        return removed
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_seconds):
+            try:
+                self.sweep()
+            except Exception:  # the database or storage failed this time: the next pass tries again
+                logger.warning("the clean-up pass failed; it is tried again in %g s", self.interval_seconds,
+                               exc_info=True)
 
 
 def add_missing_dicom_films(store: PatientStore, folders: list[tuple[str, str]]) -> int:

@@ -147,12 +147,17 @@ class _Stopwatch:
         self._last = now
 
 
+class StoringTooSlow(DatabaseUnavailable):
+    """A prediction could not be stored in time (`BoneAgeService.store_deadline_seconds`); nothing was kept."""
+
+
 class BoneAgeService:
     """Runs and stores predictions; one instance per app, created in the lifespan."""
 
     def __init__(self, models: Models, store: PatientStore, database: Database, tracking: TrackingWorker,
                  in_flight: InFlight, limits: UploadLimits, heatmap_max_side: int, film_gate: FilmGate,
-                 dicom: DicomPolicy | None = None, pacs: PacsSender | None = None) -> None:
+                 dicom: DicomPolicy | None = None, pacs: PacsSender | None = None,
+                 store_deadline_seconds: float | None = None) -> None:
         self.models = models
         self.store = store
         self.database = database
@@ -163,6 +168,9 @@ class BoneAgeService:
         self.film_gate = film_gate
         self.dicom = dicom
         self.pacs = pacs
+        # A prediction not stored this long after its MLflow run was opened is refused whole: after that, the
+        # clean-up of live processes may take its files and run for a crashed process's (`recovery.Sweeper`).
+        self.store_deadline_seconds = store_deadline_seconds
         # Helpers for steps that overlap within one request; apart, so a slow MLflow never delays heatmaps.
         self._heatmaps = ThreadPoolExecutor(max_workers=4, thread_name_prefix="heatmap")
         self._mlflow = ThreadPoolExecutor(max_workers=8, thread_name_prefix="mlflow-open-run")
@@ -230,7 +238,10 @@ class BoneAgeService:
 
         The row's transaction locks the audit chain first, as an erasure's does, so the two never interleave: an
         erasure that came first (since `audit_position`) refuses the row; one that comes after finds and erases it.
+        A row that would come later than `store_deadline_seconds` after the run was opened is refused
+        (`StoringTooSlow`).
         """
+        opened = time.monotonic()
         run_future = self._mlflow.submit(self.tracking.open_run, draft.prediction_id, draft.patient_id)
         try:
             files, dicom = self._files(draft, film)
@@ -244,6 +255,7 @@ class BoneAgeService:
             try:
                 with self.database.session() as session:
                     audit_log.lock(session)
+                    self._check_deadline(opened)
                     if (crud.erasure_pending(session, draft.patient_id)
                             or audit_log.erased_since(session, draft.patient_id, audit_position)):
                         raise PatientBeingErased(f"patient '{draft.patient_id}' was erased while this upload was "
@@ -252,13 +264,14 @@ class BoneAgeService:
                         audit.prediction_id, audit.status = draft.prediction_id, 200
                         audit_log.append(session, audit)
                     crud.add_prediction(session, prediction)
-            except (DatabaseUnavailable, PatientBeingErased) as exc:
+            except (DatabaseUnavailable, PatientBeingErased) as exc:  # StoringTooSlow too
                 if audit is not None:
                     audit.prediction_id = None  # it names no stored prediction
                 # The database does not know these files: remove them so nothing is left half-stored.
                 self.store.remove_prediction(draft.patient_id, draft.prediction_id)
                 logger.error("prediction %s not stored (%s); its files and run are removed", draft.prediction_id,
-                             "patient erased meanwhile" if isinstance(exc, PatientBeingErased) else "database failed")
+                             "patient erased meanwhile" if isinstance(exc, PatientBeingErased)
+                             else "too slow" if isinstance(exc, StoringTooSlow) else "database failed")
                 raise
             if audit is not None:
                 audit.recorded = True
@@ -271,6 +284,12 @@ class BoneAgeService:
             elif run_id:
                 self.tracking.discard_run(run_id)
             raise
+
+    def _check_deadline(self, opened: float) -> None:
+        elapsed = time.monotonic() - opened
+        if self.store_deadline_seconds is not None and elapsed > self.store_deadline_seconds:
+            raise StoringTooSlow(f"the service is overloaded: storing this prediction took {elapsed:.1f} s, more "
+                                 f"than the {self.store_deadline_seconds:g} s allowed; nothing was stored, try again")
 
     def _files(self, draft: PredictionDraft, film: np.ndarray) -> tuple[dict[str, bytes], DicomResults | None]:
         """The files of a prediction: the upload, both Grad-CAM overlays as PNG (one encoding when both estimates

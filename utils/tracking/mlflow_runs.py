@@ -12,7 +12,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from urllib.parse import urlparse
 from urllib.request import url2pathname
@@ -112,17 +112,27 @@ class MlflowRuns:
     def delete_run(self, run_id: str) -> None:
         self.client.delete_run(run_id)
 
-    def delete_unrecorded_runs(self, known_prediction_ids: set[str], min_age_seconds: float = 0.0) -> int:
-        """Delete unfinished runs at least `min_age_seconds` old whose prediction is not in
-        `known_prediction_ids` (a younger one may belong to a prediction a live process is storing); how many."""
-        removed = 0
+    def delete_unrecorded_runs(self, stored_among: Callable[[set[str]], set[str]],
+                               min_age_seconds: float = 0.0) -> int:
+        """Delete unfinished runs at least `min_age_seconds` old whose prediction is not stored (a younger one may
+        belong to a prediction a live process is storing); how many. `stored_among(ids)` says which of the
+        runs' prediction ids have a row; it is asked after the runs are listed, so a row committed meanwhile
+        keeps its run."""
         newest_start_ms = (time.time() - min_age_seconds) * 1000
-        for run in self.client.search_runs([self.experiment_id()], "attributes.status = 'RUNNING'",
-                                           max_results=1000):
-            if (run.data.tags.get("prediction_id") not in known_prediction_ids
-                    and run.info.start_time <= newest_start_ms):
+        old = [run for run in self.client.search_runs([self.experiment_id()], "attributes.status = 'RUNNING'",
+                                                      max_results=1000)
+               if run.info.start_time <= newest_start_ms]
+        stored = stored_among({str(run.data.tags.get("prediction_id")) for run in old})
+        removed = 0
+        for run in old:
+            if run.data.tags.get("prediction_id") in stored:
+                continue
+            try:
                 self.client.delete_run(run.info.run_id)
-                removed += 1
+            except MlflowException:  # deleted meanwhile (another process's clean-up, an erasure)
+                logger.info("run %s was not deleted (already gone?)", run.info.run_id, exc_info=True)
+                continue
+            removed += 1
         return removed
 
     def runs_of_patient(self, patient_id: str) -> list[str]:
