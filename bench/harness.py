@@ -450,14 +450,6 @@ class Server:
             pass
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free now (and may be taken by anyone before it is bound: for a server to
-    start on it, hold `reserve_port()` instead until the server listens)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
 def reserve_port() -> socket.socket:
     """A loopback socket bound to a port the kernel picked, never listening: connections to the port are refused,
     no other socket can bind it while it is held (Ray, PostgreSQL and the other servers of a test session open many

@@ -30,10 +30,10 @@ from bench.harness import (
     command_line,
     finish_load_arguments,
     fmt,
-    free_port,
     interruptible_workdir,
     loadavg,
     machine_info,
+    reserve_port,
     table,
     wait_for_tracking,
 )
@@ -90,8 +90,9 @@ def run_ray(replicas_list: list[int], tmp: Path, films: list[tuple[str, bytes]],
     ray.init(num_cpus=RAY_CPUS, object_store_memory=OBJECT_STORE_BYTES, include_dashboard=False,
              logging_level="warning", configure_logging=False)
     try:
-        port = free_port()
-        serve.start(http_options={"host": HOST, "port": port})
+        with reserve_port() as reservation:  # held until Serve's proxy listens on it (it binds with SO_REUSEADDR)
+            port = int(reservation.getsockname()[1])
+            serve.start(http_options={"host": HOST, "port": port})
         for replicas in replicas_list:
             label = f"Ray Serve, {replicas} model replica{'s' if replicas > 1 else ''}"
             print(f"{label}:", flush=True)

@@ -28,7 +28,15 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 from sqlalchemy import create_engine, text
 
-from bench.harness import HOST, PARENT_DEATH_WRAPPER, Server, Stores, descendants, free_port, wait_for_tracking
+from bench.harness import (
+    HOST,
+    PARENT_DEATH_WRAPPER,
+    Server,
+    Stores,
+    descendants,
+    reserve_port,
+    wait_for_tracking,
+)
 from mlflow_config import EXPERIMENT_NAME
 from storage.store import PREDICTION_ID_PATTERN
 
@@ -390,11 +398,20 @@ def _is_uvicorn_worker(pid: int) -> bool:
 @dataclass
 class MlflowServer:
     """`mlflow server` in a subprocess on one loopback port (kept across restarts), runs in a SQLite file and
-    artifacts in a folder, both in `folder`."""
+    artifacts in a folder, both in `folder`. The port is reserved (`reserve_port`) from the start to `release`, so
+    no other server of the session takes it while this one is down."""
 
     folder: Path
-    port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
+    _reservation: socket.socket = field(default_factory=reserve_port, repr=False)
+
+    @property
+    def port(self) -> int:
+        return int(self._reservation.getsockname()[1])
+
+    def release(self) -> None:
+        """Give the port back (after the last stop)."""
+        self._reservation.close()
 
     @property
     def url(self) -> str:
@@ -459,3 +476,4 @@ def running(mlflow: MlflowServer) -> Iterator[MlflowServer]:
         mlflow.stop()
         if mlflow.proc is not None and mlflow.proc.poll() is None:
             os.killpg(mlflow.proc.pid, signal.SIGKILL)
+        mlflow.release()

@@ -28,7 +28,7 @@ ray = pytest.importorskip("ray", reason="ray is not installed (requirements.txt 
 from ray import serve  # noqa: E402  # only once ray is known to be importable
 
 import ray_serve  # noqa: E402
-from bench.harness import HOST, free_port  # noqa: E402
+from bench.harness import HOST, reserve_port  # noqa: E402
 from utils.config import Settings  # noqa: E402
 
 FILMS = sorted(TEST20.glob("*.png"))
@@ -120,9 +120,10 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeApp]:
     ray.init(num_cpus=4, object_store_memory=OBJECT_STORE_BYTES, include_dashboard=False, logging_level="warning",
              configure_logging=False)
     try:
-        port = free_port()
-        serve.start(http_options={"host": HOST, "port": port})
-        serve.run(ray_serve.build_app(settings), name=APP_NAME, route_prefix="/")
+        with reserve_port() as reservation:  # held until Serve's proxy listens on it (it binds with SO_REUSEADDR)
+            port = int(reservation.getsockname()[1])
+            serve.start(http_options={"host": HOST, "port": port})
+            serve.run(ray_serve.build_app(settings), name=APP_NAME, route_prefix="/")
         yield ServeApp(settings, f"http://{HOST}:{port}")
     finally:
         serve.shutdown()

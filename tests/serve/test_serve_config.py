@@ -28,7 +28,7 @@ from ray.serve._private import api as serve_api  # noqa: E402  # what `serve run
 from ray.serve.config import gRPCOptions  # noqa: E402
 from ray.serve.schema import ServeDeploySchema  # noqa: E402
 
-from bench.harness import HOST, free_port  # noqa: E402
+from bench.harness import HOST, reserve_port  # noqa: E402
 
 CONFIG = PROJECT_ROOT / "serve_config.yaml"
 CLUSTER_CPUS = 2  # the README's machine
@@ -55,7 +55,8 @@ def config_for_test(tmp: Path, port: int) -> tuple[dict[str, Any], dict[str, Any
 
 
 def test_the_shipped_serve_config_fits_2_cpus_and_answers_within_a_minute(tmp_path: Path) -> None:
-    port = free_port()
+    reservation = reserve_port()  # held to the end: Serve's proxy binds it with SO_REUSEADDR, no one else can
+    port = int(reservation.getsockname()[1])
     shipped, config = config_for_test(tmp_path, port)
     env_vars = shipped["applications"][0]["runtime_env"]["env_vars"]
     reserved = (float(env_vars["BONEAGE_SERVE_MODEL_REPLICAS"]) * float(env_vars["BONEAGE_SERVE_MODEL_CPUS"])
@@ -103,3 +104,4 @@ def test_the_shipped_serve_config_fits_2_cpus_and_answers_within_a_minute(tmp_pa
     finally:
         serve.shutdown()
         ray.shutdown()
+        reservation.close()
