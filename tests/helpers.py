@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import datetime as dt
 import io
 import re
+import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -16,6 +19,7 @@ from typing import Any
 import httpx
 import numpy as np
 from fastapi.testclient import TestClient
+from mlflow import MlflowClient
 from PIL import Image
 from sqlalchemy import create_engine, make_url, text
 
@@ -32,18 +36,40 @@ TRAIN100 = DATA / "rsna-train-100px"
 WEIGHTS = PROJECT_ROOT / "male_boneage" / "weights"
 
 
+_mlflow_template: Path | None = None
+
+
+def migrated_mlflow_store(path: Path) -> str:
+    """The tracking URI of a SQLite MLflow store at `path`: if none is there yet, a copy of an empty store MLflow
+    has already migrated (made once per test process; migrating a new store takes seconds, and the app starts about
+    a hundred times in the tests). A real store all the same: the app creates its experiment in it."""
+    global _mlflow_template
+    if not path.exists():
+        if _mlflow_template is None:
+            folder = Path(tempfile.mkdtemp(prefix="boneage-mlflow-template-"))
+            atexit.register(shutil.rmtree, folder, True)
+            template = folder / "mlflow.db"
+            MlflowClient(f"sqlite:///{template}").search_experiments()  # creates and migrates it
+            _mlflow_template = template
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_mlflow_template, path)
+    return f"sqlite:///{path}"
+
+
 def make_settings(tmp: Path, **overrides: Any) -> Settings:
-    """Settings with the database, storage and MLflow store in `tmp` and the shipped weights on the CPU."""
+    """Settings with the database, storage and MLflow store (`migrated_mlflow_store`) in `tmp` and the shipped
+    weights on the CPU."""
     values: dict[str, Any] = {
         "database_url": f"sqlite:///{tmp / 'predictions.db'}",
         "storage_dir": tmp / "storage",
-        "mlflow_tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}",
         "male_weights": WEIGHTS / "male.pt",
         "female_weights": WEIGHTS / "female.pt",
         "device": "cpu",
         "tracking_retry_seconds": 0.2,
     }
     values.update(overrides)
+    if "mlflow_tracking_uri" not in values:
+        values["mlflow_tracking_uri"] = migrated_mlflow_store(tmp / "mlflow.db")
     return Settings(**values)
 
 

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import shutil
 import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from helpers import make_prediction, png_bytes
+from helpers import make_prediction, migrated_mlflow_store, png_bytes
 from mlflow import MlflowClient
 from PIL import Image
 from sqlalchemy import select
@@ -64,19 +63,9 @@ def closed_port() -> int:
         return int(probe.getsockname()[1])
 
 
-@pytest.fixture(scope="session")
-def mlflow_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An empty, migrated MLflow SQLite store; each test copies it (migrating a new store takes seconds)."""
-    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    MlflowClient(f"sqlite:///{path}").search_experiments()
-    return path
-
-
-def open_store(mlflow_template: Path, folder: Path) -> str:
+def open_store(folder: Path) -> str:
     """A working MLflow store in `folder` (database and artifacts both there); its tracking URI."""
-    folder.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(mlflow_template, folder / "mlflow.db")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    uri = migrated_mlflow_store(folder / "mlflow.db")
     # Created here with its artifact root in tmp: left to MLflow, artifacts would go to ./mlruns of the cwd.
     mlflow_config.ensure_experiment(MlflowClient(uri), EXPERIMENT, artifact_root=(folder / "artifacts").as_uri())
     return uri
@@ -144,11 +133,11 @@ class Rig:
 
 
 @pytest.fixture
-def rig(tmp_path: Path, mlflow_template: Path, database_url: str) -> Iterator[Rig]:
+def rig(tmp_path: Path, database_url: str) -> Iterator[Rig]:
     database = Database(database_url)
     database.upgrade_schema()
     yield Rig(tmp_path, database, PatientStore(tmp_path / "storage" / "patients"),
-              open_store(mlflow_template, tmp_path / "mlflow"))
+              open_store(tmp_path / "mlflow"))
     database.dispose()
 
 
@@ -233,8 +222,7 @@ def test_mlflow_unreachable_run_once_reports_failure_and_rows_stay_pending(rig: 
     assert len(files) == 9
 
 
-def test_pending_runs_are_logged_with_params_and_artifacts_once_mlflow_is_back(rig: Rig,
-                                                                                mlflow_template: Path) -> None:
+def test_pending_runs_are_logged_with_params_and_artifacts_once_mlflow_is_back(rig: Rig) -> None:
     rig.traffic.busy = False
     store_folder = rig.tmp / "mlflow-back"
     store_folder.write_text("a file where the store's folder should be: the store cannot be opened")
@@ -247,7 +235,7 @@ def test_pending_runs_are_logged_with_params_and_artifacts_once_mlflow_is_back(r
     assert rig.logged() == [False] * 3
 
     store_folder.unlink()
-    rig.tracking_uri = open_store(mlflow_template, store_folder)  # the same URI, working now
+    rig.tracking_uri = open_store(store_folder)  # the same URI, working now
     assert rig.tracking_uri == runs.tracking_uri
     assert worker.run_once(defer=True) == (0, False)
 
