@@ -14,10 +14,10 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from sqlalchemy import select, update
+from sqlalchemy import exists, or_, select, update
 from sqlalchemy.orm import Session
 
-from database.models import AuditEvent, AuditHead
+from database.models import AuditEvent, AuditHead, Erasure
 
 HEAD_ID = 1
 GENESIS_HASH = "0" * 64
@@ -64,10 +64,11 @@ def lock(session: Session) -> None:
 
 
 def append(session: Session, entry: AuditEntry, at: dt.datetime | None = None) -> AuditEvent:
-    """Append `entry` as the next row of the chain, in the session's transaction (committed by the caller)."""
-    session.execute(update(AuditHead).where(AuditHead.id == HEAD_ID).values(seq=AuditHead.seq + 1)
-                    .execution_options(synchronize_session=False))
-    seq, previous = session.execute(select(AuditHead.seq, AuditHead.last_hash).where(AuditHead.id == HEAD_ID)).one()
+    """Append `entry` as the next row of the chain, in the session's transaction (committed by the caller). Its
+    first statement takes the chain's lock, as `lock` does."""
+    seq, previous = session.execute(
+        update(AuditHead).where(AuditHead.id == HEAD_ID).values(seq=AuditHead.seq + 1)
+        .returning(AuditHead.seq, AuditHead.last_hash).execution_options(synchronize_session=False)).one()
     event = AuditEvent(seq=seq, at=at or dt.datetime.now(dt.UTC), key_name=entry.key_name, client=entry.client,
                        action=entry.action, route=entry.route[:512], patient_id=entry.patient_id,
                        prediction_id=entry.prediction_id, status=entry.status, detail=entry.detail)
@@ -97,6 +98,15 @@ def erased_since(session: Session, patient_id: str, after_seq: int) -> bool:
     query = select(AuditEvent.seq).where(AuditEvent.patient_id == patient_id, AuditEvent.seq > after_seq,
                                          AuditEvent.action == "erase", AuditEvent.status == 200).limit(1)
     return session.scalar(query) is not None
+
+
+def erasure_since(session: Session, patient_id: str, after_seq: int) -> bool:
+    """Whether an erasure of the patient is under way, or was done in a row after position `after_seq` (one
+    statement: `erased_since` or `crud.erasure_pending`)."""
+    done = select(AuditEvent.seq).where(AuditEvent.patient_id == patient_id, AuditEvent.seq > after_seq,
+                                        AuditEvent.action == "erase", AuditEvent.status == 200)
+    under_way = select(Erasure.id).where(Erasure.patient_id == patient_id)
+    return bool(session.scalar(select(or_(exists(done), exists(under_way)))))
 
 
 def head_seq(session: Session) -> int:
