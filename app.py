@@ -96,8 +96,6 @@ def create_app(settings: Settings | None = None, load_models: ModelsLoader = Mod
             pacs.start()
         min_age = config.recovery_min_age_seconds
         sweeper = Sweeper(store, database, runs, min_age) if min_age > 0 else None
-        if sweeper is not None:
-            sweeper.start()
         service = BoneAgeService(models, store, database, tracking, in_flight, limits, config.heatmap_max_side,
                                  film_gate, dicom, pacs, store_deadline_seconds=min_age / 2 if sweeper else None)
         app.state.service = service
@@ -107,11 +105,13 @@ def create_app(settings: Settings | None = None, load_models: ModelsLoader = Mod
         logger.info("bone age service ready (storage %s, database %s, MLflow %s)", config.storage_dir,
                     make_url(config.database_url).render_as_string(hide_password=True), config.mlflow_tracking_uri)
         try:
+            if sweeper is not None:
+                sweeper.start()
             yield
         finally:
             await run_in_threadpool(service.close)
             if sweeper is not None:
-                sweeper.stop()
+                await run_in_threadpool(sweeper.stop)
             app.state.audit.close()
             tracking.stop()
             if pacs is not None:

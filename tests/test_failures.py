@@ -7,7 +7,9 @@ How the tracking worker holds runs back and retries is tested on the worker itse
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -94,9 +96,19 @@ def test_database_locked_gives_503_and_leaves_nothing(tmp_path: Path) -> None:
 def test_a_prediction_not_stored_within_half_the_recovery_age_is_refused_whole(tmp_path: Path) -> None:
     # Beside other processes, leftovers older than the recovery age are taken for a crashed process's: a
     # prediction still being stored by then must not be kept (its files could be removed under its row).
-    settings = make_settings(tmp_path, recovery_min_age_seconds=0.002)
+    settings = make_settings(tmp_path, recovery_min_age_seconds=4.0)  # stored within 2 s, or refused
     with running_app(settings) as client:
+        service = client.app.state.service  # type: ignore[attr-defined]
+        write_prediction = service.store.write_prediction
+
+        def write_slowly(*args: Any) -> dict[str, str]:  # a disk or machine stalled for 2.5 s
+            paths: dict[str, str] = write_prediction(*args)
+            time.sleep(2.5)
+            return paths
+
+        service.store.write_prediction = write_slowly
         response = post_image(client, FILM, "P-slow")
+        service.store.write_prediction = write_prediction
         assert response.status_code == 503 and response.headers["Retry-After"]
         assert "overloaded" in response.json()["detail"] and "nothing was stored" in response.json()["detail"]
         assert stored_files(settings) == []

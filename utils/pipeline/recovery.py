@@ -9,9 +9,10 @@ by an earlier release, which wrote no `film.png`, get theirs (MLflow logs it as 
 Beside other live processes (`database.db.LiveLock`) only what is older than an age limit is removed: a younger
 folder or run may be a prediction another process is storing right now. What a crashed process left younger than
 that is removed by the `Sweeper` every live process runs: the same clean-up, every half age limit. It is safe
-because no prediction is stored later than half the age limit after its run was opened
-(`BoneAgeService._store` refuses it whole), and the database is asked about a folder or run only after it was
-listed as old: one not stored by then never will be.
+because a prediction's storing transaction takes the audit chain's lock and then refuses the prediction whole if
+its run was opened more than half the age limit ago (`BoneAgeService._store`), and the database is asked about a
+folder or run only after it was listed as old, under that same lock: one not stored by then never will be. (It
+assumes every process on the database has the same age limit, and clocks that agree to well within half of it.)
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from database import audit as audit_log
 from database import crud
 from database.db import Database
 from storage.store import DICOM_FILM_PNG, ORIGINAL_STEM, PatientStore
@@ -76,23 +78,29 @@ def remove_unrecorded(store: PatientStore, database: Database, runs: MlflowRuns,
     staging = store.remove_staging_leftovers(min_age_seconds)
     old = [(patient, prediction) for patient, prediction in store.prediction_folders()
            if _age_seconds(store, patient, prediction) >= min_age_seconds]
-    with database.session() as session:
-        stored = crud.stored_prediction_ids(session, [prediction for _, prediction in old])
+    stored = _stored_among(database, {prediction for _, prediction in old})
     orphans = [(patient, prediction) for patient, prediction in old if prediction not in stored]
     for patient, prediction in orphans:
         store.remove_prediction(patient, prediction)
 
-    def stored_among(ids: set[str]) -> set[str]:
-        with database.session() as session:
-            return crud.stored_prediction_ids(session, ids)
-
     try:
-        unrecorded_runs: int | None = runs.delete_unrecorded_runs(stored_among, min_age_seconds)
+        unrecorded_runs: int | None = runs.delete_unrecorded_runs(lambda ids: _stored_among(database, ids),
+                                                                  min_age_seconds)
     except Exception:
         runs.reset()
         logger.warning("could not check MLflow for runs of unstored predictions", exc_info=True)
         unrecorded_runs = None
     return Removed(staging, len(orphans), unrecorded_runs)
+
+
+def _stored_among(database: Database, ids: set[str]) -> set[str]:
+    """Those of `ids` with a row, asked under the audit chain's lock, which every prediction's storing transaction
+    takes before it checks its deadline: one still to commit then finds itself past the deadline and is refused."""
+    if not ids:
+        return set()
+    with database.session() as session:
+        audit_log.lock(session)
+        return crud.stored_prediction_ids(session, ids)
 
 
 def _age_seconds(store: PatientStore, patient: str, prediction: str) -> float:
@@ -127,7 +135,7 @@ class Sweeper:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self, timeout_s: float = 10.0) -> None:
+    def stop(self, timeout_s: float = 60.0) -> None:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout_s)

@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 from mlflow import MlflowClient
-from mlflow.entities import LifecycleStage, Metric, Param, ViewType
+from mlflow.entities import LifecycleStage, Metric, Param, Run, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
@@ -118,10 +118,17 @@ class MlflowRuns:
         belong to a prediction a live process is storing); how many. `stored_among(ids)` says which of the
         runs' prediction ids have a row; it is asked after the runs are listed, so a row committed meanwhile
         keeps its run."""
-        newest_start_ms = (time.time() - min_age_seconds) * 1000
-        old = [run for run in self.client.search_runs([self.experiment_id()], "attributes.status = 'RUNNING'",
-                                                      max_results=1000)
-               if run.info.start_time <= newest_start_ms]
+        newest_start_ms = int((time.time() - min_age_seconds) * 1000)
+        old: list[Run] = []
+        token = None
+        while True:
+            page = self.client.search_runs(
+                [self.experiment_id()], f"attributes.status = 'RUNNING' AND attributes.start_time <= {newest_start_ms}",
+                max_results=SEARCH_PAGE, page_token=token)
+            old += page
+            token = page.token
+            if not token:
+                break
         stored = stored_among({str(run.data.tags.get("prediction_id")) for run in old})
         removed = 0
         for run in old:
