@@ -94,13 +94,19 @@ def remove_unrecorded(store: PatientStore, database: Database, runs: MlflowRuns,
 
 
 def _stored_among(database: Database, ids: set[str]) -> set[str]:
-    """Those of `ids` with a row, asked under the audit chain's lock, which every prediction's storing transaction
-    takes before it checks its deadline: one still to commit then finds itself past the deadline and is refused."""
+    """Those of `ids` with a row. Those without one are asked again under the audit chain's lock, which every
+    prediction's storing transaction takes before it checks its deadline: one still to commit then finds itself past
+    the deadline and is refused. (The first look, without the lock, keeps the lock's time short: a row once stored
+    stays until an erasure, which removes the files itself.)"""
     if not ids:
         return set()
     with database.session() as session:
+        stored = crud.stored_prediction_ids(session, ids)
+    if stored == ids:
+        return stored
+    with database.session() as session:
         audit_log.lock(session)
-        return crud.stored_prediction_ids(session, ids)
+        return stored | crud.stored_prediction_ids(session, ids - stored)
 
 
 def _age_seconds(store: PatientStore, patient: str, prediction: str) -> float:
