@@ -97,7 +97,8 @@ def create_app(settings: Settings | None = None, load_models: ModelsLoader = Mod
         min_age = config.recovery_min_age_seconds
         sweeper = Sweeper(store, database, runs, min_age) if min_age > 0 else None
         service = BoneAgeService(models, store, database, tracking, in_flight, limits, config.heatmap_max_side,
-                                 film_gate, dicom, pacs, store_deadline_seconds=min_age / 2 if sweeper else None)
+                                 film_gate, dicom, pacs,
+                                 store_deadline_seconds=sweeper.store_deadline_seconds if sweeper else None)
         app.state.service = service
         app.state.eraser = PatientEraser(store, database, runs)
         app.state.audit = AuditWriter(database)

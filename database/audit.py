@@ -93,16 +93,9 @@ def page(session: Session, patient_id: str | None = None, since: dt.datetime | N
     return list(session.scalars(query.order_by(AuditEvent.seq).limit(limit)))
 
 
-def erased_since(session: Session, patient_id: str, after_seq: int) -> bool:
-    """Whether the patient was erased in a row after position `after_seq`."""
-    query = select(AuditEvent.seq).where(AuditEvent.patient_id == patient_id, AuditEvent.seq > after_seq,
-                                         AuditEvent.action == "erase", AuditEvent.status == 200).limit(1)
-    return session.scalar(query) is not None
-
-
 def erasure_since(session: Session, patient_id: str, after_seq: int) -> bool:
     """Whether an erasure of the patient is under way, or was done in a row after position `after_seq` (one
-    statement: `erased_since` or `crud.erasure_pending`)."""
+    statement)."""
     done = select(AuditEvent.seq).where(AuditEvent.patient_id == patient_id, AuditEvent.seq > after_seq,
                                         AuditEvent.action == "erase", AuditEvent.status == 200)
     under_way = select(Erasure.id).where(Erasure.patient_id == patient_id)

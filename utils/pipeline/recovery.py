@@ -43,6 +43,7 @@ class Removed:
     staging_folders: int
     unrecorded_folders: int
     unrecorded_runs: int | None  # None: MLflow could not be checked (it is checked again at the next pass)
+    kept_folders: list[tuple[str, str]]  # the (patient, prediction) folders left in place
 
     def __bool__(self) -> bool:
         return bool(self.staging_folders or self.unrecorded_folders or self.unrecorded_runs)
@@ -50,9 +51,7 @@ class Removed:
 
 @dataclass(frozen=True)
 class RecoveryReport:
-    staging_folders: int
-    unrecorded_folders: int
-    unrecorded_runs: int | None  # None: MLflow could not be checked (it is checked again at the next start)
+    removed: Removed
     dicom_films_added: int = 0
     erasures_finished: int = 0
 
@@ -61,25 +60,23 @@ def recover(store: PatientStore, database: Database, runs: MlflowRuns, min_age_s
     """Remove what an interrupted run left behind (at least `min_age_seconds` old) and say what was removed."""
     erasures = PatientEraser(store, database, runs).finish_interrupted()
     removed = remove_unrecorded(store, database, runs, min_age_seconds)
-    with database.session() as session:
-        known = crud.known_prediction_ids(session)
-    films = add_missing_dicom_films(store, [folder for folder in store.prediction_folders() if folder[1] in known])
+    films = add_missing_dicom_films(store, removed.kept_folders)
     if removed:
         _log_removed("start-up clean-up after an interrupted run", removed, min_age_seconds)
     if films:
         logger.info("wrote film.png for %d DICOM predictions of an earlier release", films)
-    return RecoveryReport(removed.staging_folders, removed.unrecorded_folders, removed.unrecorded_runs, films,
-                          erasures)
+    return RecoveryReport(removed, films, erasures)
 
 
 def remove_unrecorded(store: PatientStore, database: Database, runs: MlflowRuns, min_age_seconds: float) -> Removed:
     """Remove the staging folders, prediction folders and unfinished MLflow runs at least `min_age_seconds` old
     whose prediction has no row. The rows are looked up after the listing (see the module's docstring)."""
     staging = store.remove_staging_leftovers(min_age_seconds)
-    old = [(patient, prediction) for patient, prediction in store.prediction_folders()
+    folders = store.prediction_folders()
+    old = [(patient, prediction) for patient, prediction in folders
            if _age_seconds(store, patient, prediction) >= min_age_seconds]
     stored = _stored_among(database, {prediction for _, prediction in old})
-    orphans = [(patient, prediction) for patient, prediction in old if prediction not in stored]
+    orphans = {(patient, prediction) for patient, prediction in old if prediction not in stored}
     for patient, prediction in orphans:
         store.remove_prediction(patient, prediction)
 
@@ -90,7 +87,7 @@ def remove_unrecorded(store: PatientStore, database: Database, runs: MlflowRuns,
         runs.reset()
         logger.warning("could not check MLflow for runs of unstored predictions", exc_info=True)
         unrecorded_runs = None
-    return Removed(staging, len(orphans), unrecorded_runs)
+    return Removed(staging, len(orphans), unrecorded_runs, [folder for folder in folders if folder not in orphans])
 
 
 def _stored_among(database: Database, ids: set[str]) -> set[str]:
@@ -134,7 +131,9 @@ class Sweeper:
             raise ValueError("the sweeper needs an age limit above 0 s")
         self.store, self.database, self.runs = store, database, runs
         self.min_age_seconds = min_age_seconds
-        self.interval_seconds = max(min_age_seconds / 2, 1.0)
+        # Every prediction must be stored within this of its run being opened (`BoneAgeService`), or be refused.
+        self.store_deadline_seconds = min_age_seconds / 2
+        self.interval_seconds = max(self.store_deadline_seconds, 1.0)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sweeper", daemon=True)
 

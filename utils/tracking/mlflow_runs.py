@@ -25,7 +25,7 @@ from mlflow.store.artifact.artifact_repository_registry import get_artifact_repo
 import mlflow_config
 
 logger = logging.getLogger(__name__)
-# Runs read per search when looking up a patient's runs.
+# Runs read per search request (`MlflowRuns._search_all`).
 SEARCH_PAGE = 1000
 
 # Fail fast when a tracking server is down instead of MLflow's default minutes of retries; the worker retries.
@@ -119,16 +119,7 @@ class MlflowRuns:
         runs' prediction ids have a row; it is asked after the runs are listed, so a row committed meanwhile
         keeps its run."""
         newest_start_ms = int((time.time() - min_age_seconds) * 1000)
-        old: list[Run] = []
-        token = None
-        while True:
-            page = self.client.search_runs(
-                [self.experiment_id()], f"attributes.status = 'RUNNING' AND attributes.start_time <= {newest_start_ms}",
-                max_results=SEARCH_PAGE, page_token=token)
-            old += page
-            token = page.token
-            if not token:
-                break
+        old = self._search_all(f"attributes.status = 'RUNNING' AND attributes.start_time <= {newest_start_ms}")
         stored = stored_among({str(run.data.tags.get("prediction_id")) for run in old})
         removed = 0
         for run in old:
@@ -145,12 +136,16 @@ class MlflowRuns:
     def runs_of_patient(self, patient_id: str) -> list[str]:
         """Every run tagged with the patient, those already marked deleted too. (A patient id is letters, digits,
         '.', '_' and '-' only, so it is safe inside the filter's quotes.)"""
-        found: list[str] = []
+        return [str(run.info.run_id) for run in self._search_all(f"tags.patient_id = '{patient_id}'", ViewType.ALL)]
+
+    def _search_all(self, filter_string: str, view: int = ViewType.ACTIVE_ONLY) -> list[Run]:
+        """Every run of the experiment that matches, read a page of SEARCH_PAGE at a time."""
+        found: list[Run] = []
         token = None
         while True:
-            page = self.client.search_runs([self.experiment_id()], f"tags.patient_id = '{patient_id}'",
-                                           run_view_type=ViewType.ALL, max_results=SEARCH_PAGE, page_token=token)
-            found += [str(run.info.run_id) for run in page]
+            page = self.client.search_runs([self.experiment_id()], filter_string, run_view_type=view,
+                                           max_results=SEARCH_PAGE, page_token=token)
+            found += page
             token = page.token
             if not token:
                 return found
