@@ -32,13 +32,17 @@ def spin() -> None:
         pass
 
 
-def outcomes(junit_xml: Path) -> dict[str, str]:
-    """{test id: passed | failed | skipped} from a pytest JUnit XML report."""
+def outcomes(junit_xml: Path, reasons: dict[str, str] | None = None) -> dict[str, str]:
+    """{test id: passed | failed | skipped} from a pytest JUnit XML report; a failure's message goes into
+    `reasons` (test id: message) when given."""
     results = {}
     for case in ET.parse(junit_xml).getroot().iter("testcase"):
         name = f"{case.get('classname')}::{case.get('name')}"
-        if case.find("failure") is not None or case.find("error") is not None:
+        failure = case.find("failure") if case.find("failure") is not None else case.find("error")
+        if failure is not None:
             results[name] = "failed"
+            if reasons is not None:
+                reasons[name] = f"{failure.get('message', '')} ({case.get('time')} s)"
         elif case.find("skipped") is not None:
             results[name] = "skipped"
         else:
@@ -68,12 +72,16 @@ def main(argv: list[str] | None = None) -> int:
                 subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", f"--junitxml={report}",
                                 *args.tests], cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, check=False)
                 seconds.append(time.monotonic() - started)
-                found = outcomes(report) if report.is_file() else {"(no report: pytest crashed)": "failed"}
+                reasons: dict[str, str] = {}
+                found = (outcomes(report, reasons) if report.is_file()
+                         else {"(no report: pytest crashed)": "failed"})
                 for name, outcome in found.items():
                     counts[name][outcome] += 1
                 failed = sum(o == "failed" for o in found.values())
                 print(f"run {run + 1}/{args.runs}: {len(found)} tests, {failed} failed, {seconds[-1]:.0f} s",
                       flush=True)
+                for name, reason in reasons.items():
+                    print(f"  failed: {name}: {reason[:300]}", flush=True)
     finally:
         for loop in loops:
             loop.kill()

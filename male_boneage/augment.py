@@ -65,7 +65,11 @@ class TrainAugmentation:
     """Random variants that look like films as hospitals send them: cropped tight or loose, padded onto a larger
     plate (at its border's level, black or grey), rotated up to 20 degrees, other proportions, mirrored (right
     hands), gamma, background removed or lifted, blurred or noisy (low-quality JPEG, downscaled), "L" markers and
-    film borders. The same cases as the robustness benchmark (`variants.py`), made on the batch in torch."""
+    film borders. The same cases as the robustness benchmark (`variants.py`), made on the batch in torch.
+
+    The batch may live on any device (a GPU trains with it there): the random draws come from `generator` on the
+    CPU and move to the batch's device, so a seed gives the same variants everywhere, except the pixel noise, which
+    off the CPU is drawn on the device from a seed taken from `generator`. The JPEG round trips run on the CPU."""
 
     max_rotation_deg: float = 20.0
     scale_range: tuple[float, float] = (0.6, 1.35)
@@ -85,12 +89,13 @@ class TrainAugmentation:
     def __call__(self, batch: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """(N, 1, H, W) in [0, 1] -> augmented (N, 1, H, W) in [0, 1] (not yet standardised)."""
         n, _, h, w = batch.shape
+        device = batch.device
 
         def uniform(low: float, high: float) -> torch.Tensor:
-            return torch.rand(n, generator=generator) * (high - low) + low
+            return (torch.rand(n, generator=generator) * (high - low) + low).to(device)
 
         def chance(p: float) -> torch.Tensor:
-            return torch.rand(n, generator=generator) < p
+            return (torch.rand(n, generator=generator) < p).to(device)
 
         flip = chance(self.flip_prob).view(n, 1, 1, 1)
         batch = torch.where(flip, batch.flip(-1), batch)
@@ -104,8 +109,9 @@ class TrainAugmentation:
             uniform(-1, 1) * reach, uniform(-1, 1) * reach,
         )
         # Outside the film: its own border level (half), black (a quarter) or any grey (a quarter).
-        pick = torch.rand(n, generator=generator)
-        fill = torch.where(pick < 0.5, border_level(batch), torch.where(pick < 0.75, torch.zeros(n), uniform(0, 0.6)))
+        pick = torch.rand(n, generator=generator).to(device)
+        fill = torch.where(pick < 0.5, border_level(batch),
+                           torch.where(pick < 0.75, torch.zeros(n, device=device), uniform(0, 0.6)))
         out = warp(batch, matrices, fill).clamp(0, 1)
 
         gamma = torch.exp(uniform(math.log(self.gamma_range[0]), math.log(self.gamma_range[1])))
@@ -118,41 +124,52 @@ class TrainAugmentation:
         out = lift + (1 - lift) * out
         blurred = F.avg_pool2d(out, 3, 1, 1, count_include_pad=False)
         out = torch.where(chance(self.blur_prob).view(n, 1, 1, 1), blurred, out)
-        noise = torch.randn(out.shape, generator=generator) * uniform(0.005, 0.03).view(n, 1, 1, 1)
+        noise = pixel_noise(out.shape, device, generator) * uniform(0.005, 0.03).view(n, 1, 1, 1)
         out = torch.where(chance(self.noise_prob).view(n, 1, 1, 1), (out + noise).clamp(0, 1), out)
 
-        ys = torch.arange(h).view(1, h, 1)
-        xs = torch.arange(w).view(1, 1, w)
+        ys = torch.arange(h, device=device).view(1, h, 1)
+        xs = torch.arange(w, device=device).view(1, 1, w)
         # A bright "L"-style marker: a small white rectangle somewhere near the film's edge.
         has_marker = chance(self.marker_prob).view(n, 1, 1)
-        mx = (torch.rand(n, generator=generator) * (w - 10)).long().view(n, 1, 1)
-        my = (torch.rand(n, generator=generator) * (h * 0.3)).long().view(n, 1, 1)
+        mx = (torch.rand(n, generator=generator) * (w - 10)).long().view(n, 1, 1).to(device)
+        my = (torch.rand(n, generator=generator) * (h * 0.3)).long().view(n, 1, 1).to(device)
         marker = has_marker & (xs >= mx) & (xs < mx + max(2, w // 12)) & (ys >= my) & (ys < my + max(2, h // 10))
         out = torch.where(marker.unsqueeze(1), torch.ones_like(out), out)
         # A white film border on one side.
         has_border = chance(self.border_prob).view(n, 1, 1)
-        bw = (torch.rand(n, generator=generator) * 0.08 * w).long().view(n, 1, 1) + 1
+        bw = (torch.rand(n, generator=generator) * 0.08 * w).long().view(n, 1, 1).to(device) + 1
         border = has_border & ((xs < bw) | (xs >= w - bw) | (ys < bw))
         out = torch.where(border.unsqueeze(1), torch.full_like(out, 0.9), out)
         return jpeg_round_trip(out, chance(self.jpeg_prob), self.jpeg_quality, generator)
+
+
+def pixel_noise(shape: torch.Size, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
+    """Standard normal noise of `shape` on `device`: from `generator` on the CPU; elsewhere from a generator on the
+    device seeded by `generator` (drawing millions of values on the CPU and copying them would starve a GPU)."""
+    if device.type == "cpu":
+        return torch.randn(shape, generator=generator)
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    return torch.randn(shape, generator=torch.Generator(device=device).manual_seed(seed), device=device)
 
 
 def jpeg_round_trip(batch: torch.Tensor, which: torch.Tensor, quality: tuple[int, int],
                     generator: torch.Generator | None = None) -> torch.Tensor:
     """The images of (N, 1, H, W) `batch` in [0, 1] selected by `which` (N,), saved as 8-bit JPEG at a quality
     drawn from `quality` (inclusive) and decoded again: the blocks and ringing of a film exported at low quality.
-    About half a millisecond per 224 px image (Pillow), so it stays cheap beside the network."""
-    chosen = torch.nonzero(which).flatten().tolist()
-    if not chosen:
+    About half a millisecond per 224 px image (Pillow, on the CPU: the chosen images make one trip there and back
+    when the batch is on a GPU), so it stays cheap beside the network."""
+    chosen = torch.nonzero(which).flatten()
+    if not len(chosen):
         return batch
-    out = batch.clone()
     qualities = torch.randint(quality[0], quality[1] + 1, (len(chosen),), generator=generator).tolist()
-    for i, q in zip(chosen, qualities, strict=True):
-        levels = (batch[i, 0] * 255).round().clamp(0, 255).to(torch.uint8).numpy()
+    levels = (batch[chosen, 0] * 255).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
+    decoded = np.empty(levels.shape, dtype=np.float32)
+    for i, q in enumerate(qualities):
         buffer = io.BytesIO()
-        Image.fromarray(levels).save(buffer, format="JPEG", quality=q)
-        decoded = np.asarray(Image.open(buffer).convert("L"), dtype=np.float32) / 255.0
-        out[i, 0] = torch.from_numpy(decoded)
+        Image.fromarray(levels[i]).save(buffer, format="JPEG", quality=q)
+        decoded[i] = np.asarray(Image.open(buffer).convert("L"), dtype=np.float32) / 255.0
+    out = batch.clone()
+    out[chosen, 0] = torch.from_numpy(decoded).to(batch.device)
     return out
 
 

@@ -12,6 +12,11 @@ per epoch) and `calib` (the sigma scale). Without `--raw`, `--data` is split by 
 The decoded training films are cached under `checkpoints/cache/` (uint8, model input size).
 
 Every epoch writes a checkpoint next to `--out` (`<out>.ckpt`); running the same command again resumes from it.
+
+On a GPU (`--device cuda`, see `device_train.sh`) the films, the augmentation and the network all live on the
+device. `--no-validation` trains without the raw films' images (only `--raw`'s labels.csv is read, to leave its ids
+out): the file is written uncalibrated (sigma scale 1, no validation figures), and `--epochs 0 --init FILE` on a
+machine with the raw films finalises it (BatchNorm statistics, sigma scale, validation, out-of-distribution limit).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import math
 import os
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +37,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from mlflow import MlflowClient
 from tqdm import tqdm
 
 from male_boneage.augment import DEFAULT_TTA, TrainAugmentation, standardize
@@ -40,7 +45,6 @@ from male_boneage.inference import BoneAgeModel, half_precision, load_weights, s
 from male_boneage.metrics import calibrate_sigma_scale, summarize
 from male_boneage.model import ARCHITECTURE, BoneAgeNet, age_group_index, months_to_target, target_to_months
 from male_boneage.preprocess import PREPROCESSING_VERSION
-from mlflow_config import ensure_experiment, tracking_uri
 
 logger = logging.getLogger(__name__)
 OOD_SIGMA_FACTOR = 1.5
@@ -66,6 +70,9 @@ class TrainConfig:
     tracking_uri: str | None = None
     experiment: str = "bone-age-training"
     group_loss_weight: float = 0.2
+    device: str = "cpu"
+    validate: bool = True
+    workers: int = 1
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -96,7 +103,12 @@ def loss_fn(grp: torch.Tensor, unc: torch.Tensor, months: torch.Tensor, group_we
 
 
 def _tracker(cfg: TrainConfig, run_id: str | None) -> tuple[Any, str | None]:
-    """(MlflowClient, run id): the run being resumed, else a new one with the config as params."""
+    """(MlflowClient, run id): the run being resumed, else a new one with the config as params. MLflow is imported
+    here: a GPU machine without it (`device_train.sh`) trains untracked."""
+    from mlflow import MlflowClient
+
+    from mlflow_config import ensure_experiment, tracking_uri  # with MLflow: a GPU machine may lack it
+
     client = MlflowClient(tracking_uri=cfg.tracking_uri or tracking_uri())
     if run_id is None:
         run_id = client.create_run(ensure_experiment(client, cfg.experiment), run_name=f"train-{cfg.sex}").info.run_id
@@ -109,26 +121,35 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run training (resuming from `<out>.ckpt` if present), calibrate, write `cfg.out`; returns its metadata."""
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
+    device = torch.device(cfg.device)
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed input size: let cuDNN pick its fastest kernels
     splits = split_cases(cfg)
+    if not cfg.validate:
+        splits["val"], splits["calib"] = [], []
     if cfg.limit:
         splits = {name: items[: cfg.limit if name == "train" else max(8, cfg.limit // 4)]
                   for name, items in splits.items()}
     logger.info("split sizes: %s", {k: len(v) for k, v in splits.items()})
-    train_x = cached_pixels(splits["train"], cfg.input_size, cfg.out.parent / "cache" if cfg.limit else CACHE_DIR)
+    train_x = cached_pixels(splits["train"], cfg.input_size, cfg.out.parent / "cache" if cfg.limit else CACHE_DIR,
+                            cfg.workers)
+    # On a GPU the whole uint8 training set sits in its memory (1 GB at 288 px): no copy per batch.
+    films_on_device = None if device.type == "cpu" else torch.from_numpy(np.asarray(train_x)).to(device)
     pixels = {name: load_pixels(splits[name], cfg.input_size) for name in ("val", "calib")}
     ages = {name: torch.tensor([c.boneage_months for c in items], dtype=torch.float32)
             for name, items in splits.items()}
     males = {name: torch.tensor([float(c.male) for c in items]) for name, items in splits.items()}
+    train_ages, train_males = ages["train"].to(device), males["train"].to(device)
 
     net = BoneAgeNet(input_size=cfg.input_size, width=cfg.width)
     if cfg.init:
         state_dict, _ = load_weights(cfg.init)
         net.load_state_dict(state_dict, strict=True)
-    net = net.to(memory_format=torch.channels_last)
+    net = net.to(device).to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(splits["train"]) / cfg.batch_size)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.15 if not cfg.init else 0.05
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(  # `--epochs 0` (finalising a file) never steps it
+        optimizer, max_lr=cfg.lr, total_steps=max(1, cfg.epochs * steps_per_epoch),
+        pct_start=0.15 if not cfg.init else 0.05
     )
     checkpoint = cfg.out.with_name(cfg.out.name + ".ckpt")
     start_epoch, history = 0, []
@@ -152,35 +173,42 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     for epoch in range(start_epoch, cfg.epochs):
         net.train()
         order = torch.randperm(len(train_x), generator=generator)
-        total, seen, started = 0.0, 0, time.monotonic()
+        total, seen, started = torch.zeros((), device=device), 0, time.monotonic()
         bar = tqdm(range(steps_per_epoch), desc=f"{cfg.sex} epoch {epoch + 1}/{cfg.epochs}", leave=False)
         for step in bar:
             idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-            films = torch.from_numpy(train_x[idx.numpy()]).unsqueeze(1).float() / 255.0
+            stored = (torch.from_numpy(train_x[idx.numpy()]) if films_on_device is None
+                      else films_on_device[idx.to(device)])
+            films = stored.unsqueeze(1).float() / 255.0
             batch = standardize(augment(films, generator)).contiguous(memory_format=torch.channels_last)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-                grp, unc = net(batch, males["train"][idx])
-            loss = loss_fn(grp.float(), unc.float(), ages["train"][idx], cfg.group_loss_weight)
+            idx = idx.to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                grp, unc = net(batch, train_males[idx])
+            loss = loss_fn(grp.float(), unc.float(), train_ages[idx], cfg.group_loss_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]  # torch declares Tensor.backward without types
             optimizer.step()
             scheduler.step()
-            total += loss.item() * len(idx)
+            total += loss.detach() * len(idx)  # summed on the device: no wait for it per step
             seen += len(idx)
-            bar.set_postfix(loss=f"{total / seen:.3f}")
-        val_mae = _quick_mae(net, pixels["val"], ages["val"], males["val"])
-        history.append({"epoch": epoch + 1, "train_loss": total / seen, "val_mae_months": val_mae,
+            if step % 20 == 0:
+                bar.set_postfix(loss=f"{float(total) / seen:.3f}")
+        train_loss = float(total) / seen
+        val_mae = _quick_mae(net, pixels["val"], ages["val"], males["val"]) if cfg.validate else float("nan")
+        history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_mae_months": val_mae,
                         "seconds": time.monotonic() - started})
         logger.info("epoch %d/%d: train loss %.4f, val MAE %.2f months (%.0f s)",
-                    epoch + 1, cfg.epochs, total / seen, val_mae, time.monotonic() - started)
+                    epoch + 1, cfg.epochs, train_loss, val_mae, time.monotonic() - started)
         if client is not None:
-            client.log_metric(run_id, "train_loss", total / seen, step=epoch + 1)
-            client.log_metric(run_id, "val_mae_months", val_mae, step=epoch + 1)
+            client.log_metric(run_id, "train_loss", train_loss, step=epoch + 1)
+            if cfg.validate:
+                client.log_metric(run_id, "val_mae_months", val_mae, step=epoch + 1)
         atomic_save({"model": net.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
                      "epoch": epoch + 1, "history": history, "run_id": run_id}, checkpoint)
 
     recalibrate_batchnorm(net, train_x, males["train"])
+    net = net.cpu()  # what follows (calibration, the weights file) runs on the CPU, as the service does
     if cfg.sex != "both":
         net.set_sex(cfg.sex == "male")
     metadata: dict[str, Any] = {
@@ -195,10 +223,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "trained_on": dt.datetime.now(dt.UTC).date().isoformat(), "init": str(cfg.init) if cfg.init else "scratch",
         "history": history,
     }
-    if cfg.sex == "both":  # the shared trunk: not served (its sex varies per film), only fine-tuned from
+    if cfg.sex == "both" or not cfg.validate:
+        # The shared trunk (not served: its sex varies per film, only fine-tuned from), or a file to finalise where
+        # the raw films are (`--epochs 0 --init`), written uncalibrated.
         state_dict = net.state_dict()
-        metadata["version"] = f"both-{metadata['trained_on']}-{state_digest(state_dict)}"
-        atomic_save({"state_dict": state_dict, "metadata": metadata}, cfg.out)
+        metadata["version"] = f"{cfg.sex}-{metadata['trained_on']}-{state_digest(state_dict)}"
+        # A per-sex file in float16, as shipped (it is what comes back from a GPU, at most 16 MiB a file).
+        atomic_save({"state_dict": state_dict if cfg.sex == "both" else half_precision(state_dict),
+                     "metadata": metadata}, cfg.out)
         logger.info("wrote %s: version %s", cfg.out, metadata["version"])
         if client is not None:
             client.log_param(run_id, "version", metadata["version"])
@@ -241,12 +273,13 @@ def recalibrate_batchnorm(net: BoneAgeNet, films: np.ndarray, males: torch.Tenso
             module.reset_running_stats()
             module.momentum = None  # cumulative average over all batches below
     net.train()
+    device = next(net.parameters()).device
     order = np.random.default_rng(0).permutation(len(films))[:max_images]
     with torch.no_grad():
         for start in range(0, len(order), 100):
             idx = np.sort(order[start:start + 100])
-            x = torch.from_numpy(films[idx]).unsqueeze(1).float() / 255.0
-            net(standardize(x).contiguous(memory_format=torch.channels_last), males[idx])
+            x = torch.from_numpy(films[idx]).unsqueeze(1).to(device).float() / 255.0
+            net(standardize(x).contiguous(memory_format=torch.channels_last), males[idx].to(device))
     for module in net.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
             module.momentum = 0.1
@@ -256,12 +289,13 @@ def recalibrate_batchnorm(net: BoneAgeNet, films: np.ndarray, males: torch.Tenso
 def _quick_mae(net: BoneAgeNet, pixels: np.ndarray, ages: torch.Tensor, males: torch.Tensor) -> float:
     """Validation MAE in months without TTA (cheap, for per-epoch monitoring)."""
     net.eval()
+    device = next(net.parameters()).device
     preds = []
     with torch.no_grad():
         for start in range(0, len(pixels), 128):
-            x = standardize(torch.from_numpy(pixels[start:start + 128]).unsqueeze(1))
+            x = standardize(torch.from_numpy(pixels[start:start + 128]).unsqueeze(1).to(device))
             preds.append(target_to_months(net(x.contiguous(memory_format=torch.channels_last),
-                                              males[start:start + 128])[1][:, 0]))
+                                              males[start:start + 128].to(device))[1][:, 0]).cpu())
     return float((torch.cat(preds) - ages).abs().mean())
 
 
@@ -282,9 +316,13 @@ def split_cases(cfg: TrainConfig) -> dict[str, list[Case]]:
     }
 
 
-def cached_pixels(cases: list[Case], size: int, cache_dir: Path) -> np.ndarray:
-    """(N, size, size) uint8 model inputs of `cases` (`preprocess.film_pixels` x 255), decoded once and kept in
-    `cache_dir` (named by a hash of the ids, the size and the preprocessing version)."""
+def _decode_uint8(cases: list[Case], size: int) -> np.ndarray:
+    return np.round(load_pixels(cases, size) * 255).astype(np.uint8)
+
+
+def cached_pixels(cases: list[Case], size: int, cache_dir: Path, workers: int = 1) -> np.ndarray:
+    """(N, size, size) uint8 model inputs of `cases` (`preprocess.film_pixels` x 255), decoded once (by `workers`
+    processes) and kept in `cache_dir` (named by a hash of the ids, the size and the preprocessing version)."""
     key = hashlib.sha256(f"{PREPROCESSING_VERSION}:{size}:{','.join(str(c.path) for c in cases)}".encode())
     path = cache_dir / f"films-{size}-{key.hexdigest()[:12]}.npy"
     if path.is_file():
@@ -292,8 +330,11 @@ def cached_pixels(cases: list[Case], size: int, cache_dir: Path) -> np.ndarray:
         return cached
     logger.info("decoding %d films to %s", len(cases), path)
     films = np.empty((len(cases), size, size), dtype=np.uint8)
-    for start in range(0, len(cases), 500):
-        films[start:start + 500] = np.round(load_pixels(cases[start:start + 500], size) * 255).astype(np.uint8)
+    starts = range(0, len(cases), 500)
+    with ProcessPoolExecutor(max(1, workers)) as pool:
+        chunks = pool.map(_decode_uint8, [cases[start:start + 500] for start in starts], [size] * len(starts))
+        for start, chunk in zip(starts, chunks, strict=True):
+            films[start:start + len(chunk)] = chunk
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy")
     with os.fdopen(fd, "wb") as f:
@@ -320,14 +361,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit", type=int, help="use only this many training images (smoke tests)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: mlflow_config)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--device", default="cpu", help="where to train: cpu, cuda (see device_train.sh)")
+    parser.add_argument("--no-validation", action="store_true",
+                        help="train without the raw films' images; finalise the file with --epochs 0 --init")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="processes decoding the training films into the cache")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
     train(TrainConfig(data=args.data, sex=args.sex, out=args.out, epochs=args.epochs, batch_size=args.batch_size,
                       lr=args.lr, input_size=args.input_size, width=args.width, seed=args.seed, init=args.init,
-                      raw=args.raw, bf16=not args.fp32,
-                      limit=args.limit, tracking_uri=args.tracking_uri))
+                      raw=args.raw, bf16=not args.fp32, limit=args.limit, tracking_uri=args.tracking_uri,
+                      device=args.device, validate=not args.no_validation, workers=args.workers))
 
 
 if __name__ == "__main__":

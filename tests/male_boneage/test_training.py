@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import (
@@ -18,11 +20,13 @@ from helpers import (
 )
 from mlflow import MlflowClient
 
+from male_boneage.data import load_pixels, read_labels
+from male_boneage.device_pack import pack
 from male_boneage.evaluate import evaluate
 from male_boneage.inference import BoneAgeModel, ModelUnavailable, load_weights
 from male_boneage.model import BoneAgeNet
 from male_boneage.preprocess import PREPROCESSING_VERSION
-from male_boneage.train import TrainConfig, train
+from male_boneage.train import TrainConfig, cached_pixels, split_cases, train
 
 TRAIN512 = DATA / "rsna-train-512"
 TINY_SIZE, TINY_WIDTH = 112, 16  # a small net on small films: the test is about the mechanics, not accuracy
@@ -70,6 +74,42 @@ def test_training_resumes_from_checkpoint(tiny_weights: tuple[Path, str]) -> Non
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("bone-age-training").experiment_id])
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1]
+
+
+def test_a_file_trained_without_validation_is_written_uncalibrated_and_finalised_by_zero_epochs(
+        tmp_path: Path) -> None:
+    # How a GPU run works (`device_train.sh`): it trains without the raw films and writes an uncalibrated per-sex
+    # file, in float16 as shipped; `--epochs 0 --init` finalises it where the raw films are, training nothing.
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    common = {"data": TRAIN100, "sex": "female", "batch_size": 32, "limit": 128, "input_size": TINY_SIZE,
+              "width": TINY_WIDTH, "tracking_uri": uri}
+    trained = tmp_path / "device" / "female.pt"
+    train(TrainConfig(out=trained, epochs=1, validate=False, workers=2, **common))
+    payload = torch.load(trained, map_location="cpu", weights_only=True)
+    metadata = payload["metadata"]
+    assert metadata["sigma_scale"] == 1.0 and metadata["version"].startswith("female-")
+    assert "val_metrics" not in metadata and "ood_sigma_months" not in metadata
+    assert metadata["split_sizes"]["val"] == metadata["split_sizes"]["calib"] == 0
+    assert payload["state_dict"]["stem.0.weight"].dtype == torch.float16
+
+    final = tmp_path / "final" / "female.pt"
+    train(TrainConfig(out=final, epochs=0, init=trained, **common))
+    before, _ = load_weights(trained)
+    after, final_metadata = load_weights(final)
+    # Nothing trained; BatchNorm statistics re-estimated on the same films (now through the float16-rounded weights).
+    assert all(torch.equal(before[k], after[k]) for k in before if before[k].dim() > 1)
+    assert all(torch.allclose(before[k].float(), after[k].float(), rtol=1e-2, atol=1e-3) for k in before)
+    assert final_metadata["sigma_scale"] != 1.0 and final_metadata["ood_sigma_months"] > 0
+    assert final_metadata["val_metrics"]["n"] == final_metadata["split_sizes"]["val"] > 0
+    assert final_metadata["history"] == []
+
+
+def test_the_training_cache_decoded_by_several_processes_equals_the_preprocessing(tmp_path: Path) -> None:
+    cases = read_labels(TRAIN100)[:40]
+    films = cached_pixels(cases, TINY_SIZE, tmp_path, workers=2)
+    assert films.dtype == np.uint8 and films.shape == (40, TINY_SIZE, TINY_SIZE)
+    assert np.array_equal(films, np.round(load_pixels(cases, TINY_SIZE) * 255).astype(np.uint8))
+    assert np.array_equal(cached_pixels(cases, TINY_SIZE, tmp_path), films)  # read back from the cache
 
 
 def test_wrong_shape_or_metadata_refused(tiny_weights: tuple[Path, str], tmp_path: Path) -> None:
@@ -123,3 +163,31 @@ def test_shipped_weights_metadata() -> None:
         assert metadata["preprocessing"] == PREPROCESSING_VERSION
         assert "rsna-train-299" in metadata["training_data"] and "rsna-train-512" in metadata["split"]
     assert sum((WEIGHTS / name).stat().st_size for name in ("male.pt", "female.pt", "film_check.pt")) < 60 * 2**20
+
+
+def test_the_device_pack_splits_the_training_films_into_parts_within_the_size_limit(tmp_path: Path) -> None:
+    data, raw = tmp_path / "rsna-train-299", tmp_path / "rsna-train-512"
+    data.mkdir()
+    raw.mkdir()
+    cases = read_labels(TRAIN100)[:12]
+    rows = ["image,boneage_months,male"] + [f"{c.path.name},{c.boneage_months},{int(c.male)}" for c in cases]
+    for case in cases:
+        (data / case.path.name).write_bytes(case.path.read_bytes())
+    (data / "labels.csv").write_text("\n".join(rows) + "\n")
+    (raw / "labels.csv").write_text("\n".join(rows[:4]) + "\n")  # 3 ids also in the raw folder: left out
+    largest = max(c.path.stat().st_size for c in cases)
+    limit = 3 * (largest + 1024) + tarfile.RECORDSIZE  # room for three films at most: several parts
+    parts = pack(data, raw, tmp_path / "pack", limit)
+    assert len(parts) >= 3 and all(part.stat().st_size <= limit for part in parts)
+    unpacked = tmp_path / "unpacked"
+    for part in parts:
+        with tarfile.open(part) as tar:
+            tar.extractall(unpacked, filter="data")
+    trained = {c.path.name for c in cases[3:]}
+    assert {p.name for p in (unpacked / data.name).glob("*.png")} == trained
+    assert {c.path.name for c in read_labels(unpacked / data.name)} == trained
+    assert (unpacked / raw.name / "labels.csv").read_text() == (raw / "labels.csv").read_text()
+    # What train.py --raw then trains on: every film listed, none of the raw folder's ids.
+    config = TrainConfig(data=unpacked / data.name, raw=unpacked / raw.name, sex="both", out=tmp_path / "x.pt",
+                         validate=False)
+    assert {c.path.name for c in split_cases(config)["train"]} == trained

@@ -1,0 +1,96 @@
+"""Pack the training films for a GPU run (`device_train.sh`) into parts small enough to travel to the device.
+
+    python -m male_boneage.device_pack                     # writes device_pack/part-01.tar, part-02.tar, ...
+
+The device tool sends at most 64 MiB per call, the working tree included (about 27 MiB, most of it the shipped
+weights), and `../shared` does not travel. Each part holds at most `--part-mib` MiB: the training films of
+`rsna-train-299` (every id of `rsna-train-512` left out, as `train.py` leaves them out) with a `labels.csv` listing
+them, and `rsna-train-512/labels.csv` alone, whose ids `train.py --raw` leaves out. The raw films themselves stay
+here: the GPU run trains `--no-validation` and the weights are finalised on this machine (`device_train.sh
+finalise`). Each part is one call's `carry`; `device_train.sh unpack` on the device unpacks whatever parts it holds.
+The folder is git-ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import sys
+import tarfile
+from pathlib import Path
+
+from male_boneage.data import read_labels
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DATA = PROJECT_ROOT.parent / "shared" / "data"
+MEMBER_OVERHEAD = 1024  # a member's header and its padding to 512-byte blocks, at most
+ARCHIVE_END = tarfile.RECORDSIZE  # the end-of-archive blocks and the padding to a whole record, at most
+
+
+def training_rows(data: Path, raw: Path) -> list[dict[str, str]]:
+    """labels.csv rows of `data` whose ids are not in `raw` (the films `train.py --raw` trains on)."""
+    raw_ids = {case.image_id for case in read_labels(raw)}
+    with (data / "labels.csv").open(newline="") as f:
+        return [row for row in csv.DictReader(f) if Path(row["image"]).stem not in raw_ids]
+
+
+def csv_bytes(rows: list[dict[str, str]]) -> bytes:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=["image", "boneage_months", "male"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({key: row[key] for key in ("image", "boneage_months", "male")} for row in rows)
+    return out.getvalue().encode()
+
+
+def add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def pack(data: Path, raw: Path, out: Path, part_bytes: int) -> list[Path]:
+    """Write the parts (any old ones removed first); returns their paths."""
+    rows = training_rows(data, raw)
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("part-*.tar"):
+        old.unlink()
+    labels = {f"{data.name}/labels.csv": csv_bytes(rows), f"{raw.name}/labels.csv": (raw / "labels.csv").read_bytes()}
+    parts: list[list[Path]] = [[]]
+    used = sum(len(b) + MEMBER_OVERHEAD for b in labels.values()) + ARCHIVE_END
+    for row in rows:
+        size = (data / row["image"]).stat().st_size + MEMBER_OVERHEAD
+        if used + size > part_bytes and parts[-1]:
+            parts.append([])
+            used = ARCHIVE_END
+        parts[-1].append(data / row["image"])
+        used += size
+    paths = []
+    for number, files in enumerate(parts, start=1):
+        path = out / f"part-{number:02d}.tar"
+        with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+            if number == 1:
+                for name, payload in labels.items():
+                    add_bytes(tar, name, payload)
+            for film in files:
+                tar.add(film, arcname=f"{data.name}/{film.name}")
+        paths.append(path)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=DATA / "rsna-train-299")
+    parser.add_argument("--raw", type=Path, default=DATA / "rsna-train-512")
+    parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "device_pack")
+    parser.add_argument("--part-mib", type=float, default=34.0,
+                        help="largest part (64 MiB per call, less the working tree)")
+    args = parser.parse_args(argv)
+    paths = pack(args.data, args.raw, args.out, int(args.part_mib * 2**20))
+    for path in paths:
+        sys.stdout.write(f"{path.relative_to(PROJECT_ROOT) if path.is_relative_to(PROJECT_ROOT) else path}: "
+                         f"{path.stat().st_size / 2**20:.1f} MiB\n")
+
+
+if __name__ == "__main__":
+    main()
