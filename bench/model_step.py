@@ -2,11 +2,15 @@
 
     .venv/bin/python -m bench.model_step                 # both models, batch 1 and 8; prints a Markdown report
     .venv/bin/python -m bench.model_step --out FILE      # also writes it to FILE
+    python3 -m bench.model_step --device cuda --steps after --films device_data/rsna-train-299 --batches 1 8 64
+                                                         # on a GPU (device_train.sh): films/s, as served only
 
 "before" is pytorch-grad-cam's GradCAM over every TTA variant with the maps made on the CPU
 (`male_boneage.gradcam_reference.reference_predict_batch`, how the service ran until the on-device CAM);
 "after" is `BoneAgeModel.predict_batch(images, with_heatmap=True)` as served. Both run on the same films of
-`rsna-test-20` in the same process, interleaved repetition by repetition, so a busy machine slows both alike.
+`rsna-test-20` (or the first films of `--films`, as many as the largest batch) in the same process, interleaved
+repetition by repetition, so a busy machine slows both alike. `--steps after` times the served step alone (no
+pytorch-grad-cam needed: a GPU machine may lack it) and adds films per second.
 
 Rows: each model alone on one torch thread (the service's setting on 2 cores), and "both, as served": the male and
 female passes of the same films at once on two threads of one torch thread each, as the service's two micro-batching
@@ -28,16 +32,28 @@ import numpy as np
 import torch
 
 from bench.harness import DEFAULT_DATA, REPO, command_line, fmt, loadavg, machine_info, median, table
-from male_boneage.gradcam_reference import reference_predict_batch
 from male_boneage.inference import BoneAgeModel, ModelEstimate
 from male_boneage.preprocess import film_pixels
 
 MODULE = "bench.model_step"
 Step = Callable[[BoneAgeModel, list[np.ndarray]], list[ModelEstimate]]
-STEPS: dict[str, Step] = {
-    "before (pytorch-grad-cam)": reference_predict_batch,
-    "after (on-device CAM)": lambda model, images: model.predict_batch(images, with_heatmap=True),
-}
+BEFORE, AFTER = "before (pytorch-grad-cam)", "after (on-device CAM)"
+
+
+def served_step(model: BoneAgeModel, images: list[np.ndarray]) -> list[ModelEstimate]:
+    return model.predict_batch(images, with_heatmap=True)
+
+
+def steps(names: list[str]) -> dict[str, Step]:
+    """The steps to time, by name ("before", "after")."""
+    chosen: dict[str, Step] = {}
+    if "before" in names:
+        from male_boneage.gradcam_reference import reference_predict_batch  # pytorch-grad-cam: only when asked
+
+        chosen[BEFORE] = reference_predict_batch
+    if "after" in names:
+        chosen[AFTER] = served_step
+    return chosen
 
 
 def time_ms(run: Callable[[], object]) -> tuple[float, float]:
@@ -56,14 +72,14 @@ def both_at_once(pool: ThreadPoolExecutor, step: Step, models: dict[str, BoneAge
 
 
 def measure(models: dict[str, BoneAgeModel], films: dict[str, list[np.ndarray]], batch: int, reps: int,
-            warmup: int) -> dict[tuple[str, str, str], list[float]]:
+            warmup: int, timed: dict[str, Step]) -> dict[tuple[str, str, str], list[float]]:
     """ms per film (wall and CPU) of every (step, row): each model alone, and both at once on two threads."""
     samples: dict[tuple[str, str, str], list[float]] = {}
     with ThreadPoolExecutor(max_workers=2) as pool:
         for rep in range(warmup + reps):
             start = (rep * batch) % (len(films["male"]) - batch + 1)
             chunk = {sex: films[sex][start:start + batch] for sex in models}
-            for step_name, step in STEPS.items():
+            for step_name, step in timed.items():
                 timings = {sex: time_ms(functools.partial(step, models[sex], chunk[sex])) for sex in models}
                 timings["both, as served"] = time_ms(functools.partial(both_at_once, pool, step, models, chunk))
                 if rep >= warmup:
@@ -81,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the service: half the cores)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--films", type=Path, help="folder of films (default: DATA/rsna-test-20)")
+    parser.add_argument("--steps", nargs="+", choices=["before", "after"], default=["before", "after"])
     parser.add_argument("--out", type=Path, help="also write the report here")
     args = parser.parse_args(argv)
 
@@ -88,19 +106,28 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     models = {sex: BoneAgeModel.from_file(REPO / "male_boneage" / "weights" / f"{sex}.pt", device)
               for sex in ("male", "female")}
-    paths = sorted((args.data / "rsna-test-20").glob("*.png"))
+    folder = args.films or args.data / "rsna-test-20"
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg"))[:max(20, *args.batches)]
     films = {sex: [film_pixels(p.read_bytes(), m.input_size) for p in paths] for sex, m in models.items()}
+    timed = steps(args.steps)
     load_start, info = loadavg(), machine_info()
     rows = []
     for batch in args.batches:
-        samples = measure(models, films, batch, args.reps, args.warmup)
+        samples = measure(models, films, batch, args.reps, args.warmup, timed)
         for row in ("male", "female", "both, as served"):
             cells = [str(batch), row]
             for clock in ("wall", "cpu"):
-                before = median(samples[("before (pytorch-grad-cam)", row, clock)])
-                after = median(samples[("after (on-device CAM)", row, clock)])
+                if BEFORE not in timed:
+                    after = median(samples[(AFTER, row, clock)])
+                    cells += [fmt(after)] + ([f"{1000 / after:.0f}"] if clock == "wall" else [])
+                    continue
+                before = median(samples[(BEFORE, row, clock)])
+                after = median(samples[(AFTER, row, clock)])
                 cells += [fmt(before), fmt(after), f"{(1 - after / before) * 100:.0f}%"]
             rows.append(cells)
+    header = (["batch", "model", "before wall ms/film", "after wall ms/film", "cheaper by",
+               "before CPU ms/film", "after CPU ms/film", "cheaper by"] if BEFORE in timed else
+              ["batch", "model", "wall ms/film", "films/s", "CPU ms/film"])
     report = "\n".join([
         "## Model step: inference + Grad-CAM per film, before and after the on-device CAM",
         "",
@@ -109,10 +136,10 @@ def main(argv: list[str] | None = None) -> int:
         f"- machine: `nproc` = {info['nproc']}, CPU {info['cpu']}; device {device}; torch threads per pass "
         f"{args.threads}; {len(models['male'].tta)} TTA variants; load average at start {load_start}, at end "
         f"{loadavg()}",
-        f"- {args.reps} timed repetitions per batch size after {args.warmup} warm-up; films of rsna-test-20",
+        f"- {args.reps} timed repetitions per batch size after {args.warmup} warm-up; {len(paths)} films of "
+        f"{folder.name}",
         "",
-        table(["batch", "model", "before wall ms/film", "after wall ms/film", "cheaper by",
-               "before CPU ms/film", "after CPU ms/film", "cheaper by"], rows),
+        table(header, rows),
         "",
         "Wall: as the caller waits (on a busy machine it includes waiting for a core). CPU: the process's CPU time "
         "(all its threads; on a busy machine the steadier figure). Medians per film.",

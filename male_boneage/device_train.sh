@@ -6,13 +6,15 @@
 #   here:    python -m male_boneage.device_pack        # device_pack/part-01.tar ... (about 34 MiB each)
 #   device:  one call per part, back to back (the machine stays warm 30 s), each carrying its part:
 #              run(carry=["device_pack/part-01.tar"], command="bash male_boneage/device_train.sh unpack")
-#              ... the last one: command="bash male_boneage/device_train.sh unpack train"
-#            `train` copies male.pt and female.pt (float16, 12.9 MB each) and train.log to $OUT. A run cut off
-#            by the call's limit resumes from its checkpoints when `train` is called again on the warm machine.
+#              ... the last one: command="bash male_boneage/device_train.sh unpack bench train"
+#            `bench` times the shipped models as served on the GPU (bench.model_step, batch 1, 8 and 64: films/s)
+#            into $OUT/model_step.md. `train` copies male.pt and female.pt (float16, 12.9 MB each) and train.log to
+#            $OUT. A run cut off by the call's limit resumes from its checkpoints when `train` is called again on
+#            the warm machine.
 #   here:    bash male_boneage/device_train.sh finalise /work/.device/.../files   # folder holding male.pt, female.pt
 #
 # Dry run on the CPU (the same steps, tiny): DEVICE=cpu SIZE=112 LIMIT=256 JOINT_EPOCHS=1 SEX_EPOCHS=1 \
-#   bash male_boneage/device_train.sh unpack train finalise checkpoints/device
+#   BENCH_ARGS="--reps 1 --warmup 0" bash male_boneage/device_train.sh unpack bench train finalise checkpoints/device
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
@@ -35,6 +37,10 @@ while [ $# -gt 0 ]; do
       for part in device_pack/part-*.tar; do tar -xf "$part" -C device_data; done
       echo "training films unpacked: $(($(wc -l < "$DATA/labels.csv") - 1)) listed," \
         "$(find "$DATA" -name '*.jpg' | wc -l) present"
+      ;;
+    bench)
+      "$PY" -m bench.model_step --device "$DEVICE" --steps after --films "$DATA" --batches 1 8 64 ${BENCH_ARGS:-} \
+        ${OUT:+--out "$OUT/model_step.md"}
       ;;
     train)
       [ "$DEVICE" = cpu ] || nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
@@ -63,7 +69,7 @@ while [ $# -gt 0 ]; do
         --male-weights "$WORK/final/male.pt" --female-weights "$WORK/final/female.pt" --write
       echo "finalised: $WORK/final/male.pt $WORK/final/female.pt (measure them with male_boneage.evaluate)"
       ;;
-    *) echo "usage: $0 [unpack] [train] [finalise FOLDER]" >&2; exit 2 ;;
+    *) echo "usage: $0 [unpack] [bench] [train] [finalise FOLDER]" >&2; exit 2 ;;
   esac
   shift
 done
