@@ -106,8 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     models = {sex: BoneAgeModel.from_file(REPO / "male_boneage" / "weights" / f"{sex}.pt", device)
               for sex in ("male", "female")}
+    if "after" not in args.steps:
+        parser.error("--steps must include after (the served step, the baseline of every row)")
     folder = args.films or args.data / "rsna-test-20"
     paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg"))[:max(20, *args.batches)]
+    if len(paths) < max(args.batches):
+        parser.error(f"{folder} has {len(paths)} films; batch {max(args.batches)} needs as many")
     films = {sex: [film_pixels(p.read_bytes(), m.input_size) for p in paths] for sex, m in models.items()}
     timed = steps(args.steps)
     load_start, info = loadavg(), machine_info()

@@ -25,7 +25,7 @@ from male_boneage.data import read_labels
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DATA = PROJECT_ROOT.parent / "shared" / "data"
 MEMBER_OVERHEAD = 1024  # a member's header and its padding to 512-byte blocks, at most
-ARCHIVE_END = tarfile.RECORDSIZE  # the end-of-archive blocks and the padding to a whole record, at most
+ARCHIVE_END = 1024 + tarfile.RECORDSIZE  # the end-of-archive blocks and the padding to a whole record, at most
 
 
 def training_rows(data: Path, raw: Path) -> list[dict[str, str]]:

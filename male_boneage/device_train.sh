@@ -6,7 +6,7 @@
 #   here:    python -m male_boneage.device_pack        # device_pack/part-01.tar ... (about 34 MiB each)
 #   device:  one call per part, back to back (the machine stays warm 30 s), each carrying its part:
 #              run(carry=["device_pack/part-01.tar"], command="bash male_boneage/device_train.sh unpack")
-#              ... the last one: command="bash male_boneage/device_train.sh unpack bench train"
+#              ... the last one: command="bash male_boneage/device_train.sh unpack train bench"
 #            `bench` times the shipped models as served on the GPU (bench.model_step, batch 1, 8 and 64: films/s)
 #            into $OUT/model_step.md. `train` copies male.pt and female.pt (float16, 12.9 MB each) and train.log to
 #            $OUT. A run cut off by the call's limit resumes from its checkpoints when `train` is called again on
@@ -14,7 +14,7 @@
 #   here:    bash male_boneage/device_train.sh finalise /work/.device/.../files   # folder holding male.pt, female.pt
 #
 # Dry run on the CPU (the same steps, tiny): DEVICE=cpu SIZE=112 LIMIT=256 JOINT_EPOCHS=1 SEX_EPOCHS=1 \
-#   BENCH_ARGS="--reps 1 --warmup 0" bash male_boneage/device_train.sh unpack bench train finalise checkpoints/device
+#   BENCH_ARGS="--reps 1 --warmup 0" bash male_boneage/device_train.sh unpack train bench finalise checkpoints/device
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
@@ -54,8 +54,9 @@ while [ $# -gt 0 ]; do
           "$PY" -m male_boneage.train "${args[@]}" --sex "$sex" --epochs "$SEX_EPOCHS" --lr "$SEX_LR" \
             --init "$WORK/joint.pt" --out "$WORK/$sex.pt"
         done
-      } 2>&1 | tr '\r' '\n' | grep --line-buffered -v -E "(it/s|s/it)" | tee -a "$WORK/train.log"
-      if [ -n "${OUT:-}" ]; then cp "$WORK/male.pt" "$WORK/female.pt" "$WORK/train.log" "$OUT/"; fi
+      } 2>&1 | stdbuf -oL tr '\r' '\n' | grep --line-buffered -v -E "(it/s|s/it)" \
+        | tee -a "$WORK/train.log" ${OUT:+"$OUT/train.log"}  # in $OUT as it grows: a call cut off returns it
+      if [ -n "${OUT:-}" ]; then cp "$WORK/male.pt" "$WORK/female.pt" "$OUT/"; fi
       ;;
     finalise)  # on this machine: BatchNorm, sigma scale, validation and limits on the raw films, nothing trained
       from=$2; shift

@@ -141,8 +141,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     train_ages, train_males = ages["train"].to(device), males["train"].to(device)
 
     net = BoneAgeNet(input_size=cfg.input_size, width=cfg.width)
+    init_metadata: dict[str, Any] = {}
     if cfg.init:
-        state_dict, _ = load_weights(cfg.init)
+        state_dict, init_metadata = load_weights(cfg.init)
+        if int(init_metadata["input_size"]) != cfg.input_size:
+            raise ValueError(f"{cfg.init} was trained at {init_metadata['input_size']} px; --input-size is "
+                             f"{cfg.input_size}")
         net.load_state_dict(state_dict, strict=True)
     net = net.to(device).to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -223,6 +227,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "trained_on": dt.datetime.now(dt.UTC).date().isoformat(), "init": str(cfg.init) if cfg.init else "scratch",
         "history": history,
     }
+    if cfg.epochs == 0 and init_metadata:  # a file finalised here: keep the record of the run that trained it
+        metadata["finalised_from"] = {key: init_metadata[key] for key in
+                                      ("version", "trained_on", "init", "epochs", "split_sizes", "history")
+                                      if key in init_metadata}
     if cfg.sex == "both" or not cfg.validate:
         # The shared trunk (not served: its sex varies per film, only fine-tuned from), or a file to finalise where
         # the raw films are (`--epochs 0 --init`), written uncalibrated.
@@ -331,10 +339,14 @@ def cached_pixels(cases: list[Case], size: int, cache_dir: Path, workers: int = 
     logger.info("decoding %d films to %s", len(cases), path)
     films = np.empty((len(cases), size, size), dtype=np.uint8)
     starts = range(0, len(cases), 500)
-    with ProcessPoolExecutor(max(1, workers)) as pool:
-        chunks = pool.map(_decode_uint8, [cases[start:start + 500] for start in starts], [size] * len(starts))
-        for start, chunk in zip(starts, chunks, strict=True):
-            films[start:start + len(chunk)] = chunk
+    if workers <= 1:
+        for start in starts:
+            films[start:start + 500] = _decode_uint8(cases[start:start + 500], size)
+    else:
+        with ProcessPoolExecutor(workers) as pool:
+            chunks = pool.map(_decode_uint8, [cases[start:start + 500] for start in starts], [size] * len(starts))
+            for start, chunk in zip(starts, chunks, strict=True):
+                films[start:start + len(chunk)] = chunk
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy")
     with os.fdopen(fd, "wb") as f:
@@ -364,7 +376,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", help="where to train: cpu, cuda (see device_train.sh)")
     parser.add_argument("--no-validation", action="store_true",
                         help="train without the raw films' images; finalise the file with --epochs 0 --init")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
                         help="processes decoding the training films into the cache")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

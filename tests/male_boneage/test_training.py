@@ -102,6 +102,11 @@ def test_a_file_trained_without_validation_is_written_uncalibrated_and_finalised
     assert final_metadata["sigma_scale"] != 1.0 and final_metadata["ood_sigma_months"] > 0
     assert final_metadata["val_metrics"]["n"] == final_metadata["split_sizes"]["val"] > 0
     assert final_metadata["history"] == []
+    assert final_metadata["finalised_from"]["version"] == metadata["version"]  # the training run's record kept
+    assert [h["train_loss"] for h in final_metadata["finalised_from"]["history"]] == [
+        h["train_loss"] for h in metadata["history"]]
+    with pytest.raises(ValueError, match="trained at 112 px"):  # finalised at another size: refused, not guessed
+        train(TrainConfig(out=tmp_path / "other" / "female.pt", epochs=0, init=trained, **common | {"input_size": 96}))
 
 
 def test_the_training_cache_decoded_by_several_processes_equals_the_preprocessing(tmp_path: Path) -> None:
