@@ -2,14 +2,14 @@
 
     .venv/bin/python -m bench.model_step                 # both models, batch 1 and 8; prints a Markdown report
     .venv/bin/python -m bench.model_step --out FILE      # also writes it to FILE
-    python3 -m bench.model_step --device cuda --steps after --films device_data/rsna-train-299 --batches 1 8 64
+    python3 -m bench.model_step --device cuda --served-only --films device_data/rsna-train-299 --batches 1 8 64
                                                          # on a GPU (device_train.sh): films/s, as served only
 
 "before" is pytorch-grad-cam's GradCAM over every TTA variant with the maps made on the CPU
 (`male_boneage.gradcam_reference.reference_predict_batch`, how the service ran until the on-device CAM);
 "after" is `BoneAgeModel.predict_batch(images, with_heatmap=True)` as served. Both run on the same films of
 `rsna-test-20` (or the first films of `--films`, as many as the largest batch) in the same process, interleaved
-repetition by repetition, so a busy machine slows both alike. `--steps after` times the served step alone (no
+repetition by repetition, so a busy machine slows both alike. `--served-only` times the served step alone (no
 pytorch-grad-cam needed: a GPU machine may lack it) and adds films per second.
 
 Rows: each model alone on one torch thread (the service's setting on 2 cores), and "both, as served": the male and
@@ -44,16 +44,13 @@ def served_step(model: BoneAgeModel, images: list[np.ndarray]) -> list[ModelEsti
     return model.predict_batch(images, with_heatmap=True)
 
 
-def steps(names: list[str]) -> dict[str, Step]:
-    """The steps to time, by name ("before", "after")."""
-    chosen: dict[str, Step] = {}
-    if "before" in names:
-        from male_boneage.gradcam_reference import reference_predict_batch  # pytorch-grad-cam: only when asked
+def steps(served_only: bool) -> dict[str, Step]:
+    """The steps to time: the served one ("after"), and unless `served_only` pytorch-grad-cam's ("before")."""
+    if served_only:
+        return {AFTER: served_step}
+    from male_boneage.gradcam_reference import reference_predict_batch  # pytorch-grad-cam: only when asked
 
-        chosen[BEFORE] = reference_predict_batch
-    if "after" in names:
-        chosen[AFTER] = served_step
-    return chosen
+    return {BEFORE: reference_predict_batch, AFTER: served_step}
 
 
 def time_ms(run: Callable[[], object]) -> tuple[float, float]:
@@ -98,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the service: half the cores)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--films", type=Path, help="folder of films (default: DATA/rsna-test-20)")
-    parser.add_argument("--steps", nargs="+", choices=["before", "after"], default=["before", "after"])
+    parser.add_argument("--served-only", action="store_true",
+                        help="time the served step alone, with films/s (no pytorch-grad-cam needed)")
     parser.add_argument("--out", type=Path, help="also write the report here")
     args = parser.parse_args(argv)
 
@@ -106,14 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     models = {sex: BoneAgeModel.from_file(REPO / "male_boneage" / "weights" / f"{sex}.pt", device)
               for sex in ("male", "female")}
-    if "after" not in args.steps:
-        parser.error("--steps must include after (the served step, the baseline of every row)")
     folder = args.films or args.data / "rsna-test-20"
     paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg"))[:max(20, *args.batches)]
     if len(paths) < max(args.batches):
         parser.error(f"{folder} has {len(paths)} films; batch {max(args.batches)} needs as many")
     films = {sex: [film_pixels(p.read_bytes(), m.input_size) for p in paths] for sex, m in models.items()}
-    timed = steps(args.steps)
+    timed = steps(args.served_only)
     load_start, info = loadavg(), machine_info()
     rows = []
     for batch in args.batches:
@@ -121,17 +117,16 @@ def main(argv: list[str] | None = None) -> int:
         for row in ("male", "female", "both, as served"):
             cells = [str(batch), row]
             for clock in ("wall", "cpu"):
-                if BEFORE not in timed:
-                    after = median(samples[(AFTER, row, clock)])
-                    cells += [fmt(after)] + ([f"{1000 / after:.0f}"] if clock == "wall" else [])
-                    continue
-                before = median(samples[(BEFORE, row, clock)])
                 after = median(samples[(AFTER, row, clock)])
-                cells += [fmt(before), fmt(after), f"{(1 - after / before) * 100:.0f}%"]
+                if args.served_only:
+                    cells += [fmt(after)] + ([f"{1000 / after:.0f}"] if clock == "wall" else [])
+                else:
+                    before = median(samples[(BEFORE, row, clock)])
+                    cells += [fmt(before), fmt(after), f"{(1 - after / before) * 100:.0f}%"]
             rows.append(cells)
-    header = (["batch", "model", "before wall ms/film", "after wall ms/film", "cheaper by",
-               "before CPU ms/film", "after CPU ms/film", "cheaper by"] if BEFORE in timed else
-              ["batch", "model", "wall ms/film", "films/s", "CPU ms/film"])
+    header = (["batch", "model", "wall ms/film", "films/s", "CPU ms/film"] if args.served_only else
+              ["batch", "model", "before wall ms/film", "after wall ms/film", "cheaper by",
+               "before CPU ms/film", "after CPU ms/film", "cheaper by"])
     report = "\n".join([
         "## Model step: inference + Grad-CAM per film, before and after the on-device CAM",
         "",

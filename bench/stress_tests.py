@@ -38,7 +38,8 @@ def outcomes(junit_xml: Path, reasons: dict[str, str] | None = None) -> dict[str
     results = {}
     for case in ET.parse(junit_xml).getroot().iter("testcase"):
         name = f"{case.get('classname')}::{case.get('name')}"
-        failure = case.find("failure") if case.find("failure") is not None else case.find("error")
+        failure = case.find("failure")
+        failure = case.find("error") if failure is None else failure
         if failure is not None:
             results[name] = "failed"
             if reasons is not None:

@@ -91,11 +91,14 @@ class TrainAugmentation:
         n, _, h, w = batch.shape
         device = batch.device
 
+        def rand() -> torch.Tensor:  # n draws in [0, 1) from the CPU generator, on the batch's device
+            return torch.rand(n, generator=generator).to(device)
+
         def uniform(low: float, high: float) -> torch.Tensor:
-            return (torch.rand(n, generator=generator) * (high - low) + low).to(device)
+            return rand() * (high - low) + low
 
         def chance(p: float) -> torch.Tensor:
-            return (torch.rand(n, generator=generator) < p).to(device)
+            return rand() < p
 
         flip = chance(self.flip_prob).view(n, 1, 1, 1)
         batch = torch.where(flip, batch.flip(-1), batch)
@@ -109,7 +112,7 @@ class TrainAugmentation:
             uniform(-1, 1) * reach, uniform(-1, 1) * reach,
         )
         # Outside the film: its own border level (half), black (a quarter) or any grey (a quarter).
-        pick = torch.rand(n, generator=generator).to(device)
+        pick = rand()
         fill = torch.where(pick < 0.5, border_level(batch),
                            torch.where(pick < 0.75, torch.zeros(n, device=device), uniform(0, 0.6)))
         out = warp(batch, matrices, fill).clamp(0, 1)
@@ -131,13 +134,13 @@ class TrainAugmentation:
         xs = torch.arange(w, device=device).view(1, 1, w)
         # A bright "L"-style marker: a small white rectangle somewhere near the film's edge.
         has_marker = chance(self.marker_prob).view(n, 1, 1)
-        mx = (torch.rand(n, generator=generator) * (w - 10)).long().view(n, 1, 1).to(device)
-        my = (torch.rand(n, generator=generator) * (h * 0.3)).long().view(n, 1, 1).to(device)
+        mx = (rand() * (w - 10)).long().view(n, 1, 1)
+        my = (rand() * (h * 0.3)).long().view(n, 1, 1)
         marker = has_marker & (xs >= mx) & (xs < mx + max(2, w // 12)) & (ys >= my) & (ys < my + max(2, h // 10))
         out = torch.where(marker.unsqueeze(1), torch.ones_like(out), out)
         # A white film border on one side.
         has_border = chance(self.border_prob).view(n, 1, 1)
-        bw = (torch.rand(n, generator=generator) * 0.08 * w).long().view(n, 1, 1).to(device) + 1
+        bw = (rand() * 0.08 * w).long().view(n, 1, 1) + 1
         border = has_border & ((xs < bw) | (xs >= w - bw) | (ys < bw))
         out = torch.where(border.unsqueeze(1), torch.full_like(out, 0.9), out)
         return jpeg_round_trip(out, chance(self.jpeg_prob), self.jpeg_quality, generator)

@@ -14,6 +14,8 @@ import numpy as np
 
 from male_boneage.preprocess import film_pixels
 
+# The project's data folder, beside the checkout (its README says what each folder holds).
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SPLITS = ("train", "val", "calib")
 # Never trained, tuned or selected on, at any resolution: the full-resolution benchmark of `rsna-train-512`
 # (its 245 films in these splits of seed 17). Fixed even if the training split changes.

@@ -20,26 +20,20 @@ import sys
 import tarfile
 from pathlib import Path
 
-from male_boneage.data import read_labels
+from male_boneage.data import SHARED_DATA, Case
+from male_boneage.train import TrainConfig, split_cases
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-DATA = PROJECT_ROOT.parent / "shared" / "data"
 MEMBER_OVERHEAD = 1024  # a member's header and its padding to 512-byte blocks, at most
 ARCHIVE_END = 1024 + tarfile.RECORDSIZE  # the end-of-archive blocks and the padding to a whole record, at most
 
 
-def training_rows(data: Path, raw: Path) -> list[dict[str, str]]:
-    """labels.csv rows of `data` whose ids are not in `raw` (the films `train.py --raw` trains on)."""
-    raw_ids = {case.image_id for case in read_labels(raw)}
-    with (data / "labels.csv").open(newline="") as f:
-        return [row for row in csv.DictReader(f) if Path(row["image"]).stem not in raw_ids]
-
-
-def csv_bytes(rows: list[dict[str, str]]) -> bytes:
+def labels_csv(cases: list[Case]) -> bytes:
+    """A labels.csv (image,boneage_months,male) listing `cases`."""
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=["image", "boneage_months", "male"], lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({key: row[key] for key in ("image", "boneage_months", "male")} for row in rows)
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["image", "boneage_months", "male"])
+    writer.writerows([case.path.name, case.boneage_months, int(case.male)] for case in cases)
     return out.getvalue().encode()
 
 
@@ -50,20 +44,21 @@ def add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def pack(data: Path, raw: Path, out: Path, part_bytes: int) -> list[Path]:
-    """Write the parts (any old ones removed first); returns their paths."""
-    rows = training_rows(data, raw)
+    """Write the parts (any old ones removed first); returns their paths. The films are those `train.py --raw`
+    trains on (`split_cases`)."""
+    cases = split_cases(TrainConfig(data=data, raw=raw, sex="both", out=Path(), validate=False))["train"]
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("part-*.tar"):
         old.unlink()
-    labels = {f"{data.name}/labels.csv": csv_bytes(rows), f"{raw.name}/labels.csv": (raw / "labels.csv").read_bytes()}
+    labels = {f"{data.name}/labels.csv": labels_csv(cases), f"{raw.name}/labels.csv": (raw / "labels.csv").read_bytes()}
     parts: list[list[Path]] = [[]]
     used = sum(len(b) + MEMBER_OVERHEAD for b in labels.values()) + ARCHIVE_END
-    for row in rows:
-        size = (data / row["image"]).stat().st_size + MEMBER_OVERHEAD
+    for case in cases:
+        size = case.path.stat().st_size + MEMBER_OVERHEAD
         if used + size > part_bytes and parts[-1]:
             parts.append([])
             used = ARCHIVE_END
-        parts[-1].append(data / row["image"])
+        parts[-1].append(case.path)
         used += size
     paths = []
     for number, files in enumerate(parts, start=1):
@@ -80,8 +75,8 @@ def pack(data: Path, raw: Path, out: Path, part_bytes: int) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=DATA / "rsna-train-299")
-    parser.add_argument("--raw", type=Path, default=DATA / "rsna-train-512")
+    parser.add_argument("--data", type=Path, default=SHARED_DATA / "rsna-train-299")
+    parser.add_argument("--raw", type=Path, default=SHARED_DATA / "rsna-train-512")
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "device_pack")
     parser.add_argument("--part-mib", type=float, default=34.0,
                         help="largest part (64 MiB per call, less the working tree)")

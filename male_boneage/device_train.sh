@@ -39,7 +39,7 @@ while [ $# -gt 0 ]; do
         "$(find "$DATA" -name '*.jpg' | wc -l) present"
       ;;
     bench)
-      "$PY" -m bench.model_step --device "$DEVICE" --steps after --films "$DATA" --batches 1 8 64 ${BENCH_ARGS:-} \
+      "$PY" -m bench.model_step --device "$DEVICE" --served-only --films "$DATA" --batches 1 8 64 ${BENCH_ARGS:-} \
         ${OUT:+--out "$OUT/model_step.md"}
       ;;
     train)

@@ -43,7 +43,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from torch import nn
 
 from male_boneage.augment import TrainAugmentation, standardize
-from male_boneage.data import Case, read_labels, select
+from male_boneage.data import SHARED_DATA, Case, read_labels, select
 from male_boneage.inference import ModelUnavailable, read_weights_file
 from male_boneage.preprocess import PREPROCESSING_VERSION, read_film, to_model_pixels
 from male_boneage.variants import VARIANTS, apply_variant
@@ -52,7 +52,6 @@ logger = logging.getLogger(__name__)
 CHECK_ARCHITECTURE = "FilmCheckNet-v1"
 CHECK_SIZE = 128
 CHECK_METADATA = ("architecture", "width", "preprocessing", "threshold", "version")
-DATA_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 class FilmCheckNet(nn.Module):
@@ -474,7 +473,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("command", choices=("train", "measure", "hands"),
                         help="train the shipped checker; measure it on held-out sources; hands: refusals of real hand "
                              "films and their variants by the shipped checker")
-    parser.add_argument("--data-root", type=Path, default=DATA_ROOT, help="the shared data folder")
+    parser.add_argument("--data-root", type=Path, default=SHARED_DATA, help="the shared data folder")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "weights" / "film_check.pt")
     parser.add_argument("--hands", type=int, default=4000, help="hand films to train on")
     parser.add_argument("--epochs", type=int, default=6)

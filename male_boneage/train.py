@@ -30,6 +30,7 @@ import os
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,8 +125,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     device = torch.device(cfg.device)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed input size: let cuDNN pick its fastest kernels
     splits = split_cases(cfg)
-    if not cfg.validate:
-        splits["val"], splits["calib"] = [], []
     if cfg.limit:
         splits = {name: items[: cfg.limit if name == "train" else max(8, cfg.limit // 4)]
                   for name, items in splits.items()}
@@ -311,17 +310,22 @@ CACHE_DIR = Path(__file__).resolve().parents[1] / "checkpoints" / "cache"
 
 
 def split_cases(cfg: TrainConfig) -> dict[str, list[Case]]:
-    """{"train", "val", "calib"}: cases of the sex trained on (see the module docstring)."""
+    """{"train", "val", "calib"}: cases of the sex trained on (see the module docstring); without validation
+    (`cfg.validate` off) "val" and "calib" are empty, so their images are never read."""
     cases = read_labels(cfg.data)
     if cfg.raw is None:
-        return {name: select(cases, name, cfg.sex, cfg.seed) for name in ("train", "val", "calib")}
-    raw_ids = {c.image_id for c in read_labels(cfg.raw)}
-    trainable_raw = select(read_labels(cfg.raw), "train", cfg.sex, cfg.seed)  # never the held-out 245
-    return {
-        "train": [c for c in select(cases, "all", cfg.sex, cfg.seed) if c.image_id not in raw_ids],
-        "val": [c for c in trainable_raw if split_of(c.image_id, cfg.seed + 1, 50, 50) == "val"],
-        "calib": [c for c in trainable_raw if split_of(c.image_id, cfg.seed + 1, 50, 50) == "calib"],
-    }
+        splits = {name: select(cases, name, cfg.sex, cfg.seed) for name in ("train", "val", "calib")}
+    else:
+        raw_ids = {c.image_id for c in read_labels(cfg.raw)}
+        trainable_raw = select(read_labels(cfg.raw), "train", cfg.sex, cfg.seed)  # never the held-out 245
+        splits = {
+            "train": [c for c in select(cases, "all", cfg.sex, cfg.seed) if c.image_id not in raw_ids],
+            "val": [c for c in trainable_raw if split_of(c.image_id, cfg.seed + 1, 50, 50) == "val"],
+            "calib": [c for c in trainable_raw if split_of(c.image_id, cfg.seed + 1, 50, 50) == "calib"],
+        }
+    if not cfg.validate:
+        splits["val"], splits["calib"] = [], []
+    return splits
 
 
 def _decode_uint8(cases: list[Case], size: int) -> np.ndarray:
@@ -339,14 +343,11 @@ def cached_pixels(cases: list[Case], size: int, cache_dir: Path, workers: int = 
     logger.info("decoding %d films to %s", len(cases), path)
     films = np.empty((len(cases), size, size), dtype=np.uint8)
     starts = range(0, len(cases), 500)
-    if workers <= 1:
-        for start in starts:
-            films[start:start + 500] = _decode_uint8(cases[start:start + 500], size)
-    else:
-        with ProcessPoolExecutor(workers) as pool:
-            chunks = pool.map(_decode_uint8, [cases[start:start + 500] for start in starts], [size] * len(starts))
-            for start, chunk in zip(starts, chunks, strict=True):
-                films[start:start + len(chunk)] = chunk
+    chunks = [cases[start:start + 500] for start in starts]
+    with ExitStack() as stack:  # one worker decodes in this process
+        decode = stack.enter_context(ProcessPoolExecutor(workers)).map if workers > 1 else map
+        for start, decoded in zip(starts, decode(_decode_uint8, chunks, [size] * len(chunks)), strict=True):
+            films[start:start + len(decoded)] = decoded
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy")
     with os.fdopen(fd, "wb") as f:
