@@ -1,7 +1,8 @@
-"""The reference for the served Grad-CAM: pytorch-grad-cam's `GradCAM` over every TTA variant on the CPU.
+"""The reference for the served Grad-CAM: pytorch-grad-cam's `GradCAMElementWise` over every TTA variant on the CPU.
 
 This is how `BoneAgeModel.predict_batch` computed its estimates and heatmaps before the CAM moved onto the device
-(a map computed and resized with numpy and OpenCV for every variant, one used). The tests compare the served
+(a map computed and resized with numpy and OpenCV for every variant, one used; the service then used plain
+`GradCAM`, whose channels can cancel out to a blank map). The tests compare the served
 heatmaps and ages with it, and `bench.model_step` times it as "before". The service never imports it.
 """
 
@@ -11,7 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam import GradCAMElementWise
 
 from male_boneage.augment import tta_batch
 from male_boneage.inference import MEAN_INDEX, BoneAgeModel, ModelEstimate, combine_tta
@@ -45,7 +46,7 @@ def reference_predict_batch(model: BoneAgeModel, images: list[np.ndarray]) -> li
     # Prepended so that Grad-CAM's own hooks, registered later, already see the leaf.
     leaf = model.net.cam_layer.register_forward_hook(gradients_start_here, prepend=True)
     try:
-        with GradCAM(model=model.flat, target_layers=[model.net.cam_layer]) as cam:
+        with GradCAMElementWise(model=model.flat, target_layers=[model.net.cam_layer]) as cam:
             maps = cam(input_tensor=batch, targets=[AgeTarget()] * len(batch))
             outputs = cam.outputs.detach().cpu().view(len(images), n_variants, -1)
     finally:

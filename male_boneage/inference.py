@@ -125,14 +125,17 @@ def scale_to_unit(maps: torch.Tensor) -> torch.Tensor:
 
 
 def grad_cam(activations: torch.Tensor, gradients: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Grad-CAM of (N, C, h, w) CAM-layer activations and their gradients -> (N, H, W) maps in [0, 1], on their device.
+    """Element-wise Grad-CAM of (N, C, h, w) CAM-layer activations and their gradients -> (N, H, W) maps in [0, 1],
+    on their device.
 
-    The steps and their order are pytorch-grad-cam's (`GradCAM` with one target layer): channel weights = spatial
-    mean of the gradients, ReLU of the weighted sum of the activations, scaled to [0, 1], resized bilinearly to
-    `size` (half-pixel centres, as OpenCV's `cv2.resize`), scaled to [0, 1] again.
+    The steps and their order are pytorch-grad-cam's `GradCAMElementWise` with one target layer: the ReLU of each
+    activation times its own gradient, summed over the channels, scaled to [0, 1], resized bilinearly to `size`
+    (half-pixel centres, as OpenCV's `cv2.resize`), scaled to [0, 1] again. Plain Grad-CAM (channel weights = the
+    spatial mean of the gradients) lets the channels cancel: for some older children the weighted sum is negative
+    at every position and the map is blank. Here a position is highlighted wherever some feature there raises the
+    estimated age, so a map is empty only when nothing does.
     """
-    weights = gradients.mean(dim=(2, 3), keepdim=True)
-    maps = scale_to_unit(torch.relu((weights * activations).sum(dim=1)))
+    maps = scale_to_unit(torch.relu(gradients * activations).sum(dim=1))
     resized = F.interpolate(maps.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
     return scale_to_unit(resized)
 

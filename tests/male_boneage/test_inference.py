@@ -1,4 +1,4 @@
-"""The served Grad-CAM, computed on the device: the same heatmaps and estimates as pytorch-grad-cam's GradCAM."""
+"""The served Grad-CAM, computed on the device: the heatmaps and estimates of pytorch-grad-cam's GradCAMElementWise."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import PROJECT_ROOT, TEST20, WEIGHTS
-from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam import GradCAMElementWise
 
 from male_boneage.augment import affine_matrices, standardize, tta_batch, tta_variants, warp
 from male_boneage.gradcam_reference import AgeTarget, reference_predict_batch
@@ -67,7 +67,7 @@ def test_heatmap_equals_full_backward_grad_cam_and_no_weight_gradients() -> None
     estimate = model.predict(pixels, with_heatmap=True)
 
     textbook = build_net(*load_weights(path), str(path))  # weights with requires_grad: a full backward pass
-    with GradCAM(model=FlatOutput(textbook).eval(), target_layers=[textbook.cam_layer]) as cam:
+    with GradCAMElementWise(model=FlatOutput(textbook).eval(), target_layers=[textbook.cam_layer]) as cam:
         maps = cam(input_tensor=tta_batch(pixels, model.tta), targets=[AgeTarget()] * len(model.tta))
     assert any(p.grad is not None for p in textbook.parameters())
 
