@@ -5,8 +5,9 @@
     python3 -m bench.model_step --device cuda --served-only --films device_data/rsna-train-299 --batches 1 8 64
                                                          # on a GPU (device_train.sh): films/s, as served only
 
-"before" is pytorch-grad-cam's GradCAM over every TTA variant with the maps made on the CPU
-(`male_boneage.gradcam_reference.reference_predict_batch`, how the service ran until the on-device CAM);
+"before" is pytorch-grad-cam over every TTA variant with the maps made on the CPU
+(`male_boneage.gradcam_reference.reference_predict_batch`, how the service ran until the on-device CAM; since the
+stage 6 weights, the element-wise `GradCAMElementWise` that the service now computes);
 "after" is `BoneAgeModel.predict_batch(images, with_heatmap=True)` as served. Both run on the same films of
 `rsna-test-20` (or the first films of `--films`, as many as the largest batch) in the same process, interleaved
 repetition by repetition, so a busy machine slows both alike. `--served-only` times the served step alone (no
