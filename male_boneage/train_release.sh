@@ -19,30 +19,21 @@ DATA=${DATA:-../shared/data/rsna-train-299}
 RAW=${RAW:-../shared/data/rsna-train-512}
 train() { python -m male_boneage.train --data "$DATA" --raw "$RAW" "$@"; }
 
-train --sex both --epochs 10 --out checkpoints/stage1/joint.pt
-for sex in male female; do
-  train --sex "$sex" --epochs 3 --lr 5e-4 --init checkpoints/stage1/joint.pt --out "checkpoints/stage1/$sex.pt"
-done
+# One schedule: JOINT_EPOCHS on both sexes at peak JOINT_LR from INIT ("" = from scratch) into JOINT, then 3 epochs per
+# sex at peak SEX_LR from JOINT into SEX_DIR/male.pt and SEX_DIR/female.pt.
+stage() {  # stage JOINT JOINT_EPOCHS JOINT_LR INIT SEX_DIR SEX_LR
+  local joint=$1 epochs=$2 lr=$3 init=$4 sex_dir=$5 sex_lr=$6
+  train --sex both --epochs "$epochs" --lr "$lr" ${init:+--init "$init"} --out "$joint"
+  for sex in male female; do
+    train --sex "$sex" --epochs 3 --lr "$sex_lr" --init "$joint" --out "$sex_dir/$sex.pt"
+  done
+}
 
-train --sex both --epochs 12 --lr 1e-3 --init checkpoints/stage1/male.pt --out checkpoints/joint2.pt
-for sex in male female; do
-  train --sex "$sex" --epochs 3 --lr 3e-4 --init checkpoints/joint2.pt --out "checkpoints/stage2/$sex.pt"
-done
-
-train --sex both --epochs 12 --lr 6e-4 --init checkpoints/joint2.pt --out checkpoints/stage3/joint3.pt
-for sex in male female; do
-  train --sex "$sex" --epochs 3 --lr 2e-4 --init checkpoints/stage3/joint3.pt --out "checkpoints/stage3/$sex.pt"
-done
-
-train --sex both --epochs 20 --lr 8e-4 --init checkpoints/stage3/joint3.pt --out checkpoints/stage5/joint5.pt
-for sex in male female; do
-  train --sex "$sex" --epochs 3 --lr 2e-4 --init checkpoints/stage5/joint5.pt --out "checkpoints/stage5/$sex.pt"
-done
-
-train --sex both --epochs 12 --lr 5e-4 --init checkpoints/stage5/joint5.pt --out checkpoints/stage6/joint6.pt
-for sex in male female; do
-  train --sex "$sex" --epochs 3 --lr 2e-4 --init checkpoints/stage6/joint6.pt --out "checkpoints/stage6/$sex.pt"
-done
+stage checkpoints/stage1/joint.pt  10 2e-3 ""                           checkpoints/stage1 5e-4
+stage checkpoints/joint2.pt        12 1e-3 checkpoints/stage1/male.pt   checkpoints/stage2 3e-4
+stage checkpoints/stage3/joint3.pt 12 6e-4 checkpoints/joint2.pt        checkpoints/stage3 2e-4
+stage checkpoints/stage5/joint5.pt 20 8e-4 checkpoints/stage3/joint3.pt checkpoints/stage5 2e-4
+stage checkpoints/stage6/joint6.pt 12 5e-4 checkpoints/stage5/joint5.pt checkpoints/stage6 2e-4
 
 python -m male_boneage.recalibrate --data "$RAW" --split train --male-weights checkpoints/stage6/male.pt \
   --female-weights checkpoints/stage6/female.pt --write
