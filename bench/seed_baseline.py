@@ -31,7 +31,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from sqlalchemy import Column, DateTime, Float, Integer, String, create_engine
 from sqlalchemy.orm import Session, declarative_base
 
-from male_boneage.augment import DEFAULT_TTA, standardize, tta_batch
+from male_boneage.augment import DEFAULT_TTA, TTA_VARIANTS, standardize, tta_batch
 from male_boneage.inference import MEAN_INDEX, build_net, combine_tta, load_weights
 from male_boneage.model import FlatOutput
 from male_boneage.preprocess import to_model_pixels
@@ -44,7 +44,7 @@ TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{REPO / 'bench'
 EXPERIMENT = "bone-age-seed-baseline"
 DEVICE = torch.device("cuda" if os.environ.get("BONEAGE_DEVICE") == "cuda"
                       or (os.environ.get("BONEAGE_DEVICE", "auto") == "auto" and torch.cuda.is_available()) else "cpu")
-TTA = DEFAULT_TTA[: int(os.environ.get("BONEAGE_TTA_VARIANTS", "4"))]
+TTA = TTA_VARIANTS[: int(os.environ.get("BONEAGE_TTA_VARIANTS", str(len(DEFAULT_TTA))))]
 WEIGHTS = {
     "male": Path(os.environ.get("BONEAGE_MALE_WEIGHTS", str(REPO / "male_boneage" / "weights" / "male.pt"))),
     "female": Path(os.environ.get("BONEAGE_FEMALE_WEIGHTS", str(REPO / "male_boneage" / "weights" / "female.pt"))),

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from male_boneage.augment import DEFAULT_TTA
+from male_boneage.augment import DEFAULT_TTA, TTA_VARIANTS
 from male_boneage.data import Case, load_pixels, read_labels, select
 from male_boneage.inference import BoneAgeModel, ModelEstimate, out_of_distribution
 from male_boneage.metrics import Z_90, summarize
@@ -80,7 +80,7 @@ def evaluate(data: Path, male_weights: Path, female_weights: Path, out_csv: Path
 
 def load_models(male_weights: Path, female_weights: Path, tta_variants: int) -> dict[str, BoneAgeModel]:
     """Both shipped models on the CPU, with the service's first `tta_variants` test-time variants."""
-    tta = DEFAULT_TTA[:tta_variants]
+    tta = TTA_VARIANTS[:tta_variants]
     device = torch.device("cpu")
     return {"male": BoneAgeModel.from_file(male_weights, device, tta),
             "female": BoneAgeModel.from_file(female_weights, device, tta)}
@@ -195,7 +195,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--male-weights", type=Path, default=DEFAULT_WEIGHTS / "male.pt")
     parser.add_argument("--female-weights", type=Path, default=DEFAULT_WEIGHTS / "female.pt")
     parser.add_argument("--out", type=Path, default=Path("evaluation.csv"), help="per-case CSV to write")
-    parser.add_argument("--tta", type=int, default=len(DEFAULT_TTA), help="test-time variants (1 = off)")
+    parser.add_argument("--tta", type=int, default=len(DEFAULT_TTA),
+                        help=f"test-time variants (1 = off, at most {len(TTA_VARIANTS)})")
     parser.add_argument("--split", choices=("all", "val", "calib", "train", "heldout"), default="all",
                         help="only this part of the training code's seeded split (for the training folders); "
                              "heldout = val or calib (rsna-train-512's 245 benchmark films), train = the rest")

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from male_boneage.augment import DEFAULT_TTA, tta_variants
+from male_boneage.augment import DEFAULT_TTA, TtaVariant, tta_variants
 from male_boneage.model import (
     AGE_SCALE_MONTHS,
     ARCHITECTURE,
@@ -148,7 +148,7 @@ class BoneAgeModel:
     """
 
     def __init__(self, net: BoneAgeNet, metadata: dict[str, Any], device: torch.device,
-                 tta: tuple[tuple[float, float], ...] = DEFAULT_TTA) -> None:
+                 tta: tuple[TtaVariant, ...] = DEFAULT_TTA) -> None:
         self.net = net.to(device).eval().requires_grad_(False)  # as loaded: the reference Grad-CAM explains it
         self.flat = FlatOutput(self.net).eval()
         # What `predict_batch` runs: BatchNorm folded into the convolutions, tensors channels-last (oneDNN's layout
@@ -162,7 +162,7 @@ class BoneAgeModel:
 
     @classmethod
     def from_file(cls, path: Path, device: torch.device,
-                  tta: tuple[tuple[float, float], ...] = DEFAULT_TTA) -> BoneAgeModel:
+                  tta: tuple[TtaVariant, ...] = DEFAULT_TTA) -> BoneAgeModel:
         state_dict, metadata = load_weights(path)
         return cls(build_net(state_dict, metadata, str(path)), metadata, device, tta)
 

@@ -7,8 +7,9 @@ Each film of the split is sent once, to the model of its sex, prepared as one of
 (chosen by a hash of its id: every way a film reaches us gets its share), and the scale is the one whose 90%
 interval covers 90% of these estimates (`metrics.calibrate_sigma_scale`, from sigmas at scale 1). Prints the scale per
 model and the pooled coverage before and after; `--write` stores it in the weights files' metadata
-(`sigma_scale`, with `sigma_calibration` saying how it was found). The weights themselves, and so the model
-versions (a hash of the weights), do not change. Never run it on `--split heldout`: those films are the benchmark.
+(`sigma_scale`, with `sigma_calibration` saying how it was found and `tta` the served test-time variants it holds
+for). The weights themselves, and so the model versions (a hash of the weights), do not change. Never run it on
+`--split heldout`: those films are the benchmark.
 """
 
 from __future__ import annotations
@@ -79,7 +80,9 @@ def recalibrate(data: Path, male_weights: Path, female_weights: Path, variants: 
 def write_scale(path: Path, scale: float, how: str) -> None:
     """Store a new sigma scale in a weights file's metadata, atomically (temp file, then rename)."""
     payload = torch.load(path, map_location="cpu", weights_only=True)
-    payload["metadata"] = payload["metadata"] | {"sigma_scale": scale, "sigma_calibration": how}
+    # The scale holds for the test-time variants it was fitted with (the served ones): the file records them.
+    payload["metadata"] = payload["metadata"] | {"sigma_scale": scale, "sigma_calibration": how,
+                                                 "tta": [list(v) for v in DEFAULT_TTA]}
     tmp = path.with_name(path.name + ".tmp")
     torch.save(payload, tmp)
     tmp.replace(path)

@@ -52,7 +52,7 @@ class Settings(BaseSettings):
     film_check_weights: Path = Field(PROJECT_ROOT / "male_boneage" / "weights" / "film_check.pt",
                                      description="the film check's classifier (python -m male_boneage.film_check)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available, else CPU")
-    tta_variants: int = Field(4, ge=1, le=4, description="test-time augmentation variants per model (1: off)")
+    tta_variants: int = Field(4, ge=1, le=8, description="test-time augmentation variants per model (1: off)")
     torch_threads: int = Field(0, ge=0, description="CPU threads per model pass (0: half the cores, at least 1, "
                                                    "since the two models run at the same time)")
     batch_max_size: int = Field(8, ge=1, description="most images per batched model pass (micro-batching)")

@@ -12,7 +12,16 @@ import torch
 from helpers import PROJECT_ROOT, TEST20, WEIGHTS
 from pytorch_grad_cam import GradCAMElementWise
 
-from male_boneage.augment import affine_matrices, standardize, tta_batch, tta_variants, warp
+from male_boneage.augment import (
+    DEFAULT_TTA,
+    TTA_VARIANTS,
+    TtaVariant,
+    affine_matrices,
+    standardize,
+    tta_batch,
+    tta_variants,
+    warp,
+)
 from male_boneage.gradcam_reference import AgeTarget, reference_predict_batch
 from male_boneage.inference import BoneAgeModel, build_net, load_weights
 from male_boneage.model import FlatOutput
@@ -92,6 +101,19 @@ def test_variants_built_for_a_batch_equal_those_of_each_image_alone() -> None:
     batched = tta_variants(torch.from_numpy(np.stack(images)), variants)
     assert batched.shape == (12, 1, 100, 100)
     torch.testing.assert_close(batched, expected, atol=1e-6, rtol=0)
+
+
+def test_a_mirrored_variant_is_the_variant_of_the_mirrored_film() -> None:
+    rng = np.random.default_rng(5)
+    images = torch.from_numpy(rng.random((2, 64, 64), dtype=np.float32))
+    for rotation, zoom in ((0.0, 1.0), (6.0, 1.0), (-6.0, 1.08)):
+        mirrored = tta_variants(images, [TtaVariant(rotation, zoom, mirrored=True)])
+        torch.testing.assert_close(mirrored, tta_variants(images.flip(-1), [(rotation, zoom)]), atol=1e-4, rtol=0)
+    identity = tta_variants(images, [TtaVariant(0.0, 1.0, mirrored=True)])
+    torch.testing.assert_close(identity, standardize(images.flip(-1).unsqueeze(1)), atol=1e-4, rtol=0)
+    assert DEFAULT_TTA[0] == TtaVariant(0.0, 1.0)  # the heatmap's variant: the film as sent
+    assert {v for v in TTA_VARIANTS if v.mirrored} == {TtaVariant(r, z, True) for r, z, _ in TTA_VARIANTS}
+    assert DEFAULT_TTA == TTA_VARIANTS[:4] and sum(v.mirrored for v in DEFAULT_TTA) == 2
 
 
 def test_one_model_serves_several_threads_at_once(model_and_films: tuple[BoneAgeModel, list[np.ndarray]]) -> None:

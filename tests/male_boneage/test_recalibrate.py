@@ -9,6 +9,7 @@ import pytest
 import torch
 from helpers import WEIGHTS
 
+from male_boneage.augment import DEFAULT_TTA
 from male_boneage.inference import BoneAgeModel, load_weights
 from male_boneage.recalibrate import assigned_variant, recalibrate, write_scale
 from male_boneage.variants import VARIANTS
@@ -36,6 +37,7 @@ def test_written_scale_keeps_weights_and_version(tmp_path: Path) -> None:
     write_scale(path, 0.5, "a test")
     after, after_meta = load_weights(path)
     assert after_meta["sigma_scale"] == 0.5 and after_meta["sigma_calibration"] == "a test"
+    assert after_meta["tta"] == [list(v) for v in DEFAULT_TTA]
     assert all(torch.equal(before[k], after[k]) for k in before) and after_meta["version"] == before_meta["version"]
     assert BoneAgeModel.from_file(path, torch.device("cpu")).sigma_scale == 0.5
     assert not list(tmp_path.glob("*.tmp"))

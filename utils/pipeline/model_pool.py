@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from male_boneage.augment import DEFAULT_TTA
+from male_boneage.augment import TTA_VARIANTS
 from male_boneage.inference import BoneAgeModel, ModelEstimate, out_of_distribution
 from male_boneage.preprocess import to_model_pixels
 from utils.config import Settings
@@ -36,7 +36,7 @@ def pick_device(setting: str) -> torch.device:
 def load_models(settings: Settings, device: torch.device) -> tuple[BoneAgeModel, BoneAgeModel, bool]:
     """(male, female, female fallback): both weights files loaded strictly on `device`; without female weights the
     male model is returned for both. Raises ModelUnavailable naming a bad file."""
-    tta = DEFAULT_TTA[: settings.tta_variants]
+    tta = TTA_VARIANTS[: settings.tta_variants]
     male = BoneAgeModel.from_file(settings.male_weights, device, tta)
     if not settings.female_weights.is_file():
         logger.warning("female weights %s not found: the male model serves female predictions too",
