@@ -197,30 +197,27 @@ TTA_VARIANTS: tuple[TtaVariant, ...] = (
 DEFAULT_TTA: tuple[TtaVariant, ...] = TTA_VARIANTS[:4]
 
 
-def tta_variants(images: torch.Tensor, variants: Sequence[tuple[float, float] | TtaVariant] = DEFAULT_TTA
-                 ) -> torch.Tensor:
+def tta_variants(images: torch.Tensor, variants: Sequence[TtaVariant] = DEFAULT_TTA) -> torch.Tensor:
     """Preprocessed images (N, H, W) in [0, 1] -> standardised (N * len(variants), 1, H, W) model input, on the
     images' device; image i's variants are rows i * len(variants) onwards, in the order of `variants`.
 
-    Each variant is a `TtaVariant` (a plain (rotation, zoom) pair is one not mirrored); the first should be the
-    identity.
+    The first variant should be the identity.
     """
     n, h, w = images.shape
-    parsed = [TtaVariant(*v) for v in variants]
-    count = len(parsed)
+    count = len(variants)
     base = images.reshape(n, 1, 1, h, w).expand(n, count, 1, h, w).reshape(n * count, 1, h, w)
-    rotation = torch.tensor([v.rotation_deg for v in parsed], dtype=torch.float32, device=images.device)
-    scale = torch.tensor([v.zoom for v in parsed], dtype=torch.float32, device=images.device)
+    rotation = torch.tensor([v.rotation_deg for v in variants], dtype=torch.float32, device=images.device)
+    scale = torch.tensor([v.zoom for v in variants], dtype=torch.float32, device=images.device)
     zeros = torch.zeros(count, device=images.device)
     ones = torch.ones(count, device=images.device)
     matrices = affine_matrices(rotation, scale, ones, zeros, zeros)
     # Sampling the mirrored film at (x, y) is sampling the film at (-x, y): the x row of the matrix changes sign.
-    mirror = torch.tensor([-1.0 if v.mirrored else 1.0 for v in parsed], device=images.device)
+    mirror = torch.tensor([-1.0 if v.mirrored else 1.0 for v in variants], device=images.device)
     matrices[:, 0, :] *= mirror.view(count, 1)
     return standardize(warp(base, matrices.repeat(n, 1, 1)))
 
 
-def tta_batch(pixels: np.ndarray, variants: Sequence[tuple[float, float] | TtaVariant] = DEFAULT_TTA) -> torch.Tensor:
+def tta_batch(pixels: np.ndarray, variants: Sequence[TtaVariant] = DEFAULT_TTA) -> torch.Tensor:
     """One preprocessed image (H, W) in [0, 1] -> standardised (len(variants), 1, H, W) model input, on the CPU
     (`tta_variants` of a batch of one)."""
     return tta_variants(torch.from_numpy(pixels).unsqueeze(0), variants)

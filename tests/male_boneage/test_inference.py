@@ -89,7 +89,7 @@ def test_heatmap_equals_full_backward_grad_cam_and_no_weight_gradients() -> None
 def test_variants_built_for_a_batch_equal_those_of_each_image_alone() -> None:
     rng = np.random.default_rng(3)
     images = [rng.random((100, 100), dtype=np.float32) for _ in range(3)]
-    variants = ((0.0, 1.0), (-6.0, 1.0), (6.0, 1.0), (0.0, 1.08))
+    variants = (TtaVariant(0.0, 1.0), TtaVariant(-6.0, 1.0), TtaVariant(6.0, 1.0), TtaVariant(0.0, 1.08))
 
     def one_image(pixels: np.ndarray) -> torch.Tensor:  # the per-image CPU code tta_variants replaced
         base = torch.from_numpy(pixels).view(1, 1, 100, 100).expand(4, 1, 100, 100).contiguous()
@@ -108,7 +108,8 @@ def test_a_mirrored_variant_is_the_variant_of_the_mirrored_film() -> None:
     images = torch.from_numpy(rng.random((2, 64, 64), dtype=np.float32))
     for rotation, zoom in ((0.0, 1.0), (6.0, 1.0), (-6.0, 1.08)):
         mirrored = tta_variants(images, [TtaVariant(rotation, zoom, mirrored=True)])
-        torch.testing.assert_close(mirrored, tta_variants(images.flip(-1), [(rotation, zoom)]), atol=1e-4, rtol=0)
+        plain = tta_variants(images.flip(-1), [TtaVariant(rotation, zoom)])
+        torch.testing.assert_close(mirrored, plain, atol=1e-4, rtol=0)
     identity = tta_variants(images, [TtaVariant(0.0, 1.0, mirrored=True)])
     torch.testing.assert_close(identity, standardize(images.flip(-1).unsqueeze(1)), atol=1e-4, rtol=0)
     assert DEFAULT_TTA[0] == TtaVariant(0.0, 1.0)  # the heatmap's variant: the film as sent
