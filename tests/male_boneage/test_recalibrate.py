@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import WEIGHTS
 
-from male_boneage.augment import DEFAULT_TTA
+from male_boneage.augment import DEFAULT_TTA, TTA_VARIANTS
 from male_boneage.inference import BoneAgeModel, load_weights
 from male_boneage.recalibrate import assigned_variant, recalibrate, write_scale
 from male_boneage.variants import VARIANTS
@@ -41,3 +41,5 @@ def test_written_scale_keeps_weights_and_version(tmp_path: Path) -> None:
     assert all(torch.equal(before[k], after[k]) for k in before) and after_meta["version"] == before_meta["version"]
     assert BoneAgeModel.from_file(path, torch.device("cpu")).sigma_scale == 0.5
     assert not list(tmp_path.glob("*.tmp"))
+    write_scale(path, 0.6, "fitted for all 8", tta_variants=8)  # `--tta 8`: the file records the 8 it holds for
+    assert load_weights(path)[1]["tta"] == [list(v) for v in TTA_VARIANTS] != after_meta["tta"]
