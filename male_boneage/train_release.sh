@@ -4,21 +4,12 @@
 # sent as one of the robustness variants. The ids of rsna-train-512 are never trained on (its 245 held-out films
 # are the benchmark). Each step resumes from its checkpoint (checkpoints/*.ckpt, not in git) if interrupted.
 #
-# Six one-cycle schedules: the first from scratch, each later one warm-started from the one before. Stage 1: 10 joint
-# epochs from scratch (peak lr 2e-3), 3 per sex. Stage 2: 12 joint epochs at peak 1e-3 from stage 1's male model, 3
-# per sex at 3e-4. Stage 3: 12 joint epochs at peak 6e-4 from stage 2's joint model, 3 per sex at 2e-4. Stage 5 (stage
-# 4, at 288 px, was not kept): 20 joint epochs at peak 8e-4 from stage 3's joint model, 3 per sex at 2e-4. Stage 6: 12
-# joint epochs at peak 5e-4 from stage 5's joint model, 3 per sex at 2e-4. Stage 7: 16 joint epochs at peak 5e-4 from
-# stage 6's male model, 3 per sex at 2e-4 (shipped: on the 955 trainable raw films, never trained on, MAE 8.41 with
-# stage 3, 8.09 with stage 5, 7.96 with stage 6, all with the 4 test-time variants then served; with all 8 of today's
-# 7.83 with stage 6, 7.65 with stage 7; 7.70 with stage 7 and the 4 served). Measured on 2 CPU cores (avx512_bf16,
-# bfloat16 autocast): stage 1 65 min (the machine shared with other work), stages 2 and 3 36 min each, stage 5 50 min,
-# stage 6 37 min (2.1-2.3 min per joint epoch, 1-1.2 min per fine-tune epoch, the training at real-time priority);
-# stage 7 about 81 min on a slower machine of the same kind (4.0 min per joint epoch, about 2 per fine-tune epoch);
-# the calibration and the film check about 5 min. About 5 h 10 min in all (stage 7 counted at its training time), 10.3
-# CPU core-hours.
-# A seventh schedule (stage 8, 14 joint epochs at 4e-4 from stage 7's joint model) measured 7.69 against 7.70 and is
-# not part of the release (model card, "What was tried").
+# Six one-cycle schedules, the `stage` lines below (joint epochs, peak lr, starting weights, per-sex lr): the first from
+# scratch, each later one warm-started from the one before. The model card ("Training") gives what each stage gained
+# on the 955 trainable raw films; stage 4 (288 px) and stage 8 (a seventh schedule: 7.69 against stage 7's 7.70
+# months) were not kept ("What was tried"). Time on 2 CPU cores (AMD EPYC, avx512_bf16, bfloat16 autocast, real-time
+# priority): about 5 h 10 min in all, 10.3 CPU core-hours, stage 7 alone about 81 min (per stage: the card's
+# "Compute").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data/rsna-train-299}
