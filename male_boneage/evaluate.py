@@ -195,8 +195,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--male-weights", type=Path, default=DEFAULT_WEIGHTS / "male.pt")
     parser.add_argument("--female-weights", type=Path, default=DEFAULT_WEIGHTS / "female.pt")
     parser.add_argument("--out", type=Path, default=Path("evaluation.csv"), help="per-case CSV to write")
-    parser.add_argument("--tta", type=int, default=len(DEFAULT_TTA),
-                        help=f"test-time variants (1 = off, at most {len(TTA_VARIANTS)})")
+    parser.add_argument("--tta", type=int, choices=range(1, len(TTA_VARIANTS) + 1), default=len(DEFAULT_TTA),
+                        help="test-time variants (1 = off)")
     parser.add_argument("--split", choices=("all", "val", "calib", "train", "heldout"), default="all",
                         help="only this part of the training code's seeded split (for the training folders); "
                              "heldout = val or calib (rsna-train-512's 245 benchmark films), train = the rest")

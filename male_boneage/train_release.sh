@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Trains the shipped weights (model card): one ResNet-18-shaped network on both sexes at 224 px, sex as an input,
 # then fine-tuned per sex; then the sigma scale is calibrated on the 955 trainable raw films of rsna-train-512, each
-# sent as one of the robustness variants. The ids of rsna-train-512 are never trained on (its 245 held-out films
+# sent as every robustness variant. The ids of rsna-train-512 are never trained on (its 245 held-out films
 # are the benchmark). Each step resumes from its checkpoint (checkpoints/*.ckpt, not in git) if interrupted.
 #
 # Six one-cycle schedules, the `stage` lines below (joint epochs, peak lr, starting weights, per-sex lr): the first from

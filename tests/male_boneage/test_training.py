@@ -107,6 +107,11 @@ def test_a_file_trained_without_validation_is_written_uncalibrated_and_finalised
         h["train_loss"] for h in metadata["history"]]
     with pytest.raises(ValueError, match="trained at 112 px"):  # finalised at another size: refused, not guessed
         train(TrainConfig(out=tmp_path / "other" / "female.pt", epochs=0, init=trained, **common | {"input_size": 96}))
+    # Trained on at another size (the net pools globally): allowed, and the new file says the size it trained at.
+    resized = train(TrainConfig(out=tmp_path / "resized" / "female.pt", epochs=1, init=trained,
+                                **common | {"input_size": 96}))
+    assert resized["input_size"] == 96 and resized["sigma_scale"] != 1.0
+    assert BoneAgeModel.from_file(tmp_path / "resized" / "female.pt", torch.device("cpu")).input_size == 96
 
 
 def test_the_training_cache_decoded_by_several_processes_equals_the_preprocessing(tmp_path: Path) -> None:
