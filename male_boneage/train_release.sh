@@ -8,7 +8,7 @@
 # scratch, each later one warm-started from the one before. The model card ("Training") gives what each stage gained
 # on the 955 trainable raw films; stage 4 (288 px) and stage 8 (a seventh schedule: 7.69 against stage 7's 7.70
 # months) were not kept ("What was tried"). Time on 2 CPU cores (AMD EPYC, avx512_bf16, bfloat16 autocast, real-time
-# priority): about 5 h 10 min in all, 10.3 CPU core-hours, stage 7 alone about 81 min (per stage: the card's
+# priority): about 5 h 20 min in all, 10.6 CPU core-hours, stage 7 alone about 81 min (per stage: the card's
 # "Compute").
 set -euo pipefail
 cd "$(dirname "$0")/.."
