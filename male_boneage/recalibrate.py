@@ -5,14 +5,15 @@
     python -m male_boneage.recalibrate --data ../shared/data/rsna-train-512 --split train --tta 8 --write
 
 Each film of the split is sent to the model of its sex as every variant of `variants.py` (every way a film reaches
-us), and the scale is the smallest whose 90% interval covers at least 90% of the films of each variant: the
-largest of the per-variant scales (`metrics.calibrate_sigma_scale`, from sigmas at scale 1). A scale fitted on all
-variants pooled instead lets the variants whose sigma rises most (a JPEG film's triples) narrow every other film's
-interval: with stage 7 it covered 89% of the clean films it was fitted on (girls 88%). Prints the per-variant
-scales and coverages; `--write` stores the scale in the weights files' metadata (`sigma_scale`, with
-`sigma_calibration` saying how it was found and `tta` the test-time variants it holds for: the served 4 unless
-`--tta` names another count, as `BONEAGE_TTA_VARIANTS` may). The weights themselves, and so the model versions (a
-hash of the weights), do not change. Never run it on `--split heldout`: those films are the benchmark.
+us); each variant's scale is the 90th percentile of |error| / (Z_90 * sigma) over its films, so that its 90%
+interval covers 90% of them (`metrics.calibrate_sigma_scale`, from sigmas at scale 1), and the model's scale is the
+largest of them: no way of sending a film is left below its 90th percentile. (Sending each film once, as one variant
+drawn by a hash of its id, left about 40 films per variant and sex: a noisy draw; see the model card.) Prints each
+variant's scale and coverage, the one that sets the scale marked `*`; `--write` stores the scale in the weights
+files' metadata (`sigma_scale`, with `sigma_calibration` saying how it was found and `tta` the test-time variants it
+holds for: the served 4 unless `--tta` names another count, as `BONEAGE_TTA_VARIANTS` may). The weights themselves,
+and so the model versions (a hash of the weights), do not change. Never run it on `--split heldout`: those films are
+the benchmark.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ def recalibrate(data: Path, male_weights: Path, female_weights: Path, variants: 
     `tta_variants` test-time variants; the new scale is the largest of the per-variant scales."""
     if split in HELDOUT_SPLITS or split in ("heldout", "all"):
         raise ValueError(f"split {split!r} holds benchmark films: calibrate on 'train' only")
+    if not variants:
+        raise ValueError("name at least one variant to calibrate on")
     cases = select(read_labels(data), split, "both", seed)
     models = load_models(male_weights, female_weights, tta_variants)
     old = {sex: model.sigma_scale for sex, model in models.items()}
@@ -58,6 +61,8 @@ def recalibrate(data: Path, male_weights: Path, female_weights: Path, variants: 
     result: dict[str, dict[str, Any]] = {}
     for sex, model in models.items():
         group = [c for c in cases if c.male == (sex == "male")]
+        if not group:
+            raise ValueError(f"{data} has no {sex} films in split {split!r} to calibrate on")
         films = [(c.image_id, c.path.read_bytes()) for c in group]
         ages = [c.boneage_months for c in group]
         sent = {}  # variant -> (estimates at scale 1, the scale covering 90% of them)
@@ -107,7 +112,8 @@ def main(argv: list[str] | None = None) -> None:
     for sex, r in result.items():
         sys.stdout.write(f"{sex}: sigma scale {r['old_scale']:.3f} -> {r['new_scale']:.3f} ({r['n']} films)\n")
         for name, v in r["variants"].items():
-            sys.stdout.write(f"  {name:<14} scale {v['scale']:.3f}  MAE {v['mae_months']:5.2f}  90% coverage "
+            mark = "*" if v["scale"] == r["new_scale"] else " "
+            sys.stdout.write(f"{mark} {name:<14} scale {v['scale']:.3f}  MAE {v['mae_months']:5.2f}  90% coverage "
                              f"{v['coverage_old'] * 100:5.1f}% -> {v['coverage_new'] * 100:5.1f}%\n")
     if args.write:
         how = (f"python -m male_boneage.recalibrate --data {args.data.name} --split {args.split} --seed {args.seed}"

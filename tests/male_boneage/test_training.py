@@ -107,11 +107,21 @@ def test_a_file_trained_without_validation_is_written_uncalibrated_and_finalised
         h["train_loss"] for h in metadata["history"]]
     with pytest.raises(ValueError, match="trained at 112 px"):  # finalised at another size: refused, not guessed
         train(TrainConfig(out=tmp_path / "other" / "female.pt", epochs=0, init=trained, **common | {"input_size": 96}))
-    # Trained on at another size (the net pools globally): allowed, and the new file says the size it trained at.
-    resized = train(TrainConfig(out=tmp_path / "resized" / "female.pt", epochs=1, init=trained,
-                                **common | {"input_size": 96}))
+
+
+def test_weights_are_trained_on_at_another_input_size(tiny_weights: tuple[Path, str], tmp_path: Path) -> None:
+    # The net pools globally, so weights trained at one size can be trained on at another (a resolution step).
+    trained = tiny_weights[0]
+    resized_path = tmp_path / "resized" / "female.pt"
+    resized = train(TrainConfig(data=TRAIN100, sex="female", out=resized_path, epochs=1, lr=1e-9, batch_size=32,
+                                limit=128, input_size=96, width=TINY_WIDTH, init=trained,
+                                tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}"))
     assert resized["input_size"] == 96 and resized["sigma_scale"] != 1.0
-    assert BoneAgeModel.from_file(tmp_path / "resized" / "female.pt", torch.device("cpu")).input_size == 96
+    assert BoneAgeModel.from_file(resized_path, torch.device("cpu")).input_size == 96
+    # Started from the trained weights, not from scratch: at a learning rate of 1e-9 the convolutions barely move.
+    before, after = load_weights(trained)[0], load_weights(resized_path)[0]
+    convolutions = [k for k in before if before[k].dim() == 4]
+    assert convolutions and all(torch.allclose(before[k].float(), after[k].float(), atol=1e-3) for k in convolutions)
 
 
 def test_the_training_cache_decoded_by_several_processes_equals_the_preprocessing(tmp_path: Path) -> None:
