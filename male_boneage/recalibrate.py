@@ -32,7 +32,7 @@ from male_boneage.augment import DEFAULT_TTA, TTA_VARIANTS
 from male_boneage.data import HELDOUT_SPLITS, read_labels, select
 from male_boneage.evaluate import DEFAULT_WEIGHTS, load_models, variant_pixels
 from male_boneage.inference import ModelEstimate
-from male_boneage.metrics import Z_90, calibrate_sigma_scale
+from male_boneage.metrics import Z_90, calibrate_sigma_scale, summarize
 from male_boneage.variants import VARIANTS
 
 logger = logging.getLogger(__name__)
@@ -73,8 +73,7 @@ def recalibrate(data: Path, male_weights: Path, female_weights: Path, variants: 
         new = max(scale for _, scale in sent.values())
         per_variant = {}
         for name, (estimates, scale) in sent.items():
-            errors = [abs(e.age_months - a) for e, a in zip(estimates, ages, strict=True)]
-            per_variant[name] = {"scale": scale, "mae_months": float(np.mean(errors)),
+            per_variant[name] = {"scale": scale, "mae_months": summarize(estimates, ages)["mae_months"],
                                  "coverage_old": coverage(estimates, ages, old[sex]),
                                  "coverage_new": coverage(estimates, ages, new)}
         result[sex] = {"old_scale": old[sex], "new_scale": new, "n": len(group), "variants": per_variant}

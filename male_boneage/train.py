@@ -143,12 +143,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     init_metadata: dict[str, Any] = {}
     if cfg.init:
         state_dict, init_metadata = load_weights(cfg.init)
-        if int(init_metadata["input_size"]) != cfg.input_size:
-            # The net pools globally, so it can be trained on at another size; finalising (BatchNorm statistics and
-            # sigma of weights trained elsewhere) at a size they never trained at is refused, not guessed.
-            if cfg.epochs == 0:
-                raise ValueError(f"{cfg.init} was trained at {init_metadata['input_size']} px; --input-size is "
-                                 f"{cfg.input_size}")
+        # The net pools globally, so it can be trained on at another size; finalising (BatchNorm statistics and
+        # sigma of weights trained elsewhere) at a size they never trained at is refused, not guessed.
+        resized = int(init_metadata["input_size"]) != cfg.input_size
+        if resized and cfg.epochs == 0:
+            raise ValueError(f"{cfg.init} was trained at {init_metadata['input_size']} px; --input-size is "
+                             f"{cfg.input_size}")
+        if resized:
             logger.info("training %s px weights on at %d px", init_metadata["input_size"], cfg.input_size)
         net.load_state_dict(state_dict, strict=True)
     net = net.to(device).to(memory_format=torch.channels_last)
