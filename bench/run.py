@@ -84,7 +84,9 @@ class PatientIds:
 
 
 def measure_floor(images: dict[str, bytes], reps: int, warmup: int, device_name: str) -> dict[str, object]:
-    """decode_upload + per model one forward and backward pass (batch of 1) at the input size (medians).
+    """decode_upload + per model one forward and backward pass (batch of 1) at the input size (medians); for a
+    model that is an ensemble, one forward pass of each further net at its own input size, the backward pass
+    through the first net only (its Grad-CAM is the heatmap).
 
     The floor's backward pass is the one Grad-CAM needs: from the age output to the CAM layer's activations
     (the served models' weights are frozen, so autograd stops there; `male_boneage/inference.py`). For reference
@@ -94,7 +96,7 @@ def measure_floor(images: dict[str, bytes], reps: int, warmup: int, device_name:
     import torch
 
     from male_boneage.augment import standardize
-    from male_boneage.inference import MEAN_INDEX, BoneAgeModel, build_net, load_weights
+    from male_boneage.inference import MEAN_INDEX, BoneAgeModel, build_nets, load_weights, resize_to
     from male_boneage.model import FlatOutput
     from male_boneage.preprocess import to_model_pixels
     from utils.imaging import UploadLimits, decode_upload
@@ -103,7 +105,8 @@ def measure_floor(images: dict[str, bytes], reps: int, warmup: int, device_name:
                           else "cpu")
     weights = REPO / "male_boneage" / "weights"
     models = {sex: BoneAgeModel.from_file(weights / f"{sex}.pt", device) for sex in ("male", "female")}
-    full_nets = {sex: FlatOutput(build_net(*load_weights(weights / f"{sex}.pt"), sex)).to(device).eval()
+    full_nets = {sex: [FlatOutput(net).to(device).eval() for net in build_nets(*load_weights(weights / f"{sex}.pt"),
+                                                                              sex)]
                  for sex in ("male", "female")}
     limits = UploadLimits()
 
@@ -111,32 +114,41 @@ def measure_floor(images: dict[str, bytes], reps: int, warmup: int, device_name:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    def forward_backward(net: torch.nn.Module, x: torch.Tensor) -> float:
+    def forward_backward(nets: list[torch.nn.Module], xs: list[torch.Tensor]) -> float:
         start = time.perf_counter()
-        out = net(x)  # gradients on, as Grad-CAM needs
+        out = nets[0](xs[0])  # gradients on, as Grad-CAM needs
         out[0, MEAN_INDEX].backward()
+        with torch.no_grad():
+            for net, x in zip(nets[1:], xs[1:], strict=True):
+                net(x)
         sync()
         elapsed = time.perf_counter() - start
-        net.zero_grad(set_to_none=True)
+        nets[0].zero_grad(set_to_none=True)
         return elapsed * 1000
 
-    def forward_backward_to_cam_layer(model: BoneAgeModel, x: torch.Tensor) -> float:
-        """The served pass (`BoneAgeModel._forward_with_cam` for one variant): autograd from the CAM layer on."""
-        x = x.contiguous(memory_format=torch.channels_last)
+    def forward_backward_to_cam_layer(model: BoneAgeModel, xs: list[torch.Tensor]) -> float:
+        """The served pass (`BoneAgeModel._forward_with_cam` for one variant): autograd from the CAM layer on, in
+        the first net; the others forward only."""
+        xs = [x.contiguous(memory_format=torch.channels_last) for x in xs]
+        first = model.members[0].served
         start = time.perf_counter()
         with torch.no_grad():
-            activations = model.served.net.to_cam_layer(x)
+            activations = first.net.to_cam_layer(xs[0])
         leaf = activations.requires_grad_(True)
-        torch.autograd.grad(model.served.from_cam_layer(leaf)[0, MEAN_INDEX], leaf)
+        torch.autograd.grad(first.from_cam_layer(leaf)[0, MEAN_INDEX], leaf)
+        with torch.no_grad():
+            for member, x in zip(model.members[1:], xs[1:], strict=True):
+                member.served(x)
         sync()
         return (time.perf_counter() - start) * 1000
 
     result: dict[str, object] = {"torch_threads": torch.get_num_threads(), "device": str(device),
-                                 "input_sizes": {s: m.input_size for s, m in models.items()}}
+                                 "input_sizes": {s: "+".join(str(mem.input_size) for mem in m.members)
+                                                 for s, m in models.items()}}
     for image_name, data in images.items():
         gray = decode_upload(data, limits).gray
-        inputs = {s: standardize(torch.from_numpy(to_model_pixels(gray, m.input_size)).view(1, 1, m.input_size,
-                                                                                            m.input_size)).to(device)
+        inputs = {s: [standardize(resize_to(torch.from_numpy(to_model_pixels(gray, m.input_size)).unsqueeze(0),
+                                            member.input_size).unsqueeze(1)).to(device) for member in m.members]
                   for s, m in models.items()}
         parts: dict[str, list[float]] = {key: [] for key in ("decode", "male", "female", "total", "male_full",
                                                              "female_full", "total_full")}
@@ -145,7 +157,7 @@ def measure_floor(images: dict[str, bytes], reps: int, warmup: int, device_name:
             decode_upload(data, limits)
             decode = (time.perf_counter() - t0) * 1000
             cam_layer = {sex: forward_backward_to_cam_layer(model, inputs[sex]) for sex, model in models.items()}
-            full = {sex: forward_backward(net, inputs[sex]) for sex, net in full_nets.items()}
+            full = {sex: forward_backward(nets, inputs[sex]) for sex, nets in full_nets.items()}
             if rep >= warmup:
                 parts["decode"].append(decode)
                 for sex in ("male", "female"):

@@ -3,7 +3,8 @@
 Everything runs inside one `async def` handler, in order, on the event loop: decode with PIL, for each model a
 new `pytorch_grad_cam.GradCAM` per request, heatmaps rendered and saved with PIL at the film's full size, one
 SQLAlchemy insert into SQLite, and an MLflow run through the fluent API. The model code is the project's own
-(`load_weights`, `build_net`, `to_model_pixels`, `standardize`, the same test-time variants and `combine_tta`), so
+(`load_weights`, `build_nets`, `to_model_pixels`, `resize_to`, `standardize`, the same test-time variants and
+`combine_members`), so
 the estimates equal the service's; only the service's design (worker threads, per-model locks, one shared CAM
 pass, downscaled heatmaps, MlflowClient with explicit run ids, ...) is missing.
 
@@ -31,8 +32,8 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from sqlalchemy import Column, DateTime, Float, Integer, String, create_engine
 from sqlalchemy.orm import Session, declarative_base
 
-from male_boneage.augment import DEFAULT_TTA, TTA_VARIANTS, standardize, tta_batch
-from male_boneage.inference import MEAN_INDEX, build_net, combine_tta, load_weights
+from male_boneage.augment import DEFAULT_TTA, TTA_VARIANTS, TtaVariant, standardize, tta_batch
+from male_boneage.inference import MEAN_INDEX, build_nets, combine_members, load_weights, resize_to
 from male_boneage.model import FlatOutput
 from male_boneage.preprocess import to_model_pixels
 
@@ -51,10 +52,13 @@ WEIGHTS = {
 }
 
 # Models loaded at import time, as a first version would.
+# Per sex: ([(net, its input size, its test-time variants)], metadata); an ensemble has several nets.
 MODELS = {}
 for _sex, _path in WEIGHTS.items():
     _state, _meta = load_weights(_path)
-    MODELS[_sex] = (build_net(_state, _meta, str(_path)).to(DEVICE), _meta)
+    _entries = _meta.get("members") or [{"input_size": _meta["input_size"]}]
+    MODELS[_sex] = ([(net.to(DEVICE), int(entry["input_size"]), TTA[:entry.get("tta_count") or len(TTA)])
+                     for net, entry in zip(build_nets(_state, _meta, str(_path)), _entries, strict=True)], _meta)
 
 Base = declarative_base()
 
@@ -87,11 +91,12 @@ async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-def _model_input(pixels: np.ndarray) -> torch.Tensor:
-    """The service's model input: the same test-time variants, standardised per image."""
-    if len(TTA) == 1:
+def _model_input(pixels: np.ndarray, size: int, tta: tuple[TtaVariant, ...]) -> torch.Tensor:
+    """The service's input to a net reading at `size`: the same test-time variants, standardised per image."""
+    pixels = resize_to(torch.from_numpy(pixels).unsqueeze(0), size)[0].numpy()
+    if len(tta) == 1:
         return standardize(torch.from_numpy(pixels).view(1, 1, *pixels.shape))
-    return tta_batch(pixels, TTA)
+    return tta_batch(pixels, tta)
 
 
 @app.post("/predict")
@@ -109,14 +114,18 @@ async def predict(image: UploadFile = File(...), patient_id: str = Form(...),  #
     original_path.write_bytes(data)
 
     results: dict[str, dict[str, object]] = {}
-    for sex_name, (net, meta) in MODELS.items():
+    for sex_name, (members, meta) in MODELS.items():
         pixels = to_model_pixels(film, int(meta["input_size"]))
-        batch = _model_input(pixels).to(DEVICE)
+        net, size, tta = members[0]
+        batch = _model_input(pixels, size, tta).to(DEVICE)
         cam = GradCAM(model=FlatOutput(net).eval(), target_layers=[net.cam_layer])
         with cam:
             maps = cam(input_tensor=batch, targets=[ClassifierOutputTarget(MEAN_INDEX)] * len(batch))
-            outputs = cam.outputs.detach().cpu()
-        age, sigma, probs = combine_tta(outputs, float(meta["sigma_scale"]))
+            outputs = [cam.outputs.detach().cpu()]
+        with torch.no_grad():
+            outputs += [FlatOutput(net).eval()(_model_input(pixels, size, tta).to(DEVICE)).cpu()
+                        for net, size, tta in members[1:]]
+        age, sigma, probs = combine_members(outputs, float(meta["sigma_scale"]))
 
         heat = Image.fromarray(np.uint8(255 * np.clip(maps[0], 0, 1))).resize(film.size, Image.Resampling.BILINEAR)
         colored = ImageOps.colorize(heat, black="blue", mid="yellow", white="red")

@@ -15,7 +15,8 @@ import torch
 from pytorch_grad_cam import GradCAMElementWise
 
 from male_boneage.augment import tta_batch
-from male_boneage.inference import MEAN_INDEX, BoneAgeModel, ModelEstimate, combine_tta
+from male_boneage.inference import MEAN_INDEX, BoneAgeModel, ModelEstimate, combine_members, resize_to
+from male_boneage.model import FlatOutput
 
 
 class AgeTarget:
@@ -41,8 +42,11 @@ def reference_predict_batch(model: BoneAgeModel, images: list[np.ndarray]) -> li
 
     It puts hooks on `model` for the call: never run it beside another call on the same model.
     """
-    n_variants = len(model.tta)
-    batch = torch.cat([tta_batch(p, model.tta) for p in images]).to(model.device)
+    first = model.members[0]
+    variants = model.member_tta(first)
+    n_variants = len(variants)
+    inputs = resize_to(torch.from_numpy(np.stack(images)), first.input_size).numpy()
+    batch = torch.cat([tta_batch(p, variants) for p in inputs]).to(model.device)
     # Prepended so that Grad-CAM's own hooks, registered later, already see the leaf.
     leaf = model.net.cam_layer.register_forward_hook(gradients_start_here, prepend=True)
     try:
@@ -51,5 +55,13 @@ def reference_predict_batch(model: BoneAgeModel, images: list[np.ndarray]) -> li
             outputs = cam.outputs.detach().cpu().view(len(images), n_variants, -1)
     finally:
         leaf.remove()
-    return [ModelEstimate(*combine_tta(o, model.sigma_scale), heatmap=maps[i * n_variants].astype(np.float32))
-            for i, o in enumerate(outputs)]
+    heatmaps = resize_to(torch.from_numpy(maps[::n_variants].astype(np.float32)), model.input_size).numpy()
+    others = []  # the further nets of an ensemble: forward passes only
+    with torch.no_grad():
+        for member in model.members[1:]:
+            tta = model.member_tta(member)
+            member_inputs = resize_to(torch.from_numpy(np.stack(images)), member.input_size).numpy()
+            member_batch = torch.cat([tta_batch(p, tta) for p in member_inputs]).to(model.device)
+            others.append(FlatOutput(member.net)(member_batch).cpu().view(len(images), len(tta), -1))
+    return [ModelEstimate(*combine_members([o, *(other[i] for other in others)], model.sigma_scale),
+                          heatmap=heatmaps[i]) for i, o in enumerate(outputs)]

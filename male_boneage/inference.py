@@ -1,9 +1,14 @@
-"""Loading shipped weights and running a model: TTA, calibrated sigma, age-group probabilities, Grad-CAM."""
+"""Loading shipped weights and running a model: TTA, calibrated sigma, age-group probabilities, Grad-CAM.
+
+A weights file holds one net, or an ensemble of nets that read the film at different input sizes (`members` in its
+metadata, written by `male_boneage.ensemble`): the film comes in at the largest size, each member reads it resized to
+its own, and their estimates are averaged; the heatmap is the first member's.
+"""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -45,8 +50,29 @@ class ModelEstimate:
 
 
 def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read a bone-age weights file safely and check its metadata (`read_weights_file`); errors name the file."""
-    return read_weights_file(path, ARCHITECTURE, REQUIRED_METADATA, "model weights")
+    """Read a bone-age weights file safely and check its metadata (`read_weights_file`); errors name the file.
+
+    An ensemble's file holds its metadata only; each member's net is a weights file of its own beside it
+    (`members[i]["weights_file"]`, checked against `members[i]["state_digest"]`), so that no file is larger than
+    one net. Its tensors come back under `members.i.`, as `member_weights` splits them.
+    """
+    state_dict, metadata = read_weights_file(path, ARCHITECTURE, REQUIRED_METADATA, "model weights")
+    members = metadata.get("members")
+    if members is None:
+        return state_dict, metadata
+    if not isinstance(members, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("weights_file"), str)
+            and Path(m["weights_file"]).name == m["weights_file"] for m in members):
+        raise ModelUnavailable(f"model weights file {path} has malformed members: each names its weights file "
+                               f"beside it")
+    for i, entry in enumerate(members):
+        member_path = path.parent / entry["weights_file"]
+        weights = read_weights_file(member_path, ARCHITECTURE, REQUIRED_METADATA, "model weights")[0]
+        if state_digest(weights) != entry.get("state_digest"):
+            raise ModelUnavailable(f"model weights file {member_path} is not the member {i} that {path} was "
+                                   f"made with (its weights differ)")
+        state_dict |= {f"members.{i}.{name}": t for name, t in weights.items()}
+    return state_dict, metadata
 
 
 def read_weights_file(path: Path, architecture: str, required: tuple[str, ...],
@@ -83,6 +109,44 @@ def half_precision(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return {name: t.half() if t.is_floating_point() and t.dim() > 1 else t for name, t in state_dict.items()}
 
 
+def member_weights(state_dict: dict[str, torch.Tensor],
+                   metadata: dict[str, Any]) -> list[tuple[dict[str, torch.Tensor], dict[str, Any]]]:
+    """The nets of a weights file, one (state dict, metadata) each: a plain file is one net; an ensemble's member i
+    has the state dict keys under `members.i.` and its own entries (`input_size`, `width`, ...) in
+    `metadata["members"][i]`, over the file's."""
+    members = metadata.get("members")
+    if not members:
+        return [(state_dict, metadata)]
+    nets = []
+    for i, entry in enumerate(members):
+        prefix = f"members.{i}."
+        nets.append(({name[len(prefix):]: t for name, t in state_dict.items() if name.startswith(prefix)},
+                     metadata | entry))
+    return nets
+
+
+def build_nets(state_dict: dict[str, torch.Tensor], metadata: dict[str, Any], source: str) -> list[BoneAgeNet]:
+    """Every net of a weights file (`member_weights`), loaded strictly, in eval mode. An ensemble's members must
+    each name an input size and a test-time variant count (None or at least 1), the file's input size must be the
+    largest of theirs, and every tensor must belong to a member."""
+    members = metadata.get("members")
+    if members is not None:
+        if not isinstance(members, list) or not members or not all(
+                isinstance(m, dict) and isinstance(m.get("input_size"), int) and m["input_size"] > 0
+                and (m.get("tta_count") is None or (isinstance(m["tta_count"], int) and m["tta_count"] >= 1))
+                for m in members):
+            raise ModelUnavailable(f"model weights file {source} has malformed members: each needs an input_size "
+                                   f"and a tta_count of None or at least 1")
+        if int(metadata["input_size"]) != max(m["input_size"] for m in members):
+            raise ModelUnavailable(f"model weights file {source} takes {metadata['input_size']} px, but its "
+                                   f"largest member reads {max(m['input_size'] for m in members)} px")
+    nets = [build_net(weights, meta, source) for weights, meta in member_weights(state_dict, metadata)]
+    unused = set(state_dict) - {f"members.{i}.{name}" for i, net in enumerate(nets) for name in net.state_dict()}
+    if members is not None and unused:
+        raise ModelUnavailable(f"model weights file {source} has tensors of no member: {sorted(unused)[0]}")
+    return nets
+
+
 def build_net(state_dict: dict[str, torch.Tensor], metadata: dict[str, Any], source: str) -> BoneAgeNet:
     """A BoneAgeNet with the weights loaded strictly, in eval mode."""
     net = BoneAgeNet(input_size=int(metadata["input_size"]), width=int(metadata["width"]))
@@ -109,12 +173,27 @@ def combine_tta(outputs: torch.Tensor, sigma_scale: float) -> tuple[float, float
     The variance is the mean predicted variance plus the spread of the variants' means. The age is clamped to the
     training labels' range (`MIN_AGE_MONTHS`-`MAX_AGE_MONTHS`).
     """
-    means = target_to_months(outputs[:, MEAN_INDEX])
-    sigmas = torch.exp(outputs[:, LOG_SIGMA_INDEX]) * AGE_SCALE_MONTHS
-    variance = (sigmas**2).mean() + means.var(unbiased=False)
-    probs = torch.softmax(outputs[:, :MEAN_INDEX], dim=1).mean(dim=0)
-    age = min(max(float(means.mean()), MIN_AGE_MONTHS), MAX_AGE_MONTHS)
-    return age, float(variance.sqrt()) * sigma_scale, tuple(float(p) for p in probs)
+    return combine_members([outputs], sigma_scale)
+
+
+def combine_members(outputs: Sequence[torch.Tensor], sigma_scale: float) -> tuple[float, float, tuple[float, ...]]:
+    """One image's outputs from each net of a model ((T_i, 6): net i's TTA variants) -> (age months, calibrated
+    sigma months, group probs).
+
+    Each net's variants are combined as `combine_tta` says; the nets' means are then averaged with equal weight, and
+    the variance is their mean variance plus the spread of their means (the law of total variance, twice).
+    """
+    means, variances, probs = [], [], []
+    for out in outputs:
+        variant_means = target_to_months(out[:, MEAN_INDEX])
+        sigmas = torch.exp(out[:, LOG_SIGMA_INDEX]) * AGE_SCALE_MONTHS
+        means.append(variant_means.mean())
+        variances.append((sigmas**2).mean() + variant_means.var(unbiased=False))
+        probs.append(torch.softmax(out[:, :MEAN_INDEX], dim=1).mean(dim=0))
+    net_means = torch.stack(means)
+    variance = torch.stack(variances).mean() + net_means.var(unbiased=False)
+    age = min(max(float(net_means.mean()), MIN_AGE_MONTHS), MAX_AGE_MONTHS)
+    return age, float(variance.sqrt()) * sigma_scale, tuple(float(p) for p in torch.stack(probs).mean(dim=0))
 
 
 def scale_to_unit(maps: torch.Tensor) -> torch.Tensor:
@@ -140,22 +219,53 @@ def grad_cam(activations: torch.Tensor, gradients: torch.Tensor, size: tuple[int
     return scale_to_unit(resized)
 
 
+@dataclass(frozen=True)
+class Member:
+    """One net of a model as served: the net as loaded (the reference Grad-CAM explains it), what runs (`served`),
+    the size it reads the film at, and how many of the model's test-time variants it runs (None: all)."""
+
+    net: BoneAgeNet
+    served: FlatOutput
+    input_size: int
+    tta_count: int | None
+
+    @classmethod
+    def of(cls, net: BoneAgeNet, device: torch.device, input_size: int, tta_count: int | None) -> Member:
+        net = net.to(device).eval().requires_grad_(False)
+        # What runs: BatchNorm folded into the convolutions, tensors channels-last (oneDNN's layout on the CPU, also
+        # cuDNN's fast one). The same function within float rounding, about a fifth faster on 2 cores
+        # (bench.model_step).
+        served = FlatOutput(fold_batch_norm(net).to(memory_format=torch.channels_last).requires_grad_(False)).eval()
+        return cls(net, served, input_size, tta_count)
+
+
+def resize_to(pixels: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, H, W) model inputs -> (N, size, size), bilinear and antialiased as Pillow resizes (`preprocess`): how
+    an ensemble member reads a film the model took in at another size."""
+    if pixels.shape[-1] == size and pixels.shape[-2] == size:
+        return pixels
+    return F.interpolate(pixels.unsqueeze(1), size=(size, size), mode="bilinear", align_corners=False,
+                         antialias=True).squeeze(1)
+
+
 class BoneAgeModel:
-    """A loaded model for inference (weights frozen).
+    """A loaded model for inference (weights frozen): one net, or an ensemble (`members`, see the module docstring).
 
     A prediction keeps all its state in local tensors (no hooks, nothing written to the model), so several threads
     may call `predict_batch` on one model at once.
     """
 
-    def __init__(self, net: BoneAgeNet, metadata: dict[str, Any], device: torch.device,
+    def __init__(self, net: BoneAgeNet | Sequence[BoneAgeNet], metadata: dict[str, Any], device: torch.device,
                  tta: tuple[TtaVariant, ...] = DEFAULT_TTA) -> None:
-        self.net = net.to(device).eval().requires_grad_(False)  # as loaded: the reference Grad-CAM explains it
+        nets = [net] if isinstance(net, BoneAgeNet) else list(net)
+        entries = metadata.get("members") or [{"input_size": metadata["input_size"]}]
+        if len(entries) != len(nets):
+            raise ValueError(f"{len(nets)} nets for {len(entries)} members")
+        self.members = [Member.of(n, device, int(e["input_size"]), e.get("tta_count"))
+                        for n, e in zip(nets, entries, strict=True)]
+        # The first member's net: its Grad-CAM is the heatmap.
+        self.net = self.members[0].net
         self.flat = FlatOutput(self.net).eval()
-        # What `predict_batch` runs: BatchNorm folded into the convolutions, tensors channels-last (oneDNN's layout
-        # on the CPU, also cuDNN's fast one). The same function within float rounding, about a fifth faster on 2
-        # cores (bench.model_step).
-        self.served = FlatOutput(
-            fold_batch_norm(self.net).to(memory_format=torch.channels_last).requires_grad_(False)).eval()
         self.metadata = metadata
         self.device = device
         self.tta = tta
@@ -164,7 +274,7 @@ class BoneAgeModel:
     def from_file(cls, path: Path, device: torch.device,
                   tta: tuple[TtaVariant, ...] = DEFAULT_TTA) -> BoneAgeModel:
         state_dict, metadata = load_weights(path)
-        return cls(build_net(state_dict, metadata, str(path)), metadata, device, tta)
+        return cls(build_nets(state_dict, metadata, str(path)), metadata, device, tta)
 
     @property
     def version(self) -> str:
@@ -172,6 +282,7 @@ class BoneAgeModel:
 
     @property
     def input_size(self) -> int:
+        """The size of the preprocessed film the model takes (an ensemble's largest member size)."""
         return int(self.metadata["input_size"])
 
     @property
@@ -184,43 +295,59 @@ class BoneAgeModel:
     def sigma_scale(self) -> float:
         return float(self.metadata["sigma_scale"])
 
+    def member_tta(self, member: Member) -> tuple[TtaVariant, ...]:
+        """The test-time variants a member runs: the model's, or as many of them as the member's `tta_count`."""
+        return self.tta if member.tta_count is None else self.tta[:member.tta_count]
+
     def predict(self, pixels: np.ndarray, with_heatmap: bool = True) -> ModelEstimate:
         """One preprocessed image (input_size x input_size, [0, 1]) -> estimate, with Grad-CAM if asked."""
         return self.predict_batch([pixels], with_heatmap)[0]
 
     def predict_batch(self, images: list[np.ndarray], with_heatmap: bool = True) -> list[ModelEstimate]:
-        """Estimates for several preprocessed images in one batched pass over all their TTA variants.
+        """Estimates for several preprocessed images in one batched pass per net over all their TTA variants.
 
-        The images go to the device once; the variants are built there. With `with_heatmap`, the Grad-CAM of each
-        image's first (identity) variant is computed on the device from the same pass and comes back to the CPU
-        once. Results do not depend on what else is in the batch (eval mode: BatchNorm uses running stats).
+        The images go to the device once; each member's input size and variants are made there. With
+        `with_heatmap`, the Grad-CAM of each image's first (identity) variant through the first member is computed
+        on the device from the same pass, brought to the model's input size, and comes back to the CPU once.
+        Results do not depend on what else is in the batch (eval mode: BatchNorm uses running stats).
         """
         pixels = torch.from_numpy(np.stack(images).astype(np.float32, copy=False)).to(self.device)
-        batch = tta_variants(pixels, self.tta).contiguous(memory_format=torch.channels_last)
-        if not with_heatmap:
-            with torch.no_grad():
-                outputs = self.served(batch).view(len(images), len(self.tta), -1).cpu()
-            return [ModelEstimate(*combine_tta(o, self.sigma_scale), heatmap=None) for o in outputs]
-        outputs, maps = self._forward_with_cam(batch, len(images))
-        heatmaps = maps.cpu().numpy()
-        outputs = outputs.cpu()
-        return [ModelEstimate(*combine_tta(o, self.sigma_scale), heatmap=heatmaps[i]) for i, o in enumerate(outputs)]
+        if tuple(pixels.shape[1:]) != (self.input_size, self.input_size):
+            raise ValueError(f"the model takes {self.input_size} x {self.input_size} px images, "
+                             f"got {tuple(pixels.shape[1:])}")
+        n = len(images)
+        per_member: list[torch.Tensor] = []  # (N, T_i, 6) each
+        heatmaps: np.ndarray | None = None
+        for i, member in enumerate(self.members):
+            variants = self.member_tta(member)
+            batch = tta_variants(resize_to(pixels, member.input_size), variants).contiguous(
+                memory_format=torch.channels_last)
+            if i == 0 and with_heatmap:
+                outputs, maps = self._forward_with_cam(member, batch, n, len(variants))
+                heatmaps = resize_to(maps, self.input_size).cpu().numpy()
+            else:
+                with torch.no_grad():
+                    outputs = member.served(batch).view(n, len(variants), -1)
+            per_member.append(outputs.cpu())
+        return [ModelEstimate(*combine_members([o[j] for o in per_member], self.sigma_scale),
+                              heatmap=None if heatmaps is None else heatmaps[j]) for j in range(n)]
 
-    def _forward_with_cam(self, batch: torch.Tensor, n_images: int) -> tuple[torch.Tensor, torch.Tensor]:
+    @staticmethod
+    def _forward_with_cam(member: Member, batch: torch.Tensor, n_images: int,
+                          n_variants: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(N * T, 1, H, W) variants -> ((N, T, 6) outputs, (N, H, W) Grad-CAM of each image's first variant).
 
         One forward pass up to the CAM layer for all variants; after it, the first variants run with autograd from
         their CAM-layer activations (a leaf: no weight gradients, nothing before the CAM layer) and the others
         without. The backward pass is that of the first variants' predicted mean age only.
         """
-        n_variants = len(self.tta)
         with torch.no_grad():
-            activations = self.served.net.to_cam_layer(batch)
+            activations = member.served.net.to_cam_layer(batch)
             activations = activations.view(n_images, n_variants, *activations.shape[1:])
-            others = self.served.from_cam_layer(activations[:, 1:].flatten(0, 1)) if n_variants > 1 else None
+            others = member.served.from_cam_layer(activations[:, 1:].flatten(0, 1)) if n_variants > 1 else None
         first = activations[:, 0].clone().requires_grad_(True)
         with torch.enable_grad():
-            first_outputs = self.served.from_cam_layer(first)
+            first_outputs = member.served.from_cam_layer(first)
             (gradients,) = torch.autograd.grad(first_outputs[:, MEAN_INDEX].sum(), first)
         maps = grad_cam(first, gradients, (batch.shape[-2], batch.shape[-1]))
         outputs = first_outputs.detach().unsqueeze(1)

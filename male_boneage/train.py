@@ -120,6 +120,10 @@ def _tracker(cfg: TrainConfig, run_id: str | None) -> tuple[Any, str | None]:
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run training (resuming from `<out>.ckpt` if present), calibrate, write `cfg.out`; returns its metadata."""
+    members = load_weights(cfg.init)[1].get("members") if cfg.init else None
+    if members:  # refused before any film is decoded
+        raise ValueError(f"{cfg.init} is an ensemble of {len(members)} nets: start from one net's file "
+                         f"({', '.join(m.get('file', '?') for m in members)})")
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     device = torch.device(cfg.device)
@@ -248,16 +252,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             client.log_param(run_id, "version", metadata["version"])
             client.set_terminated(run_id)
         return metadata
-    model = BoneAgeModel(net, metadata, torch.device("cpu"))
-    calib = model.predict_many(pixels["calib"])
-    metadata["sigma_scale"] = calibrate_sigma_scale(calib, ages["calib"].tolist())
-    model.metadata["sigma_scale"] = metadata["sigma_scale"]
-    val_estimates = model.predict_many(pixels["val"])
-    val_metrics = summarize(val_estimates, ages["val"].tolist())
-    metadata["val_metrics"] = val_metrics
-    # Out-of-distribution threshold: a sigma well above any seen on real validation films.
-    metadata["val_sigma_max_months"] = max(e.sigma_months for e in val_estimates)
-    metadata["ood_sigma_months"] = OOD_SIGMA_FACTOR * metadata["val_sigma_max_months"]
+    val_metrics = calibrate_and_validate(BoneAgeModel(net, metadata, torch.device("cpu")),
+                                         (pixels["calib"], ages["calib"].tolist()),
+                                         (pixels["val"], ages["val"].tolist()))
     state_dict = net.state_dict()
     metadata["version"] = f"{cfg.sex}-{metadata['trained_on']}-{state_digest(state_dict)}"
     atomic_save({"state_dict": half_precision(state_dict), "metadata": metadata}, cfg.out)
@@ -271,6 +268,19 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         client.log_artifact(run_id, str(cfg.out))
         client.set_terminated(run_id)
     return metadata
+
+
+def calibrate_and_validate(model: BoneAgeModel, calib: tuple[np.ndarray, list[float]],
+                           val: tuple[np.ndarray, list[float]]) -> dict[str, float]:
+    """Finalise a model's metadata in place from (model inputs, ages) of real films: `sigma_scale` fitted on the
+    calibration films (clean, the served test-time variants), then on the validation films `val_metrics` (returned)
+    and the out-of-distribution limit `ood_sigma_months`, a sigma well above any seen there."""
+    model.metadata["sigma_scale"] = calibrate_sigma_scale(model.predict_many(calib[0]), calib[1])
+    val_estimates = model.predict_many(val[0])
+    model.metadata["val_metrics"] = summarize(val_estimates, val[1])
+    model.metadata["val_sigma_max_months"] = max(e.sigma_months for e in val_estimates)
+    model.metadata["ood_sigma_months"] = OOD_SIGMA_FACTOR * model.metadata["val_sigma_max_months"]
+    return dict(model.metadata["val_metrics"])
 
 
 def recalibrate_batchnorm(net: BoneAgeNet, films: np.ndarray, males: torch.Tensor, max_images: int = 3000) -> None:

@@ -39,6 +39,17 @@ WEIGHTS = PROJECT_ROOT / "male_boneage" / "weights"
 _mlflow_template: Path | None = None
 
 
+def copy_weights(sex: str, folder: Path) -> Path:
+    """The shipped weights file of `sex` and the files of the nets it names (an ensemble's members, kept beside it),
+    copied into `folder`; the copy's path."""
+    from male_boneage.inference import load_weights  # torch: only for the tests that copy weights
+
+    names = [f"{sex}.pt", *(m["weights_file"] for m in load_weights(WEIGHTS / f"{sex}.pt")[1].get("members") or [])]
+    for name in names:
+        shutil.copy(WEIGHTS / name, folder / name)
+    return folder / f"{sex}.pt"
+
+
 def migrated_mlflow_store(path: Path) -> str:
     """The tracking URI of a SQLite MLflow store at `path`: if none is there yet, a copy of an empty store MLflow
     has already migrated (made once per test process; migrating a new store takes seconds, and the app starts about

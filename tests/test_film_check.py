@@ -77,9 +77,11 @@ def test_a_dicom_of_another_body_part_is_refused_on_that_alone(client: TestClien
 def test_warn_mode_answers_and_marks_the_result(tmp_path: Path) -> None:
     # In warn mode the film check lets a non-hand film through, marked; the models' own out-of-distribution rule
     # (both sigmas above their limits) may still refuse it, with its own reason. At least one of these films must
-    # be answered, so that the marking is exercised.
+    # be answered, so that the marking is exercised: the pediatric elbows, the most hand-like films, come last (the
+    # ensembles' rule refuses all of OTHER_FILMS).
     with running_app(make_settings(tmp_path, film_check="warn")) as client:
-        for path in OTHER_FILMS:
+        films = [*OTHER_FILMS, *non_hand("elbow", 10)]
+        for path in films:
             response = post_image(client, path.read_bytes(), "WARN", sex="male", filename=path.name,
                                   content_type="image/jpeg")
             if response.status_code == 200:
@@ -93,7 +95,7 @@ def test_warn_mode_answers_and_marks_the_result(tmp_path: Path) -> None:
         assert "film check failed" in body["report"]["note"]
         stored = client.get("/results/WARN").json()["predictions"][0]
         assert stored["film_check"] == body["film_check"]
-        posted = OTHER_FILMS.index(path) + 1  # each film posted failed the check and was counted once
+        posted = films.index(path) + 1  # each film posted failed the check and was counted once
         assert f'reason="not_a_hand"}} {posted:.1f}' in client.get("/metrics").text
 
 

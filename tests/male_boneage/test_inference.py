@@ -23,7 +23,7 @@ from male_boneage.augment import (
     warp,
 )
 from male_boneage.gradcam_reference import AgeTarget, reference_predict_batch
-from male_boneage.inference import BoneAgeModel, build_net, load_weights
+from male_boneage.inference import BoneAgeModel, build_nets, load_weights, resize_to
 from male_boneage.model import FlatOutput
 from male_boneage.preprocess import film_pixels
 
@@ -75,15 +75,21 @@ def test_heatmap_equals_full_backward_grad_cam_and_no_weight_gradients() -> None
     pixels = film_pixels((TEST20 / "4360.png").read_bytes(), model.input_size)
     estimate = model.predict(pixels, with_heatmap=True)
 
-    textbook = build_net(*load_weights(path), str(path))  # weights with requires_grad: a full backward pass
+    # The heatmap is the first net's, on the film resized to that net's size, brought back to the model's size.
+    textbook = build_nets(*load_weights(path), str(path))[0]  # weights with requires_grad: a full backward pass
+    first = model.members[0]
+    first_pixels = resize_to(torch.from_numpy(pixels)[None], first.input_size)[0].numpy()
+    variants = model.member_tta(first)
     with GradCAMElementWise(model=FlatOutput(textbook).eval(), target_layers=[textbook.cam_layer]) as cam:
-        maps = cam(input_tensor=tta_batch(pixels, model.tta), targets=[AgeTarget()] * len(model.tta))
+        maps = cam(input_tensor=tta_batch(first_pixels, variants), targets=[AgeTarget()] * len(variants))
     assert any(p.grad is not None for p in textbook.parameters())
+    expected = resize_to(torch.from_numpy(maps[:1]), model.input_size)[0].numpy()
 
-    assert estimate.heatmap is not None and estimate.heatmap.shape == maps[0].shape
-    np.testing.assert_allclose(estimate.heatmap, maps[0], atol=HEATMAP_TOLERANCE)
-    assert all(p.grad is None and not p.requires_grad for p in model.net.parameters())
-    assert not model.net._forward_hooks and not model.net.cam_layer._forward_hooks  # nothing left on the model
+    assert estimate.heatmap is not None and estimate.heatmap.shape == (model.input_size, model.input_size)
+    np.testing.assert_allclose(estimate.heatmap, expected, atol=HEATMAP_TOLERANCE)
+    for member in model.members:
+        assert all(p.grad is None and not p.requires_grad for p in member.net.parameters())
+        assert not member.net._forward_hooks and not member.net.cam_layer._forward_hooks  # nothing left on it
 
 
 def test_variants_built_for_a_batch_equal_those_of_each_image_alone() -> None:

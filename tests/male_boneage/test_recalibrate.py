@@ -8,7 +8,7 @@ from types import ModuleType
 
 import pytest
 import torch
-from helpers import DATA, WEIGHTS
+from helpers import DATA, WEIGHTS, copy_weights
 
 from male_boneage import evaluate
 from male_boneage import recalibrate as recalibrate_module
@@ -58,7 +58,7 @@ def test_the_scale_is_the_largest_per_variant_scale(calibration_folder: Path) ->
 def test_the_command_prints_each_variant_and_writes_the_largest_scale(
         calibration_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     for sex in ("male", "female"):
-        shutil.copy(WEIGHTS / f"{sex}.pt", tmp_path / f"{sex}.pt")
+        copy_weights(sex, tmp_path)
     recalibrate_module.main(["--data", str(calibration_folder), "--male-weights", str(tmp_path / "male.pt"),
                              "--female-weights", str(tmp_path / "female.pt"), "--variants", "clean", "jpeg_q20",
                              "--tta", "1", "--write"])
@@ -74,8 +74,7 @@ def test_the_command_prints_each_variant_and_writes_the_largest_scale(
 
 
 def test_written_scale_keeps_weights_and_version(tmp_path: Path) -> None:
-    path = tmp_path / "male.pt"
-    shutil.copy(WEIGHTS / "male.pt", path)
+    path = copy_weights("male", tmp_path)
     before, before_meta = load_weights(path)
     write_scale(path, 0.5, "a test")
     after, after_meta = load_weights(path)
