@@ -31,7 +31,6 @@ from male_boneage.data import load_pixels
 from male_boneage.inference import (
     BoneAgeModel,
     ModelUnavailable,
-    build_net,
     build_nets,
     half_precision,
     load_weights,
@@ -77,7 +76,6 @@ def combine(members: list[tuple[Path, int | None]], out: Path) -> tuple[dict[str
         if meta["sex"] != first["sex"] or meta["normalization"] != first["normalization"]:
             raise ValueError(f"{path} is a {meta['sex']} net with {meta['normalization']!r}; the first member is "
                              f"a {first['sex']} net with {first['normalization']!r}")
-        build_net(weights, meta, str(path))  # refuses a file that does not fit the code, naming it
         stored = half_precision(weights)
         weights = {name: t.float() if t.is_floating_point() else t for name, t in stored.items()}  # as read back
         state_dict.update({f"members.{i}.{name}": t for name, t in weights.items()})
@@ -92,7 +90,6 @@ def combine(members: list[tuple[Path, int | None]], out: Path) -> tuple[dict[str
         "tta": first.get("tta"), "members": entries,
         "training_data": first.get("training_data"), "split": first.get("split"),
         "trained_on": dt.datetime.now(dt.UTC).date().isoformat(),
-        "ensemble": " ".join(f"--member {p}" + (f":{n}" if n else "") for p, n in members),
     }
     return state_dict, metadata, payloads
 

@@ -60,11 +60,7 @@ def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     members = metadata.get("members")
     if members is None:
         return state_dict, metadata
-    if not isinstance(members, list) or not all(
-            isinstance(m, dict) and isinstance(m.get("weights_file"), str)
-            and Path(m["weights_file"]).name == m["weights_file"] for m in members):
-        raise ModelUnavailable(f"model weights file {path} has malformed members: each names its weights file "
-                               f"beside it")
+    check_members(metadata, path)
     for i, entry in enumerate(members):
         member_path = path.parent / entry["weights_file"]
         weights = read_weights_file(member_path, ARCHITECTURE, REQUIRED_METADATA, "model weights")[0]
@@ -73,6 +69,24 @@ def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
                                    f"made with (its weights differ)")
         state_dict |= {f"members.{i}.{name}": t for name, t in weights.items()}
     return state_dict, metadata
+
+
+def check_members(metadata: dict[str, Any], path: Path) -> None:
+    """An ensemble's `members` as `load_weights` reads them, or ModelUnavailable naming the file: a list of entries,
+    each naming its net's weights file beside `path`, its input size and its test-time variant count (None or at
+    least 1); the file's input size the largest of theirs."""
+    members = metadata["members"]
+    if not isinstance(members, list) or not members or not all(
+            isinstance(m, dict) and isinstance(m.get("weights_file"), str)
+            and Path(m["weights_file"]).name == m["weights_file"]
+            and isinstance(m.get("input_size"), int) and m["input_size"] > 0
+            and (m.get("tta_count") is None or (isinstance(m["tta_count"], int) and m["tta_count"] >= 1))
+            for m in members):
+        raise ModelUnavailable(f"model weights file {path} has malformed members: each names its weights file "
+                               f"beside it, an input_size and a tta_count of None or at least 1")
+    if int(metadata["input_size"]) != max(m["input_size"] for m in members):
+        raise ModelUnavailable(f"model weights file {path} takes {metadata['input_size']} px, but its largest "
+                               f"member reads {max(m['input_size'] for m in members)} px")
 
 
 def read_weights_file(path: Path, architecture: str, required: tuple[str, ...],
@@ -126,23 +140,11 @@ def member_weights(state_dict: dict[str, torch.Tensor],
 
 
 def build_nets(state_dict: dict[str, torch.Tensor], metadata: dict[str, Any], source: str) -> list[BoneAgeNet]:
-    """Every net of a weights file (`member_weights`), loaded strictly, in eval mode. An ensemble's members must
-    each name an input size and a test-time variant count (None or at least 1), the file's input size must be the
-    largest of theirs, and every tensor must belong to a member."""
-    members = metadata.get("members")
-    if members is not None:
-        if not isinstance(members, list) or not members or not all(
-                isinstance(m, dict) and isinstance(m.get("input_size"), int) and m["input_size"] > 0
-                and (m.get("tta_count") is None or (isinstance(m["tta_count"], int) and m["tta_count"] >= 1))
-                for m in members):
-            raise ModelUnavailable(f"model weights file {source} has malformed members: each needs an input_size "
-                                   f"and a tta_count of None or at least 1")
-        if int(metadata["input_size"]) != max(m["input_size"] for m in members):
-            raise ModelUnavailable(f"model weights file {source} takes {metadata['input_size']} px, but its "
-                                   f"largest member reads {max(m['input_size'] for m in members)} px")
+    """Every net of a weights file (`member_weights`; its members checked by `load_weights`), loaded strictly, in
+    eval mode; an ensemble's every tensor must belong to a member."""
     nets = [build_net(weights, meta, source) for weights, meta in member_weights(state_dict, metadata)]
     unused = set(state_dict) - {f"members.{i}.{name}" for i, net in enumerate(nets) for name in net.state_dict()}
-    if members is not None and unused:
+    if metadata.get("members") is not None and unused:
         raise ModelUnavailable(f"model weights file {source} has tensors of no member: {sorted(unused)[0]}")
     return nets
 

@@ -120,7 +120,8 @@ def _tracker(cfg: TrainConfig, run_id: str | None) -> tuple[Any, str | None]:
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run training (resuming from `<out>.ckpt` if present), calibrate, write `cfg.out`; returns its metadata."""
-    members = load_weights(cfg.init)[1].get("members") if cfg.init else None
+    init_state, init_metadata = load_weights(cfg.init) if cfg.init else ({}, {})
+    members = init_metadata.get("members")
     if members:  # refused before any film is decoded
         raise ValueError(f"{cfg.init} is an ensemble of {len(members)} nets: start from one net's file "
                          f"({', '.join(m.get('file', '?') for m in members)})")
@@ -144,9 +145,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     train_ages, train_males = ages["train"].to(device), males["train"].to(device)
 
     net = BoneAgeNet(input_size=cfg.input_size, width=cfg.width)
-    init_metadata: dict[str, Any] = {}
     if cfg.init:
-        state_dict, init_metadata = load_weights(cfg.init)
         # The net pools globally, so it can be trained on at another size; finalising (BatchNorm statistics and
         # sigma of weights trained elsewhere) at a size they never trained at is refused, not guessed.
         resized = int(init_metadata["input_size"]) != cfg.input_size
@@ -155,7 +154,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                              f"{cfg.input_size}")
         if resized:
             logger.info("training %s px weights on at %d px", init_metadata["input_size"], cfg.input_size)
-        net.load_state_dict(state_dict, strict=True)
+        net.load_state_dict(init_state, strict=True)
     net = net.to(device).to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(splits["train"]) / cfg.batch_size)

@@ -37,7 +37,7 @@ def write_members(path: Path, folder: Path) -> list[str]:
     state_dict, metadata = load_weights(path)
     specs = []
     for i, (weights, meta) in enumerate(member_weights(state_dict, metadata)):
-        plain = {k: v for k, v in meta.items() if k not in ("members", "tta_count", "file", "ensemble")}
+        plain = {k: v for k, v in meta.items() if k not in ("members", "tta_count", "file")}
         member = folder / f"member{i}.pt"
         torch.save({"state_dict": weights, "metadata": plain}, member)
         specs.append(f"{member}:{meta['tta_count']}" if meta.get("tta_count") else str(member))
