@@ -7,10 +7,11 @@
 #
 # Seven one-cycle schedules, the `stage` lines below (joint epochs, peak lr, starting weights, per-sex lr, input
 # size): the first from scratch, each later one warm-started from the one before. The model card ("Training") gives
-# what each stage gained on the 955 trainable raw films; stage 4 (288 px) and stage 8 (a seventh schedule at 224 px:
-# 7.69 against stage 7's 7.70 months) were not kept ("What was tried"). Time on 2 CPU cores (AMD EPYC, avx512_bf16,
-# bfloat16 autocast, real-time priority): about 7 h 15 min in all, 14.4 CPU core-hours; stage 7 alone about 81 min,
-# stage 9 about 100 (per stage: the card's "Compute").
+# what each stage gained on the 955 trainable raw films; stage 4 (288 px), stage 8 (a seventh schedule at 224 px:
+# 7.69 against stage 7's 7.70 months) and stage 10 (an eighth at 288 px: 7.56 against 7.58 in the ensemble) were not
+# kept ("What was tried"). Time on 2 CPU cores (AMD EPYC, avx512_bf16, bfloat16 autocast, real-time priority): about
+# 7 h 15 min in all, 14.4 CPU core-hours; stage 7 alone about 81 min, stage 9 about 100 (per stage: the card's
+# "Compute").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data/rsna-train-299}
