@@ -34,6 +34,7 @@ from male_boneage.inference import (
     build_nets,
     half_precision,
     load_weights,
+    member_key,
     state_digest,
 )
 from male_boneage.train import TrainConfig, atomic_save, calibrate_and_validate, split_cases
@@ -78,7 +79,7 @@ def combine(members: list[tuple[Path, int | None]], out: Path) -> tuple[dict[str
                              f"a {first['sex']} net with {first['normalization']!r}")
         stored = half_precision(weights)
         weights = {name: t.float() if t.is_floating_point() else t for name, t in stored.items()}  # as read back
-        state_dict.update({f"members.{i}.{name}": t for name, t in weights.items()})
+        state_dict.update({member_key(i, name): t for name, t in weights.items()})
         payloads.append({"state_dict": stored, "metadata": meta})
         entries.append({key: meta[key] for key in MEMBER_KEYS if key in meta}
                        | {"tta_count": tta_count, "file": str(path), "weights_file": member_file(out, i).name,

@@ -67,7 +67,7 @@ def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         if state_digest(weights) != entry.get("state_digest"):
             raise ModelUnavailable(f"model weights file {member_path} is not the member {i} that {path} was "
                                    f"made with (its weights differ)")
-        state_dict |= {f"members.{i}.{name}": t for name, t in weights.items()}
+        state_dict |= {member_key(i, name): t for name, t in weights.items()}
     return state_dict, metadata
 
 
@@ -123,6 +123,11 @@ def half_precision(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return {name: t.half() if t.is_floating_point() and t.dim() > 1 else t for name, t in state_dict.items()}
 
 
+def member_key(index: int, name: str) -> str:
+    """The key of member `index`'s tensor `name` in an ensemble's state dict (`load_weights`, `member_weights`)."""
+    return f"members.{index}.{name}"
+
+
 def member_weights(state_dict: dict[str, torch.Tensor],
                    metadata: dict[str, Any]) -> list[tuple[dict[str, torch.Tensor], dict[str, Any]]]:
     """The nets of a weights file, one (state dict, metadata) each: a plain file is one net; an ensemble's member i
@@ -133,7 +138,7 @@ def member_weights(state_dict: dict[str, torch.Tensor],
         return [(state_dict, metadata)]
     nets = []
     for i, entry in enumerate(members):
-        prefix = f"members.{i}."
+        prefix = member_key(i, "")
         nets.append(({name[len(prefix):]: t for name, t in state_dict.items() if name.startswith(prefix)},
                      metadata | entry))
     return nets
@@ -143,8 +148,10 @@ def build_nets(state_dict: dict[str, torch.Tensor], metadata: dict[str, Any], so
     """Every net of a weights file (`member_weights`; its members checked by `load_weights`), loaded strictly, in
     eval mode; an ensemble's every tensor must belong to a member."""
     nets = [build_net(weights, meta, source) for weights, meta in member_weights(state_dict, metadata)]
-    unused = set(state_dict) - {f"members.{i}.{name}" for i, net in enumerate(nets) for name in net.state_dict()}
-    if metadata.get("members") is not None and unused:
+    if metadata.get("members") is None:
+        return nets
+    unused = set(state_dict) - {member_key(i, name) for i, net in enumerate(nets) for name in net.state_dict()}
+    if unused:
         raise ModelUnavailable(f"model weights file {source} has tensors of no member: {sorted(unused)[0]}")
     return nets
 
