@@ -123,15 +123,20 @@ def test_get_audit_pages_through_the_rows_of_a_patient_and_a_time_span(tmp_path:
         middle = middle if isinstance(middle, dt.datetime) else dt.datetime.fromisoformat(middle)
         since = middle.replace(tzinfo=dt.UTC).astimezone(dt.timezone(dt.timedelta(hours=2))).isoformat()
         later = client.get("/audit", params={"since": since, "limit": 1000}, headers=officer).json()
+        earlier = client.get("/audit", params={"until": since, "limit": 1000}, headers=officer).json()
+        span = client.get("/audit", params={"since": since, "until": since, "limit": 1000}, headers=officer).json()
         bad = [client.get("/audit", params=params, headers=officer).status_code
-               for params in ({"patient_id": "../x"}, {"since": "yesterday"}, {"limit": 0}, {"after": -1})]
+               for params in ({"patient_id": "../x"}, {"since": "yesterday"}, {"until": "soon"}, {"limit": 0},
+                              {"after": -1})]
     assert [e["action"] for e in first["events"]] == ["upload", "results", "results"]
     # the first page's own request was recorded (seq 10) before the second page was read
     assert [(e["action"], e["seq"]) for e in second["events"]] == [("results", 6), ("results", 8), ("audit", 10)]
     assert first["next_after"] == first["events"][-1]["seq"]
     assert {e["patient_id"] for e in first["events"] + second["events"]} == {"P-page"}
     assert later["events"][0]["seq"] == 5  # a time in another zone is compared in UTC
-    assert bad == [422, 422, 422, 422]
+    assert [e["seq"] for e in earlier["events"]] == [1, 2, 3, 4]  # until is exclusive
+    assert span["events"] == []
+    assert bad == [422] * 5
 
 
 def test_the_chain_check_finds_a_row_changed_removed_or_added_in_the_database(
