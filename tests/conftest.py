@@ -32,6 +32,18 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "multiprocess: starts several service processes (minutes)")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_caller_settings() -> Iterator[None]:
+    """The service's settings come from BONEAGE_* variables (utils/config.py) and MLflow's from MLFLOW_*: none set
+    in the shell that runs the tests may change what they test (an exported BONEAGE_API_KEYS would put every app
+    behind keys). The tests' own switches (BONEAGE_TEST_*) stay."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in list(os.environ):
+            if (name.startswith("BONEAGE_") and not name.startswith("BONEAGE_TEST_")) or name.startswith("MLFLOW_"):
+                patch.delenv(name)
+        yield
+
+
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     return make_settings(tmp_path)

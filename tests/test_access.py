@@ -81,9 +81,12 @@ def test_start_up_gives_dicom_predictions_of_an_earlier_release_their_film_png(t
 def test_a_live_process_removes_what_a_crashed_one_left_once_it_is_old_enough(tmp_path: Path) -> None:
     # What a worker killed mid-request leaves beside a live one (uvicorn starts its replacement at once, too soon
     # for the start-up clean-up to take them): a staging folder, a folder without a row and an unfinished run.
-    settings = make_settings(tmp_path, recovery_min_age_seconds=10.0)  # a pass every 5 s
+    # A pass every 15 s; a prediction must be stored within 15 s of its run being opened (half the age limit).
+    settings = make_settings(tmp_path, recovery_min_age_seconds=30.0)
     with running_app(settings) as client:
-        kept = post_image(client, FILM, "P-live").json()
+        answer = post_image(client, FILM, "P-live")
+        assert answer.status_code == 200, answer.text
+        kept = answer.json()
         wait_until_logged(client, "P-live")
         patient_dir = settings.patients_dir / "P-live"
         staging = patient_dir / ".20261127T101010000000Z-abcdefabcdef.tmp123"

@@ -111,10 +111,13 @@ def test_female_fallback_when_weights_missing(tmp_path: Path) -> None:
 def test_health_answers_while_predicting(shared_client: TestClient) -> None:
     data = (TEST20 / "4375.png").read_bytes()
     done = threading.Event()
+    statuses: list[int] = []
 
     def predict() -> None:
-        post_image(shared_client, data, "P-health")
-        done.set()
+        try:
+            statuses.append(post_image(shared_client, data, "P-health").status_code)
+        finally:  # a failed request ends the loop below too, instead of polling until the test's timeout
+            done.set()
 
     in_flight = shared_client.app.state.service.in_flight  # type: ignore[attr-defined]
     worker = threading.Thread(target=predict)
@@ -127,6 +130,7 @@ def test_health_answers_while_predicting(shared_client: TestClient) -> None:
         assert health.json()["status"] == "ok", health.json()
         answered_during += serving_before and in_flight.busy()  # the prediction ran before and after the answer
     worker.join()
+    assert statuses == [200]
     assert answered_during >= 1
 
 

@@ -1,8 +1,8 @@
 """The viewer page at `/` in a real browser against the real server: a film in, both estimates, both heatmaps, the
 report, the chart and the course out; the API's refusals shown in words. Nothing is fetched from outside.
 
-`BONEAGE_SCREENSHOT=/path/viewer.png` saves a full-page screenshot of the viewer with a result; without it the tests
-write nothing outside their temporary folder.
+`BONEAGE_TEST_SCREENSHOT=/path/viewer.png` saves a full-page screenshot of the viewer with a result; without it the
+tests write nothing outside their temporary folder.
 """
 
 from __future__ import annotations
@@ -152,7 +152,7 @@ def test_viewer_shows_the_film_both_heatmaps_and_both_estimates(
     expect(page.locator("footer")).to_contain_text("Radiology 2019;290(2):498-503")  # the films' attribution
     assert page.evaluate("() => [sessionStorage.getItem('boneage.apiKey'), localStorage.length]") == [api_key, 0]
     assert outside_requests == []
-    if screenshot := os.environ.get("BONEAGE_SCREENSHOT"):
+    if screenshot := os.environ.get("BONEAGE_TEST_SCREENSHOT"):
         page.screenshot(path=screenshot, full_page=True)
 
 

@@ -20,16 +20,15 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+import ray  # requirements.txt pins it: never skipped for want of it
 from helpers import TEST20, count_rows, make_settings, post_image, running_app, wait_until
 from PIL import Image
+from ray import serve
 from sqlalchemy import create_engine, text
 
-ray = pytest.importorskip("ray", reason="ray is not installed (requirements.txt pins it)")
-from ray import serve  # noqa: E402  # only once ray is known to be importable
-
-import ray_serve  # noqa: E402
-from bench.harness import HOST, reserve_port  # noqa: E402
-from utils.config import Settings  # noqa: E402
+import ray_serve
+from bench.harness import HOST, reserve_port
+from utils.config import Settings
 
 FILMS = sorted(TEST20.glob("*.png"))
 APP_NAME = "boneage-test"

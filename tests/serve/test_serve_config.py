@@ -18,17 +18,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
+import ray  # requirements.txt pins it: never skipped for want of it
 import yaml
 from helpers import PROJECT_ROOT, TEST20
+from ray import serve
+from ray.serve._private import api as serve_api  # what `serve run CONFIG` calls (ray/serve/scripts.py)
+from ray.serve.config import gRPCOptions
+from ray.serve.schema import ServeDeploySchema
 
-ray = pytest.importorskip("ray", reason="ray is not installed (requirements.txt pins it)")
-from ray import serve  # noqa: E402  # only once ray is known to be importable
-from ray.serve._private import api as serve_api  # noqa: E402  # what `serve run CONFIG` calls (ray/serve/scripts.py)
-from ray.serve.config import gRPCOptions  # noqa: E402
-from ray.serve.schema import ServeDeploySchema  # noqa: E402
-
-from bench.harness import HOST, reserve_port  # noqa: E402
+from bench.harness import HOST, reserve_port
 
 CONFIG = PROJECT_ROOT / "serve_config.yaml"
 CLUSTER_CPUS = 2  # the README's machine
