@@ -1,6 +1,6 @@
 """The storage SCP beside the service: a film sent with C-STORE (a real pynetdicom SCU) is predicted by the real app
 and its DICOM results reach the PACS (a real SCP); refused films are set aside with the reason; while the service
-is unreachable, films wait in the inbox and nothing is lost."""
+is unreachable or answers busy (5xx, 429, 408), films wait in the inbox and nothing is lost."""
 
 from __future__ import annotations
 
@@ -93,6 +93,31 @@ def test_films_wait_in_the_inbox_while_the_service_is_unreachable(tmp_path: Path
     assert Forwarder(inbox, client).forward_waiting() is True
     assert inbox.waiting() == [] and list(inbox.refused_dir.iterdir()) == []
     assert client.get(f"/results/{patient_id_of(dataset)}").status_code == 200
+
+
+@pytest.mark.parametrize(("status", "body"), [(503, {"detail": "overloaded"}), (500, {"detail": "internal error"}),
+                                            (502, "<html>Bad Gateway</html>"), (429, {"detail": "slow down"}),
+                                            (408, {"detail": "timeout"})])
+def test_films_wait_in_the_inbox_while_the_service_answers_busy_or_broken(tmp_path: Path, client: TestClient,
+                                                                         status: int, body: object) -> None:
+    """A 5xx, 429 or 408 (the service or a proxy before it) is no refusal of the film: it waits and is retried."""
+    inbox = Inbox(tmp_path / "inbox")
+    dataset = pydicom.dcmread(io.BytesIO(make_dicom(gray(FILM), sex="F")))
+    inbox.put(dataset)
+    posted: list[str] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        posted.append(request.url.path)
+        return (httpx.Response(status, json=body) if isinstance(body, dict)
+                else httpx.Response(status, text=str(body), headers={"content-type": "text/html"}))
+
+    with httpx.Client(base_url="http://service", transport=httpx.MockTransport(answer)) as busy:
+        assert Forwarder(inbox, busy).forward_waiting() is False
+    assert posted == ["/predict"]
+    assert len(inbox.waiting()) == 1 and list(inbox.refused_dir.iterdir()) == []  # kept, not set aside
+    assert Forwarder(inbox, client).forward_waiting() is True
+    assert inbox.waiting() == [] and list(inbox.refused_dir.iterdir()) == []
+    assert len(client.get(f"/results/{patient_id_of(dataset)}").json()["predictions"]) == 1
 
 
 def test_patient_ids_are_made_safe_for_the_service() -> None:
