@@ -1,4 +1,5 @@
-"""A real DICOM storage SCP for the tests (pynetdicom, loopback): records what it stores, can refuse, can go down."""
+"""A real DICOM storage SCP for the tests (pynetdicom, loopback): records what it stores, can refuse, can go down,
+can take a C-STORE and never answer it."""
 
 from __future__ import annotations
 
@@ -31,6 +32,11 @@ class StorageSCP:
         self.stored: list[Dataset] = []  # accepted objects, in order
         self.refused: list[str] = []  # SOP Instance UIDs refused
         self.calling_ae_titles: list[str] = []
+        # Set: a C-STORE is held without an answer until `answer` is set, then refused (the object is not kept),
+        # as a PACS that hangs mid-association; its SOP Instance UID is recorded in `unanswered`.
+        self.hang = threading.Event()
+        self.answer = threading.Event()
+        self.unanswered: list[str] = []
         self._lock = threading.Lock()
         self._server: Any = None
 
@@ -49,10 +55,16 @@ class StorageSCP:
 
     def close(self) -> None:
         """Stop, and give the port back."""
+        self.answer.set()  # a held C-STORE ends, so the server's threads can
         self.stop()
         self._reservation.close()
 
     def _on_store(self, event: Any) -> int:
+        if self.hang.is_set():
+            with self._lock:
+                self.unanswered.append(str(event.dataset.SOPInstanceUID))
+            self.answer.wait(120)
+            return OUT_OF_RESOURCES  # to an association the caller has long given up on
         dataset = event.dataset
         dataset.file_meta = event.file_meta
         with self._lock:

@@ -1,8 +1,9 @@
 """Sending the DICOM results to a PACS: a real pynetdicom storage SCP on a loopback port, the real app.
 
 The SCP receives both objects after a prediction; with the SCP down the send waits and is delivered once it is up,
-also across a service restart; a refusing SCP (0xA700) leads to retries and a clear state, never a lost result;
-every object is stored once. The claims and the back-off are also checked on their own, on both database engines.
+also across a service restart; a refusing SCP (0xA700), or one that never answers, leads to retries and a clear
+state, never a lost result; every object is stored once. The claims and the back-off are also checked on their own,
+on both database engines.
 """
 
 from __future__ import annotations
@@ -40,9 +41,9 @@ def film_dicom() -> bytes:
 def pacs_settings(tmp: Path, scp: StorageSCP, **overrides: Any) -> Settings:
     # A generous C-STORE timeout: on a loaded machine a slow answer must not turn into a retry, so the exact attempt
     # counts below are about the sender's logic, not the machine's speed (a down PACS refuses at once anyway).
-    return make_settings(tmp, pacs_host="127.0.0.1", pacs_port=scp.port, pacs_ae_title=AE_TITLE,
-                         ae_title="BONEAGE-TEST", pacs_retry_seconds=0.2, pacs_retry_max_seconds=0.5,
-                         pacs_timeout_seconds=60, **overrides)
+    return make_settings(tmp, **{"pacs_host": "127.0.0.1", "pacs_port": scp.port, "pacs_ae_title": AE_TITLE,
+                                 "ae_title": "BONEAGE-TEST", "pacs_retry_seconds": 0.2, "pacs_retry_max_seconds": 0.5,
+                                 "pacs_timeout_seconds": 60, **overrides})
 
 
 def post_dicom(client: TestClient, data: bytes, patient_id: str) -> dict[str, Any]:
@@ -137,6 +138,23 @@ def test_a_refusing_pacs_leads_to_retries_and_a_clear_state_then_delivery(tmp_pa
         pacs = wait_for_pacs_state(client, "P-refused", lambda p: p["state"] == "sent")
         assert pacs["attempts"] >= 4
         assert Counter(scp.stored_uids()) == {uid: 1 for uid in stored_uids(client, body)}
+
+
+def test_a_pacs_that_never_answers_times_out_and_the_results_are_delivered_once_it_answers(
+        tmp_path: Path, scp: StorageSCP, film_dicom: bytes) -> None:
+    """A PACS that takes the association and the C-STORE but never answers: the sender gives up after
+    BONEAGE_PACS_TIMEOUT_SECONDS (it is not stuck), says why, and delivers once the PACS answers again."""
+    scp.hang.set()
+    scp.start()
+    with running_app(pacs_settings(tmp_path, scp, pacs_timeout_seconds=3)) as client:
+        body = post_dicom(client, film_dicom, "P-hung")
+        scp.wait_for(lambda s: len(s.unanswered) >= 2, timeout=90)  # the first object, and again after a timeout
+        pacs = wait_for_pacs_state(client, "P-hung", lambda p: p["state"] == "retrying")
+        assert "no answer" in pacs["last_error"], pacs
+        scp.hang.clear()
+        scp.answer.set()
+        pacs = wait_for_pacs_state(client, "P-hung", lambda p: p["state"] == "sent", timeout=120)
+        assert set(scp.stored_uids()) == stored_uids(client, body)
 
 
 def test_a_pacs_that_takes_no_sr_gets_the_heatmap_and_the_report_waits_with_the_reason(
