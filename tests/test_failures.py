@@ -76,21 +76,28 @@ def test_mlflow_server_down_backlog_survives_restart(tmp_path: Path, database_ur
 def test_database_locked_gives_503_and_leaves_nothing(tmp_path: Path) -> None:
     settings = make_settings(tmp_path, database_busy_timeout=0.3)
     with running_app(settings) as client:
+        assert post_image(client, FILM, "P-read").status_code == 200
+        stored_before = stored_files(settings)
         lock = sqlite3.connect(tmp_path / "predictions.db")
         lock.execute("BEGIN EXCLUSIVE")
         try:
             response = post_image(client, FILM, "P-locked")
+            read = client.get("/results/P-read")  # its audit row cannot be written: no data without it
         finally:
             lock.rollback()
             lock.close()
         assert response.status_code == 503
         assert "database" in response.json()["detail"] and response.headers["Retry-After"]
-        assert stored_files(settings) == []
+        assert read.status_code == 503 and read.headers["Retry-After"], read.text
+        assert "predictions" not in read.json()
+        assert stored_files(settings) == stored_before
         with create_engine(settings.database_url).connect() as conn:
-            assert conn.execute(text("SELECT COUNT(*) FROM predictions")).scalar() == 0
-        assert _runs(settings) == {"active": 0, "deleted": 1}  # the run opened beside the heatmaps is deleted
+            assert conn.execute(text("SELECT COUNT(*) FROM predictions")).scalar() == 1
+        # the run opened beside the heatmaps is deleted
+        assert _runs(settings) == {"active": 1, "deleted": 1}
         # and the service recovers once the lock is gone
         assert post_image(client, FILM, "P-locked").status_code == 200
+        assert len(client.get("/results/P-read").json()["predictions"]) == 1
 
 
 def test_a_prediction_not_stored_within_half_the_recovery_age_is_refused_whole(tmp_path: Path) -> None:
@@ -137,8 +144,10 @@ def test_postgresql_down_gives_503_and_leaves_nothing_then_the_service_recovers(
         assert post_image(client, FILM, "P-before").status_code == 200  # pooled connections exist when it goes
         with postgres.outage(database_url):
             response = post_image(client, FILM, "P-down")
+            read = client.get("/results/P-before")  # no data without its audit row
             health = client.get("/health").json()
         assert response.status_code == 503, response.text
+        assert read.status_code == 503 and read.headers["Retry-After"] and "predictions" not in read.json()
         assert "database" in response.json()["detail"] and response.headers["Retry-After"]
         assert health["database"] == "unavailable" and "database" in health["failing"]
         # nothing half-stored: no file, no row, no patient, and no run (the database is asked whether the patient is
@@ -150,6 +159,7 @@ def test_postgresql_down_gives_503_and_leaves_nothing_then_the_service_recovers(
         response = post_image(client, FILM, "P-down")
         assert response.status_code == 200, response.text
         assert count_rows(settings, "predictions") == 2
+        assert len(client.get("/results/P-before").json()["predictions"]) == 1
         wait_until_logged(client, "P-down")
         assert client.get("/health").json()["database"] == "ok"
 
