@@ -1,6 +1,7 @@
 """Erasure of a patient: files, rows, MLflow runs (artifacts and params) and pending PACS sends removed, objects the
 PACS already holds named by their SOP Instance UIDs, idempotent, an upload of the same patient in flight erased or
-refused (never half-kept), and an erasure killed mid-way (SIGKILL) finished by the next start-up."""
+refused (never half-kept), an erasure killed mid-way (SIGKILL) finished by the next start-up, and one that meets
+MLflow unreachable answered 503, audited as such and finished by a repeat."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from patient_data import (
     write_keys_file,
 )
 
+from utils.audit_trail import main as audit_cli
 from utils.config import Settings
 
 FILM = (RAW / "7047.png").read_bytes()
@@ -216,3 +218,33 @@ def test_an_erasure_killed_mid_way_is_finished_at_the_next_start(tmp_path: Path,
     killed_request = ("DELETE /patients/P-kill", "officer", 200)
     assert erasures == ([recovery] if kill_point == "noted" else [killed_request, recovery])
     assert [r["action"] for r in audit_rows(settings, "P-kill")][:2] == ["upload", "upload"]
+
+
+def test_an_erasure_while_mlflow_is_unreachable_answers_503_and_a_repeat_finishes_it(tmp_path: Path) -> None:
+    blocker = tmp_path / "mlflow-store"
+    blocker.write_text("a file where the store's folder should be")  # the MLflow store cannot be opened
+    settings = make_settings(tmp_path, api_keys_file=write_keys_file(tmp_path),
+                             mlflow_tracking_uri=f"sqlite:///{blocker / 'mlflow.db'}")
+    with running_app(settings) as client:
+        stored = upload(client, FILM, "P-unreachable")
+        assert stored.status_code == 200 and stored.json()["tracking"] == "pending", stored.text
+        assert upload(client, OTHER_FILM, "P-keep").status_code == 200
+        refused = client.delete("/patients/P-unreachable", headers=OFFICER)
+        assert refused.status_code == 503, refused.text
+        assert refused.headers["Retry-After"] and "MLflow" in refused.json()["detail"]
+        assert upload(client, FILM, "P-unreachable").status_code == 409  # the erasure is under way
+        blocker.unlink()
+        blocker.mkdir()  # the store is back
+        erased = client.delete("/patients/P-unreachable", headers=OFFICER)
+        assert erased.status_code == 200, erased.text
+        assert erased.json()["status"] == "erased"
+        assert_nothing_left_of(settings, "P-unreachable")
+        kept = wait_until_logged(client, "P-keep", 120, header("viewer"))
+        assert len(kept["predictions"]) == 1 and len(patient_runs(settings, "P-keep")) == 1
+        assert upload(client, FILM, "P-unreachable").status_code == 200  # the id can be used again
+    rows = [r for r in audit_rows(settings, "P-unreachable") if r["action"] == "erase"]
+    # the first request: its row written with the rows' deletion, then the 503 the client got; then the repeat
+    assert [r["status"] for r in rows] == [200, 503, 200]
+    assert rows[0]["detail"].startswith("erased 1 predictions") and "MLflow is unreachable" in rows[1]["detail"]
+    assert rows[2]["detail"].startswith("erased 0 predictions")
+    assert audit_cli(["--database-url", settings.database_url, "verify"]) == 0  # the chain is intact

@@ -4,7 +4,9 @@ A router made with `route_class=PredictRoute`, `ReadRoute` or `AdminRoute` check
 role before anything else (401 without a valid key, 403 without the role; the upload is not even read) and leaves
 exactly one audit row per request, refusals and errors included: the service writes it in the transaction of the
 change it records (an upload, an erasure) and marks it recorded; otherwise it is written here once the response is
-ready and before it is sent, and a read whose row cannot be written answers 503 instead of the patient's data.
+ready and before it is sent, and a read whose row cannot be written answers 503 instead of the patient's data. A
+request that fails after the service recorded its change (an erasure whose rows are gone but not every file or
+MLflow run: 503) leaves a second row, with the answer the client got.
 
 Those rows are written by a few threads of the audit's own (`AuditWriter`), not the shared worker pool, so a
 refusal (401, 403, the 503 of a full service) never waits for a worker thread busy with predictions.
@@ -13,6 +15,7 @@ refusal (401, 403, the 503 of a full service) never waits for a worker thread bu
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +32,7 @@ from database.db import Database, DatabaseUnavailable
 from storage.store import PATIENT_ID_PATTERN, PREDICTION_ID_PATTERN
 from utils.api.auth import KeyRing, Role, presented_key
 from utils.api.errors import DOMAIN_ERRORS, status_of
-from utils.errors import Forbidden, NotAuthenticated
+from utils.errors import ErasureIncomplete, Forbidden, NotAuthenticated
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +119,15 @@ async def record(request: Request, entry: AuditEntry) -> None:
         await writer.write(entry)
 
 
+def answer_entry(recorded: AuditEntry, status: int, exc: Exception) -> AuditEntry:
+    """A second row for a request whose change the service recorded (with the status it was to answer) before it
+    failed: the answer the client got. An erasure that removed the rows but not every file or MLflow run answers
+    503 (`ErasureIncomplete`, whose message says what is left); its first row must not stand alone as a 200."""
+    reason = str(exc) if isinstance(exc, ErasureIncomplete) else type(exc).__name__
+    return dataclasses.replace(recorded, status=status, recorded=False,
+                               detail=f"answered {status} after the row before was recorded: {reason}")
+
+
 class AuditedRoute(APIRoute):
     """A route that needs `role` and leaves one audit row per request (see the module's docstring)."""
 
@@ -133,7 +145,10 @@ class AuditedRoute(APIRoute):
                 authorize(request, role, entry)
                 response = await handler(request)
             except Exception as exc:
-                entry.status = status_for(exc)
+                status = status_for(exc)
+                if entry.recorded and entry.status != status:  # the service recorded its change, then failed
+                    entry = answer_entry(entry, status, exc)
+                entry.status = status
                 try:
                     await record(request, entry)
                 except DatabaseUnavailable:
