@@ -57,6 +57,46 @@ def _tiff_pages(pages: int) -> bytes:
     return buffer.getvalue()
 
 
+def _tiff_entries(data: bytes, ifd: int) -> list[tuple[int, int]]:
+    """(position, tag) of each entry of the little-endian TIFF directory at offset `ifd`."""
+    count = struct.unpack("<H", data[ifd:ifd + 2])[0]
+    return [(ifd + 2 + 12 * i, struct.unpack("<H", data[ifd + 2 + 12 * i:ifd + 4 + 12 * i])[0]) for i in range(count)]
+
+
+def _tiff_second_page_without_width() -> bytes:
+    """Two pages, the second's ImageWidth tag renamed: counting the pages fails inside Pillow (TypeError)."""
+    data = bytearray(_tiff_pages(2))
+    first = struct.unpack("<I", data[4:8])[0]
+    count = struct.unpack("<H", data[first:first + 2])[0]
+    second = struct.unpack("<I", data[first + 2 + 12 * count:first + 6 + 12 * count])[0]
+    for position, tag in _tiff_entries(bytes(data), second):
+        if tag == 256:
+            data[position:position + 2] = struct.pack("<H", 65000)
+    return bytes(data)
+
+
+def _tiff_rational_strip_offsets() -> bytes:
+    """One page whose StripOffsets are a RATIONAL: decoding fails inside Pillow (TypeError)."""
+    buffer = io.BytesIO()
+    Image.new("L", (160, 200), color=90).save(buffer, format="TIFF")
+    data = bytearray(buffer.getvalue())
+    extra = len(data)
+    data += struct.pack("<II", 8, 1)
+    for position, tag in _tiff_entries(bytes(data), struct.unpack("<I", data[4:8])[0]):
+        if tag == 273:
+            data[position:position + 12] = struct.pack("<HHII", 273, 5, 1, extra)
+        if tag == 278:
+            data[position:position + 12] = struct.pack("<HHII", 278, 3, 1, 200)
+    return bytes(data)
+
+
+def _tiff_lab() -> bytes:
+    """A valid TIFF in the CIE L*a*b* colour space, which Pillow reads but cannot convert to gray."""
+    buffer = io.BytesIO()
+    Image.new("LAB", (160, 200), color=(90, 128, 128)).save(buffer, format="TIFF")
+    return buffer.getvalue()
+
+
 @pytest.mark.parametrize(
     ("data", "status", "phrase"),
     [
@@ -69,8 +109,12 @@ def _tiff_pages(pages: int) -> bytes:
         (_gif(1), 422, "GIF is not accepted"),
         (_apng(), 422, "multi-frame"),
         (_tiff_pages(2), 422, "multi-frame"),
+        (_tiff_second_page_without_width(), 422, "not a readable image"),
+        (_tiff_rational_strip_offsets(), 422, "truncated or corrupt"),
+        (_tiff_lab(), 422, "LAB mode are not accepted"),
     ],
-    ids=["empty", "zeros", "random", "truncated-png", "bomb", "too-small", "gif", "animated-png", "multi-page-tiff"],
+    ids=["empty", "zeros", "random", "truncated-png", "bomb", "too-small", "gif", "animated-png", "multi-page-tiff",
+         "tiff-page-without-width", "tiff-rational-offsets", "tiff-lab"],
 )
 def test_bad_images_rejected_and_nothing_stored(client: TestClient, settings: Settings, data: bytes, status: int,
                                                 phrase: str) -> None:

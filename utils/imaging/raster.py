@@ -44,16 +44,26 @@ def decode_raster(data: bytes, limits: UploadLimits) -> tuple[str, Image.Image]:
     if fmt not in ACCEPTED_FORMATS:
         raise InvalidImage(f"image format {fmt} is not accepted ({EXPECTED})")
     check_pixel_count(width, height, limits)
-    if getattr(image, "n_frames", 1) > 1:
+    # Past the header, Pillow's plugins meet a malformed file with assorted exceptions (OSError, ValueError, and
+    # also TypeError, KeyError, struct.error...): every one of them is a bad upload here, never a server error.
+    try:
+        frames = getattr(image, "n_frames", 1)
+    except Exception:
+        raise InvalidImage(f"the file is not a readable image ({EXPECTED})") from None
+    if frames > 1:
         raise InvalidImage("animated or multi-frame images are not accepted: upload a single radiograph")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image.load()
             oriented = ImageOps.exif_transpose(image)
-            gray = to_gray8(oriented)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, MemoryError):
+    except Exception:
         raise InvalidImage("the image data is truncated or corrupt") from None
+    try:
+        gray = to_gray8(oriented)
+    except Exception:  # a mode Pillow reads but cannot make gray, e.g. a LAB or CMYK-with-extra-channels TIFF
+        raise InvalidImage(f"images in Pillow's {oriented.mode} mode are not accepted: upload the radiograph in "
+                           "grayscale") from None
     check_min_side(gray, limits)
     check_not_colour_photo(oriented)
     check_not_blank(gray)
