@@ -108,8 +108,8 @@ def test_32_parallel_mixed_requests_leave_32_rows_in_an_intact_chain(
     assert cli(capsys, settings, "verify") == (0, f"audit chain intact: 33 rows, last hash {rows[-1]['row_hash']}\n")
 
 
-def test_get_audit_pages_through_the_rows_of_a_patient_and_a_time_span(tmp_path: Path) -> None:
-    settings = keyed_settings(tmp_path)
+def test_get_audit_pages_through_the_rows_of_a_patient_and_a_time_span(tmp_path: Path, database_url: str) -> None:
+    settings = keyed_settings(tmp_path, database_url=database_url)
     officer = header("officer")
     with running_app(settings) as client:
         assert upload(client, FILM, "P-page", "uploader").status_code == 200
@@ -124,10 +124,12 @@ def test_get_audit_pages_through_the_rows_of_a_patient_and_a_time_span(tmp_path:
         since = middle.replace(tzinfo=dt.UTC).astimezone(dt.timezone(dt.timedelta(hours=2))).isoformat()
         later = client.get("/audit", params={"since": since, "limit": 1000}, headers=officer).json()
         earlier = client.get("/audit", params={"until": since, "limit": 1000}, headers=officer).json()
+        beyond = client.get("/audit", params={"after": 2**31 - 1}, headers=officer).json()
         span = client.get("/audit", params={"since": since, "until": since, "limit": 1000}, headers=officer).json()
         bad = [client.get("/audit", params=params, headers=officer).status_code
                for params in ({"patient_id": "../x"}, {"since": "yesterday"}, {"until": "soon"}, {"limit": 0},
-                              {"after": -1})]
+                              {"after": -1}, {"after": 2**31}, {"since": "0001-01-01T00:00:00+14:00"},
+                              {"until": "9999-12-31T23:59:59-23:59"})]
     assert [e["action"] for e in first["events"]] == ["upload", "results", "results"]
     # the first page's own request was recorded (seq 10) before the second page was read
     assert [(e["action"], e["seq"]) for e in second["events"]] == [("results", 6), ("results", 8), ("audit", 10)]
@@ -135,8 +137,8 @@ def test_get_audit_pages_through_the_rows_of_a_patient_and_a_time_span(tmp_path:
     assert {e["patient_id"] for e in first["events"] + second["events"]} == {"P-page"}
     assert later["events"][0]["seq"] == 5  # a time in another zone is compared in UTC
     assert [e["seq"] for e in earlier["events"]] == [1, 2, 3, 4]  # until is exclusive
-    assert span["events"] == []
-    assert bad == [422] * 5
+    assert span["events"] == [] and beyond["events"] == []
+    assert bad == [422] * 8
 
 
 def test_the_chain_check_finds_a_row_changed_removed_or_added_in_the_database(

@@ -19,9 +19,11 @@ from storage.store import check_patient_id
 from utils.api.audit import AdminRoute, AuditDep
 from utils.api.deps import ServiceDep
 from utils.api.schemas import ErrorResponse
+from utils.errors import InvalidInput
 from utils.pipeline.erasure import ErasureReport, PatientEraser
 
 MAX_AUDIT_PAGE = 1000
+MAX_SEQ = 2**31 - 1  # the largest row number the audit_events.seq column holds (INTEGER: 32 bits in PostgreSQL)
 OPERATOR_DUTIES = ("Erased here: the service's database rows, files and MLflow runs. Still to do by the operator: "
                    "backups of the database, the storage folder and the MLflow store keep the patient until they "
                    "expire; objects listed in not_recalled are in the PACS's own archive and must be deleted there.")
@@ -118,7 +120,8 @@ def read_audit(
     patient_id: Annotated[str | None, Query(description="only this patient's rows")] = None,
     since: Annotated[dt.datetime | None, Query(description="from this time (ISO 8601, inclusive)")] = None,
     until: Annotated[dt.datetime | None, Query(description="before this time (ISO 8601, exclusive)")] = None,
-    after: Annotated[int, Query(ge=0, description="rows after this position (the previous page's next_after)")] = 0,
+    after: Annotated[int, Query(ge=0, le=MAX_SEQ,
+                                description="rows after this position (the previous page's next_after)")] = 0,
     limit: Annotated[int, Query(ge=1, le=MAX_AUDIT_PAGE)] = 100,
 ) -> AuditPage:
     """The audit trail, a page at a time in chain order: who accessed which patient's data, when, and the answer."""
@@ -134,4 +137,7 @@ def _utc(moment: dt.datetime | None) -> dt.datetime | None:
     """In UTC, as the rows are stored; a time without a zone is taken as UTC."""
     if moment is None:
         return None
-    return moment.astimezone(dt.UTC) if moment.tzinfo is not None else moment.replace(tzinfo=dt.UTC)
+    try:
+        return moment.astimezone(dt.UTC) if moment.tzinfo is not None else moment.replace(tzinfo=dt.UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+14:00, before the first representable UTC time
+        raise InvalidInput(f"{moment.isoformat()} lies outside the representable times in UTC") from None
