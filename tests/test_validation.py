@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import struct
 import zlib
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -149,6 +153,51 @@ def test_bad_sex_and_missing_fields(client: TestClient, settings: Settings) -> N
     assert missing_image.status_code == 422 and "image" in missing_image.json()["detail"]
     missing_id = client.post("/predict", files={"image": ("x.png", FILM, "image/png")})
     assert missing_id.status_code == 422 and "patient_id" in missing_id.json()["detail"]
+    assert_nothing_stored(settings)
+
+
+def test_a_repeated_form_field_is_refused_not_resolved_to_one_of_its_values(client: TestClient,
+                                                                          settings: Settings) -> None:
+    twice = client.post("/predict", data={"patient_id": ["P-one", "P-two"]},
+                        files={"image": ("film.png", FILM, "image/png")})
+    assert twice.status_code == 422 and "patient_id" in twice.json()["detail"], twice.text
+    two_images = client.post("/predict", data={"patient_id": "P-one"},
+                             files=[("image", ("a.png", FILM, "image/png")), ("image", ("b.png", FILM, "image/png"))])
+    assert two_images.status_code == 422 and "image" in two_images.json()["detail"], two_images.text
+    assert_nothing_stored(settings)
+
+
+def test_a_chunked_upload_over_the_limit_is_refused_as_it_arrives(tmp_path: Path) -> None:
+    """Without Content-Length (Transfer-Encoding: chunked) the body is counted as it arrives: 413 once it passes the
+    limit, and the rest is never read (the app is called through httpx's ASGI transport, which streams the body)."""
+    settings = make_settings(tmp_path, max_upload_bytes=100_000)
+    boundary = "b0undary"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"patient_id\"\r\n\r\nP-chunked\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"big.png\"\r\n"
+            "Content-Type: image/png\r\n\r\n").encode()
+    chunks = 1000  # 64 MB
+    sent = 0
+
+    async def body() -> AsyncIterator[bytes]:
+        nonlocal sent
+        yield head
+        for _ in range(chunks):
+            sent += 1
+            yield b"\0" * 65536
+
+    async def post(app: Any) -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://service") as http:
+            return await http.post("/predict", content=body(),
+                                   headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+
+    with running_app(settings) as client:
+        response = asyncio.run(post(client.app))
+        assert response.status_code == 413, response.text
+        assert response.json()["detail"] == "the upload is larger than the limit of 100000 bytes"
+        assert "content-length" not in response.request.headers
+        sized = post_image(client, FILM, "P-after")  # over the limit with a Content-Length: refused before reading
+        assert sized.status_code == 413 and sized.json()["detail"] == response.json()["detail"]
+    assert sent <= 3  # the limit (100 kB, and 64 KiB for the framing) is passed within the third 64 KiB chunk
     assert_nothing_stored(settings)
 
 

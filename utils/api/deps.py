@@ -1,5 +1,6 @@
-"""Dependencies of the routes: the service, settings and metrics from the app state, the upload size guard and the
-place among the predictions in flight. (API keys and roles are checked by the route classes of `utils.api.audit`.)
+"""Dependencies of the routes: the service, settings and metrics from the app state, the check that each form field
+comes once, and the place among the predictions in flight. (The upload's size is limited as it arrives, by
+`utils.api.body_limit`.) (API keys and roles are checked by the route classes of `utils.api.audit`.)
 
 They are `async def` and do nothing that blocks, so they never wait for a worker thread: a busy thread pool
 cannot delay a refusal (413, 503).
@@ -7,6 +8,7 @@ cannot delay a refusal (413, 503).
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -14,11 +16,8 @@ from fastapi import Depends, Request
 
 from utils.api.metrics import ServiceMetrics
 from utils.config import Settings
-from utils.errors import Overloaded, UploadTooLarge
+from utils.errors import InvalidInput, Overloaded
 from utils.pipeline.service import BoneAgeService
-
-# Multipart framing around the file: a request this much over the byte limit may still hold an acceptable file.
-FORM_OVERHEAD_BYTES = 64 * 1024
 
 
 async def get_service(request: Request) -> BoneAgeService:
@@ -41,11 +40,13 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[ServiceMetrics, Depends(get_metrics)]
 
 
-async def content_length_within_limit(request: Request, settings: SettingsDep) -> None:
-    """Reject an oversized upload from its Content-Length before the body is read."""
-    length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > settings.max_upload_bytes + FORM_OVERHEAD_BYTES:
-        raise UploadTooLarge(f"upload is {length} bytes; the limit is {settings.max_upload_bytes} bytes")
+async def one_of_each_field(request: Request) -> None:
+    """`InvalidInput` (422) when a form field comes more than once: with two patient_id fields FastAPI would take
+    the last, and a film could be filed under the wrong patient. (The form is parsed and cached by now.)"""
+    counts = Counter(name for name, _ in (await request.form()).multi_items())
+    repeated = sorted(name for name, count in counts.items() if count > 1)
+    if repeated:
+        raise InvalidInput(f"form fields sent more than once: {', '.join(repeated)}; send each field once")
 
 
 async def prediction_place(service: ServiceDep, metrics: MetricsDep) -> AsyncIterator[None]:

@@ -18,7 +18,7 @@ from utils.api.deps import (
     MetricsDep,
     ServiceDep,
     SettingsDep,
-    content_length_within_limit,
+    one_of_each_field,
     prediction_place,
 )
 from utils.api.health import health_report, readiness
@@ -54,9 +54,10 @@ patient_router = APIRouter(route_class=ReadRoute)
 
 @upload_router.post(
     "/predict", response_model=PredictionResponse, responses=ERRORS,
-    # In this order: an oversized upload gets 413 without taking a place among the predictions in flight. The
-    # place is given back as soon as the route returns or raises ("function"), before the response is sent.
-    dependencies=[Depends(content_length_within_limit), Depends(prediction_place, scope="function")],
+    # An oversized upload gets 413 as it arrives (utils/api/body_limit.py), without taking a place among the
+    # predictions in flight; the place is given back as soon as the route returns or raises ("function"), before
+    # the response is sent.
+    dependencies=[Depends(one_of_each_field), Depends(prediction_place, scope="function")],
 )
 async def predict(
     response: Response,

@@ -56,7 +56,7 @@ class DecodedImage:
 def decode_upload(data: bytes, limits: UploadLimits) -> DecodedImage:
     """Validate an upload and decode it; raises `InvalidImage` or `UploadTooLarge` with a clear message."""
     if len(data) > limits.max_bytes:
-        raise UploadTooLarge(f"upload is {len(data)} bytes; the limit is {limits.max_bytes} bytes")
+        raise UploadTooLarge(f"the upload is larger than the limit of {limits.max_bytes} bytes")
     if not data:
         raise InvalidImage("the uploaded file is empty")
     sha256 = hashlib.sha256(data).hexdigest()
