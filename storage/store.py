@@ -93,10 +93,8 @@ class PatientStore:
         never leaves a partial prediction folder visible, and an existing folder is never replaced.
         """
         final = self._folder(patient_id, prediction_id)
-        patient_dir = final.parent
         try:
-            patient_dir.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(dir=patient_dir, prefix=f".{prediction_id}."))
+            staging = self._staging_folder(final)
             try:
                 for name, data in files.items():
                     with open(staging / name, "wb") as f:
@@ -115,6 +113,18 @@ class PatientStore:
             raise StorageUnavailable("patient storage is not writable (read-only or full disk); retry later") from None
         return {name: f"patients/{patient_id}/{prediction_id}/{name}" for name in files}
 
+    @staticmethod
+    def _staging_folder(final: Path) -> Path:
+        """A new hidden folder beside `final`, its patient folder made first; made again if that folder was removed
+        in between (by `remove_prediction` of the patient's only other prediction, or an erasure)."""
+        for _attempt in range(REMOVE_ATTEMPTS):
+            final.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                return Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+            except FileNotFoundError:
+                continue
+        raise FileNotFoundError(final.parent)
+
     def add_file(self, patient_id: str, prediction_id: str, name: str, data: bytes) -> None:
         """Add a file that is missing from a stored prediction (temp file, then rename); never replaces one."""
         target = self._folder(patient_id, prediction_id) / name
@@ -127,8 +137,15 @@ class PatientStore:
         os.rename(f.name, target)
 
     def remove_prediction(self, patient_id: str, prediction_id: str) -> None:
-        """Delete a prediction folder (used when the database refused the row that would point at it)."""
-        shutil.rmtree(self._folder(patient_id, prediction_id), ignore_errors=True)
+        """Delete a prediction folder (used when the database refused the row that would point at it), and the
+        patient's folder with it when nothing else is in it: its name is the patient id, which must not outlive an
+        erasure that refused this upload, nor a first upload that was never stored."""
+        folder = self._folder(patient_id, prediction_id)
+        shutil.rmtree(folder, ignore_errors=True)
+        try:
+            folder.parent.rmdir()  # only if empty; a write beside it re-creates the folder (`_staging_folder`)
+        except OSError:
+            pass
 
     def remove_patient(self, patient_id: str) -> int:
         """Delete every file of a patient: all prediction folders and any staging leftovers; how many files.

@@ -85,6 +85,20 @@ def test_remove_prediction_deletes_only_that_folder(store: PatientStore) -> None
 # --- looking files up ------------------------------------------------------------------------------------------
 
 
+def test_removing_a_patients_only_prediction_removes_the_patients_folder(store: PatientStore) -> None:
+    """The folder's name is the patient id: it must not outlive the one upload that made it (refused by an erasure
+    under way, or by the database), while a folder with another prediction in it stays."""
+    other = "20261127T101600123456Z-0123456789ab"
+    store.write_prediction(check_patient_id("P1"), PREDICTION, FILES)
+    store.write_prediction(check_patient_id("P1"), other, FILES)
+    store.remove_prediction("P1", PREDICTION)
+    assert everything_under(store.root / "P1") == [other, *(f"{other}/{name}" for name in sorted(FILES))]
+    store.remove_prediction("P1", other)
+    assert everything_under(store.root) == []
+    store.write_prediction(check_patient_id("P1"), PREDICTION, FILES)  # and the patient can be stored again
+    assert store.prediction_folders() == [("P1", PREDICTION)]
+
+
 def test_resolve_finds_a_stored_file(store: PatientStore) -> None:
     store.write_prediction(check_patient_id("P1"), PREDICTION, FILES)
     assert store.resolve("P1", PREDICTION, "male_gradcam.png") == (store.root / "P1" / PREDICTION /
