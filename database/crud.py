@@ -14,13 +14,20 @@ from database.models import Erasure, PacsSend, Patient, Prediction
 
 
 def add_prediction(session: Session, prediction: Prediction) -> None:
-    """Insert a prediction, creating its patient or pointing the patient at this latest upload."""
+    """Insert a prediction, creating its patient or updating the patient's first upload time and latest image.
+
+    By the predictions' times, not the order they are stored in: of uploads made at the same time, a later one may
+    commit first."""
     patient = session.get(Patient, prediction.patient_id)
     if patient is None:
         session.add(Patient(patient_id=prediction.patient_id, image_path=prediction.image_path,
                             first_upload_at=prediction.created_at))
     else:
-        patient.image_path = prediction.image_path
+        latest = session.scalar(select(func.max(Prediction.created_at))
+                                .where(Prediction.patient_id == prediction.patient_id))
+        if latest is None or prediction.created_at >= latest:
+            patient.image_path = prediction.image_path
+        patient.first_upload_at = min(patient.first_upload_at, prediction.created_at)
     session.add(prediction)
 
 

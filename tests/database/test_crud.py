@@ -62,6 +62,16 @@ def test_add_prediction_creates_the_patient_then_points_it_at_the_latest_image(d
         assert [p.id for p in session.scalars(select(Prediction).order_by(Prediction.id))] == ["a", "b"]
 
 
+def test_a_patients_first_upload_and_latest_image_go_by_the_predictions_times_not_their_commit_order(
+        database: Database) -> None:
+    middle, late, early = prediction("m", minutes=5), prediction("l", minutes=10), prediction("e", minutes=0)
+    add(database, middle, late, early)  # uploads made together commit in any order
+    with database.session() as session:
+        patient = crud.get_patient(session, "P1")
+        assert patient is not None
+        assert (patient.image_path, patient.first_upload_at) == (late.image_path, early.created_at)
+
+
 def test_get_patient_of_an_unknown_id_is_none(database: Database) -> None:
     with database.session() as session:
         assert crud.get_patient(session, "nobody") is None
