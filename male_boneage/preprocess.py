@@ -29,14 +29,21 @@ PREPROCESSING_VERSION = "squash-bilinear-float-p0.5-99.5-v1"
 
 
 def percentile_window(values: np.ndarray) -> np.ndarray:
-    """Values of any range -> uint8, windowed by percentiles."""
-    values = np.asarray(values, dtype=np.float32)
-    low, high = np.percentile(values, WIDE_WINDOW_PERCENTILES)
+    """Values of any range -> uint8, windowed by percentiles.
+
+    The percentiles are those of the values as float32; the window is worked in place on one float64 copy (as the
+    float64 percentiles made it computed), so a 49-megapixel 16-bit film needs about 0.45 GB here instead of 1.2 GB,
+    with the same result to the bit."""
+    low, high = np.percentile(np.asarray(values, dtype=np.float32), WIDE_WINDOW_PERCENTILES)
     if high <= low:
         high = low + 1.0
-    scaled = np.clip((values - low) / (high - low), 0.0, 1.0) * 255.0
-    window: np.ndarray = np.round(scaled).astype(np.uint8)
-    return window
+    window = np.array(values, dtype=np.float32).astype(np.float64)
+    window -= low
+    window /= high - low
+    np.clip(window, 0.0, 1.0, out=window)
+    window *= 255.0
+    np.round(window, out=window)
+    return window.astype(np.uint8)
 
 
 def to_gray8(image: Image.Image) -> Image.Image:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import struct
+import threading
 import zlib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -28,6 +29,7 @@ from helpers import (
 from PIL import Image
 
 from utils.config import Settings
+from utils.imaging.checks import DECODING, PixelBudget
 
 FILM = (RAW / "7037.png").read_bytes()
 
@@ -291,3 +293,28 @@ def test_out_of_distribution_by_model_uncertainty_refused(client: TestClient, se
     response = post_image(client, FILM, "P-ood")
     assert response.status_code == 422 and "does not look like a hand radiograph" in response.json()["detail"]
     assert_nothing_stored(settings)
+
+
+def test_the_decoders_share_a_pixel_budget_and_wait_for_it() -> None:
+    """Large decodes wait while the budget is spent (their memory is bounded whatever the number in flight), an
+    image larger than the whole budget still decodes, alone, and a decode that fails gives its share back."""
+    budget = PixelBudget(100)
+    entered = threading.Event()
+
+    def second() -> None:
+        with budget.hold(60):
+            entered.set()
+
+    with budget.hold(60):
+        waiting = threading.Thread(target=second)
+        waiting.start()
+        assert not entered.wait(0.3)  # 60 + 60 > 100: it waits
+        assert budget.held == 60
+    assert entered.wait(30)
+    waiting.join()
+    with budget.hold(10**9):  # counted as the whole budget
+        assert budget.held == 100
+    with pytest.raises(ValueError), budget.hold(50):
+        raise ValueError("a damaged film")
+    assert budget.held == 0
+    assert DECODING.held == 0  # every decode of this session gave its pixels back

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +27,42 @@ class UploadLimits:
     max_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 50_000_000
     min_side: int = 64
+
+
+class PixelBudget:
+    """How many pixels the decoders of this process work on at once: a decode holds its image's pixel count (from
+    the header) until it has its 8-bit film, waiting while the budget is spent.
+
+    Decoding a wide film takes about 15 bytes per pixel at its peak (a 49-megapixel 16-bit PNG: 0.75 GB), so
+    without a budget a few dozen large uploads in flight at once (`BONEAGE_MAX_IN_FLIGHT`) could run the machine out
+    of memory; with it, decodes of ordinary films (up to about 10 megapixels) never wait for each other."""
+
+    def __init__(self, pixels: int) -> None:
+        self.pixels = pixels
+        self._held = 0
+        self._changed = threading.Condition()
+
+    @contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        pixels = min(pixels, self.pixels)  # an image over the whole budget decodes alone
+        with self._changed:
+            self._changed.wait_for(lambda: self._held + pixels <= self.pixels)
+            self._held += pixels
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._held -= pixels
+                self._changed.notify_all()
+
+    @property
+    def held(self) -> int:
+        with self._changed:
+            return self._held
+
+
+# Twice the default pixel limit: two of the largest films accepted, or a dozen of ordinary ones, at once.
+DECODING = PixelBudget(100_000_000)
 
 
 def check_pixel_count(width: int, height: int, limits: UploadLimits) -> None:

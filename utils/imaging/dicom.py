@@ -32,7 +32,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from male_boneage.preprocess import percentile_window
 from utils.config import MAX_CHRONOLOGICAL_AGE_MONTHS
 from utils.errors import InvalidImage
-from utils.imaging.checks import UploadLimits, check_min_side, check_not_blank, check_pixel_count
+from utils.imaging.checks import DECODING, UploadLimits, check_min_side, check_not_blank, check_pixel_count
 
 logger = logging.getLogger(__name__)
 
@@ -308,7 +308,8 @@ def decode_dicom(dataset: Dataset, limits: UploadLimits) -> DicomFilm:
         raise
     except Exception:  # a value pydicom cannot convert (wrong VR, multi-valued, ...)
         raise InvalidImage("the DICOM image header is malformed") from None
-    gray = Image.fromarray(_dicom_to_gray8(_dicom_pixels(dataset, columns, rows), dataset), mode="L")
+    with DECODING.hold(columns * rows):
+        gray = Image.fromarray(_dicom_to_gray8(_dicom_pixels(dataset, columns, rows), dataset), mode="L")
     check_min_side(gray, limits)
     check_not_blank(gray)
     return DicomFilm(gray, _dicom_sex_hint(dataset), _dicom_age_months(dataset))

@@ -10,6 +10,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from male_boneage.preprocess import to_gray8
 from utils.errors import InvalidImage
 from utils.imaging.checks import (
+    DECODING,
     UploadLimits,
     check_min_side,
     check_not_blank,
@@ -52,18 +53,20 @@ def decode_raster(data: bytes, limits: UploadLimits) -> tuple[str, Image.Image]:
         raise InvalidImage(f"the file is not a readable image ({EXPECTED})") from None
     if frames > 1:
         raise InvalidImage("animated or multi-frame images are not accepted: upload a single radiograph")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image.load()
-            oriented = ImageOps.exif_transpose(image)
-    except Exception:
-        raise InvalidImage("the image data is truncated or corrupt") from None
-    try:
-        gray = to_gray8(oriented)
-    except Exception:  # a mode Pillow reads but cannot make gray, e.g. a LAB or CMYK-with-extra-channels TIFF
-        raise InvalidImage(f"images in Pillow's {oriented.mode} mode are not accepted: upload the radiograph in "
-                           "grayscale") from None
+    with DECODING.hold(width * height):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                image.load()
+                ImageOps.exif_transpose(image, in_place=True)  # no copy of a film that needs no turning
+                oriented = image
+        except Exception:
+            raise InvalidImage("the image data is truncated or corrupt") from None
+        try:
+            gray = to_gray8(oriented)
+        except Exception:  # a mode Pillow reads but cannot make gray, e.g. a LAB or CMYK-with-extra-channels TIFF
+            raise InvalidImage(f"images in Pillow's {oriented.mode} mode are not accepted: upload the radiograph "
+                               "in grayscale") from None
     check_min_side(gray, limits)
     check_not_colour_photo(oriented)
     check_not_blank(gray)
