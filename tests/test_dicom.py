@@ -144,6 +144,8 @@ def _bad_dicoms() -> dict[str, tuple[bytes, str]]:
         "multi-frame": (make_dicom(film, frames=3), "multi-frame"),
         "rgb": (make_dicom(rgb, samples=3, photometric="RGB"), "colour"),
         "palette": (make_dicom(film, photometric="PALETTE COLOR"), "colour"),
+        "unknown-photometric": (make_dicom(film, photometric="FOO"), "photometric interpretation 'FOO' is not"),
+        "zero-rows": (make_dicom(film, rows_columns=(0, 0)), "each side must be at least 64"),
         "no-pixel-data": (make_dicom(None), "no pixel data"),
         "truncated": (good[: len(good) - 5000], "DICOM"),
         "garbage-after-magic": (good[:132] + np.random.default_rng(1).bytes(3000), "DICOM"),

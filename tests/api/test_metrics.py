@@ -97,6 +97,9 @@ def test_live_and_ready_answer_when_all_is_well(client: TestClient) -> None:
     assert ready.status_code == 200
     assert ready.json() == {"status": "ready", "failing": [],
                             "checks": {"database": "ok", "storage": "ok", "models": "ok"}}
+    for path in ("/health", "/health/live", "/health/ready"):  # as some load balancers probe
+        head = client.head(path)
+        assert (head.status_code, head.content) == (200, b""), path
 
 
 def test_ready_is_503_naming_the_storage_when_it_is_not_writable(client: TestClient, settings: Settings) -> None:
@@ -109,6 +112,7 @@ def test_ready_is_503_naming_the_storage_when_it_is_not_writable(client: TestCli
         body = ready.json()
         assert body["status"] == "not ready" and body["failing"] == ["storage"]
         assert "not writable" in body["checks"]["storage"]
+        assert client.head("/health/ready").status_code == 503
         assert body["checks"]["database"] == body["checks"]["models"] == "ok"
         assert client.get("/health/live").status_code == 200
     finally:

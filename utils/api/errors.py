@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -59,8 +60,15 @@ async def domain_error(_request: Request, exc: Exception) -> JSONResponse:
 async def validation_error(_request: Request, exc: Exception) -> JSONResponse:
     """FastAPI's request validation as one readable line, e.g. `patient_id: Field required`."""
     errors = exc.errors() if isinstance(exc, RequestValidationError) else []
-    problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'request'}: {e['msg']}" for e in errors)
+    problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'request'}: {_readable(e)}" for e in errors)
     return JSONResponse({"detail": problems or "invalid request"}, status_code=422)
+
+
+def _readable(error: dict[str, Any]) -> str:
+    """pydantic's message, but a file field sent as text says so instead of naming Python classes."""
+    if "UploadFile" in str(error.get("msg", "")):
+        return "expected a file part (e.g. curl -F image=@film.png), not a text field"
+    return str(error["msg"])
 
 
 async def unexpected_error(_request: Request, exc: Exception) -> JSONResponse:

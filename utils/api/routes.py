@@ -136,6 +136,12 @@ def ready(request: Request, response: Response) -> ReadinessResponse:
     return report
 
 
+# HEAD of each probe, which some load balancers send: the same checks and status, no body (not in the schema, whose
+# operation ids are one per path).
+for _path, _probe in (("/health", health), ("/health/live", live), ("/health/ready", ready)):
+    open_router.add_api_route(_path, _probe, methods=["HEAD"], include_in_schema=False)
+
+
 @open_router.get("/metrics", response_class=Response,
                  responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}})
 def scrape_metrics(metrics: MetricsDep) -> Response:

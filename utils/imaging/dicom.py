@@ -101,6 +101,11 @@ def read_dicom_without_preamble(data: bytes) -> Dataset | None:
     return None
 
 
+# Photometric interpretations of colour images (PS3.3 C.7.6.3.1.2), named as such when refused.
+COLOUR_PHOTOMETRICS = frozenset({"RGB", "PALETTE COLOR", "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_422",
+                                 "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT", "HSV", "ARGB", "CMYK"})
+
+
 def _dicom_int(dataset: Dataset, keyword: str, default: int | None = None) -> int:
     value = dataset.get(keyword, default)
     if value is None or value == "":
@@ -118,13 +123,19 @@ def _check_dicom_header(dataset: Dataset, limits: UploadLimits) -> tuple[int, in
         raise InvalidImage("the DICOM file has no pixel data: a radiograph image is expected")
     samples = _dicom_int(dataset, "SamplesPerPixel", 1)
     photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2") or "MONOCHROME2").strip().upper()
-    if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
+    if samples != 1 or photometric in COLOUR_PHOTOMETRICS:
         raise InvalidImage(f"colour DICOM images are not accepted ({samples} samples per pixel, photometric "
                            f"{photometric[:16]}): a grayscale radiograph (MONOCHROME1 or MONOCHROME2) is expected")
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise InvalidImage(f"DICOM photometric interpretation {photometric[:16]!r} is not supported: a grayscale "
+                           "radiograph (MONOCHROME1 or MONOCHROME2) is expected")
     frames = _dicom_int(dataset, "NumberOfFrames", 1)
     if frames > 1:
         raise InvalidImage(f"multi-frame DICOM images are not accepted ({frames} frames): upload a single radiograph")
     rows, columns = _dicom_int(dataset, "Rows"), _dicom_int(dataset, "Columns")
+    if rows < limits.min_side or columns < limits.min_side:
+        raise InvalidImage(f"image is {columns}x{rows} (DICOM Columns x Rows); each side must be at least "
+                           f"{limits.min_side} px")
     check_pixel_count(columns, rows, limits)
     allocated = _dicom_int(dataset, "BitsAllocated")
     stored = _dicom_int(dataset, "BitsStored", allocated)
