@@ -36,15 +36,27 @@ from utils.config import MAX_CHRONOLOGICAL_AGE_MONTHS
 from utils.errors import PatientNotFound
 from utils.report.clinical import patient_chart
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    404: {"model": ErrorResponse, "description": "not found"},
+# The errors each kind of route can answer, all as {"detail": "..."} (utils/api/errors.py).
+KEY_ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorResponse, "description": "missing or wrong API key (only when keys are configured)"},
     403: {"model": ErrorResponse, "description": "the API key lacks the role the route needs"},
+}
+UPLOAD_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "the body is not a readable multipart form"},
+    **KEY_ERRORS,
     409: {"model": ErrorResponse, "description": "upload of a patient being erased (or erased meanwhile): not stored"},
-    413: {"model": ErrorResponse, "description": "upload larger than the limit"},
-    422: {"model": ErrorResponse, "description": "invalid image, patient id, sex or chronological age"},
+    413: {"model": ErrorResponse, "description": "upload larger than the limit (BONEAGE_MAX_UPLOAD_BYTES)"},
+    422: {"model": ErrorResponse, "description": "invalid image, patient id, sex or chronological age, or a form "
+                                                "field sent twice"},
     503: {"model": ErrorResponse, "description": "database or storage unavailable, or too many predictions in "
                                                 "flight (BONEAGE_MAX_IN_FLIGHT); retry after Retry-After seconds"},
+}
+READ_ERRORS: dict[int | str, dict[str, Any]] = {
+    **KEY_ERRORS,
+    404: {"model": ErrorResponse, "description": "no prediction stored for this patient, or no such file"},
+    422: {"model": ErrorResponse, "description": "malformed patient id"},
+    503: {"model": ErrorResponse, "description": "database unavailable (no data is sent without its audit row); "
+                                                "retry after Retry-After seconds"},
 }
 
 open_router = APIRouter()
@@ -53,7 +65,7 @@ patient_router = APIRouter(route_class=ReadRoute)
 
 
 @upload_router.post(
-    "/predict", response_model=PredictionResponse, responses=ERRORS,
+    "/predict", response_model=PredictionResponse, responses=UPLOAD_ERRORS,
     # An oversized upload gets 413 as it arrives (utils/api/body_limit.py), without taking a place among the
     # predictions in flight; the place is given back as soon as the route returns or raises ("function"), before
     # the response is sent.
@@ -82,7 +94,7 @@ async def predict(
     return prediction_response(outcome.prediction)
 
 
-@patient_router.get("/results/{patient_id}", response_model=PatientResults, responses=ERRORS)
+@patient_router.get("/results/{patient_id}", response_model=PatientResults, responses=READ_ERRORS)
 def results(patient_id: str, service: ServiceDep) -> PatientResults:
     """A patient's predictions, newest first."""
     return patient_results(*service.results(patient_id))
@@ -91,7 +103,7 @@ def results(patient_id: str, service: ServiceDep) -> PatientResults:
 @patient_router.get(
     "/results/{patient_id}/chart.png",
     response_class=Response,
-    responses={200: {"content": {"image/png": {}}, "description": "800x600 PNG"}, **ERRORS},
+    responses={200: {"content": {"image/png": {}}, "description": "800x600 PNG"}, **READ_ERRORS},
 )
 def chart(patient_id: str, service: ServiceDep) -> Response:
     """Bone age against chronological age over the patient's visits, on the reference band of their sex."""
@@ -102,8 +114,9 @@ def chart(patient_id: str, service: ServiceDep) -> Response:
 @patient_router.get(
     "/storage/patients/{patient_id}/{prediction_id}/{file_name}",
     response_class=FileResponse,
-    responses={404: {"model": ErrorResponse, "description": "no such file"},
-               **{code: ERRORS[code] for code in (401, 403)}},
+    responses={200: {"content": {"image/png": {}, "application/dicom": {}},
+                     "description": "the file: PNG (or the upload's own format), or DICOM for .dcm"},
+               **READ_ERRORS, 422: {"model": ErrorResponse, "description": "malformed path"}},
 )
 def stored_file(patient_id: str, prediction_id: str, file_name: str, service: ServiceDep) -> FileResponse:
     """An original upload, a DICOM's film as PNG, a Grad-CAM overlay, or a DICOM result (SR or SC)."""
