@@ -195,7 +195,7 @@ class PatientStore:
         if not self.root.is_dir():
             return []
         return [(p.name, f.name) for p in self.root.iterdir() if p.is_dir()
-                for f in p.iterdir() if f.is_dir() and PREDICTION_ID_PATTERN.fullmatch(f.name)]
+                for f in _entries(p) if f.is_dir() and PREDICTION_ID_PATTERN.fullmatch(f.name)]
 
     def remove_staging_leftovers(self, min_age_seconds: float = 0.0) -> int:
         """Delete the hidden staging folders a killed process left behind (`.<prediction id>.*`) that are at least
@@ -206,9 +206,19 @@ class PatientStore:
         removed = 0
         if self.root.is_dir():
             for patient_dir in self.root.iterdir():
-                for leftover in patient_dir.glob(".*") if patient_dir.is_dir() else []:
-                    if (leftover.is_dir() and PREDICTION_ID_PATTERN.fullmatch(leftover.name[1:].split(".")[0])
+                for leftover in _entries(patient_dir) if patient_dir.is_dir() else []:
+                    if (leftover.name.startswith(".") and leftover.is_dir()
+                            and PREDICTION_ID_PATTERN.fullmatch(leftover.name[1:].split(".")[0])
                             and age_seconds(leftover) >= min_age_seconds):
                         shutil.rmtree(leftover, ignore_errors=True)
                         removed += 1
         return removed
+
+
+def _entries(folder: Path) -> list[Path]:
+    """What a patient's folder holds; none when it was removed since it was listed (the refused upload of a patient's
+    only prediction removes the folder, and an erasure does)."""
+    try:
+        return list(folder.iterdir())
+    except FileNotFoundError:
+        return []

@@ -49,3 +49,12 @@ def test_stored_file_served_and_other_files_of_the_folder_not(shared_client: Tes
     (storage_dir / body["original_path"]).with_name("notes.txt").write_text("a file no prediction writes")
     response = shared_client.get(body["original_url"].replace("original.png", "notes.txt"))
     assert (response.status_code, response.json()) == (404, {"detail": NO_FILE})
+
+
+def test_a_read_with_a_bogus_content_length_still_gets_the_whole_file(shared_client: TestClient,
+                                                                      stored: dict[str, Any]) -> None:
+    """The upload limit (utils/api/body_limit.py) applies to requests that carry a body: a GET claiming a huge
+    Content-Length is served as any other (the file's response listens on the same receive channel)."""
+    plain = shared_client.get(stored["original_url"])
+    claimed = shared_client.get(stored["original_url"], headers={"Content-Length": "99999999"})
+    assert claimed.status_code == 200 and claimed.content == plain.content == (RAW / "7041.png").read_bytes()

@@ -29,6 +29,7 @@ from helpers import (
 from PIL import Image
 
 from utils.config import Settings
+from utils.errors import Overloaded
 from utils.imaging.checks import DECODING, PixelBudget
 
 FILM = (RAW / "7037.png").read_bytes()
@@ -299,9 +300,10 @@ def test_out_of_distribution_by_model_uncertainty_refused(client: TestClient, se
 
 
 def test_the_decoders_share_a_pixel_budget_and_wait_for_it() -> None:
-    """Large decodes wait while the budget is spent (their memory is bounded whatever the number in flight), an
-    image larger than the whole budget still decodes, alone, and a decode that fails gives its share back."""
-    budget = PixelBudget(100)
+    """Large decodes wait while the budget is spent (their memory is bounded whatever the number in flight), small
+    films never wait, a film larger than the whole budget still decodes, alone, one that cannot start in time is
+    refused as busy (503), and a decode that fails gives its share back."""
+    budget = PixelBudget(100, small_pixels=10, wait_seconds=0.5)
     entered = threading.Event()
 
     def second() -> None:
@@ -311,13 +313,16 @@ def test_the_decoders_share_a_pixel_budget_and_wait_for_it() -> None:
     with budget.hold(60):
         waiting = threading.Thread(target=second)
         waiting.start()
-        assert not entered.wait(0.3)  # 60 + 60 > 100: it waits
-        assert budget.held == 60
+        assert not entered.wait(0.2)  # 60 + 60 > 100: it waits
+        with budget.hold(10):  # a small film does not
+            assert budget.held == 60
     assert entered.wait(30)
     waiting.join()
     with budget.hold(10**9):  # counted as the whole budget
         assert budget.held == 100
+        with pytest.raises(Overloaded), budget.hold(50):
+            pass
     with pytest.raises(ValueError), budget.hold(50):
         raise ValueError("a damaged film")
     assert budget.held == 0
-    assert DECODING.held == 0  # every decode of this session gave its pixels back
+    assert DECODING.small_pixels >= 16_000_000  # ordinary films (a 14 x 17 inch plate at 200 dpi: 9.5 MP) never wait

@@ -20,35 +20,47 @@ from utils.config import Settings
 FORM_OVERHEAD_BYTES = 64 * 1024
 
 
+# Methods whose requests carry a body here; any other request's body is never read.
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
 class BodyTooLarge(HTTPException):
     def __init__(self, limit: int) -> None:
-        super().__init__(413, f"the upload is larger than the limit of {limit} bytes")
+        # Connection: close, so uvicorn does not read the rest of the body to keep the connection alive.
+        super().__init__(413, f"the upload is larger than the limit of {limit} bytes", headers={"Connection": "close"})
 
 
 class UploadBodyLimit:
-    """ASGI middleware: the upload limit on every HTTP request's body (only `POST /predict` takes one)."""
+    """ASGI middleware: the upload limit on the body of every request that may carry one (only `POST /predict`
+    reads one)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         settings: Settings | None = getattr(scope["app"].state, "settings", None) if "app" in scope else None
-        if scope["type"] != "http" or settings is None:
+        if scope["type"] != "http" or scope["method"] not in BODY_METHODS or settings is None:
             await self.app(scope, receive, send)
             return
         limit = settings.max_upload_bytes + FORM_OVERHEAD_BYTES
         declared = Headers(scope=scope).get("content-length", "")
         received = 0
+        body_done = False
 
         async def limited() -> Message:
-            nonlocal received
-            if declared.isdigit() and int(declared) > limit:
+            # Only the body's own messages are checked: once it is read, a response that listens for the client's
+            # disconnect (Starlette's streaming responses) gets every message as it comes.
+            nonlocal received, body_done
+            if body_done:
+                return await receive()
+            if received == 0 and declared.isascii() and declared.isdigit() and int(declared) > limit:
                 raise BodyTooLarge(settings.max_upload_bytes)
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
                     raise BodyTooLarge(settings.max_upload_bytes)
+                body_done = not message.get("more_body", False)
             return message
 
         await self.app(scope, limited, send)

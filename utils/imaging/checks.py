@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from utils.errors import InvalidImage
+from utils.errors import InvalidImage, Overloaded
 
 # Mean HSV saturation above which an upload is a colour photograph, not a radiograph (grayscale films saved as
 # RGB have none: the shared RSNA films stored as RGBA or palette measure 0.00).
@@ -30,23 +30,30 @@ class UploadLimits:
 
 
 class PixelBudget:
-    """How many pixels the decoders of this process work on at once: a decode holds its image's pixel count (from
-    the header) until it has its 8-bit film, waiting while the budget is spent.
+    """How many pixels of large films the decoders of this process work on at once: decoding one holds its pixel
+    count (from the header) until it has its 8-bit film, waiting while the budget is spent; films of up to
+    `small_pixels` (every ordinary radiograph) never wait.
 
-    Decoding a wide film takes about 15 bytes per pixel at its peak (a 49-megapixel 16-bit PNG: 0.75 GB), so
-    without a budget a few dozen large uploads in flight at once (`BONEAGE_MAX_IN_FLIGHT`) could run the machine out
-    of memory; with it, decodes of ordinary films (up to about 10 megapixels) never wait for each other."""
+    Decoding a wide film takes about 15 bytes per pixel at its peak (a 49-megapixel 16-bit PNG: 0.75 GB; a DICOM
+    more), so without a budget a few dozen large uploads in flight at once (`BONEAGE_MAX_IN_FLIGHT`) could run the
+    machine out of memory. A film that cannot start within `wait_seconds` is refused with `Overloaded` (503, retry
+    later), so a client that keeps the budget spent cannot hold the others' places for ever."""
 
-    def __init__(self, pixels: int) -> None:
-        self.pixels = pixels
+    def __init__(self, pixels: int, small_pixels: int = 16_000_000, wait_seconds: float = 60.0) -> None:
+        self.pixels, self.small_pixels, self.wait_seconds = pixels, small_pixels, wait_seconds
         self._held = 0
         self._changed = threading.Condition()
 
     @contextmanager
     def hold(self, pixels: int) -> Iterator[None]:
-        pixels = min(pixels, self.pixels)  # an image over the whole budget decodes alone
+        if pixels <= self.small_pixels:
+            yield
+            return
+        pixels = min(pixels, self.pixels)  # a film over the whole budget decodes alone
         with self._changed:
-            self._changed.wait_for(lambda: self._held + pixels <= self.pixels)
+            if not self._changed.wait_for(lambda: self._held + pixels <= self.pixels, self.wait_seconds):
+                raise Overloaded("the service is busy decoding other large films; retry in a few seconds "
+                                 "(Retry-After)")
             self._held += pixels
         try:
             yield
@@ -61,7 +68,7 @@ class PixelBudget:
             return self._held
 
 
-# Twice the default pixel limit: two of the largest films accepted, or a dozen of ordinary ones, at once.
+# Twice the default pixel limit: two of the largest films accepted at once, or six of 16 megapixels.
 DECODING = PixelBudget(100_000_000)
 
 

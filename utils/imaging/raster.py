@@ -8,7 +8,7 @@ import warnings
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from male_boneage.preprocess import to_gray8
-from utils.errors import InvalidImage
+from utils.errors import InvalidImage, Overloaded
 from utils.imaging.checks import (
     DECODING,
     UploadLimits,
@@ -64,6 +64,9 @@ def decode_raster(data: bytes, limits: UploadLimits) -> tuple[str, Image.Image]:
             raise InvalidImage("the image data is truncated or corrupt") from None
         try:
             gray = to_gray8(oriented)
+        except MemoryError:
+            raise Overloaded("not enough memory to decode this film now; retry in a few seconds (Retry-After)") \
+                from None
         except Exception:  # a mode Pillow reads but cannot make gray, e.g. a LAB or CMYK-with-extra-channels TIFF
             raise InvalidImage(f"images in Pillow's {oriented.mode} mode are not accepted: upload the radiograph "
                                "in grayscale") from None
