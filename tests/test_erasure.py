@@ -109,8 +109,10 @@ def test_erasure_removes_files_rows_runs_and_pending_sends_names_what_the_pacs_h
     assert erasures[1]["detail"] == "erased 0 predictions of patient P-erase; cancelled 0 pending PACS sends"
 
 
-def test_an_upload_in_flight_during_an_erasure_is_refused_and_leaves_nothing(tmp_path: Path) -> None:
-    settings = make_settings(tmp_path, api_keys_file=write_keys_file(tmp_path))
+def test_an_upload_in_flight_during_an_erasure_is_refused_and_leaves_nothing(tmp_path: Path,
+                                                                             database_url: str) -> None:
+    # On both engines: the upload and the erasure meet at the audit chain's lock, which each implements its own way.
+    settings = make_settings(tmp_path, api_keys_file=write_keys_file(tmp_path), database_url=database_url)
     with running_app(settings) as client:
         service = client.app.state.service  # type: ignore[attr-defined]
         eraser = client.app.state.eraser  # type: ignore[attr-defined]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -67,9 +68,11 @@ def test_logging_clears_the_claim_and_a_logged_row_is_never_claimed(database: Da
 
 def test_claimers_racing_on_separate_connections_never_share_a_row(database: Database) -> None:
     engines = [Database(database.url) for _ in range(4)]  # as separate processes: own engines, own connections
+    start = threading.Barrier(4)  # all four claim from the first batch on, or one could drain the table alone
 
     def drain(index: int) -> list[str]:
         taken: list[str] = []
+        start.wait(60)
         while batch := claim(engines[index], f"proc:{index}", 3):
             taken += batch
         return taken
