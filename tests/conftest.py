@@ -34,12 +34,13 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.fixture(scope="session", autouse=True)
 def _no_caller_settings() -> Iterator[None]:
-    """The service's settings come from BONEAGE_* variables (utils/config.py) and MLflow's from MLFLOW_*: none set
-    in the shell that runs the tests may change what they test (an exported BONEAGE_API_KEYS would put every app
-    behind keys). The tests' own switches (BONEAGE_TEST_*) stay."""
+    """The service's settings come from BONEAGE_* variables (utils/config.py) and MLflow's store from
+    MLFLOW_TRACKING_URI: none set in the shell that runs the tests may change what they test (an exported
+    BONEAGE_API_KEYS would put every app behind keys). The tests' own switches (BONEAGE_TEST_*) stay, and so do the
+    MLflow HTTP settings the service itself sets at import (utils/tracking/mlflow_runs.py)."""
     with pytest.MonkeyPatch.context() as patch:
         for name in list(os.environ):
-            if (name.startswith("BONEAGE_") and not name.startswith("BONEAGE_TEST_")) or name.startswith("MLFLOW_"):
+            if (name.startswith("BONEAGE_") and not name.startswith("BONEAGE_TEST_")) or name == "MLFLOW_TRACKING_URI":
                 patch.delenv(name)
         yield
 
