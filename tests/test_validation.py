@@ -8,6 +8,7 @@ import struct
 import threading
 import zlib
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -197,7 +198,8 @@ def test_a_chunked_upload_over_the_limit_is_refused_as_it_arrives(tmp_path: Path
                                    headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
 
     with running_app(settings) as client:
-        response = asyncio.run(post(client.app))
+        with ThreadPoolExecutor(max_workers=1) as pool:  # a loop of its own, whatever runs in this thread
+            response = pool.submit(asyncio.run, post(client.app)).result()
         assert response.status_code == 413, response.text
         assert response.json()["detail"] == "the upload is larger than the limit of 100000 bytes"
         assert "content-length" not in response.request.headers

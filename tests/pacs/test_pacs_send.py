@@ -157,6 +157,26 @@ def test_a_pacs_that_never_answers_times_out_and_the_results_are_delivered_once_
         assert set(scp.stored_uids()) == stored_uids(client, body)
 
 
+def test_an_unreadable_stored_object_fails_alone_and_the_others_are_delivered(tmp_path: Path, scp: StorageSCP,
+                                                                               film_dicom: bytes) -> None:
+    """A stored SR damaged on disk (emptied) is recorded as failed with the reason and its back-off, and neither
+    holds up the other objects of its batch nor keeps their claims."""
+    with running_app(pacs_settings(tmp_path, scp)) as client:  # the PACS is down: both predictions' objects wait
+        broken = post_dicom(client, film_dicom, "P-broken")
+        fine = post_dicom(client, film_dicom, "P-fine")
+        report = tmp_path / "storage" / broken["dicom"]["report_url"].removeprefix("/storage/")
+        assert report.is_file()
+        report.write_bytes(b"")
+        scp.start()
+        wait_for_pacs_state(client, "P-fine", lambda p: p["state"] == "sent")
+        pacs = wait_for_pacs_state(client, "P-broken",
+                                   lambda p: p["state"] == "retrying" and "cannot be read" in (p["last_error"] or ""))
+        assert pacs["attempts"] >= 1
+        expected = stored_uids(client, fine) | {pydicom.dcmread(io.BytesIO(
+            client.get(broken["dicom"]["heatmap_url"]).content)).SOPInstanceUID}
+        scp.wait_for(lambda s: set(s.stored_uids()) >= expected)
+
+
 def test_a_pacs_that_takes_no_sr_gets_the_heatmap_and_the_report_waits_with_the_reason(
         tmp_path: Path, film_dicom: bytes) -> None:
     scp = StorageSCP(sop_classes=(SecondaryCaptureImageStorage,)).start()

@@ -222,6 +222,22 @@ def test_mlflow_unreachable_run_once_reports_failure_and_rows_stay_pending(rig: 
     assert len(files) == 9
 
 
+def test_a_run_that_fails_while_mlflow_answers_waits_its_lease_and_the_runs_after_it_are_logged(rig: Rig) -> None:
+    """One row whose run cannot be completed (deleted by hand in MLflow's UI) must not stop the logging of every
+    other: it keeps its claim until the lease lapses (its back-off) and the rows after it go on."""
+    rig.traffic.busy = False
+    worker = rig.worker()
+    added = rig.add(3, open_run=worker.open_run)
+    assert added[0].mlflow_run_id is not None
+    rig.mlflow.delete_run(added[0].mlflow_run_id)
+    assert worker.run_once() == (1, True)
+    assert rig.logged() == [False, True, True]
+    assert worker.run_once() == (1, True)  # still within its lease: not tried again at once
+    rig.clock.now += worker.lease + dt.timedelta(seconds=1)
+    assert worker.run_once() == (1, True)  # tried again, fails again, waits again
+    assert rig.logged() == [False, True, True]
+
+
 def test_pending_runs_are_logged_with_params_and_artifacts_once_mlflow_is_back(rig: Rig) -> None:
     rig.traffic.busy = False
     store_folder = rig.tmp / "mlflow-back"

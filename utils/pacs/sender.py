@@ -103,11 +103,12 @@ class PacsSender:
                     break
                 try:
                     self._store(association, send)
-                except SendFailed as exc:
-                    self._failed(send, str(exc))
+                except Exception as exc:  # SendFailed, or anything an odd object raises: recorded for it alone
+                    self._failed(send, str(exc) if isinstance(exc, SendFailed)
+                                 else f"sending {send.file_path} failed ({type(exc).__name__})")
                     if not association.is_established:  # the PACS went away: the rest waits for the next round
                         for rest in claimed[index + 1:]:
-                            self._failed(rest, str(exc))
+                            self._failed(rest, "the PACS closed the association")
                         break
                     continue
                 with self.database.session() as session:
@@ -143,7 +144,8 @@ class PacsSender:
         path = self.files_root / send.file_path
         try:
             dataset = dcmread(path)
-        except (OSError, ValueError) as exc:
+            dataset.SOPClassUID.name  # noqa: B018  # a file without it is no object to send
+        except Exception as exc:  # missing, empty, truncated or not DICOM (pydicom's errors are of many kinds)
             raise SendFailed(f"the stored object {send.file_path} cannot be read ({type(exc).__name__})") from None
         try:
             status = association.send_c_store(dataset)

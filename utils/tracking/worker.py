@@ -205,8 +205,9 @@ class TrackingWorker:
         return True
 
     def run_once(self, defer: bool = False) -> tuple[int, bool]:
-        """Claim and complete pending runs in order, stopping at the first failure: (how many remain, whether to
-        pause before the next round: MLflow failed, or every pending run is claimed by another live process).
+        """Claim and complete pending runs in order, stopping at the first failure while MLflow is unreachable (a run
+        that fails while MLflow answers is left claimed, to be tried again once its lease lapses): (how many remain,
+        whether to pause before the next round: MLflow failed, or every pending run is claimed by a live process).
 
         With `defer`, stop early while predictions are being served, as long as no more than `max_deferred`
         runs wait and none has waited `max_defer_seconds`.
@@ -226,8 +227,19 @@ class TrackingWorker:
                     self._release(pending[done:])
                     return left, False
                 if not self.log_pending(prediction):
+                    if self._reachable():
+                        # MLflow answers, so the failure is this row's own (its run deleted by hand, a file gone):
+                        # it keeps its claim until the lease lapses, its back-off, and the rows after it go on.
+                        continue
                     self._release(pending[done:])
                     return left, True  # MLflow is down: wait for the next round, do not hammer it
+
+    def _reachable(self) -> bool:
+        try:
+            self.runs.ping()
+        except Exception:
+            return False
+        return True
 
     def _release(self, predictions: list[Prediction]) -> None:
         with self.database.session() as session:
