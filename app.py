@@ -52,6 +52,18 @@ DESCRIPTION = ("Pediatric bone age from a hand radiograph, by a male and a femal
                "uncertainty and Grad-CAM heatmaps. Research models, not medical devices: not for clinical use.")
 
 
+def start_up_clean_up_age(alone: bool, postgresql: bool, min_age_seconds: float) -> float | None:
+    """How old what a crash left must be for the start-up clean-up to remove it; None: leave it all.
+
+    Only a process alone on the database removes everything at once. On PostgreSQL "alone" is not trusted: the other
+    processes' shared lock lives in a database session that a restart, a failover or a dropped idle connection ends
+    without a word, and removing their predictions in progress would leave rows without files. Beside other
+    processes with the age limit 0 nothing is removed (there is then no safe age)."""
+    if alone and not postgresql:
+        return 0.0
+    return min_age_seconds if min_age_seconds > 0 else None
+
+
 def create_app(settings: Settings | None = None, load_models: ModelsLoader = ModelPool.load) -> FastAPI:
     """The app; `settings` default to the environment's (`BONEAGE_*`), read when the server starts.
 
@@ -77,7 +89,8 @@ def create_app(settings: Settings | None = None, load_models: ModelsLoader = Mod
         runs = MlflowRuns(config.mlflow_tracking_uri, config.mlflow_experiment)
         live = LiveLock(database)
         alone = live.acquire()
-        recover(store, database, runs, min_age_seconds=0.0 if alone else config.recovery_min_age_seconds)
+        recover(store, database, runs, min_age_seconds=start_up_clean_up_age(alone, database.is_postgresql,
+                                                                             config.recovery_min_age_seconds))
         if alone:
             live.share()
         models = await run_in_threadpool(load_models, config)

@@ -65,6 +65,26 @@ def test_start_up_removes_unrecorded_and_partial_folders(tmp_path: Path) -> None
         assert len(client.get("/results/P-crash").json()["predictions"]) == 1
 
 
+def test_start_up_alone_removes_young_leftovers_on_sqlite_only(tmp_path: Path, database_url: str) -> None:
+    """Alone on SQLite (a file lock), start-up removes every leftover; on PostgreSQL it never trusts that it is
+    alone (the others' shared lock lives in a session a database restart ends silently), so young leftovers, which
+    may be another process's predictions being stored, stay, and only those older than the age limit go."""
+    settings = make_settings(tmp_path, database_url=database_url)
+    with running_app(settings):
+        pass
+    patient_dir = settings.patients_dir / "P-left"
+    young = patient_dir / "20261127T101010000000Z-abcdefabcdef"
+    old = patient_dir / "20261127T101011000000Z-abcdefabcdef"
+    for folder in (young, old):
+        folder.mkdir(parents=True)
+        (folder / "original.png").write_bytes(FILM)
+    an_hour_ago = time.time() - 3600
+    os.utime(old, (an_hour_ago, an_hour_ago))
+    with running_app(settings):
+        assert not old.exists()
+        assert young.is_dir() == database_url.startswith("postgresql")
+
+
 def test_start_up_gives_dicom_predictions_of_an_earlier_release_their_film_png(tmp_path: Path) -> None:
     settings = make_settings(tmp_path)
     dicom = make_dicom(small_film(RAW / "7036.png"))

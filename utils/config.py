@@ -33,11 +33,11 @@ class Settings(BaseSettings):
     database_pool_timeout: float = Field(5.0, gt=0, description="PostgreSQL: seconds to wait for a free connection")
     database_statement_timeout_ms: int = Field(10_000, gt=0, description="PostgreSQL: longest statement, ms")
     recovery_min_age_seconds: float = Field(
-        600.0, ge=0, description="start-up clean-up beside other live processes only removes folders and MLflow runs "
-        "of unstored predictions older than this (a process alone on the database removes them all); every live "
-        "process removes such leftovers of crashed processes every half this, and refuses (503) a prediction it "
-        "could not store within half this. 0: neither (only a process started alone cleans up). Give every process "
-        "on one database the same value")
+        600.0, ge=0, description="start-up clean-up beside other live processes, and on PostgreSQL always, only "
+        "removes folders and MLflow runs of unstored predictions older than this (a process alone on a SQLite "
+        "database removes them all); every live process removes such leftovers of crashed processes every half this, "
+        "and refuses (503) a prediction it could not store within half this. 0: neither (only a process started "
+        "alone on SQLite cleans up). Give every process on one database the same value")
     tracking_lease_seconds: float = Field(
         300.0, gt=0, description="how long a process's claim on pending MLflow runs lasts if it dies while logging")
     storage_dir: Path = Field(PROJECT_ROOT / "storage", description="uploads and heatmaps go to <dir>/patients")

@@ -56,12 +56,15 @@ class RecoveryReport:
     erasures_finished: int = 0
 
 
-def recover(store: PatientStore, database: Database, runs: MlflowRuns, min_age_seconds: float = 0.0) -> RecoveryReport:
-    """Remove what an interrupted run left behind (at least `min_age_seconds` old) and say what was removed."""
+def recover(store: PatientStore, database: Database, runs: MlflowRuns,
+            min_age_seconds: float | None = 0.0) -> RecoveryReport:
+    """Remove what an interrupted run left behind (at least `min_age_seconds` old; None: none of it) and say what
+    was removed."""
     erasures = PatientEraser(store, database, runs).finish_interrupted()
-    removed = remove_unrecorded(store, database, runs, min_age_seconds)
+    removed = (remove_unrecorded(store, database, runs, min_age_seconds) if min_age_seconds is not None
+               else Removed(0, 0, 0, store.prediction_folders()))
     films = add_missing_dicom_films(store, removed.kept_folders)
-    if removed:
+    if removed and min_age_seconds is not None:
         _log_removed("start-up clean-up after an interrupted run", removed, min_age_seconds)
     if films:
         logger.info("wrote film.png for %d DICOM predictions of an earlier release", films)
