@@ -6,8 +6,11 @@ How the tracking worker holds runs back and retries is tested on the worker itse
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,8 @@ from mlflow import MlflowClient
 from mlflow.entities import ViewType
 from sqlalchemy import create_engine, text
 
+from database import crud
+from database.db import DatabaseUnavailable
 from male_boneage.inference import ModelUnavailable
 from utils.config import Settings
 
@@ -71,6 +76,41 @@ def test_mlflow_server_down_backlog_survives_restart(tmp_path: Path, database_ur
     with running_app(up) as client:
         run_id = _wait_for_run_id(client, "P-restart")
     assert MlflowClient(up.mlflow_tracking_uri).get_run(run_id).data.params["patient_id"] == "P-restart"
+
+
+def test_a_commit_reported_as_failed_that_reached_the_database_is_answered_as_stored(
+        tmp_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The connection is lost during COMMIT after the database committed (PostgreSQL failing over): the prediction,
+    its audit row and its files are all there, so the client gets the prediction, not a 503 whose retry would store
+    the film twice, and nothing of it is removed."""
+    settings = make_settings(tmp_path, database_url=database_url)
+    with running_app(settings) as client:
+        database = client.app.state.service.database  # type: ignore[attr-defined]
+        session, add_prediction = database.session, crud.add_prediction
+        lose_commit_of: set[int] = set()
+
+        def add_then_lose_the_commit(db_session: Any, prediction: Any) -> None:
+            add_prediction(db_session, prediction)
+            lose_commit_of.add(threading.get_ident())
+
+        @contextlib.contextmanager
+        def committed_then_lost() -> Iterator[Any]:
+            with session() as db_session:
+                yield db_session
+            if threading.get_ident() in lose_commit_of:
+                lose_commit_of.discard(threading.get_ident())
+                raise DatabaseUnavailable("the database is unavailable (the connection was lost during COMMIT)")
+
+        monkeypatch.setattr(crud, "add_prediction", add_then_lose_the_commit)
+        monkeypatch.setattr(database, "session", committed_then_lost)
+        response = post_image(client, FILM, "P-commit")
+        monkeypatch.undo()
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert (settings.storage_dir / body["original_path"]).is_file()
+        logged = wait_until_logged(client, "P-commit")
+        assert [p["prediction_id"] for p in logged["predictions"]] == [body["prediction_id"]]
+    assert count_rows(settings, "predictions") == 1
 
 
 def test_database_locked_gives_503_and_leaves_nothing(tmp_path: Path) -> None:

@@ -270,6 +270,15 @@ class BoneAgeService:
                                                  "processed; nothing was stored")
                     crud.add_prediction(session, prediction)
             except (DatabaseUnavailable, PatientBeingErased) as exc:  # StoringTooSlow too
+                if type(exc) is DatabaseUnavailable and self._stored_after_all(draft.prediction_id):
+                    # The connection failed at COMMIT, after the database had committed: the prediction, its audit
+                    # row and its PACS sends are stored, so its files and run stay and the answer is the prediction.
+                    logger.warning("prediction %s was stored although its commit reported a failure",
+                                   draft.prediction_id)
+                    if audit is not None:
+                        audit.recorded = True
+                    watch.lap("database")
+                    return prediction
                 if audit is not None:
                     audit.prediction_id = None  # it names no stored prediction
                 # The database does not know these files: remove them so nothing is left half-stored.
@@ -289,6 +298,16 @@ class BoneAgeService:
             elif run_id:
                 self.tracking.discard_run(run_id)
             raise
+
+    def _stored_after_all(self, prediction_id: str) -> bool:
+        """Whether a prediction whose transaction reported a database failure is in the database all the same (a
+        connection lost during COMMIT); False when that cannot be told either (the files are then removed, as for
+        any unstored prediction, and a retry stores the film anew)."""
+        try:
+            with self.database.session() as session:
+                return crud.prediction_exists(session, prediction_id)
+        except DatabaseUnavailable:
+            return False
 
     def _check_deadline(self, opened: float) -> None:
         elapsed = time.monotonic() - opened
