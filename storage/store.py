@@ -104,7 +104,10 @@ class PatientStore:
                 if final.exists():
                     raise FileExistsError(final)
                 staging.chmod(0o755)  # mkdtemp makes it private; the finished folder is like any other
+                _fsync_folder(staging)  # its entries, before the rename makes them the prediction's
                 os.rename(staging, final)
+                _fsync_folder(final.parent)  # the rename itself, and the patient's folder in the root
+                _fsync_folder(self.root)
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
@@ -135,6 +138,7 @@ class PatientStore:
             f.flush()
             os.fsync(f.fileno())
         os.rename(f.name, target)
+        _fsync_folder(target.parent)
 
     def remove_prediction(self, patient_id: str, prediction_id: str) -> None:
         """Delete a prediction folder (used when the database refused the row that would point at it), and the
@@ -222,3 +226,13 @@ def _entries(folder: Path) -> list[Path]:
         return list(folder.iterdir())
     except FileNotFoundError:
         return []
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a folder's entries durable (fsync of the files alone does not: after a power loss a renamed folder could
+    be missing although the database row pointing at it was committed)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

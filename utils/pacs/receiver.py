@@ -77,6 +77,11 @@ class Inbox:
             os.fsync(f.fileno())
         target = self.root / name
         os.rename(f.name, target)
+        folder = os.open(self.root, os.O_RDONLY)  # the rename durable too, before the C-STORE is answered
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
         return target
 
     def waiting(self) -> list[Path]:
