@@ -5,6 +5,7 @@ MLflow unreachable answered 503, audited as such and finished by a repeat."""
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import signal
 import subprocess
@@ -30,8 +31,12 @@ from patient_data import (
     write_keys_file,
 )
 
+from database import crud
+from database.db import Database
 from utils.audit_trail import main as audit_cli
 from utils.config import Settings
+from utils.pipeline.recovery import Sweeper
+from utils.tracking.mlflow_runs import MlflowRuns
 
 FILM = (RAW / "7047.png").read_bytes()
 OTHER_FILM = (RAW / "7036.png").read_bytes()
@@ -250,3 +255,36 @@ def test_an_erasure_while_mlflow_is_unreachable_answers_503_and_a_repeat_finishe
     assert rows[0]["detail"].startswith("erased 1 predictions") and "MLflow is unreachable" in rows[1]["detail"]
     assert rows[2]["detail"].startswith("erased 0 predictions")
     assert audit_cli(["--database-url", settings.database_url, "verify"]) == 0  # the chain is intact
+
+
+def test_an_erasure_under_way_elsewhere_is_finished_by_another_process_only_once_it_is_old(
+        tmp_path: Path, database_url: str) -> None:
+    """An erasure another process noted and has not finished: a process starting alone on SQLite finishes it at
+    once; one starting on PostgreSQL (never sure it is alone), and any live process's clean-up pass, only once it
+    was noted longer than BONEAGE_RECOVERY_MIN_AGE_SECONDS ago (younger, it may be in progress there; one left
+    incomplete, e.g. by MLflow unreachable, is finished by the passes, not only by a repeat or a restart)."""
+    settings = make_settings(tmp_path, api_keys_file=write_keys_file(tmp_path), database_url=database_url)
+    with running_app(settings) as client:
+        for patient in ("P-old", "P-young"):
+            assert upload(client, FILM, patient).status_code == 200
+    database = Database(settings.database_url)
+    now = dt.datetime.now(dt.UTC)
+    with database.session() as session:
+        crud.begin_erasure(session, "P-old", now - dt.timedelta(hours=1), "officer")
+        crud.begin_erasure(session, "P-young", now, "officer")
+    database.dispose()
+    on_postgresql = database_url.startswith("postgresql")
+    with running_app(settings) as client:
+        assert_nothing_left_of(settings, "P-old")
+        assert bool(patient_files(settings, "P-young")) == on_postgresql
+        if on_postgresql:
+            assert upload(client, OTHER_FILM, "P-young").status_code == 409  # still under way
+            service = client.app.state.service  # type: ignore[attr-defined]
+            runs = MlflowRuns(settings.mlflow_tracking_uri, settings.mlflow_experiment)
+            Sweeper(service.store, service.database, runs, settings.recovery_min_age_seconds).sweep()
+            assert patient_files(settings, "P-young")  # a pass leaves it too while it is young
+            Sweeper(service.store, service.database, runs, min_age_seconds=0.001).sweep()
+            assert_nothing_left_of(settings, "P-young")
+    finished_by = {r["patient_id"]: r["route"] for r in audit_rows(settings) if r["action"] == "erase"}
+    assert finished_by == {"P-old": "start-up recovery",
+                           "P-young": "clean-up pass" if on_postgresql else "start-up recovery"}

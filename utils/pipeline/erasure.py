@@ -33,6 +33,7 @@ from utils.tracking.mlflow_runs import MlflowRuns
 logger = logging.getLogger(__name__)
 ERASE_ACTION = "erase"
 RECOVERY_ROUTE = "start-up recovery"
+SWEEP_ROUTE = "clean-up pass"
 
 
 @dataclass(frozen=True)
@@ -111,20 +112,23 @@ class PatientEraser:
                     report.pending_sends_cancelled, len(report.not_recalled))
         return report
 
-    def finish_interrupted(self) -> int:
-        """At start-up: finish every erasure a crash interrupted (audited as done by start-up recovery, for the
-        key that asked for it); how many were finished."""
+    def finish_interrupted(self, min_age_seconds: float = 0.0, route: str = RECOVERY_ROUTE) -> int:
+        """Finish every erasure noted at least `min_age_seconds` ago that is still under way: a crash interrupted
+        it, or it met MLflow unreachable (audited as done by `route`, for the key that asked for it); how many were
+        finished. Younger ones may be in progress in another live process, and are left to it."""
+        cutoff = self._clock() - dt.timedelta(seconds=min_age_seconds)
         with self.database.session() as session:
-            pending = {erasure.patient_id: erasure.requested_by for erasure in crud.pending_erasures(session)}
+            pending = {erasure.patient_id: erasure.requested_by for erasure in crud.pending_erasures(session)
+                       if erasure.requested_at <= cutoff}
         finished = 0
         for patient_id, requested_by in pending.items():
-            entry = AuditEntry(action=ERASE_ACTION, route=RECOVERY_ROUTE, key_name=requested_by)
+            entry = AuditEntry(action=ERASE_ACTION, route=route, key_name=requested_by)
             try:
                 self.finish(patient_id, entry)
                 finished += 1
             except ErasureIncomplete:
-                logger.warning("an interrupted erasure could not be finished at start-up; tried again at the next",
+                logger.warning("an interrupted erasure could not be finished now; it is tried again later",
                                exc_info=True)
         if finished:
-            logger.warning("start-up finished %d erasures a crash had interrupted", finished)
+            logger.warning("%s finished %d erasures that were under way", route, finished)
         return finished

@@ -29,7 +29,7 @@ from database.db import Database
 from storage.store import DICOM_FILM_PNG, ORIGINAL_STEM, PatientStore
 from utils.errors import InvalidImage
 from utils.imaging import UploadLimits, decode_upload
-from utils.pipeline.erasure import PatientEraser
+from utils.pipeline.erasure import SWEEP_ROUTE, PatientEraser
 from utils.pipeline.heatmap import encode_png
 from utils.tracking.mlflow_runs import MlflowRuns
 
@@ -60,9 +60,11 @@ def recover(store: PatientStore, database: Database, runs: MlflowRuns,
             min_age_seconds: float | None = 0.0) -> RecoveryReport:
     """Remove what an interrupted run left behind (at least `min_age_seconds` old; None: none of it) and say what
     was removed."""
-    erasures = PatientEraser(store, database, runs).finish_interrupted()
-    removed = (remove_unrecorded(store, database, runs, min_age_seconds) if min_age_seconds is not None
-               else Removed(0, 0, 0, store.prediction_folders()))
+    if min_age_seconds is None:
+        erasures, removed = 0, Removed(0, 0, 0, store.prediction_folders())
+    else:
+        erasures = PatientEraser(store, database, runs).finish_interrupted(min_age_seconds)
+        removed = remove_unrecorded(store, database, runs, min_age_seconds)
     films = add_missing_dicom_films(store, removed.kept_folders)
     if removed and min_age_seconds is not None:
         _log_removed("start-up clean-up after an interrupted run", removed, min_age_seconds)
@@ -149,6 +151,7 @@ class Sweeper:
             self._thread.join(timeout_s)
 
     def sweep(self) -> Removed:
+        PatientEraser(self.store, self.database, self.runs).finish_interrupted(self.min_age_seconds, SWEEP_ROUTE)
         removed = remove_unrecorded(self.store, self.database, self.runs, self.min_age_seconds)
         if removed:
             _log_removed("clean-up after a crashed process", removed, self.min_age_seconds)
