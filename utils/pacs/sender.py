@@ -104,11 +104,12 @@ class PacsSender:
                 try:
                     self._store(association, send)
                 except Exception as exc:  # SendFailed, or anything an odd object raises: recorded for it alone
-                    self._failed(send, str(exc) if isinstance(exc, SendFailed)
-                                 else f"sending {send.file_path} failed ({type(exc).__name__})")
+                    reason = (str(exc) if isinstance(exc, SendFailed)
+                              else f"sending {send.file_path} failed ({type(exc).__name__})")
+                    self._failed(send, reason)
                     if not association.is_established:  # the PACS went away: the rest waits for the next round
                         for rest in claimed[index + 1:]:
-                            self._failed(rest, "the PACS closed the association")
+                            self._failed(rest, reason)
                         break
                     continue
                 with self.database.session() as session:
