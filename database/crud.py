@@ -207,9 +207,15 @@ def end_erasure(session: Session, patient_id: str) -> None:
     session.execute(delete(Erasure).where(Erasure.patient_id == patient_id))
 
 
+# How a failed send's `last_error` begins when the PACS took the object but never answered (utils/pacs/sender.py):
+# it may have stored it.
+NO_ANSWER_ERROR = "no answer from the PACS"
+
+
 def erase_patient_rows(session: Session, patient_id: str, now: dt.datetime) -> ErasedRows:
     """Delete the patient, their predictions and their PACS sends; say what was there. A send the PACS confirmed,
-    or one a live sender holds now, may be at the PACS: it is listed in `not_recalled`."""
+    one a live sender holds now, and one whose last attempt got no answer may be at the PACS: they are listed in
+    `not_recalled`."""
     erased = ErasedRows()
     predictions = session.execute(select(Prediction.id, Prediction.mlflow_run_id)
                                   .where(Prediction.patient_id == patient_id)).all()
@@ -220,7 +226,8 @@ def erase_patient_rows(session: Session, patient_id: str, now: dt.datetime) -> E
                                 .order_by(PacsSend.id)).all()
         for send in sends:
             sending = send.claim_expires_at is not None and send.claim_expires_at >= now
-            if send.sent_at is not None or sending:
+            unanswered = (send.last_error or "").startswith(NO_ANSWER_ERROR)
+            if send.sent_at is not None or sending or unanswered:
                 erased.not_recalled.append(UnrecalledObject(send.sop_instance_uid, send.destination, send.sent_at))
             else:
                 erased.pending_sends_cancelled += 1

@@ -22,6 +22,7 @@ from dicom_scp import AE_TITLE, OUT_OF_RESOURCES, StorageSCP
 from fastapi.testclient import TestClient
 from helpers import TEST20, make_prediction, make_settings, post_image, running_app, wait_until
 from pynetdicom.sop_class import SecondaryCaptureImageStorage  # type: ignore[attr-defined]
+from sqlalchemy import select
 
 from database import crud
 from database.db import Database
@@ -257,3 +258,20 @@ def test_back_off_doubles_from_the_retry_setting_up_to_the_maximum(tmp_path: Pat
     sender = PacsSender(DESTINATION, Database(f"sqlite:///{tmp_path / 'x.db'}"), tmp_path, retry_seconds=10,
                         retry_max_seconds=60)
     assert [sender.backoff(n).total_seconds() for n in range(1, 6)] == [10, 20, 40, 60, 60]
+
+
+def test_an_erasure_lists_an_object_whose_last_send_got_no_answer_as_maybe_at_the_pacs(database: Database) -> None:
+    """The PACS took the object and never answered (timeout or abort): it may have stored it, so an erasure names it
+    for the operator to delete there; one the PACS refused outright is only cancelled."""
+    claim(database, "a:1", 100)
+    with database.session() as session:
+        report, heatmap = (s.id for s in session.scalars(select(PacsSend).join(Prediction)
+                                                          .where(Prediction.patient_id == "P0").order_by(PacsSend.id)))
+        crud.record_send_failure(session, report, f"{crud.NO_ANSWER_ERROR} {DESTINATION.label} to C-STORE (timeout "
+                                 "or abort)", T0 + dt.timedelta(seconds=30))
+        crud.record_send_failure(session, heatmap, f"the PACS {DESTINATION.label} refused the object: status 0xA700 "
+                                 "(Failure: Out of Resources)", T0 + dt.timedelta(seconds=30))
+    with database.session() as session:
+        erased = crud.erase_patient_rows(session, "P0", T0 + dt.timedelta(minutes=5))  # every claim has lapsed
+    assert [(o.sop_instance_uid, o.delivered_at) for o in erased.not_recalled] == [("1.2.3.0.0", None)]
+    assert erased.pending_sends_cancelled == 1

@@ -42,7 +42,8 @@ class NotRecalled(BaseModel):
     sop_instance_uid: str
     destination: str = Field(description="the PACS, as AE title@host:port")
     state: Literal["delivered", "maybe delivered"] = Field(
-        description="delivered: the PACS confirmed it; maybe delivered: a send was in progress at the erasure")
+        description="delivered: the PACS confirmed it; maybe delivered: a send was in progress at the erasure, or "
+                    "the PACS never answered the last attempt")
     delivered_at: dt.datetime | None
 
 

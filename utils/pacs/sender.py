@@ -154,7 +154,7 @@ class PacsSender:
             raise SendFailed(f"the PACS {self.destination.label} cannot take {dataset.SOPClassUID.name}: "
                              f"{exc}") from None
         if "Status" not in status:
-            raise SendFailed(f"no answer from the PACS {self.destination.label} to C-STORE (timeout or abort)")
+            raise SendFailed(f"{crud.NO_ANSWER_ERROR} {self.destination.label} to C-STORE (timeout or abort)")
         code = int(status.Status)
         if code not in STORED:
             category, meaning = STORAGE_SERVICE_CLASS_STATUS.get(code, ("Failure", "unknown status"))

@@ -55,7 +55,7 @@ def describe(patient_id: str, rows: ErasedRows) -> str:
             f"{rows.pending_sends_cancelled} pending PACS sends")
     if rows.not_recalled:
         objects = ", ".join(f"{o.sop_instance_uid} at {o.destination}"
-                            f"{'' if o.delivered_at else ' (send in progress)'}" for o in rows.not_recalled)
+                            f"{'' if o.delivered_at else ' (maybe delivered)'}" for o in rows.not_recalled)
         text += f"; not recalled (the PACS may hold them): {objects}"
     return text
 
