@@ -40,7 +40,7 @@ from utils.pacs.sender import PacsSender
 from utils.pipeline.erasure import PatientEraser
 from utils.pipeline.model_pool import ModelPool
 from utils.pipeline.models import ModelsLoader
-from utils.pipeline.recovery import Sweeper, recover
+from utils.pipeline.recovery import Sweeper, recover, start_up_clean_up_age
 from utils.pipeline.service import BoneAgeService, InFlight
 from utils.tracking.mlflow_runs import MlflowRuns
 from utils.tracking.worker import TrackingWorker
@@ -50,18 +50,6 @@ logger = logging.getLogger("boneage")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 DESCRIPTION = ("Pediatric bone age from a hand radiograph, by a male and a female model, with calibrated "
                "uncertainty and Grad-CAM heatmaps. Research models, not medical devices: not for clinical use.")
-
-
-def start_up_clean_up_age(alone: bool, postgresql: bool, min_age_seconds: float) -> float | None:
-    """How old what a crash left must be for the start-up clean-up to remove it; None: leave it all.
-
-    Only a process alone on the database removes everything at once. On PostgreSQL "alone" is not trusted: the other
-    processes' shared lock lives in a database session that a restart, a failover or a dropped idle connection ends
-    without a word, and removing their predictions in progress would leave rows without files. Beside other
-    processes with the age limit 0 nothing is removed (there is then no safe age)."""
-    if alone and not postgresql:
-        return 0.0
-    return min_age_seconds if min_age_seconds > 0 else None
 
 
 def create_app(settings: Settings | None = None, load_models: ModelsLoader = ModelPool.load) -> FastAPI:

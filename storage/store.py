@@ -104,10 +104,10 @@ class PatientStore:
                 if final.exists():
                     raise FileExistsError(final)
                 staging.chmod(0o755)  # mkdtemp makes it private; the finished folder is like any other
-                _fsync_folder(staging)  # its entries, before the rename makes them the prediction's
+                fsync_folder(staging)  # its entries, before the rename makes them the prediction's
                 os.rename(staging, final)
-                _fsync_folder(final.parent)  # the rename itself, and the patient's folder in the root
-                _fsync_folder(self.root)
+                fsync_folder(final.parent)  # the rename itself, and the patient's folder in the root
+                fsync_folder(self.root)
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
@@ -138,7 +138,7 @@ class PatientStore:
             f.flush()
             os.fsync(f.fileno())
         os.rename(f.name, target)
-        _fsync_folder(target.parent)
+        fsync_folder(target.parent)
 
     def remove_prediction(self, patient_id: str, prediction_id: str) -> None:
         """Delete a prediction folder (used when the database refused the row that would point at it), and the
@@ -228,9 +228,9 @@ def _entries(folder: Path) -> list[Path]:
         return []
 
 
-def _fsync_folder(folder: Path) -> None:
-    """Make a folder's entries durable (fsync of the files alone does not: after a power loss a renamed folder could
-    be missing although the database row pointing at it was committed)."""
+def fsync_folder(folder: Path) -> None:
+    """Make a folder's entries durable (fsync of the files alone does not: after a power loss a renamed file or folder
+    could be missing although the database row or the C-STORE answer that counts on it went out)."""
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)

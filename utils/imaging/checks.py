@@ -79,8 +79,13 @@ def check_pixel_count(width: int, height: int, limits: UploadLimits) -> None:
 
 
 def check_min_side(gray: Image.Image, limits: UploadLimits) -> None:
-    if min(gray.size) < limits.min_side:
-        raise InvalidImage(f"image is {gray.width}x{gray.height}; each side must be at least {limits.min_side} px")
+    check_side_lengths(gray.width, gray.height, limits)
+
+
+def check_side_lengths(width: int, height: int, limits: UploadLimits) -> None:
+    """Refuse an image with a side under the minimum (from a header, or a decoded film's size)."""
+    if min(width, height) < limits.min_side:
+        raise InvalidImage(f"image is {width}x{height}; each side must be at least {limits.min_side} px")
 
 
 def check_not_colour_photo(image: Image.Image) -> None:

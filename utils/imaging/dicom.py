@@ -32,7 +32,14 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from male_boneage.preprocess import percentile_window
 from utils.config import MAX_CHRONOLOGICAL_AGE_MONTHS
 from utils.errors import InvalidImage
-from utils.imaging.checks import DECODING, UploadLimits, check_min_side, check_not_blank, check_pixel_count
+from utils.imaging.checks import (
+    DECODING,
+    UploadLimits,
+    check_min_side,
+    check_not_blank,
+    check_pixel_count,
+    check_side_lengths,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -133,9 +140,7 @@ def _check_dicom_header(dataset: Dataset, limits: UploadLimits) -> tuple[int, in
     if frames > 1:
         raise InvalidImage(f"multi-frame DICOM images are not accepted ({frames} frames): upload a single radiograph")
     rows, columns = _dicom_int(dataset, "Rows"), _dicom_int(dataset, "Columns")
-    if rows < limits.min_side or columns < limits.min_side:
-        raise InvalidImage(f"image is {columns}x{rows} (DICOM Columns x Rows); each side must be at least "
-                           f"{limits.min_side} px")
+    check_side_lengths(columns, rows, limits)
     check_pixel_count(columns, rows, limits)
     allocated = _dicom_int(dataset, "BitsAllocated")
     stored = _dicom_int(dataset, "BitsStored", allocated)

@@ -59,18 +59,17 @@ def decode_raster(data: bytes, limits: UploadLimits) -> tuple[str, Image.Image]:
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 image.load()
                 ImageOps.exif_transpose(image, in_place=True)  # no copy of a film that needs no turning
-                oriented = image
         except Exception:
             raise InvalidImage("the image data is truncated or corrupt") from None
         try:
-            gray = to_gray8(oriented)
+            gray = to_gray8(image)
         except MemoryError:
             raise Overloaded("not enough memory to decode this film now; retry in a few seconds (Retry-After)") \
                 from None
         except Exception:  # a mode Pillow reads but cannot make gray, e.g. a LAB or CMYK-with-extra-channels TIFF
-            raise InvalidImage(f"images in Pillow's {oriented.mode} mode are not accepted: upload the radiograph "
+            raise InvalidImage(f"images in Pillow's {image.mode} mode are not accepted: upload the radiograph "
                                "in grayscale") from None
     check_min_side(gray, limits)
-    check_not_colour_photo(oriented)
+    check_not_colour_photo(image)
     check_not_blank(gray)
     return fmt, gray

@@ -40,6 +40,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from pynetdicom.transport import ThreadedAssociationServer
 
+from storage.store import fsync_folder
 from utils.config import Settings
 
 logger = logging.getLogger(__name__)
@@ -77,11 +78,7 @@ class Inbox:
             os.fsync(f.fileno())
         target = self.root / name
         os.rename(f.name, target)
-        folder = os.open(self.root, os.O_RDONLY)  # the rename durable too, before the C-STORE is answered
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
+        fsync_folder(self.root)  # the rename durable too, before the C-STORE is answered
         return target
 
     def waiting(self) -> list[Path]:

@@ -56,6 +56,18 @@ class RecoveryReport:
     erasures_finished: int = 0
 
 
+def start_up_clean_up_age(alone: bool, postgresql: bool, min_age_seconds: float) -> float | None:
+    """How old what a crash left must be for the start-up clean-up to remove it; None: leave it all.
+
+    Only a process alone on the database removes everything at once. On PostgreSQL "alone" is not trusted: the other
+    processes' shared lock lives in a database session that a restart, a failover or a dropped idle connection ends
+    without a word, and removing their predictions in progress would leave rows without files. Beside other
+    processes with the age limit 0 nothing is removed (there is then no safe age)."""
+    if alone and not postgresql:
+        return 0.0
+    return min_age_seconds if min_age_seconds > 0 else None
+
+
 def recover(store: PatientStore, database: Database, runs: MlflowRuns,
             min_age_seconds: float | None = 0.0) -> RecoveryReport:
     """Remove what an interrupted run left behind (at least `min_age_seconds` old; None: none of it) and say what
@@ -135,6 +147,7 @@ class Sweeper:
         if min_age_seconds <= 0:
             raise ValueError("the sweeper needs an age limit above 0 s")
         self.store, self.database, self.runs = store, database, runs
+        self.eraser = PatientEraser(store, database, runs)
         self.min_age_seconds = min_age_seconds
         # Every prediction must be stored within this of its run being opened (`BoneAgeService`), or be refused.
         self.store_deadline_seconds = min_age_seconds / 2
@@ -151,7 +164,7 @@ class Sweeper:
             self._thread.join(timeout_s)
 
     def sweep(self) -> Removed:
-        PatientEraser(self.store, self.database, self.runs).finish_interrupted(self.min_age_seconds, SWEEP_ROUTE)
+        self.eraser.finish_interrupted(self.min_age_seconds, SWEEP_ROUTE)
         removed = remove_unrecorded(self.store, self.database, self.runs, self.min_age_seconds)
         if removed:
             _log_removed("clean-up after a crashed process", removed, self.min_age_seconds)
