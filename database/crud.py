@@ -167,6 +167,12 @@ def prediction_exists(session: Session, prediction_id: str) -> bool:
     return session.scalar(select(Prediction.id).where(Prediction.id == prediction_id)) is not None
 
 
+def prediction_by_key(session: Session, patient_id: str, idempotency_key: str) -> Prediction | None:
+    """The patient's prediction stored by an upload with this Idempotency-Key, if any."""
+    return session.scalar(select(Prediction).where(Prediction.patient_id == patient_id,
+                                                   Prediction.idempotency_key == idempotency_key))
+
+
 # --- erasure of a patient (utils/pipeline/erasure.py) ---------------------------------------------------------------
 
 

@@ -39,7 +39,8 @@ class Patient(Base):
 
 class Prediction(Base):
     __tablename__ = "predictions"
-    __table_args__ = (Index("ix_predictions_patient_created", "patient_id", "created_at"),)
+    __table_args__ = (Index("ix_predictions_patient_created", "patient_id", "created_at"),
+                      Index("ux_predictions_patient_idempotency_key", "patient_id", "idempotency_key", unique=True))
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True, comment="also the storage folder name")
     patient_id: Mapped[str] = mapped_column(ForeignKey("patients.patient_id"))
@@ -80,6 +81,8 @@ class Prediction(Base):
         String(512), default=None, comment="the DICOM Structured Report of this prediction, if one was written")
     dicom_heatmap_path: Mapped[str | None] = mapped_column(
         String(512), default=None, comment="the DICOM Secondary Capture of the heatmap, if one was written")
+    idempotency_key: Mapped[str | None] = mapped_column(
+        String(128), default=None, comment="the upload's Idempotency-Key header: a retry with it gets this row")
 
     patient: Mapped[Patient] = relationship(back_populates="predictions")
     pacs_sends: Mapped[list[PacsSend]] = relationship(back_populates="prediction", lazy="selectin",

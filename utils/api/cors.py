@@ -30,4 +30,6 @@ class CORSFromSettings:
             return self.app
         # Credentials are never allowed together with a wildcard origin.
         return CORSMiddleware(self.app, allow_origins=origins, allow_credentials="*" not in origins,
-                              allow_methods=["GET", "POST"], allow_headers=["Authorization", "X-API-Key"])
+                              allow_methods=["GET", "POST"],
+                              allow_headers=["Authorization", "X-API-Key", "Idempotency-Key"],
+                              expose_headers=["Idempotent-Replayed"])

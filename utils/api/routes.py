@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Header, Request, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -46,8 +46,9 @@ UPLOAD_ERRORS: dict[int | str, dict[str, Any]] = {
     **KEY_ERRORS,
     409: {"model": ErrorResponse, "description": "upload of a patient being erased (or erased meanwhile): not stored"},
     413: {"model": ErrorResponse, "description": "upload larger than the limit (BONEAGE_MAX_UPLOAD_BYTES)"},
-    422: {"model": ErrorResponse, "description": "invalid image, patient id, sex or chronological age, or a form "
-                                                "field sent twice"},
+    422: {"model": ErrorResponse, "description": "invalid image, patient id, sex or chronological age, a form "
+                                                "field sent twice, or an Idempotency-Key used before for this "
+                                                "patient with another request"},
     503: {"model": ErrorResponse, "description": "database or storage unavailable, or too many predictions in "
                                                 "flight (BONEAGE_MAX_IN_FLIGHT); retry after Retry-After seconds"},
 }
@@ -84,13 +85,21 @@ async def predict(
         ge=0, le=MAX_CHRONOLOGICAL_AGE_MONTHS, description="the child's age at the film, months (0-240); for a DICOM "
         "without it, taken from "
         "Patient's Age or the birth and study dates")] = None,
+    idempotency_key: Annotated[str | None, Header(
+        alias="Idempotency-Key", description="any 1-128 visible ASCII characters, new for each upload: an upload "
+        "sent again with the same key (a retry after a lost answer) gets the prediction the first one stored, with "
+        "the header Idempotent-Replayed: true, and is not stored twice")] = None,
 ) -> PredictionResponse:
     """Estimate bone age with both models, report it against the chronological age, store everything and log an
     MLflow run."""
     data = await image.read(settings.max_upload_bytes + 1)
-    outcome = await run_in_threadpool(service.predict, data, patient_id, sex, chronological_age_months, audit)
-    metrics.observe_stages(outcome.timings_ms)
-    response.headers["Server-Timing"] = ", ".join(f"{k};dur={v:.1f}" for k, v in outcome.timings_ms.items())
+    outcome = await run_in_threadpool(service.predict, data, patient_id, sex, chronological_age_months, audit,
+                                      idempotency_key)
+    if outcome.replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    else:
+        metrics.observe_stages(outcome.timings_ms)
+        response.headers["Server-Timing"] = ", ".join(f"{k};dur={v:.1f}" for k, v in outcome.timings_ms.items())
     return prediction_response(outcome.prediction)
 
 

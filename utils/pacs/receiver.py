@@ -8,7 +8,8 @@ It answers C-ECHO (the Verification service class), with which a modality or PAC
 Each film received with C-STORE is written to an inbox folder (temporary file, fsync, rename) before the C-STORE
 is answered, so an accepted film is never lost. A forwarder thread posts the inbox's films to the service's
 `POST /predict` (`BONEAGE_SCP_SERVICE_URL`, with the first of `BONEAGE_API_KEYS`), as the patient of the film's
-Patient ID, and deletes each once the service stored its prediction; the service, run with `BONEAGE_PACS_*`, then
+Patient ID, and deletes each once the service stored its prediction (each film with its own Idempotency-Key, so a
+retry after a lost answer is not stored twice); the service, run with `BONEAGE_PACS_*`, then
 sends the DICOM results back. A film the service refuses (4xx: not a hand radiograph, colour, unreadable) moves to
 `refused/` with the reason beside it; while the service is unreachable or busy (5xx), the films wait and are retried.
 """
@@ -130,8 +131,10 @@ class Forwarder:
 
     def _forward(self, film: Path) -> None:
         patient_id = patient_id_of(dcmread(film, stop_before_pixels=True))
+        # The film's inbox name as the Idempotency-Key: a film posted again after a lost answer (a timeout, a
+        # dropped connection) gets the prediction stored the first time, not a second one (nor a second PACS send).
         response = self.client.post("/predict", files={"image": (film.name, film.read_bytes(), "application/dicom")},
-                                    data={"patient_id": patient_id})
+                                    data={"patient_id": patient_id}, headers={"Idempotency-Key": film.name})
         if response.status_code == 200:
             film.unlink()
             logger.info("film %s predicted as prediction %s", film.name, response.json().get("prediction_id"))

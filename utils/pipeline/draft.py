@@ -28,6 +28,7 @@ class PredictionDraft:
     female: ModelEstimate
     models: Models
     report: ClinicalReport
+    idempotency_key: str | None = None  # the upload's Idempotency-Key header, if it had one
 
     @property
     def original_name(self) -> str:
@@ -50,4 +51,5 @@ class PredictionDraft:
             chronological_age_months=self.report.chronological_age_months,
             chronological_age_source=self.report.chronological_age_source,
             report_json=json.dumps(self.report.to_dict()), mlflow_run_id=mlflow_run_id, pacs_sends=[],
+            idempotency_key=self.idempotency_key,
         )

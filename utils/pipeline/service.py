@@ -7,6 +7,7 @@ with the MLflow run opened beside the heatmaps and completed afterwards by the t
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import logging
 import threading
 import time
@@ -39,6 +40,7 @@ from utils.pacs.policy import DicomPolicy
 from utils.pacs.sender import PacsSender
 from utils.pipeline.draft import PredictionDraft
 from utils.pipeline.heatmap import encode_png, film_background, overlay
+from utils.pipeline.idempotency import REPLAY_NOTE, StoredMeanwhile, check_key, check_same_request
 from utils.pipeline.model_pool import out_of_distribution_message
 from utils.pipeline.models import Models
 from utils.report.clinical import build_report
@@ -130,10 +132,12 @@ class InFlight:
 
 @dataclass
 class PredictionOutcome:
-    """A stored prediction and its stage timings (ms)."""
+    """A stored prediction and its stage timings (ms); `replayed` when an earlier upload with the same
+    Idempotency-Key stored it (no stage ran)."""
 
     prediction: Prediction
     timings_ms: dict[str, float] = field(default_factory=dict)
+    replayed: bool = False
 
 
 class _Stopwatch:
@@ -177,10 +181,14 @@ class BoneAgeService:
         self._database_reads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="erasure-check")
 
     def predict(self, data: bytes, patient_id: str, sex: str | None,
-                chronological_age_months: float | None = None, audit: AuditEntry | None = None) -> PredictionOutcome:
+                chronological_age_months: float | None = None, audit: AuditEntry | None = None,
+                idempotency_key: str | None = None) -> PredictionOutcome:
         """Validate, infer, store and log one upload. Blocking: call it from a worker thread, holding a place of
         `in_flight` (`InFlight.reserve`; the HTTP layer takes it before the upload is read). `audit`, when given,
         is recorded in the transaction that stores the prediction.
+
+        With an `idempotency_key`, an upload of the patient stored earlier with that key is the answer (the same
+        request: `utils.pipeline.idempotency`), also when it was stored while this one ran; nothing is stored twice.
 
         A patient being erased gets `PatientBeingErased`, and so does an upload during which the patient was
         erased: it is refused at the end, its files and run removed, so it is never half-kept.
@@ -195,6 +203,11 @@ class BoneAgeService:
             audit.patient_id = checked_id
         form_sex = check_sex(sex)
         form_age = check_age(chronological_age_months)
+        key = check_key(idempotency_key)
+        if key is not None:
+            earlier = self._stored_with_key(checked_id, key)
+            if earlier is not None:
+                return self._replay(earlier, data, form_sex, form_age, audit)
         image = decode_upload(data, self.limits)
         film_check = self.film_gate.check(image)  # refused here, before anything is stored
         # Asked of the database while the models run (about 1 ms on SQLite, off the request's critical path).
@@ -214,8 +227,16 @@ class BoneAgeService:
         report = build_report(sex_used, male, female, age, age_source, self.models.female_fallback,
                               film_check.to_dict())
         draft = PredictionDraft(new_prediction_id(created_at), checked_id, created_at, image, sex_used,
-                                sex_source, male, female, self.models, report)
-        prediction = self._store(draft, film, watch, audit_position, audit)
+                                sex_source, male, female, self.models, report, key)
+        try:
+            prediction = self._store(draft, film, watch, audit_position, audit)
+        except StoredMeanwhile:
+            # Read anew: the rows of the refused transaction are expired by its rollback.
+            earlier = self._stored_with_key(checked_id, key) if key is not None else None
+            if earlier is None:
+                raise PatientBeingErased(f"patient '{checked_id}' was erased while this upload was processed; "
+                                         "nothing was stored") from None
+            return self._replay(earlier, data, form_sex, form_age, audit)
         self.tracking.wake()
         if self.pacs is not None and prediction.pacs_sends:
             self.pacs.wake()
@@ -223,6 +244,24 @@ class BoneAgeService:
                     draft.prediction_id, male.age_months, female.age_months,
                     prediction.mlflow_run_id or "pending", sum(watch.timings.values()))
         return PredictionOutcome(prediction, watch.timings)
+
+    def _stored_with_key(self, patient_id: str, key: str) -> Prediction | None:
+        """The patient's prediction stored with this Idempotency-Key; `PatientBeingErased` while the patient is
+        being erased (the prediction may be gone a moment later)."""
+        with self.database.session() as session:
+            if crud.erasure_pending(session, patient_id):
+                raise PatientBeingErased(f"patient '{patient_id}' is being erased; nothing was stored")
+            return crud.prediction_by_key(session, patient_id, key)
+
+    @staticmethod
+    def _replay(earlier: Prediction, data: bytes, form_sex: str, form_age: float | None,
+                audit: AuditEntry | None) -> PredictionOutcome:
+        """The answer to a retried upload: the prediction stored earlier, if the request is the same one."""
+        check_same_request(earlier, hashlib.sha256(data).hexdigest(), form_sex, form_age)
+        if audit is not None:
+            audit.prediction_id, audit.detail = earlier.id, REPLAY_NOTE
+        logger.info("upload answered with prediction %s, stored earlier with the same Idempotency-Key", earlier.id)
+        return PredictionOutcome(earlier, replayed=True)
 
     def _not_being_erased(self, patient_id: str) -> int:
         """`PatientBeingErased` if an erasure of the patient is under way; else the audit trail's position now, so
@@ -268,8 +307,13 @@ class BoneAgeService:
                     if audit_log.erasure_since(session, draft.patient_id, audit_position):
                         raise PatientBeingErased(f"patient '{draft.patient_id}' was erased while this upload was "
                                                  "processed; nothing was stored")
+                    if draft.idempotency_key is not None:  # a retry of this upload that came first (serialised by
+                        # the chain's lock, so two uploads with one key never both get here and find nothing)
+                        earlier = crud.prediction_by_key(session, draft.patient_id, draft.idempotency_key)
+                        if earlier is not None:
+                            raise StoredMeanwhile(earlier.id)
                     crud.add_prediction(session, prediction)
-            except (DatabaseUnavailable, PatientBeingErased) as exc:  # StoringTooSlow too
+            except (DatabaseUnavailable, PatientBeingErased, StoredMeanwhile) as exc:  # StoringTooSlow too
                 if type(exc) is DatabaseUnavailable and self._stored_after_all(draft.prediction_id):
                     # The connection failed at COMMIT, after the database had committed: the prediction, its audit
                     # row and its PACS sends are stored, so its files and run stay and the answer is the prediction.
@@ -283,9 +327,12 @@ class BoneAgeService:
                     audit.prediction_id = None  # it names no stored prediction
                 # The database does not know these files: remove them so nothing is left half-stored.
                 self.store.remove_prediction(draft.patient_id, draft.prediction_id)
-                logger.error("prediction %s not stored (%s); its files and run are removed", draft.prediction_id,
-                             "patient erased meanwhile" if isinstance(exc, PatientBeingErased)
-                             else "too slow" if isinstance(exc, StoringTooSlow) else "database failed")
+                logger.log(logging.INFO if isinstance(exc, StoredMeanwhile) else logging.ERROR,
+                           "prediction %s not stored (%s); its files and run are removed", draft.prediction_id,
+                           "patient erased meanwhile" if isinstance(exc, PatientBeingErased)
+                           else "too slow" if isinstance(exc, StoringTooSlow)
+                           else "a retry with its Idempotency-Key was stored first" if isinstance(exc, StoredMeanwhile)
+                           else "database failed")
                 raise
             if audit is not None:
                 audit.recorded = True

@@ -1,0 +1,51 @@
+"""Retried uploads: an upload with an `Idempotency-Key` header is stored once per patient and key.
+
+A client (or the DICOM receiver's forwarder) that lost the answer to an upload sends it again with the same key; the
+service answers with the prediction the first one stored instead of storing the film twice. The key follows the IETF
+draft "The Idempotency-Key HTTP Header Field": the same key with another request is refused (422), so a client's
+reuse of a key is never mistaken for a retry.
+"""
+
+from __future__ import annotations
+
+import re
+
+from database.models import Prediction
+from utils.errors import InvalidInput
+
+# Visible ASCII, as a header's token-like value; the column holds 128.
+KEY_PATTERN = re.compile(r"[\x21-\x7e]{1,128}")
+REPLAY_NOTE = "replay: the prediction an earlier upload with the same Idempotency-Key stored"
+
+
+class IdempotencyKeyReused(InvalidInput):
+    """The key was used before for this patient with another film, sex or chronological age."""
+
+
+class StoredMeanwhile(Exception):
+    """An upload with the same patient and key was stored while this one was being predicted (its files are
+    removed and its run discarded: the earlier one answers). The argument is the earlier prediction's id."""
+
+
+def check_key(value: str | None) -> str | None:
+    """The header's value, or None without one; `InvalidInput` for a malformed key."""
+    if value is None:
+        return None
+    if not KEY_PATTERN.fullmatch(value):
+        raise InvalidInput("Idempotency-Key must be 1-128 visible ASCII characters (no spaces)")
+    return value
+
+
+def check_same_request(earlier: Prediction, image_sha256: str, form_sex: str, form_age: float | None) -> Prediction:
+    """`earlier` if it was stored from the same request (the same film bytes, and the same sex and chronological
+    age given in the form, or neither); else `IdempotencyKeyReused`."""
+    sex_given = form_sex in ("male", "female")
+    same = (earlier.image_sha256 == image_sha256
+            and sex_given == (earlier.sex_source == "form") and (not sex_given or earlier.sex_used == form_sex)
+            and (form_age is not None) == (earlier.chronological_age_source == "form")
+            and (form_age is None or earlier.chronological_age_months == form_age))
+    if not same:
+        raise IdempotencyKeyReused(
+            f"this Idempotency-Key was used for patient '{earlier.patient_id}' with another film, sex or "
+            f"chronological age (prediction {earlier.id}); a new upload needs a new key")
+    return earlier
