@@ -6,6 +6,7 @@ MLflow unreachable answered 503, audited as such and finished by a repeat."""
 from __future__ import annotations
 
 import datetime as dt
+import io
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import pytest
 from dicom_films import gray, make_dicom
 from dicom_scp import AE_TITLE, StorageSCP
@@ -35,6 +37,7 @@ from database import crud
 from database.db import Database
 from utils.audit_trail import main as audit_cli
 from utils.config import Settings
+from utils.pacs.receiver import Inbox
 from utils.pipeline.recovery import Sweeper
 from utils.tracking.mlflow_runs import MlflowRuns
 
@@ -288,3 +291,28 @@ def test_an_erasure_under_way_elsewhere_is_finished_by_another_process_only_once
     finished_by = {r["patient_id"]: r["route"] for r in audit_rows(settings) if r["action"] == "erase"}
     assert finished_by == {"P-old": "start-up recovery",
                            "P-young": "clean-up pass" if on_postgresql else "start-up recovery"}
+
+
+def test_erasure_removes_the_patients_films_from_the_receivers_inbox(tmp_path: Path) -> None:
+    """Films of the patient that the DICOM receiver holds under the storage folder (waiting for the service, or
+    refused by it, with all their tags) go too; other patients' films and an unreadable file stay."""
+    settings = make_settings(tmp_path, api_keys_file=write_keys_file(tmp_path))
+    inbox = Inbox(settings.inbox_dir)
+
+    def received(patient: str) -> Path:
+        return inbox.put(pydicom.dcmread(io.BytesIO(make_dicom(gray(TEST20 / "4360.png"),
+                                                               tags={"PatientID": patient}))))
+
+    received("MRN 7/1")  # the service's patient MRN_7_1
+    refused = received("MRN 7/1")
+    inbox.refuse(refused, "422: not a radiograph of a hand")
+    other = received("MRN 8")
+    unreadable = settings.inbox_dir / "00000000000000000000-garbled.dcm"
+    unreadable.write_bytes(b"not a DICOM file")
+    with running_app(settings) as client:
+        erased = client.delete("/patients/MRN_7_1", headers=OFFICER)
+        assert erased.status_code == 200, erased.text
+        assert erased.json()["inbox_films_removed"] == 2
+        assert client.delete("/patients/MRN_7_1", headers=OFFICER).json()["inbox_films_removed"] == 0
+    assert inbox.waiting() == [unreadable, other]
+    assert list(inbox.refused_dir.iterdir()) == []

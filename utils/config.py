@@ -150,6 +150,11 @@ class Settings(BaseSettings):
     def patients_dir(self) -> Path:
         return self.storage_dir / "patients"
 
+    @property
+    def inbox_dir(self) -> Path:
+        """The DICOM receiver's inbox (`utils.pacs.receiver`); an erasure removes the patient's films there too."""
+        return self.storage_dir / "inbox"
+
 
 def _comma_separated(value: str) -> list[str]:
     return [item.strip() for item in value.split(",") if item.strip()]

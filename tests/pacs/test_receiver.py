@@ -120,6 +120,27 @@ def test_films_wait_in_the_inbox_while_the_service_answers_busy_or_broken(tmp_pa
     assert len(client.get(f"/results/{patient_id_of(dataset)}").json()["predictions"]) == 1
 
 
+def test_a_film_removed_while_it_is_forwarded_does_not_stop_the_forwarder(tmp_path: Path) -> None:
+    """The erasure of a film's patient removes it from the inbox while the forwarder posts it (the service answers
+    409): the forwarder goes on with the next film, and sets nothing aside."""
+    inbox = Inbox(tmp_path / "inbox")
+    erased = inbox.put(pydicom.dcmread(io.BytesIO(make_dicom(gray(FILM), tags={"PatientID": "P-gone"}))))
+    inbox.put(pydicom.dcmread(io.BytesIO(make_dicom(gray(FILM), tags={"PatientID": "P-next"}))))
+    posted: list[str] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        posted.append(request.headers["Idempotency-Key"])
+        if len(posted) == 1:
+            erased.unlink()
+            return httpx.Response(409, json={"detail": "patient 'P-gone' is being erased; nothing was stored"})
+        return httpx.Response(200, json={"prediction_id": "p"})
+
+    with httpx.Client(base_url="http://service", transport=httpx.MockTransport(answer)) as service:
+        assert Forwarder(inbox, service).forward_waiting() is True
+    assert len(posted) == 2 and posted[0] == erased.name
+    assert inbox.waiting() == [] and list(inbox.refused_dir.iterdir()) == []
+
+
 def test_patient_ids_are_made_safe_for_the_service() -> None:
     def with_id(value: str | None) -> Dataset:
         dataset = Dataset()

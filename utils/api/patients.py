@@ -52,6 +52,9 @@ class ErasureResponse(BaseModel):
     patient_id: str
     predictions_removed: int
     files_removed: int
+    inbox_films_removed: int = Field(
+        description="films of the patient in the DICOM receiver's inbox under the storage folder (waiting for the "
+                    "service, or refused by it)")
     mlflow_runs_removed: int
     mlflow_runs_purged: bool = Field(
         description="false: the tracking server only marked the runs deleted; `mlflow gc` there removes them for "
@@ -84,7 +87,8 @@ class AuditPage(BaseModel):
 def erasure_response(report: ErasureReport) -> ErasureResponse:
     return ErasureResponse(
         patient_id=report.patient_id, predictions_removed=report.predictions, files_removed=report.files,
-        mlflow_runs_removed=report.mlflow_runs, mlflow_runs_purged=report.mlflow_purged,
+        inbox_films_removed=report.inbox_films, mlflow_runs_removed=report.mlflow_runs,
+        mlflow_runs_purged=report.mlflow_purged,
         pending_pacs_sends_cancelled=report.pending_sends_cancelled,
         not_recalled=[NotRecalled(sop_instance_uid=o.sop_instance_uid, destination=o.destination,
                                   state="delivered" if o.delivered_at else "maybe delivered",

@@ -87,8 +87,32 @@ class Inbox:
         return sorted(self.root.glob("*.dcm"))
 
     def refuse(self, film: Path, reason: str) -> None:
-        (self.refused_dir / f"{film.name}.reason.txt").write_text(reason + "\n")
+        """Set a film aside with the reason beside it (`FileNotFoundError` if it was removed meanwhile)."""
         shutil.move(film, self.refused_dir / film.name)
+        (self.refused_dir / f"{film.name}.reason.txt").write_text(reason + "\n")
+
+
+def remove_patient_films(root: Path, patient_id: str) -> int:
+    """Remove the films of a patient (as `patient_id_of` names them) from an inbox at `root`, waiting or refused,
+    with their reasons; how many. For an erasure (`utils.pipeline.erasure`); creates nothing, and a film that cannot
+    be read is left (and logged without its name's patient data). `OSError` if a film could not be removed."""
+    removed = 0
+    for film in sorted(root.glob("*.dcm")) + sorted((root / "refused").glob("*.dcm")):
+        try:
+            belongs = patient_id_of(dcmread(film, stop_before_pixels=True)) == patient_id
+        except FileNotFoundError:
+            continue  # posted and removed by the forwarder meanwhile
+        except Exception:
+            logger.warning("an inbox film could not be read while erasing a patient; left in place", exc_info=True)
+            continue
+        if belongs:
+            film.unlink(missing_ok=True)
+            (film.parent / f"{film.name}.reason.txt").unlink(missing_ok=True)
+            removed += 1
+    if removed:
+        for folder in (root, root / "refused"):
+            fsync_folder(folder)
+    return removed
 
 
 class Forwarder:
@@ -120,6 +144,8 @@ class Forwarder:
                 return True
             try:
                 self._forward(film)
+            except FileNotFoundError:  # removed meanwhile: by the erasure of its patient, or by hand
+                logger.info("film %s left the inbox while it was being forwarded", film.name)
             except httpx.HTTPError as exc:
                 logger.warning("the service is unreachable (%s); %d films wait", type(exc).__name__,
                                len(self.inbox.waiting()))
@@ -211,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default=settings.scp_host)
     parser.add_argument("--port", type=int, default=settings.scp_port)
     parser.add_argument("--service", default=settings.scp_service_url or f"http://{settings.host}:{settings.port}")
-    parser.add_argument("--inbox", type=Path, default=settings.storage_dir / "inbox")
+    parser.add_argument("--inbox", type=Path, default=settings.inbox_dir)
     args = parser.parse_args(argv)
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     headers = {"X-API-Key": settings.api_key_list[0]} if settings.api_key_list else {}

@@ -6,7 +6,8 @@ recovery:
 1. an `erasures` row notes the erasure (uploads of the patient are refused from now on);
 2. one transaction locks the audit chain, deletes the patient, their predictions and PACS sends, and appends the
    erasure's audit row (what was removed, which DICOM objects the PACS may already hold; no clinical data);
-3. the patient's folder goes, with every upload, heatmap, SR and SC in it;
+3. the patient's folder goes, with every upload, heatmap, SR and SC in it, and so do the patient's films in the
+   DICOM receiver's inbox under the same storage folder (waiting for the service, or refused by it);
 4. every MLflow run tagged with the patient is purged: artifacts, params, metrics and tags;
 5. the `erasures` row is deleted: nothing of the patient is left but the audit rows.
 
@@ -20,6 +21,7 @@ import datetime as dt
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from database import audit as audit_log
 from database import crud
@@ -28,6 +30,7 @@ from database.crud import ErasedRows, UnrecalledObject
 from database.db import Database
 from storage.store import PatientStore, StorageUnavailable, check_patient_id
 from utils.errors import ErasureIncomplete
+from utils.pacs.receiver import remove_patient_films
 from utils.tracking.mlflow_runs import MlflowRuns
 
 logger = logging.getLogger(__name__)
@@ -43,6 +46,7 @@ class ErasureReport:
     patient_id: str
     predictions: int
     files: int
+    inbox_films: int  # films of the patient removed from the DICOM receiver's inbox
     mlflow_runs: int
     mlflow_purged: bool  # False: a tracking server only marked the runs deleted (`mlflow gc` there purges them)
     pending_sends_cancelled: int
@@ -63,11 +67,12 @@ def describe(patient_id: str, rows: ErasedRows) -> str:
 class PatientEraser:
     """Erases patients; one per app (and one for start-up recovery)."""
 
-    def __init__(self, store: PatientStore, database: Database, runs: MlflowRuns,
+    def __init__(self, store: PatientStore, database: Database, runs: MlflowRuns, inbox: Path | None = None,
                  clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)) -> None:
         self.store = store
         self.database = database
         self.runs = runs
+        self.inbox = inbox  # the DICOM receiver's inbox, `<BONEAGE_STORAGE_DIR>/inbox` (read only if it exists)
         self._clock = clock
 
     def erase(self, patient_id: str, audit: AuditEntry) -> ErasureReport:
@@ -91,7 +96,9 @@ class PatientEraser:
         audit.recorded = True
         try:
             files = self.store.remove_patient(patient_id)
-        except StorageUnavailable:
+            inbox_films = 0 if self.inbox is None or not self.inbox.is_dir() else \
+                remove_patient_films(self.inbox, patient_id)
+        except (StorageUnavailable, OSError):
             raise ErasureIncomplete("the patient's records are erased but not all their files could be removed; "
                                     "repeat the erasure (it is also finished at the next start)") from None
         try:
@@ -105,11 +112,11 @@ class PatientEraser:
                                     "the erasure once it is back (it is also finished at the next start)") from None
         with self.database.session() as session:
             crud.end_erasure(session, patient_id)
-        report = ErasureReport(patient_id, len(rows.prediction_ids), files, len(run_ids), all(purged),
+        report = ErasureReport(patient_id, len(rows.prediction_ids), files, inbox_films, len(run_ids), all(purged),
                                rows.pending_sends_cancelled, rows.not_recalled)
-        logger.info("erasure done: %d predictions, %d files, %d MLflow runs, %d pending PACS sends removed; %d DICOM "
-                    "objects already at the PACS", report.predictions, report.files, report.mlflow_runs,
-                    report.pending_sends_cancelled, len(report.not_recalled))
+        logger.info("erasure done: %d predictions, %d files, %d inbox films, %d MLflow runs, %d pending PACS sends "
+                    "removed; %d DICOM objects already at the PACS", report.predictions, report.files,
+                    report.inbox_films, report.mlflow_runs, report.pending_sends_cancelled, len(report.not_recalled))
         return report
 
     def finish_interrupted(self, min_age_seconds: float = 0.0, route: str = RECOVERY_ROUTE) -> int:
