@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import ColumnElement
 
 from database.models import Erasure, PacsSend, Patient, Prediction
 
@@ -83,11 +84,27 @@ def claim_untracked(session: Session, claimer: str, now: dt.datetime, lease_unti
     return list(session.scalars(claimed))
 
 
-def release_claims(session: Session, prediction_ids: list[str]) -> None:
-    """Give claimed predictions back at once (logging failed or is stopping), for any process to claim."""
+def renew_claim(session: Session, prediction_id: str, token: str, lease_until: dt.datetime) -> bool:
+    """Extend the lease of a claim (`token`, the claimed row's `tracking_claimed_by`) if it still holds the unlogged
+    row; False when its lease lapsed and another process claimed the row meanwhile (or it was logged or erased)."""
+    result = session.execute(update(Prediction).where(Prediction.id == prediction_id,
+                                                      Prediction.tracking_claimed_by == token,
+                                                      Prediction.mlflow_logged.is_(False))
+                             .values(tracking_claim_expires_at=lease_until)
+                             .execution_options(synchronize_session=False))
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+
+def release_claims(session: Session, prediction_ids: list[str], token: str | None = None) -> None:
+    """Give claimed predictions back at once (logging failed or is stopping), for any process to claim; with
+    `token`, only those this claim still holds (not one another process claimed after its lease lapsed)."""
     if prediction_ids:
-        session.execute(update(Prediction).where(Prediction.id.in_(prediction_ids))
-                        .values(tracking_claimed_by=None, tracking_claim_expires_at=None))
+        held: list[ColumnElement[bool]] = [Prediction.id.in_(prediction_ids)]
+        if token is not None:
+            held.append(Prediction.tracking_claimed_by == token)
+        session.execute(update(Prediction).where(*held)
+                        .values(tracking_claimed_by=None, tracking_claim_expires_at=None)
+                        .execution_options(synchronize_session=False))
 
 
 def known_prediction_ids(session: Session) -> set[str]:

@@ -13,6 +13,7 @@ import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import make_prediction, migrated_mlflow_store, png_bytes
@@ -317,3 +318,32 @@ def test_run_artifacts_of_a_dicom_are_its_film_png_and_heatmaps_never_the_dcm(ri
     assert run_artifacts(prediction, rig.storage_dir) == heatmaps
     (folder / DICOM_FILM_PNG).write_bytes(png_bytes(Image.new("L", (8, 6))))
     assert run_artifacts(prediction, rig.storage_dir) == heatmaps | {"original.png": folder / DICOM_FILM_PNG}
+
+
+def test_a_row_whose_lease_lapsed_while_others_were_logged_is_left_to_the_process_that_claimed_it(rig: Rig) -> None:
+    """MLflow answers so slowly that the lease of a claimed batch lapses after its first run, and another process
+    claims the rest: this worker skips them (logging them too would log their runs twice) and does not release
+    that process's claims."""
+    rig.traffic.busy = False
+    worker = rig.worker()
+    rig.add(3, open_run=worker.open_run)
+    taken: list[str] = []
+    completed: list[str] = []
+
+    class SlowMlflow(MlflowRuns):
+        def complete_run(self, run_id: str, *args: Any, **kwargs: Any) -> None:
+            completed.append(run_id)
+            if len(completed) == 1:  # the first run takes longer than the lease; meanwhile another process
+                rig.clock.now += worker.lease + dt.timedelta(seconds=1)
+                with rig.database.session() as session:
+                    taken.extend(p.id for p in crud.claim_untracked(session, "other-host:2", rig.clock.now,
+                                                                     rig.clock.now + worker.lease, 10))
+            super().complete_run(run_id, *args, **kwargs)
+
+    worker.runs = SlowMlflow(rig.tracking_uri, EXPERIMENT)
+    worker.run_once()
+    rows = rig.rows()
+    assert taken == [row.id for row in rows]  # the first too: its lease had lapsed as well (logged, it is skipped)
+    assert len(completed) == 1 and rig.logged() == [True, False, False]
+    assert all(row.tracking_claimed_by is not None and row.tracking_claimed_by.startswith("other-host:2/")
+               for row in rows[1:])

@@ -34,7 +34,8 @@ logger = logging.getLogger(__name__)
 WORKER_NICE = 10
 # How often a worker holding runs back checks whether the requests are done.
 DEFER_POLL_SECONDS = 0.05
-# Pending runs claimed at once: few, so a claim's lease is never near its end while this process works on it.
+# Pending runs claimed at once: few, so a claim's lease is rarely near its end while this process works on it; each
+# claim is renewed before its run is logged, and skipped if it was lost meanwhile (`TrackingWorker._still_ours`).
 CLAIM_BATCH = 10
 
 
@@ -226,6 +227,9 @@ class TrackingWorker:
                 if self._stop_now() or (defer and self._hold_back(left, prediction.created_at)):
                     self._release(pending[done:])
                     return left, False
+                if not self._still_ours(prediction):
+                    continue  # its lease lapsed while the rows before it were logged (a slow MLflow): another
+                    # process holds it now and logs it; logging it here too would log its run twice
                 if not self.log_pending(prediction):
                     if self._reachable():
                         # MLflow answers, so the failure is this row's own (its run deleted by hand, a file gone):
@@ -233,6 +237,14 @@ class TrackingWorker:
                         continue
                     self._release(pending[done:])
                     return left, True  # MLflow is down: wait for the next round, do not hammer it
+
+    def _still_ours(self, prediction: Prediction) -> bool:
+        """Renew this process's claim on a row before logging it; False if the claim was lost."""
+        if prediction.tracking_claimed_by is None:
+            return False
+        with self.database.session() as session:
+            now = self._clock()
+            return crud.renew_claim(session, prediction.id, prediction.tracking_claimed_by, now + self.lease)
 
     def _reachable(self) -> bool:
         try:
@@ -243,7 +255,8 @@ class TrackingWorker:
 
     def _release(self, predictions: list[Prediction]) -> None:
         with self.database.session() as session:
-            crud.release_claims(session, [p.id for p in predictions])
+            for token in {p.tracking_claimed_by for p in predictions if p.tracking_claimed_by is not None}:
+                crud.release_claims(session, [p.id for p in predictions if p.tracking_claimed_by == token], token)
 
     def _hold_back(self, waiting: int, oldest: dt.datetime | None) -> bool:
         """Whether to leave `waiting` runs (the oldest created at `oldest`) for later: requests are running."""
