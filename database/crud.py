@@ -146,9 +146,21 @@ def mark_sent(session: Session, send_id: int, now: dt.datetime) -> None:
                             claim_expires_at=None))
 
 
-def record_send_failure(session: Session, send_id: int, error: str, next_attempt_at: dt.datetime) -> None:
-    """An attempt failed: count it, say why, and give the object back until `next_attempt_at`."""
-    session.execute(update(PacsSend).where(PacsSend.id == send_id)
+def renew_send_claim(session: Session, send_id: int, token: str, lease_until: dt.datetime) -> bool:
+    """Extend the lease of a claim (`token`, the claimed row's `claimed_by`) if it still holds the unsent object;
+    False when its lease lapsed and another process claimed the object meanwhile (or it was sent or erased)."""
+    result = session.execute(update(PacsSend).where(PacsSend.id == send_id, PacsSend.claimed_by == token,
+                                                    PacsSend.sent_at.is_(None))
+                             .values(claim_expires_at=lease_until).execution_options(synchronize_session=False))
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+
+def record_send_failure(session: Session, send_id: int, error: str, next_attempt_at: dt.datetime,
+                        token: str | None = None) -> None:
+    """An attempt failed: count it, say why, and give the object back until `next_attempt_at`; with `token`, only
+    if that claim still holds it (else the process that claimed it since records its own attempt)."""
+    held = [PacsSend.id == send_id] + ([] if token is None else [PacsSend.claimed_by == token])
+    session.execute(update(PacsSend).where(*held)
                     .values(attempts=PacsSend.attempts + 1, last_error=error[:2000], next_attempt_at=next_attempt_at,
                             claimed_by=None, claim_expires_at=None))
 

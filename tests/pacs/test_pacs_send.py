@@ -254,6 +254,44 @@ def test_a_failure_waits_for_its_back_off_and_a_sent_object_is_never_claimed_aga
     assert ids[0] in claim(database, "c:3", 100, now=T0 + dt.timedelta(seconds=31))
 
 
+class _Association:
+    """The open association of `SlowPacs` (its C-STOREs are `SlowPacs._store`)."""
+
+    is_established = True
+
+    def release(self) -> None:
+        self.is_established = False
+
+
+def test_an_object_whose_lease_lapsed_mid_batch_is_left_to_the_sender_that_claimed_it(database: Database) -> None:
+    """The PACS takes longer than the lease for the first object of a batch, and another process claims the rest:
+    this sender sends none of them (the PACS would get each twice) and records no attempt of theirs."""
+    now = [T0]
+    taken: list[int] = []
+    sent: list[int] = []
+
+    class SlowPacs(PacsSender):
+        def _associate(self) -> Any:
+            return _Association()
+
+        def _store(self, association: Any, send: PacsSend) -> None:
+            sent.append(send.id)
+            if len(sent) == 1:
+                now[0] += self.lease + dt.timedelta(seconds=1)
+                taken.extend(claim(database, "other-host:2", 100, now=now[0]))
+
+    sender = SlowPacs(DESTINATION, database, Path("."), retry_seconds=10, retry_max_seconds=60,
+                      clock=lambda: now[0])
+    assert sender.send_due() == 1 and len(sent) == 1
+    with database.session() as session:
+        rows = list(session.scalars(select(PacsSend).where(PacsSend.destination == DESTINATION.label)
+                                    .order_by(PacsSend.id)))
+    assert taken == [row.id for row in rows]  # the first too: its lease had lapsed as well
+    assert rows[0].sent_at is not None
+    assert all(row.sent_at is None and row.attempts == 0 and (row.claimed_by or "").startswith("other-host:2/")
+               for row in rows[1:])
+
+
 def test_back_off_doubles_from_the_retry_setting_up_to_the_maximum(tmp_path: Path) -> None:
     sender = PacsSender(DESTINATION, Database(f"sqlite:///{tmp_path / 'x.db'}"), tmp_path, retry_seconds=10,
                         retry_max_seconds=60)

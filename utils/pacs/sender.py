@@ -6,6 +6,9 @@ one association, and marks each sent as soon as the PACS confirms it, so a confi
 failure (PACS unreachable, association rejected, a refusal such as 0xA700 "out of resources") is counted and
 retried after a back-off that doubles up to `BONEAGE_PACS_RETRY_MAX_SECONDS`; the rows survive a restart.
 
+Each claim is renewed before its object is sent, so an object whose lease lapsed while a slow PACS took the ones
+before it, and which another process claimed meanwhile, is left to that process (not sent twice).
+
 One window is left, as in any store-and-forward system: if the process dies after the PACS confirmed an object but
 before the row is marked, the object is sent once more after the lease lapses. It has the same SOP Instance UID,
 so the PACS recognises it as the same instance.
@@ -101,6 +104,9 @@ class PacsSender:
                 if self._stop.is_set():
                     self._release(claimed[index:])
                     break
+                if not self._still_ours(send):
+                    continue  # its lease lapsed while the objects before it were sent (a slow PACS): another
+                    # process holds it now and sends it
                 try:
                     self._store(association, send)
                 except Exception as exc:  # SendFailed, or anything an odd object raises: recorded for it alone
@@ -167,7 +173,14 @@ class PacsSender:
         logger.warning("PACS send of %s failed (attempt %d): %s; retry at %s", send.file_path, attempts, error,
                        retry_at.isoformat(timespec="seconds"))
         with self.database.session() as session:
-            crud.record_send_failure(session, send.id, error, retry_at)
+            crud.record_send_failure(session, send.id, error, retry_at, send.claimed_by)
+
+    def _still_ours(self, send: PacsSend) -> bool:
+        """Renew this process's claim on an object before sending it; False if the claim was lost."""
+        if send.claimed_by is None:
+            return False
+        with self.database.session() as session:
+            return crud.renew_send_claim(session, send.id, send.claimed_by, self._clock() + self.lease)
 
     def _release(self, sends: list[PacsSend]) -> None:
         with self.database.session() as session:
