@@ -148,6 +148,7 @@ def _bad_dicoms() -> dict[str, tuple[bytes, str]]:
         "zero-rows": (make_dicom(film, rows_columns=(0, 0)), "each side must be at least 64"),
         "no-pixel-data": (make_dicom(None), "no pixel data"),
         "truncated": (good[: len(good) - 5000], "DICOM"),
+        "cut-in-the-header": (good[:400], "cut short"),
         "garbage-after-magic": (good[:132] + np.random.default_rng(1).bytes(3000), "DICOM"),
         "32-bit": (make_dicom(film.astype(np.uint32) << 20, bits_stored=32), "bits"),
         # High-Throughput JPEG 2000: no decoder installed (pylibjpeg-openjpeg would bring one)

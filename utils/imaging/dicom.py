@@ -127,7 +127,8 @@ def _check_dicom_header(dataset: Dataset, limits: UploadLimits) -> tuple[int, in
     if "PixelData" not in dataset:
         if "FloatPixelData" in dataset or "DoubleFloatPixelData" in dataset:
             raise InvalidImage("DICOM float pixel data is not accepted: an integer radiograph is expected")
-        raise InvalidImage("the DICOM file has no pixel data: a radiograph image is expected")
+        raise InvalidImage("the DICOM file has no pixel data (or was cut short before it): a radiograph image is "
+                           "expected")
     samples = _dicom_int(dataset, "SamplesPerPixel", 1)
     photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2") or "MONOCHROME2").strip().upper()
     if samples != 1 or photometric in COLOUR_PHOTOMETRICS:
