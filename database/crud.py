@@ -192,6 +192,26 @@ def pacs_backlog(session: Session) -> tuple[int, int, dt.datetime | None]:
     return int(count or 0), int(failed or 0), due
 
 
+def unsent_by_destination(session: Session) -> dict[str, int]:
+    """{destination label: objects not sent yet}."""
+    rows = session.execute(select(PacsSend.destination, func.count()).where(PacsSend.sent_at.is_(None))
+                           .group_by(PacsSend.destination))
+    return {destination: int(count) for destination, count in rows}
+
+
+def redirect_sends(session: Session, old: str, new: str, now: dt.datetime) -> tuple[int, int]:
+    """Give the unsent objects waiting for destination `old` to `new`, due at once with a fresh back-off; those a
+    live claim holds (a process still configured for `old` is sending them) are left. (moved, left)."""
+    free = or_(PacsSend.claim_expires_at.is_(None), PacsSend.claim_expires_at < now)
+    waiting = (PacsSend.sent_at.is_(None), PacsSend.destination == old)
+    moved = session.execute(update(PacsSend).where(*waiting, free)
+                            .values(destination=new, next_attempt_at=now, attempts=0, last_error=None,
+                                    claimed_by=None, claim_expires_at=None)
+                            .execution_options(synchronize_session=False))
+    left = session.scalar(select(func.count()).select_from(PacsSend).where(*waiting))
+    return int(moved.rowcount), int(left or 0)  # type: ignore[attr-defined]
+
+
 def prediction_exists(session: Session, prediction_id: str) -> bool:
     return session.scalar(select(Prediction.id).where(Prediction.id == prediction_id)) is not None
 

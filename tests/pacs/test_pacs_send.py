@@ -28,6 +28,7 @@ from database import crud
 from database.db import Database
 from database.models import PacsSend, Prediction
 from utils.config import Settings
+from utils.pacs.backlog import main as backlog_main
 from utils.pacs.policy import PacsDestination
 from utils.pacs.sender import PacsSender
 
@@ -122,6 +123,36 @@ def test_with_the_pacs_down_the_send_waits_and_is_delivered_once_it_is_up_also_a
         assert client.get("/health").json()["pacs_backlog"] == 0
         later_uids = stored_uids(client, later)
     assert Counter(scp.stored_uids()) == {uid: 1 for uid in uids | later_uids}
+
+
+def test_objects_waiting_for_a_pacs_no_longer_configured_are_reported_and_can_be_redirected(
+        tmp_path: Path, scp: StorageSCP, film_dicom: bytes, capsys: pytest.CaptureFixture[str]) -> None:
+    """The PACS moved: objects stored for the old address are never sent by the new configuration, /health says so
+    (failing, naming the old destination and the command), and `utils.pacs.backlog --redirect` sends them to the
+    configured PACS."""
+    old = pacs_settings(tmp_path, scp, pacs_ae_title="OLDPACS")  # nothing answers there: the SCP is not started
+    old_label = f"OLDPACS@127.0.0.1:{scp.port}"
+    with running_app(old) as client:
+        post_dicom(client, film_dicom, "P-moved")
+        wait_for_pacs_state(client, "P-moved", lambda p: p["state"] == "retrying")
+    scp.start()
+    new = pacs_settings(tmp_path, scp)
+    with running_app(new) as client:
+        health = client.get("/health").json()
+        assert health["status"] == "degraded" and "pacs" in health["failing"]
+        assert f"2 for {old_label}" in health["pacs"] and "--redirect" in health["pacs"]
+    assert scp.stored == []  # not sent by the new configuration on its own
+
+    assert backlog_main([], settings=new) == 0
+    assert "2 objects not sent  (not the configured PACS" in capsys.readouterr().out
+    assert backlog_main(["--redirect", old_label], settings=new) == 0
+    assert capsys.readouterr().out.startswith(f"2 objects waiting for {old_label} now go to {AE_TITLE}@")
+    with running_app(new) as client:
+        scp.wait_for(lambda s: len(s.stored) == 2)
+        pacs = wait_for_pacs_state(client, "P-moved", lambda p: p["state"] == "sent")
+        assert pacs["destination"] == f"{AE_TITLE}@127.0.0.1:{scp.port}" and pacs["last_error"] is None
+        assert client.get("/health").json()["pacs"] == "ok"
+    assert backlog_main(["--redirect", f"{AE_TITLE}@127.0.0.1:{scp.port}"], settings=new) == 2  # itself: refused
 
 
 def test_a_refusing_pacs_leads_to_retries_and_a_clear_state_then_delivery(tmp_path: Path, scp: StorageSCP,

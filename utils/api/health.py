@@ -70,6 +70,11 @@ def _pacs_state(service: BoneAgeService, database_ok: bool) -> tuple[str, int | 
         return "unknown (database unavailable)", None
     with service.database.session() as session:
         waiting, failed, _ = crud.pacs_backlog(session)
+        elsewhere = {label: n for label, n in crud.unsent_by_destination(session).items() if label != destination.label}
+    if elsewhere:  # never sent by this configuration: an operator must redirect them
+        stranded = ", ".join(f"{n} for {label}" for label, n in sorted(elsewhere.items()))
+        return (f"failing: objects wait for a PACS no longer configured ({stranded}); send them to "
+                f"{destination.label} with python -m utils.pacs.backlog --redirect <AE@host:port>"), waiting
     if failed:
         return f"failing: {failed} of {waiting} objects for {destination.label} failed to send, retrying", waiting
     return (f"ok; {waiting} objects pending" if waiting else "ok"), waiting
