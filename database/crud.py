@@ -165,11 +165,14 @@ def record_send_failure(session: Session, send_id: int, error: str, next_attempt
                             claimed_by=None, claim_expires_at=None))
 
 
-def release_sends(session: Session, send_ids: list[int]) -> None:
-    """Give claimed objects back untried (the sender is stopping)."""
+def release_sends(session: Session, send_ids: list[int], token: str | None = None) -> None:
+    """Give claimed objects back untried (the sender is stopping); with `token`, only those this claim still holds."""
     if send_ids:
-        session.execute(update(PacsSend).where(PacsSend.id.in_(send_ids))
-                        .values(claimed_by=None, claim_expires_at=None))
+        held: list[ColumnElement[bool]] = [PacsSend.id.in_(send_ids)]
+        if token is not None:
+            held.append(PacsSend.claimed_by == token)
+        session.execute(update(PacsSend).where(*held).values(claimed_by=None, claim_expires_at=None)
+                        .execution_options(synchronize_session=False))
 
 
 def next_send_due(session: Session, destination: str, now: dt.datetime) -> dt.datetime | None:

@@ -169,3 +169,13 @@ def test_the_receiver_posting_a_film_again_after_a_lost_answer_stores_it_once(tm
         assert forwarder.forward_waiting() is True
     assert inbox.waiting() == [] and list(inbox.refused_dir.iterdir()) == []
     assert len(predictions_of(settings, patient_id_of(dataset))) == 1
+
+
+def test_an_upload_over_the_limit_with_a_stored_key_is_a_413_not_a_reused_key(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, max_upload_bytes=len(FILM) + 1000)
+    with running_app(settings) as client:
+        assert post(client, FILM, "P-big", "k-big").status_code == 200
+        too_large = post(client, FILM + b"\0" * 2000, "P-big", "k-big")  # within the form's framing allowance
+        assert too_large.status_code == 413, too_large.text
+        assert "larger than the limit" in too_large.json()["detail"]
+    assert len(predictions_of(settings, "P-big")) == 1

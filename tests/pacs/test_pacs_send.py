@@ -30,7 +30,7 @@ from database.models import PacsSend, Prediction
 from utils.config import Settings
 from utils.pacs.backlog import main as backlog_main
 from utils.pacs.policy import PacsDestination
-from utils.pacs.sender import PacsSender
+from utils.pacs.sender import PacsSender, SendFailed
 
 FILM = TEST20 / "4360.png"
 
@@ -294,9 +294,12 @@ class _Association:
         self.is_established = False
 
 
-def test_an_object_whose_lease_lapsed_mid_batch_is_left_to_the_sender_that_claimed_it(database: Database) -> None:
-    """The PACS takes longer than the lease for the first object of a batch, and another process claims the rest:
-    this sender sends none of them (the PACS would get each twice) and records no attempt of theirs."""
+@pytest.mark.parametrize("then", ["go on", "stop", "PACS gone"])
+def test_an_object_whose_lease_lapsed_mid_batch_is_left_to_the_sender_that_claimed_it(database: Database,
+                                                                                     then: str) -> None:
+    """The PACS takes longer than the lease for the first object of a batch, and another process claims them all:
+    this sender sends none of the rest (the PACS would get each twice), and neither its stop nor the PACS going
+    away (the first object's failure, and then the rest's) touches that process's claims."""
     now = [T0]
     taken: list[int] = []
     sent: list[int] = []
@@ -310,17 +313,23 @@ def test_an_object_whose_lease_lapsed_mid_batch_is_left_to_the_sender_that_claim
             if len(sent) == 1:
                 now[0] += self.lease + dt.timedelta(seconds=1)
                 taken.extend(claim(database, "other-host:2", 100, now=now[0]))
+                if then == "stop":
+                    self._stop.set()
+                elif then == "PACS gone":
+                    association.release()
+                    raise SendFailed("the PACS closed the association")
 
     sender = SlowPacs(DESTINATION, database, Path("."), retry_seconds=10, retry_max_seconds=60,
                       clock=lambda: now[0])
-    assert sender.send_due() == 1 and len(sent) == 1
+    assert sender.send_due() == (0 if then == "PACS gone" else 1) and len(sent) == 1
     with database.session() as session:
         rows = list(session.scalars(select(PacsSend).where(PacsSend.destination == DESTINATION.label)
                                     .order_by(PacsSend.id)))
     assert taken == [row.id for row in rows]  # the first too: its lease had lapsed as well
-    assert rows[0].sent_at is not None
+    others = rows[1:] if then != "PACS gone" else rows
+    assert (rows[0].sent_at is not None) == (then != "PACS gone")
     assert all(row.sent_at is None and row.attempts == 0 and (row.claimed_by or "").startswith("other-host:2/")
-               for row in rows[1:])
+               for row in others)
 
 
 def test_back_off_doubles_from_the_retry_setting_up_to_the_maximum(tmp_path: Path) -> None:

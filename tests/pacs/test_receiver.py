@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pydicom
@@ -20,7 +21,8 @@ from pynetdicom import AE
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation  # type: ignore[attr-defined]
 
 from bench.harness import reserve_port
-from utils.pacs.receiver import UNKNOWN_PATIENT, Forwarder, Inbox, Receiver, patient_id_of
+from utils.pacs import receiver as receiver_module
+from utils.pacs.receiver import UNKNOWN_PATIENT, Forwarder, Inbox, Receiver, patient_id_of, remove_patient_films
 
 FILM = TEST20 / "4360.png"
 RECEIVER_AE = "BONEAGE-SCP"
@@ -138,6 +140,25 @@ def test_a_film_removed_while_it_is_forwarded_does_not_stop_the_forwarder(tmp_pa
     with httpx.Client(base_url="http://service", transport=httpx.MockTransport(answer)) as service:
         assert Forwarder(inbox, service).forward_waiting() is True
     assert len(posted) == 2 and posted[0] == erased.name
+    assert inbox.waiting() == [] and list(inbox.refused_dir.iterdir()) == []
+
+
+def test_an_erasure_finds_a_film_the_forwarder_sets_aside_while_it_looks(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the erasure reads the first waiting film, the forwarder moves the second (the same patient's) to
+    refused/ with the service's 409: it is removed all the same, with its reason."""
+    inbox = Inbox(tmp_path / "inbox")
+    first, second = (inbox.put(pydicom.dcmread(io.BytesIO(make_dicom(gray(FILM), tags={"PatientID": "P-x"}))))
+                     for _ in range(2))
+    read = receiver_module.dcmread
+
+    def set_aside_while_reading(path: Path, **kwargs: Any) -> Dataset:
+        if path == first:
+            inbox.refuse(second, "409: patient 'P-x' is being erased; nothing was stored")
+        return read(path, **kwargs)
+
+    monkeypatch.setattr(receiver_module, "dcmread", set_aside_while_reading)
+    assert remove_patient_films(inbox.root, "P-x") == 2
     assert inbox.waiting() == [] and list(inbox.refused_dir.iterdir()) == []
 
 

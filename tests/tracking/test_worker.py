@@ -320,10 +320,12 @@ def test_run_artifacts_of_a_dicom_are_its_film_png_and_heatmaps_never_the_dcm(ri
     assert run_artifacts(prediction, rig.storage_dir) == heatmaps | {"original.png": folder / DICOM_FILM_PNG}
 
 
-def test_a_row_whose_lease_lapsed_while_others_were_logged_is_left_to_the_process_that_claimed_it(rig: Rig) -> None:
+@pytest.mark.parametrize("then", ["go on", "stop"])
+def test_a_row_whose_lease_lapsed_while_others_were_logged_is_left_to_the_process_that_claimed_it(
+        rig: Rig, then: str) -> None:
     """MLflow answers so slowly that the lease of a claimed batch lapses after its first run, and another process
-    claims the rest: this worker skips them (logging them too would log their runs twice) and does not release
-    that process's claims."""
+    claims the rest: this worker skips them (logging them too would log their runs twice), or, stopping, gives back
+    only what it still holds, never that process's claims."""
     rig.traffic.busy = False
     worker = rig.worker()
     rig.add(3, open_run=worker.open_run)
@@ -338,6 +340,9 @@ def test_a_row_whose_lease_lapsed_while_others_were_logged_is_left_to_the_proces
                 with rig.database.session() as session:
                     taken.extend(p.id for p in crud.claim_untracked(session, "other-host:2", rig.clock.now,
                                                                      rig.clock.now + worker.lease, 10))
+                if then == "stop":  # as `stop` with no time left to drain (the thread is not started here)
+                    worker._drain_until = 0.0
+                    worker._stop.set()
             super().complete_run(run_id, *args, **kwargs)
 
     worker.runs = SlowMlflow(rig.tracking_uri, EXPERIMENT)

@@ -64,10 +64,14 @@ def _pacs_state(service: BoneAgeService, database_ok: bool) -> tuple[str, int | 
     """("not configured" | "ok" | "ok; N objects pending" | "failing: ...", objects not yet sent). No network: the
     state is what the sender last saw (a failed send is retried with back-off)."""
     destination = None if service.dicom is None else service.dicom.destination
-    if destination is None:
-        return "not configured", None
     if not database_ok:
-        return "unknown (database unavailable)", None
+        return ("not configured" if destination is None else "unknown (database unavailable)"), None
+    if destination is None:
+        with service.database.session() as session:
+            waiting = sum(crud.unsent_by_destination(session).values())
+        if waiting:  # stored while a PACS was configured: sent once one is again (`utils.pacs.backlog`)
+            return f"not configured; {waiting} objects stored for an earlier PACS wait", waiting
+        return "not configured", None
     with service.database.session() as session:
         waiting, failed, _ = crud.pacs_backlog(session)
         elsewhere = {label: n for label, n in crud.unsent_by_destination(session).items() if label != destination.label}

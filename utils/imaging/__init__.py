@@ -5,6 +5,6 @@
 """
 
 from utils.imaging.checks import UploadLimits
-from utils.imaging.upload import DecodedImage, decode_upload
+from utils.imaging.upload import DecodedImage, check_size, decode_upload
 
-__all__ = ["DecodedImage", "UploadLimits", "decode_upload"]
+__all__ = ["DecodedImage", "UploadLimits", "check_size", "decode_upload"]

@@ -53,10 +53,15 @@ class DecodedImage:
         return EXTENSIONS[self.format]
 
 
-def decode_upload(data: bytes, limits: UploadLimits) -> DecodedImage:
-    """Validate an upload and decode it; raises `InvalidImage` or `UploadTooLarge` with a clear message."""
+def check_size(data: bytes, limits: UploadLimits) -> None:
+    """`UploadTooLarge` above the byte limit."""
     if len(data) > limits.max_bytes:
         raise UploadTooLarge(f"the upload is larger than the limit of {limits.max_bytes} bytes")
+
+
+def decode_upload(data: bytes, limits: UploadLimits) -> DecodedImage:
+    """Validate an upload and decode it; raises `InvalidImage` or `UploadTooLarge` with a clear message."""
+    check_size(data, limits)
     if not data:
         raise InvalidImage("the uploaded file is empty")
     sha256 = hashlib.sha256(data).hexdigest()

@@ -96,23 +96,32 @@ def remove_patient_films(root: Path, patient_id: str) -> int:
     """Remove the films of a patient (as `patient_id_of` names them) from an inbox at `root`, waiting or refused,
     with their reasons; how many. For an erasure (`utils.pipeline.erasure`); creates nothing, and a film that cannot
     be read is left (and logged without its name's patient data). `OSError` if a film could not be removed."""
-    removed = 0
-    for film in sorted(root.glob("*.dcm")) + sorted((root / "refused").glob("*.dcm")):
-        try:
-            belongs = patient_id_of(dcmread(film, stop_before_pixels=True)) == patient_id
-        except FileNotFoundError:
-            continue  # posted and removed by the forwarder meanwhile
-        except Exception:
-            logger.warning("an inbox film could not be read while erasing a patient; left in place", exc_info=True)
-            continue
-        if belongs:
-            film.unlink(missing_ok=True)
-            (film.parent / f"{film.name}.reason.txt").unlink(missing_ok=True)
-            removed += 1
-    if removed:
-        for folder in (root, root / "refused"):
+    refused = root / "refused"
+    # The waiting films first, then refused/, listed only after them: a film the forwarder sets aside meanwhile (the
+    # service answers 409 to uploads of a patient being erased) is found there.
+    removed = sum(_remove_if_of(film, patient_id) for film in sorted(root.glob("*.dcm")))
+    removed += sum(_remove_if_of(film, patient_id) for film in sorted(refused.glob("*.dcm")))
+    for reason in refused.glob("*.dcm.reason.txt"):  # a reason whose film went (written as the film was removed)
+        if not (refused / reason.name.removesuffix(".reason.txt")).exists():
+            reason.unlink(missing_ok=True)
+    for folder in (root, refused):
+        if removed and folder.is_dir():
             fsync_folder(folder)
     return removed
+
+
+def _remove_if_of(film: Path, patient_id: str) -> bool:
+    try:
+        belongs = patient_id_of(dcmread(film, stop_before_pixels=True)) == patient_id
+    except FileNotFoundError:
+        return False  # posted or set aside by the forwarder meanwhile
+    except Exception:
+        logger.warning("an inbox film could not be read while erasing a patient; left in place", exc_info=True)
+        return False
+    if belongs:
+        film.unlink(missing_ok=True)
+        (film.parent / f"{film.name}.reason.txt").unlink(missing_ok=True)
+    return belongs
 
 
 class Forwarder:

@@ -184,7 +184,8 @@ class PacsSender:
 
     def _release(self, sends: list[PacsSend]) -> None:
         with self.database.session() as session:
-            crud.release_sends(session, [s.id for s in sends])
+            for token in {s.claimed_by for s in sends if s.claimed_by is not None}:
+                crud.release_sends(session, [s.id for s in sends if s.claimed_by == token], token)
 
     def _run(self) -> None:
         while not self._stop.is_set():

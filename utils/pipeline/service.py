@@ -26,7 +26,7 @@ from male_boneage.inference import ModelEstimate
 from storage.store import DICOM_FILM_PNG, GRADCAM_PNG, PatientStore, check_patient_id, new_prediction_id
 from utils.config import MAX_CHRONOLOGICAL_AGE_MONTHS
 from utils.errors import InvalidImage, InvalidInput, PatientBeingErased, PatientNotFound
-from utils.imaging import DecodedImage, UploadLimits, decode_upload
+from utils.imaging import DecodedImage, UploadLimits, check_size, decode_upload
 from utils.imaging.film_check import FilmGate
 from utils.pacs.objects import (
     HEATMAP_FILE,
@@ -205,6 +205,7 @@ class BoneAgeService:
         form_age = check_age(chronological_age_months)
         key = check_key(idempotency_key)
         if key is not None:
+            check_size(data, self.limits)  # a 413 stays a 413, not a key "reused with another film"
             earlier = self._stored_with_key(checked_id, key)
             if earlier is not None:
                 return self._replay(earlier, data, form_sex, form_age, audit)
