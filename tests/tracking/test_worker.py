@@ -352,3 +352,21 @@ def test_a_row_whose_lease_lapsed_while_others_were_logged_is_left_to_the_proces
     assert len(completed) == 1 and rig.logged() == [True, False, False]
     assert all(row.tracking_claimed_by is not None and row.tracking_claimed_by.startswith("other-host:2/")
                for row in rows[1:])
+
+
+def test_a_run_that_failed_just_before_mlflow_came_back_is_logged_in_the_same_round(rig: Rig) -> None:
+    """MLflow fails one call and answers the next (it came back between the failure and the check whether it
+    answers): the row is tried again at once, not held for its lease (5 minutes)."""
+    rig.traffic.busy = False
+    failures = [RuntimeError("the store is not there yet")]
+
+    class BackJustNow(MlflowRuns):
+        def complete_run(self, run_id: str, *args: Any, **kwargs: Any) -> None:
+            if failures:
+                raise failures.pop()
+            super().complete_run(run_id, *args, **kwargs)
+
+    worker = rig.worker(BackJustNow(rig.tracking_uri, EXPERIMENT))
+    rig.add(2, open_run=worker.open_run)
+    assert worker.run_once() == (0, False)
+    assert rig.logged() == [True, True] and rig.run_statuses() == ["FINISHED", "FINISHED"]

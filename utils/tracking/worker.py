@@ -207,7 +207,7 @@ class TrackingWorker:
 
     def run_once(self, defer: bool = False) -> tuple[int, bool]:
         """Claim and complete pending runs in order, stopping at the first failure while MLflow is unreachable (a run
-        that fails while MLflow answers is left claimed, to be tried again once its lease lapses): (how many remain,
+        that fails twice while MLflow answers is left claimed, to be tried again once its lease lapses): (how many remain,
         whether to pause before the next round: MLflow failed, or every pending run is claimed by a live process).
 
         With `defer`, stop early while predictions are being served, as long as no more than `max_deferred`
@@ -230,13 +230,17 @@ class TrackingWorker:
                 if not self._still_ours(prediction):
                     continue  # its lease lapsed while the rows before it were logged (a slow MLflow): another
                     # process holds it now and logs it; logging it here too would log its run twice
-                if not self.log_pending(prediction):
-                    if self._reachable():
-                        # MLflow answers, so the failure is this row's own (its run deleted by hand, a file gone):
-                        # it keeps its claim until the lease lapses, its back-off, and the rows after it go on.
+                if self.log_pending(prediction):
+                    continue
+                if self._reachable():
+                    # MLflow answers: it may have come back just after this row failed, so the row is tried once
+                    # more at once. Failing again while MLflow answers, the failure is the row's own (its run
+                    # deleted by hand, a file gone): it keeps its claim until the lease lapses, its back-off, and
+                    # the rows after it go on.
+                    if self.log_pending(prediction) or self._reachable():
                         continue
-                    self._release(pending[done:])
-                    return left, True  # MLflow is down: wait for the next round, do not hammer it
+                self._release(pending[done:])
+                return left, True  # MLflow is down: wait for the next round, do not hammer it
 
     def _still_ours(self, prediction: Prediction) -> bool:
         """Renew this process's claim on a row before logging it; False if the claim was lost."""
