@@ -135,6 +135,10 @@ def test_objects_waiting_for_a_pacs_no_longer_configured_are_reported_and_can_be
     with running_app(old) as client:
         post_dicom(client, film_dicom, "P-moved")
         wait_for_pacs_state(client, "P-moved", lambda p: p["state"] == "retrying")
+    with running_app(make_settings(tmp_path)) as client:  # no PACS at all now: said, not failing
+        health = client.get("/health").json()
+        assert health["pacs"] == "not configured; 2 objects stored for an earlier PACS wait"
+        assert health["pacs_backlog"] == 2 and "pacs" not in (health["failing"] or [])
     scp.start()
     new = pacs_settings(tmp_path, scp)
     with running_app(new) as client:
