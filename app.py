@@ -75,11 +75,12 @@ def create_app(settings: Settings | None = None, load_models: ModelsLoader = Mod
         store = PatientStore(config.patients_dir)
         store.ensure_writable()
         runs = MlflowRuns(config.mlflow_tracking_uri, config.mlflow_experiment)
+        eraser = PatientEraser(store, database, runs, config.inbox_dir)
         live = LiveLock(database)
         alone = live.acquire()
         recover(store, database, runs, min_age_seconds=start_up_clean_up_age(alone, database.is_postgresql,
                                                                              config.recovery_min_age_seconds),
-                inbox=config.inbox_dir)
+                eraser=eraser)
         if alone:
             live.share()
         models = await run_in_threadpool(load_models, config)
@@ -98,12 +99,12 @@ def create_app(settings: Settings | None = None, load_models: ModelsLoader = Mod
         if pacs is not None:
             pacs.start()
         min_age = config.recovery_min_age_seconds
-        sweeper = Sweeper(store, database, runs, min_age, config.inbox_dir) if min_age > 0 else None
+        sweeper = Sweeper(store, database, runs, min_age, eraser) if min_age > 0 else None
         service = BoneAgeService(models, store, database, tracking, in_flight, limits, config.heatmap_max_side,
                                  film_gate, dicom, pacs,
                                  store_deadline_seconds=sweeper.store_deadline_seconds if sweeper else None)
         app.state.service = service
-        app.state.eraser = PatientEraser(store, database, runs, config.inbox_dir)
+        app.state.eraser = eraser
         app.state.audit = AuditWriter(database)
         app.state.metrics = ServiceMetrics(service)  # a registry per start: apps never share metrics
         logger.info("bone age service ready (storage %s, database %s, MLflow %s)", config.storage_dir,

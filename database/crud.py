@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from sqlalchemy import delete, func, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import InstrumentedAttribute, Session
 from sqlalchemy.sql.elements import ColumnElement
 
 from database.models import Erasure, PacsSend, Patient, Prediction
@@ -84,11 +84,16 @@ def claim_untracked(session: Session, claimer: str, now: dt.datetime, lease_unti
     return list(session.scalars(claimed))
 
 
+def _held_by(claimed_by: InstrumentedAttribute[str | None], token: str | None) -> list[ColumnElement[bool]]:
+    """The condition that a row is still held by the claim `token` (none without a token)."""
+    return [] if token is None else [claimed_by == token]
+
+
 def renew_claim(session: Session, prediction_id: str, token: str, lease_until: dt.datetime) -> bool:
     """Extend the lease of a claim (`token`, the claimed row's `tracking_claimed_by`) if it still holds the unlogged
     row; False when its lease lapsed and another process claimed the row meanwhile (or it was logged or erased)."""
     result = session.execute(update(Prediction).where(Prediction.id == prediction_id,
-                                                      Prediction.tracking_claimed_by == token,
+                                                      *_held_by(Prediction.tracking_claimed_by, token),
                                                       Prediction.mlflow_logged.is_(False))
                              .values(tracking_claim_expires_at=lease_until)
                              .execution_options(synchronize_session=False))
@@ -99,10 +104,8 @@ def release_claims(session: Session, prediction_ids: list[str], token: str | Non
     """Give claimed predictions back at once (logging failed or is stopping), for any process to claim; with
     `token`, only those this claim still holds (not one another process claimed after its lease lapsed)."""
     if prediction_ids:
-        held: list[ColumnElement[bool]] = [Prediction.id.in_(prediction_ids)]
-        if token is not None:
-            held.append(Prediction.tracking_claimed_by == token)
-        session.execute(update(Prediction).where(*held)
+        held = _held_by(Prediction.tracking_claimed_by, token)
+        session.execute(update(Prediction).where(Prediction.id.in_(prediction_ids), *held)
                         .values(tracking_claimed_by=None, tracking_claim_expires_at=None)
                         .execution_options(synchronize_session=False))
 
@@ -149,7 +152,7 @@ def mark_sent(session: Session, send_id: int, now: dt.datetime) -> None:
 def renew_send_claim(session: Session, send_id: int, token: str, lease_until: dt.datetime) -> bool:
     """Extend the lease of a claim (`token`, the claimed row's `claimed_by`) if it still holds the unsent object;
     False when its lease lapsed and another process claimed the object meanwhile (or it was sent or erased)."""
-    result = session.execute(update(PacsSend).where(PacsSend.id == send_id, PacsSend.claimed_by == token,
+    result = session.execute(update(PacsSend).where(PacsSend.id == send_id, *_held_by(PacsSend.claimed_by, token),
                                                     PacsSend.sent_at.is_(None))
                              .values(claim_expires_at=lease_until).execution_options(synchronize_session=False))
     return bool(result.rowcount == 1)  # type: ignore[attr-defined]
@@ -159,8 +162,7 @@ def record_send_failure(session: Session, send_id: int, error: str, next_attempt
                         token: str | None = None) -> None:
     """An attempt failed: count it, say why, and give the object back until `next_attempt_at`; with `token`, only
     if that claim still holds it (else the process that claimed it since records its own attempt)."""
-    held = [PacsSend.id == send_id] + ([] if token is None else [PacsSend.claimed_by == token])
-    session.execute(update(PacsSend).where(*held)
+    session.execute(update(PacsSend).where(PacsSend.id == send_id, *_held_by(PacsSend.claimed_by, token))
                     .values(attempts=PacsSend.attempts + 1, last_error=error[:2000], next_attempt_at=next_attempt_at,
                             claimed_by=None, claim_expires_at=None))
 
@@ -168,10 +170,8 @@ def record_send_failure(session: Session, send_id: int, error: str, next_attempt
 def release_sends(session: Session, send_ids: list[int], token: str | None = None) -> None:
     """Give claimed objects back untried (the sender is stopping); with `token`, only those this claim still holds."""
     if send_ids:
-        held: list[ColumnElement[bool]] = [PacsSend.id.in_(send_ids)]
-        if token is not None:
-            held.append(PacsSend.claimed_by == token)
-        session.execute(update(PacsSend).where(*held).values(claimed_by=None, claim_expires_at=None)
+        session.execute(update(PacsSend).where(PacsSend.id.in_(send_ids), *_held_by(PacsSend.claimed_by, token))
+                        .values(claimed_by=None, claim_expires_at=None)
                         .execution_options(synchronize_session=False))
 
 
@@ -195,11 +195,11 @@ def pacs_backlog(session: Session) -> tuple[int, int, dt.datetime | None]:
     return int(count or 0), int(failed or 0), due
 
 
-def unsent_by_destination(session: Session) -> dict[str, int]:
-    """{destination label: objects not sent yet}."""
-    rows = session.execute(select(PacsSend.destination, func.count()).where(PacsSend.sent_at.is_(None))
-                           .group_by(PacsSend.destination))
-    return {destination: int(count) for destination, count in rows}
+def unsent_by_destination(session: Session) -> dict[str, tuple[int, int]]:
+    """{destination label: (objects not sent yet, how many of them failed at least once)}."""
+    rows = session.execute(select(PacsSend.destination, func.count(), func.count().filter(PacsSend.attempts > 0))
+                           .where(PacsSend.sent_at.is_(None)).group_by(PacsSend.destination))
+    return {destination: (int(count), int(failed)) for destination, count, failed in rows}
 
 
 def redirect_sends(session: Session, old: str, new: str, now: dt.datetime) -> tuple[int, int]:

@@ -66,17 +66,16 @@ def _pacs_state(service: BoneAgeService, database_ok: bool) -> tuple[str, int | 
     destination = None if service.dicom is None else service.dicom.destination
     if not database_ok:
         return ("not configured" if destination is None else "unknown (database unavailable)"), None
+    with service.database.session() as session:
+        unsent = crud.unsent_by_destination(session)
+    waiting = sum(count for count, _ in unsent.values())
     if destination is None:
-        with service.database.session() as session:
-            waiting = sum(crud.unsent_by_destination(session).values())
         if waiting:  # stored while a PACS was configured: sent once one is again (`utils.pacs.backlog`)
             return f"not configured; {waiting} objects stored for an earlier PACS wait", waiting
         return "not configured", None
-    with service.database.session() as session:
-        waiting, failed, _ = crud.pacs_backlog(session)
-        elsewhere = {label: n for label, n in crud.unsent_by_destination(session).items() if label != destination.label}
-    if elsewhere:  # never sent by this configuration: an operator must redirect them
-        stranded = ", ".join(f"{n} for {label}" for label, n in sorted(elsewhere.items()))
+    failed = unsent.pop(destination.label, (0, 0))[1]
+    if unsent:  # left: objects for other destinations, never sent by this configuration; an operator redirects them
+        stranded = ", ".join(f"{count} for {label}" for label, (count, _) in sorted(unsent.items()))
         return (f"failing: objects wait for a PACS no longer configured ({stranded}); send them to "
                 f"{destination.label} with python -m utils.pacs.backlog --redirect <AE@host:port>"), waiting
     if failed:

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None, settings: Settings | None = None) -> int
         with database.session() as session:
             backlog = crud.unsent_by_destination(session)
         configured = None if destination is None else destination.label
-        for label, count in sorted(backlog.items()):
+        for label, (count, _failed) in sorted(backlog.items()):
             note = "" if label == configured else "  (not the configured PACS: --redirect to send them there)"
             sys.stdout.write(f"{label}\t{count} objects not sent{note}\n")
         if not backlog:

@@ -184,8 +184,8 @@ class PacsSender:
 
     def _release(self, sends: list[PacsSend]) -> None:
         with self.database.session() as session:
-            for token in {s.claimed_by for s in sends if s.claimed_by is not None}:
-                crud.release_sends(session, [s.id for s in sends if s.claimed_by == token], token)
+            # One claim took the batch: only what that claim still holds is given back.
+            crud.release_sends(session, [s.id for s in sends], sends[0].claimed_by if sends else None)
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -96,8 +96,7 @@ class PatientEraser:
         audit.recorded = True
         try:
             files = self.store.remove_patient(patient_id)
-            inbox_films = 0 if self.inbox is None or not self.inbox.is_dir() else \
-                remove_patient_films(self.inbox, patient_id)
+            inbox_films = 0 if self.inbox is None else remove_patient_films(self.inbox, patient_id)
         except (StorageUnavailable, OSError):
             raise ErasureIncomplete("the patient's records are erased but not all their files could be removed; "
                                     "repeat the erasure (it is also finished at the next start)") from None

@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -70,13 +69,14 @@ def start_up_clean_up_age(alone: bool, postgresql: bool, min_age_seconds: float)
 
 
 def recover(store: PatientStore, database: Database, runs: MlflowRuns,
-            min_age_seconds: float | None = 0.0, inbox: Path | None = None) -> RecoveryReport:
+            min_age_seconds: float | None = 0.0, eraser: PatientEraser | None = None) -> RecoveryReport:
     """Remove what an interrupted run left behind (at least `min_age_seconds` old; None: none of it) and say what
-    was removed."""
+    was removed; erasures under way are finished by `eraser` (the app's, which also knows the receiver's inbox)."""
     if min_age_seconds is None:
         erasures, removed = 0, Removed(0, 0, 0, store.prediction_folders())
     else:
-        erasures = PatientEraser(store, database, runs, inbox).finish_interrupted(min_age_seconds)
+        eraser = eraser or PatientEraser(store, database, runs)
+        erasures = eraser.finish_interrupted(min_age_seconds)
         removed = remove_unrecorded(store, database, runs, min_age_seconds)
     films = add_missing_dicom_films(store, removed.kept_folders)
     if removed and min_age_seconds is not None:
@@ -145,11 +145,11 @@ class Sweeper:
     start-up recovery finds the crashed worker's leftovers too young to remove)."""
 
     def __init__(self, store: PatientStore, database: Database, runs: MlflowRuns, min_age_seconds: float,
-                 inbox: Path | None = None) -> None:
+                 eraser: PatientEraser | None = None) -> None:
         if min_age_seconds <= 0:
             raise ValueError("the sweeper needs an age limit above 0 s")
         self.store, self.database, self.runs = store, database, runs
-        self.eraser = PatientEraser(store, database, runs, inbox)
+        self.eraser = eraser or PatientEraser(store, database, runs)
         self.min_age_seconds = min_age_seconds
         # Every prediction must be stored within this of its run being opened (`BoneAgeService`), or be refused.
         self.store_deadline_seconds = min_age_seconds / 2

@@ -208,7 +208,7 @@ class BoneAgeService:
             check_size(data, self.limits)  # a 413 stays a 413, not a key "reused with another film"
             earlier = self._stored_with_key(checked_id, key)
             if earlier is not None:
-                return self._replay(earlier, data, form_sex, form_age, audit)
+                return self._replay(earlier, hashlib.sha256(data).hexdigest(), form_sex, form_age, audit)
         image = decode_upload(data, self.limits)
         film_check = self.film_gate.check(image)  # refused here, before anything is stored
         # Asked of the database while the models run (about 1 ms on SQLite, off the request's critical path).
@@ -237,7 +237,7 @@ class BoneAgeService:
             if earlier is None:
                 raise PatientBeingErased(f"patient '{checked_id}' was erased while this upload was processed; "
                                          "nothing was stored") from None
-            return self._replay(earlier, data, form_sex, form_age, audit)
+            return self._replay(earlier, image.sha256, form_sex, form_age, audit)
         self.tracking.wake()
         if self.pacs is not None and prediction.pacs_sends:
             self.pacs.wake()
@@ -255,10 +255,10 @@ class BoneAgeService:
             return crud.prediction_by_key(session, patient_id, key)
 
     @staticmethod
-    def _replay(earlier: Prediction, data: bytes, form_sex: str, form_age: float | None,
+    def _replay(earlier: Prediction, image_sha256: str, form_sex: str, form_age: float | None,
                 audit: AuditEntry | None) -> PredictionOutcome:
         """The answer to a retried upload: the prediction stored earlier, if the request is the same one."""
-        check_same_request(earlier, hashlib.sha256(data).hexdigest(), form_sex, form_age)
+        check_same_request(earlier, image_sha256, form_sex, form_age)
         if audit is not None:
             audit.prediction_id, audit.detail = earlier.id, REPLAY_NOTE
         logger.info("upload answered with prediction %s, stored earlier with the same Idempotency-Key", earlier.id)
@@ -330,10 +330,7 @@ class BoneAgeService:
                 self.store.remove_prediction(draft.patient_id, draft.prediction_id)
                 logger.log(logging.INFO if isinstance(exc, StoredMeanwhile) else logging.ERROR,
                            "prediction %s not stored (%s); its files and run are removed", draft.prediction_id,
-                           "patient erased meanwhile" if isinstance(exc, PatientBeingErased)
-                           else "too slow" if isinstance(exc, StoringTooSlow)
-                           else "a retry with its Idempotency-Key was stored first" if isinstance(exc, StoredMeanwhile)
-                           else "database failed")
+                           _why_not_stored(exc))
                 raise
             if audit is not None:
                 audit.recorded = True
@@ -442,6 +439,17 @@ class BoneAgeService:
             logger.warning("shutting down with %d predictions still running", self.in_flight.count)
         for pool in (self._heatmaps, self._mlflow, self._database_reads):
             pool.shutdown(wait=True)
+
+
+def _why_not_stored(exc: Exception) -> str:
+    """For the log: why `_store` refused a prediction it had written files for."""
+    if isinstance(exc, PatientBeingErased):
+        return "patient erased meanwhile"
+    if isinstance(exc, StoringTooSlow):
+        return "too slow"
+    if isinstance(exc, StoredMeanwhile):
+        return "an upload with its Idempotency-Key was stored first"
+    return "database failed"
 
 
 def _heatmap(estimate: ModelEstimate) -> np.ndarray:

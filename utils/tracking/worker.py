@@ -207,8 +207,9 @@ class TrackingWorker:
 
     def run_once(self, defer: bool = False) -> tuple[int, bool]:
         """Claim and complete pending runs in order, stopping at the first failure while MLflow is unreachable (a run
-        that fails twice while MLflow answers is left claimed, to be tried again once its lease lapses): (how many remain,
-        whether to pause before the next round: MLflow failed, or every pending run is claimed by a live process).
+        that fails twice while MLflow answers is left claimed, to be tried again once its lease lapses): (how many
+        remain, whether to pause before the next round: MLflow failed, or every pending run is claimed by a live
+        process).
 
         With `defer`, stop early while predictions are being served, as long as no more than `max_deferred`
         runs wait and none has waited `max_defer_seconds`.
@@ -259,8 +260,9 @@ class TrackingWorker:
 
     def _release(self, predictions: list[Prediction]) -> None:
         with self.database.session() as session:
-            for token in {p.tracking_claimed_by for p in predictions if p.tracking_claimed_by is not None}:
-                crud.release_claims(session, [p.id for p in predictions if p.tracking_claimed_by == token], token)
+            # One claim took the batch: only what that claim still holds is given back.
+            crud.release_claims(session, [p.id for p in predictions],
+                                predictions[0].tracking_claimed_by if predictions else None)
 
     def _hold_back(self, waiting: int, oldest: dt.datetime | None) -> bool:
         """Whether to leave `waiting` runs (the oldest created at `oldest`) for later: requests are running."""
