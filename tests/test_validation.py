@@ -157,6 +157,9 @@ def test_bad_sex_and_missing_fields(client: TestClient, settings: Settings) -> N
     assert missing_image.status_code == 422 and "image" in missing_image.json()["detail"]
     missing_id = client.post("/predict", files={"image": ("x.png", FILM, "image/png")})
     assert missing_id.status_code == 422 and "patient_id" in missing_id.json()["detail"]
+    empty_id = client.post("/predict", data={"patient_id": ""}, files={"image": ("x.png", FILM, "image/png")})
+    assert empty_id.status_code == 422
+    assert empty_id.json()["detail"] == "patient_id: required, and missing or empty"
     text_image = client.post("/predict", data={"patient_id": "P1", "image": "film.png"})  # curl -F image=<film.png
     assert text_image.status_code == 422
     assert text_image.json()["detail"] == "image: expected a file part (e.g. curl -F image=@film.png), not a text field"

@@ -58,7 +58,7 @@ async def domain_error(_request: Request, exc: Exception) -> JSONResponse:
 
 
 async def validation_error(_request: Request, exc: Exception) -> JSONResponse:
-    """FastAPI's request validation as one readable line, e.g. `patient_id: Field required`."""
+    """FastAPI's request validation as one readable line, e.g. `patient_id: required, and missing or empty`."""
     errors = exc.errors() if isinstance(exc, RequestValidationError) else []
     problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'request'}: {_readable(e)}" for e in errors)
     return JSONResponse({"detail": problems or "invalid request"}, status_code=422)
@@ -68,6 +68,8 @@ def _readable(error: dict[str, Any]) -> str:
     """pydantic's message, but a file field sent as text says so instead of naming Python classes."""
     if "UploadFile" in str(error.get("msg", "")):
         return "expected a file part (e.g. curl -F image=@film.png), not a text field"
+    if error.get("type") == "missing":  # a form sends an empty field as no field at all
+        return "required, and missing or empty"
     return str(error["msg"])
 
 
