@@ -17,12 +17,21 @@ from dicom_scp import AE_TITLE, StorageSCP
 from fastapi.testclient import TestClient
 from helpers import DATA, TEST20, colour_photo, make_settings, running_app, wait_until
 from pydicom.dataset import Dataset
+from pydicom.uid import ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation  # type: ignore[attr-defined]
 
 from bench.harness import reserve_port
 from utils.pacs import receiver as receiver_module
-from utils.pacs.receiver import UNKNOWN_PATIENT, Forwarder, Inbox, Receiver, patient_id_of, remove_patient_films
+from utils.pacs.receiver import (
+    UNKNOWN_PATIENT,
+    Forwarder,
+    Inbox,
+    Receiver,
+    idempotency_key_of,
+    patient_id_of,
+    remove_patient_films,
+)
 
 FILM = TEST20 / "4360.png"
 RECEIVER_AE = "BONEAGE-SCP"
@@ -137,9 +146,10 @@ def test_a_film_removed_while_it_is_forwarded_does_not_stop_the_forwarder(tmp_pa
             return httpx.Response(409, json={"detail": "patient 'P-gone' is being erased; nothing was stored"})
         return httpx.Response(200, json={"prediction_id": "p"})
 
+    erased_key = idempotency_key_of(pydicom.dcmread(erased), erased)
     with httpx.Client(base_url="http://service", transport=httpx.MockTransport(answer)) as service:
         assert Forwarder(inbox, service).forward_waiting() is True
-    assert len(posted) == 2 and posted[0] == erased.name
+    assert len(posted) == 2 and posted[0] == erased_key
     assert inbox.waiting() == [] and list(inbox.refused_dir.iterdir()) == []
 
 
@@ -187,3 +197,41 @@ def test_the_receiver_sets_aside_what_the_film_check_refuses(tmp_path: Path, cli
     assert len(reasons) == 2 and all(r.startswith("422") for r in reasons)
     assert any("Body Part Examined is CHEST" in r for r in reasons)
     assert any("does not look like a radiograph of a hand" in r for r in reasons)
+
+
+def test_an_instance_the_pacs_sends_twice_is_stored_once(tmp_path: Path) -> None:
+    """A resent study or two routing rules: the same SOP instance arrives in two C-STOREs (while the service is
+    busy, so both copies wait in the inbox), and both are posted with its SOP Instance UID as the key. One
+    prediction (one MLflow run, one SR/SC) is stored; the second copy leaves the inbox as done, not refused. A
+    corrected image, with a new SOP Instance UID, is stored anew; the same instance in another transfer syntax is
+    set aside with the stored prediction named."""
+    settings = make_settings(tmp_path)
+    film = make_dicom(gray(FILM), tags={"PatientID": "P-twice"})
+    inbox = Inbox(tmp_path / "inbox")
+    busy = httpx.Client(base_url="http://service",
+                        transport=httpx.MockTransport(lambda _: httpx.Response(503, json={"detail": "busy"})))
+    with reserve_port() as reservation, busy:
+        port = int(reservation.getsockname()[1])
+        receiver = Receiver(inbox, Forwarder(inbox, busy, retry_seconds=3600), RECEIVER_AE)
+        receiver.start("127.0.0.1", port)
+        try:
+            assert c_store(port, film) == 0x0000 and c_store(port, film) == 0x0000
+        finally:
+            receiver.stop()
+    assert len(inbox.waiting()) == 2
+    with running_app(settings) as client:
+        assert Forwarder(inbox, client).forward_waiting() is True
+        assert inbox.waiting() == [] and list(inbox.refused_dir.iterdir()) == []
+        predictions = client.get("/results/P-twice").json()["predictions"]
+        assert len(predictions) == 1
+
+        corrected = pydicom.dcmread(io.BytesIO(film))
+        corrected.SOPInstanceUID = corrected.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        inbox.put(corrected)
+        other_syntax = pydicom.dcmread(io.BytesIO(film))
+        other_syntax.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+        inbox.put(other_syntax)
+        assert Forwarder(inbox, client).forward_waiting() is True
+        assert len(client.get("/results/P-twice").json()["predictions"]) == 2
+    reasons = [r.read_text() for r in inbox.refused_dir.glob("*.reason.txt")]
+    assert len(reasons) == 1 and reasons[0].startswith("422") and predictions[0]["prediction_id"] in reasons[0]

@@ -8,10 +8,11 @@ It answers C-ECHO (the Verification service class), with which a modality or PAC
 Each film received with C-STORE is written to an inbox folder (temporary file, fsync, rename) before the C-STORE
 is answered, so an accepted film is never lost. A forwarder thread posts the inbox's films to the service's
 `POST /predict` (`BONEAGE_SCP_SERVICE_URL`, with the first of `BONEAGE_API_KEYS`), as the patient of the film's
-Patient ID, and deletes each once the service stored its prediction (each film with its own Idempotency-Key, so a
-retry after a lost answer is not stored twice); the service, run with `BONEAGE_PACS_*`, then
-sends the DICOM results back. A film the service refuses (4xx: not a hand radiograph, colour, unreadable) moves to
-`refused/` with the reason beside it; while the service is unreachable or busy (5xx), the films wait and are retried.
+Patient ID, and deletes each once the service stored its prediction (each film with its SOP Instance UID as the
+Idempotency-Key, so neither a retry after a lost answer nor an instance sent twice is stored twice); the service,
+run with `BONEAGE_PACS_*`, then sends the DICOM results back. A film the service refuses (4xx: not a hand radiograph,
+colour, unreadable) moves to `refused/` with the reason beside it; while the service is unreachable or busy (5xx), the
+films wait and are retried.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ FILM_CLASSES = (ComputedRadiographyImageStorage, DigitalXRayImageStorageForPrese
 OUT_OF_RESOURCES = 0xA700
 NOT_A_PATIENT_ID_CHARACTER = re.compile(r"[^A-Za-z0-9._-]")
 UNKNOWN_PATIENT = "unknown-patient"
+DICOM_UID = re.compile(r"[0-9.]{1,64}")
 
 
 def patient_id_of(dataset: Dataset) -> str:
@@ -60,6 +62,16 @@ def patient_id_of(dataset: Dataset) -> str:
     replaced by `_` (64 at most, no leading dot); `unknown-patient` when it has none."""
     value = NOT_A_PATIENT_ID_CHARACTER.sub("_", str(dataset.get("PatientID", "") or "").strip()).lstrip(".")
     return value[:64] or UNKNOWN_PATIENT
+
+
+def idempotency_key_of(dataset: Dataset, film: Path) -> str:
+    """The `Idempotency-Key` a received film is posted with: `sop-` and its SOP Instance UID, else its inbox name.
+
+    A film posted again after a lost answer (a timeout, a dropped connection), and an instance a PACS sends twice
+    (a resent study, two routing rules), then get the prediction stored the first time, not a second one (nor a
+    second PACS send). A corrected image carries a new SOP Instance UID, as DICOM requires, and is stored anew."""
+    uid = str(dataset.get("SOPInstanceUID", "") or "").strip()
+    return f"sop-{uid}" if DICOM_UID.fullmatch(uid) else film.name
 
 
 class Inbox:
@@ -165,11 +177,10 @@ class Forwarder:
         return True
 
     def _forward(self, film: Path) -> None:
-        patient_id = patient_id_of(dcmread(film, stop_before_pixels=True))
-        # The film's inbox name as the Idempotency-Key: a film posted again after a lost answer (a timeout, a
-        # dropped connection) gets the prediction stored the first time, not a second one (nor a second PACS send).
+        header = dcmread(film, stop_before_pixels=True)
         response = self.client.post("/predict", files={"image": (film.name, film.read_bytes(), "application/dicom")},
-                                    data={"patient_id": patient_id}, headers={"Idempotency-Key": film.name})
+                                    data={"patient_id": patient_id_of(header)},
+                                    headers={"Idempotency-Key": idempotency_key_of(header, film)})
         if response.status_code == 200:
             film.unlink()
             logger.info("film %s predicted as prediction %s", film.name, response.json().get("prediction_id"))
