@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from male_boneage.augment import DEFAULT_TTA, TrainAugmentation, standardize
+from male_boneage.augment import AUGMENTATIONS, DEFAULT_TTA, standardize
 from male_boneage.data import Case, load_pixels, read_labels, select, split_of
 from male_boneage.inference import BoneAgeModel, half_precision, load_weights, state_digest
 from male_boneage.metrics import calibrate_sigma_scale, summarize
@@ -74,6 +74,7 @@ class TrainConfig:
     device: str = "cpu"
     validate: bool = True
     workers: int = 1
+    augmentation: str = "full"  # a key of augment.AUGMENTATIONS: "mild" for a finishing schedule
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -180,7 +181,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         logger.warning("MLflow tracking unavailable; training continues without it", exc_info=True)
         client, run_id = None, None
 
-    augment = TrainAugmentation()
+    augment = AUGMENTATIONS[cfg.augmentation]
     for epoch in range(start_epoch, cfg.epochs):
         net.train()
         order = torch.randperm(len(train_x), generator=generator)
@@ -231,6 +232,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                   f"{cfg.raw.name} (seed {cfg.seed}), halved by id" if cfg.raw else
                   f"sha256(seed:id) % 100: <10 val, <20 calib, rest train; seed {cfg.seed}"),
         "split_sizes": {k: len(v) for k, v in splits.items()}, "epochs": cfg.epochs,
+        "augmentation": cfg.augmentation,
         "trained_on": dt.datetime.now(dt.UTC).date().isoformat(), "init": str(cfg.init) if cfg.init else "scratch",
         "history": history,
     }
@@ -385,6 +387,8 @@ def main(argv: list[str] | None = None) -> None:
                         "calibration on its trainable films")
     parser.add_argument("--fp32", action="store_true", help="train in float32 (default: bfloat16 autocast)")
     parser.add_argument("--init", type=Path, help="weights file to start from (fine-tuning)")
+    parser.add_argument("--augmentation", choices=tuple(AUGMENTATIONS), default=TrainConfig.augmentation,
+                        help="the training variants: full (the robustness variants), or mild (a finishing schedule)")
     parser.add_argument("--limit", type=int, help="use only this many training images (smoke tests)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: mlflow_config)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -400,7 +404,8 @@ def main(argv: list[str] | None = None) -> None:
     train(TrainConfig(data=args.data, sex=args.sex, out=args.out, epochs=args.epochs, batch_size=args.batch_size,
                       lr=args.lr, input_size=args.input_size, width=args.width, seed=args.seed, init=args.init,
                       raw=args.raw, bf16=not args.fp32, limit=args.limit, tracking_uri=args.tracking_uri,
-                      device=args.device, validate=not args.no_validation, workers=args.workers))
+                      device=args.device, validate=not args.no_validation, workers=args.workers,
+                      augmentation=args.augmentation))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ from helpers import (
 )
 from mlflow import MlflowClient
 
+from male_boneage import train as train_module
+from male_boneage.augment import AUGMENTATIONS, MILD
 from male_boneage.data import load_pixels, read_labels
 from male_boneage.device_pack import pack
 from male_boneage.evaluate import evaluate
@@ -107,6 +109,39 @@ def test_a_file_trained_without_validation_is_written_uncalibrated_and_finalised
         h["train_loss"] for h in metadata["history"]]
     with pytest.raises(ValueError, match="trained at 112 px"):  # finalised at another size: refused, not guessed
         train(TrainConfig(out=tmp_path / "other" / "female.pt", epochs=0, init=trained, **common | {"input_size": 96}))
+
+
+def test_the_mild_augmentation_varies_films_less_than_the_full_one() -> None:
+    """A finishing schedule's variants (`--augmentation mild`) stay closer to the film than the full robustness
+    variants, drawn with the same seed on the same real films."""
+    films = torch.from_numpy(load_pixels(read_labels(TRAIN100)[:64], TINY_SIZE)).unsqueeze(1)
+
+    def change(name: str) -> float:
+        varied = AUGMENTATIONS[name](films, torch.Generator().manual_seed(5))
+        return float((varied - films).abs().mean())
+
+    assert AUGMENTATIONS["full"] != MILD
+    assert change("mild") < 0.9 * change("full")  # 0.195 against 0.242 (a mirror image counts in both)
+
+
+def test_a_finishing_schedule_trains_with_the_mild_augmentation(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    batches: list[int] = []
+
+    def mild(batch: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        batches.append(len(batch))
+        return MILD(batch, generator)
+
+    monkeypatch.setitem(train_module.AUGMENTATIONS, "mild", mild)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    metadata = train(TrainConfig(data=TRAIN100, sex="female", out=tmp_path / "female.pt", epochs=1, batch_size=32,
+                                 limit=64, input_size=TINY_SIZE, width=TINY_WIDTH, tracking_uri=uri,
+                                 augmentation="mild"))
+    assert batches == [32, 32]  # every training batch, through the mild variants
+    assert metadata["augmentation"] == load_weights(tmp_path / "female.pt")[1]["augmentation"] == "mild"
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("bone-age-training").experiment_id])
+    assert run.data.params["augmentation"] == "mild"
 
 
 def test_weights_are_trained_on_at_another_input_size(tiny_weights: tuple[Path, str], tmp_path: Path) -> None:
