@@ -155,7 +155,7 @@ def test_training_does_not_start_from_an_ensemble(tmp_path: Path) -> None:
     """Its nets have no one state dict to start from: the message names the member files to use instead."""
     config = TrainConfig(data=TRAIN100, sex="male", out=tmp_path / "male.pt", epochs=1, limit=32,
                          init=WEIGHTS / "male.pt", tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    with pytest.raises(ValueError, match="ensemble of 2 nets.*checkpoints/stage7/male.pt"):
+    with pytest.raises(ValueError, match="ensemble of 2 nets.*checkpoints/stage11/224/male.pt"):
         train(config)
 
 
