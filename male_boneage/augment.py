@@ -149,9 +149,10 @@ class TrainAugmentation:
 
 
 # The augmentation of a finishing schedule (`train.py --augmentation mild`): the same kinds of variants, milder and
-# rarer (rotations up to 10 degrees, zoom 0.8-1.2, gamma 0.7-1.4, each degradation half as often), so that a net
-# that learnt to read the hard variants settles on films as most hospitals send them. On the 955 trainable raw films
-# three such epochs per sex at peak 1e-4 lowered the 288 px net's error from 7.77 to 7.46 months (model card).
+# rarer (rotations up to 10 degrees, zoom 0.8-1.2, gamma 0.7-1.4, background changes, blur, noise and JPEG about half
+# as often, film borders 10% instead of 15%, markers as before), so that a net that learnt to read the hard variants
+# settles on films as most hospitals send them. On the 955 trainable raw films three such epochs per sex at peak
+# 1e-4 lowered the 288 px net's error from 7.77 to 7.46 months (model card, stage 11).
 MILD = TrainAugmentation(max_rotation_deg=10.0, scale_range=(0.8, 1.2), aspect_range=(0.9, 1.11), max_shift=0.07,
                          gamma_range=(0.7, 1.4), background_cut_prob=0.15, background_lift_prob=0.1, blur_prob=0.1,
                          noise_prob=0.1, border_prob=0.1, jpeg_prob=0.1)

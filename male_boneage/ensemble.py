@@ -1,7 +1,7 @@
 """Combine finalised nets of one sex into one ensemble weights file, finalised as `train.py` finalises a net.
 
     python -m male_boneage.ensemble --raw ../shared/data/rsna-train-512 --out male_boneage/weights/male.pt \\
-        --member checkpoints/stage7/male.pt --member checkpoints/stage9/male.pt:2
+        --member checkpoints/stage11/224/male.pt --member checkpoints/stage11/288/male.pt:2
 
 Each `--member` is a weights file of one net (`train.py`), optionally with `:N`, the number of the model's
 test-time variants that net runs (default: all of them). The first member's Grad-CAM is the heatmap. The model takes

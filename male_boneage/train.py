@@ -238,7 +238,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     }
     if cfg.epochs == 0 and init_metadata:  # a file finalised here: keep the record of the run that trained it
         metadata["finalised_from"] = {key: init_metadata[key] for key in
-                                      ("version", "trained_on", "init", "epochs", "split_sizes", "history")
+                                      ("version", "trained_on", "init", "epochs", "augmentation", "split_sizes",
+                                       "history")
                                       if key in init_metadata}
     if cfg.sex == "both" or not cfg.validate:
         # The shared trunk (not served: its sex varies per film, only fine-tuned from), or a file to finalise where

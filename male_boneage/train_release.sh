@@ -38,7 +38,7 @@ stage checkpoints/stage7/joint7.pt 16 5e-4 checkpoints/stage6/male.pt   checkpoi
 stage checkpoints/stage9/joint9.pt 10 4e-4 checkpoints/stage7/joint7.pt checkpoints/stage9 2e-4 288
 
 # Stage 11: each per-sex net of stages 7 and 9 finished with 3 epochs at peak 1e-4 of the mild augmentation
-# (augment.MILD: the same kinds of variants, milder and rarer); about 45 min in all.
+# (augment.MILD: the same kinds of variants, milder and rarer); about 37 min in all.
 for sex in male female; do
   train --sex "$sex" --epochs 3 --lr 1e-4 --augmentation mild --init "checkpoints/stage7/$sex.pt" \
     --out "checkpoints/stage11/224/$sex.pt"

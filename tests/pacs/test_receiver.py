@@ -172,6 +172,19 @@ def test_an_erasure_finds_a_film_the_forwarder_sets_aside_while_it_looks(tmp_pat
     assert inbox.waiting() == [] and list(inbox.refused_dir.iterdir()) == []
 
 
+def test_a_film_without_a_valid_sop_instance_uid_is_keyed_by_its_inbox_name(tmp_path: Path) -> None:
+    film = tmp_path / "00001-x.dcm"
+    dataset = Dataset()
+    for uid in ("", "1..2", "1.02.3", "1.2.abc", "1." + "2" * 70):
+        dataset.SOPInstanceUID = uid
+        assert idempotency_key_of(dataset, film) == film.name
+    dataset.SOPInstanceUID = "1.2.840.10008.0.3"
+    key = idempotency_key_of(dataset, film)
+    assert key.startswith("sop-1.2.840.10008.0.3-") and len(key) <= 128
+    dataset.PatientBirthDate = "20150301"  # a field the service reads: another request
+    assert idempotency_key_of(dataset, film) != key
+
+
 def test_patient_ids_are_made_safe_for_the_service() -> None:
     def with_id(value: str | None) -> Dataset:
         dataset = Dataset()
@@ -203,8 +216,8 @@ def test_an_instance_the_pacs_sends_twice_is_stored_once(tmp_path: Path) -> None
     """A resent study or two routing rules: the same SOP instance arrives in two C-STOREs (while the service is
     busy, so both copies wait in the inbox), and both are posted with its SOP Instance UID as the key. One
     prediction (one MLflow run, one SR/SC) is stored; the second copy leaves the inbox as done, not refused. A
-    corrected image, with a new SOP Instance UID, is stored anew; the same instance in another transfer syntax is
-    set aside with the stored prediction named."""
+    corrected image, with a new SOP Instance UID, and the instance resent with a corrected Patient's Sex are stored
+    anew; the same instance in another transfer syntax is set aside with the stored prediction named."""
     settings = make_settings(tmp_path)
     film = make_dicom(gray(FILM), tags={"PatientID": "P-twice"})
     inbox = Inbox(tmp_path / "inbox")
@@ -233,5 +246,13 @@ def test_an_instance_the_pacs_sends_twice_is_stored_once(tmp_path: Path) -> None
         inbox.put(other_syntax)
         assert Forwarder(inbox, client).forward_waiting() is True
         assert len(client.get("/results/P-twice").json()["predictions"]) == 2
+
+        sex_corrected = pydicom.dcmread(io.BytesIO(film))
+        sex_corrected.PatientSex = "F"
+        inbox.put(sex_corrected)
+        assert Forwarder(inbox, client).forward_waiting() is True
+        latest = client.get("/results/P-twice").json()["predictions"]
+        assert len(latest) == 3 and latest[0]["sex"] == "female" and latest[0]["sex_source"] == "dicom"
+        assert inbox.waiting() == []
     reasons = [r.read_text() for r in inbox.refused_dir.glob("*.reason.txt")]
     assert len(reasons) == 1 and reasons[0].startswith("422") and predictions[0]["prediction_id"] in reasons[0]

@@ -8,7 +8,7 @@ It answers C-ECHO (the Verification service class), with which a modality or PAC
 Each film received with C-STORE is written to an inbox folder (temporary file, fsync, rename) before the C-STORE
 is answered, so an accepted film is never lost. A forwarder thread posts the inbox's films to the service's
 `POST /predict` (`BONEAGE_SCP_SERVICE_URL`, with the first of `BONEAGE_API_KEYS`), as the patient of the film's
-Patient ID, and deletes each once the service stored its prediction (each film with its SOP Instance UID as the
+Patient ID, and deletes each once the service stored its prediction (each film with its SOP Instance UID in the
 Idempotency-Key, so neither a retry after a lost answer nor an instance sent twice is stored twice); the service,
 run with `BONEAGE_PACS_*`, then sends the DICOM results back. A film the service refuses (4xx: not a hand radiograph,
 colour, unreadable) moves to `refused/` with the reason beside it; while the service is unreachable or busy (5xx), the
@@ -18,6 +18,7 @@ films wait and are retried.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import os
 import re
@@ -54,7 +55,12 @@ FILM_CLASSES = (ComputedRadiographyImageStorage, DigitalXRayImageStorageForPrese
 OUT_OF_RESOURCES = 0xA700
 NOT_A_PATIENT_ID_CHARACTER = re.compile(r"[^A-Za-z0-9._-]")
 UNKNOWN_PATIENT = "unknown-patient"
-DICOM_UID = re.compile(r"[0-9.]{1,64}")
+# A DICOM UID (PS3.5 9.1): dot-separated numbers without leading zeros, at most 64 characters.
+DICOM_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+# The header fields the service takes from a film (the patient, the sex and what gives the child's age): a resent
+# instance whose demographics were corrected, under the same SOP Instance UID, is a new request.
+KEY_FIELDS = ("PatientID", "PatientSex", "PatientAge", "PatientBirthDate", "StudyDate", "AcquisitionDate",
+              "ContentDate")
 
 
 def patient_id_of(dataset: Dataset) -> str:
@@ -65,13 +71,18 @@ def patient_id_of(dataset: Dataset) -> str:
 
 
 def idempotency_key_of(dataset: Dataset, film: Path) -> str:
-    """The `Idempotency-Key` a received film is posted with: `sop-` and its SOP Instance UID, else its inbox name.
+    """The `Idempotency-Key` a received film is posted with: `sop-`, its SOP Instance UID and a hash of the header
+    fields the service reads (`KEY_FIELDS`); its inbox name when it has no valid UID.
 
     A film posted again after a lost answer (a timeout, a dropped connection), and an instance a PACS sends twice
     (a resent study, two routing rules), then get the prediction stored the first time, not a second one (nor a
-    second PACS send). A corrected image carries a new SOP Instance UID, as DICOM requires, and is stored anew."""
+    second PACS send). A corrected image carries a new SOP Instance UID, as DICOM requires, and an instance resent
+    with corrected demographics a new hash: either is stored anew."""
     uid = str(dataset.get("SOPInstanceUID", "") or "").strip()
-    return f"sop-{uid}" if DICOM_UID.fullmatch(uid) else film.name
+    if len(uid) > 64 or not DICOM_UID.fullmatch(uid):
+        return film.name
+    fields = "\\".join(str(dataset.get(keyword, "") or "").strip() for keyword in KEY_FIELDS)
+    return f"sop-{uid}-{hashlib.sha256(fields.encode()).hexdigest()[:12]}"
 
 
 class Inbox:
