@@ -65,7 +65,8 @@ async def validation_error(_request: Request, exc: Exception) -> JSONResponse:
 
 
 def _readable(error: dict[str, Any]) -> str:
-    """pydantic's message, but a file field sent as text says so instead of naming Python classes."""
+    """pydantic's message, but a file field sent as text says so instead of naming Python classes, and a missing
+    field that it may have been sent empty."""
     if "UploadFile" in str(error.get("msg", "")):
         return "expected a file part (e.g. curl -F image=@film.png), not a text field"
     if error.get("type") == "missing":  # a form sends an empty field as no field at all

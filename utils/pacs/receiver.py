@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import logging
 import os
 import re
@@ -188,8 +189,9 @@ class Forwarder:
         return True
 
     def _forward(self, film: Path) -> None:
-        header = dcmread(film, stop_before_pixels=True)
-        response = self.client.post("/predict", files={"image": (film.name, film.read_bytes(), "application/dicom")},
+        data = film.read_bytes()  # read once: the header below is parsed from the bytes posted
+        header = dcmread(io.BytesIO(data), stop_before_pixels=True)
+        response = self.client.post("/predict", files={"image": (film.name, data, "application/dicom")},
                                     data={"patient_id": patient_id_of(header)},
                                     headers={"Idempotency-Key": idempotency_key_of(header, film)})
         if response.status_code == 200:
