@@ -119,6 +119,33 @@ def _tracker(cfg: TrainConfig, run_id: str | None) -> tuple[Any, str | None]:
     return client, run_id
 
 
+# What a run's weights depend on: a checkpoint resumes only the run that wrote it. Where it is written (out), how it
+# is tracked, on which device and with how many decoding workers, and whether it validates each epoch, may change.
+_NOT_RUN_CONFIG = frozenset({"out", "tracking_uri", "experiment", "device", "workers", "validate"})
+
+
+def _run_config(cfg: TrainConfig, init_version: str | None) -> dict[str, str]:
+    """The settings as strings; the data folders by name and the starting weights by their version, so that the same
+    run resumes whichever way (or on whichever machine) its paths are spelled."""
+    config = {key: str(value) for key, value in vars(cfg).items() if key not in _NOT_RUN_CONFIG}
+    config |= {"data": cfg.data.name, "raw": cfg.raw.name if cfg.raw else "None", "init": init_version or "scratch"}
+    return config
+
+
+def _check_resumable(checkpoint: Path, saved: dict[str, str] | None, current: dict[str, str]) -> None:
+    """Refuse to resume a checkpoint written by a run with other settings (e.g. another --augmentation or --lr):
+    the result would silently mix two schedules. Checkpoints written before the config was stored resume, warned."""
+    if saved is None:
+        logger.warning("%s does not record its run's settings (written by an older train.py): resuming unchecked",
+                       checkpoint)
+        return
+    differing = sorted(key for key in saved.keys() | current.keys() if saved.get(key) != current.get(key))
+    if differing:
+        changes = ", ".join(f"{key} {saved.get(key)} -> {current.get(key)}" for key in differing)
+        raise ValueError(f"{checkpoint} was written by a run with other settings ({changes}): run that command "
+                         f"again to resume it, or delete the checkpoint (or choose another --out) to start anew")
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run training (resuming from `<out>.ckpt` if present), calibrate, write `cfg.out`; returns its metadata."""
     init_state, init_metadata = load_weights(cfg.init) if cfg.init else ({}, {})
@@ -164,10 +191,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         pct_start=0.15 if not cfg.init else 0.05
     )
     checkpoint = cfg.out.with_name(cfg.out.name + ".ckpt")
+    run_config = _run_config(cfg, init_metadata.get("version", str(cfg.init)) if cfg.init else None)
     start_epoch, history = 0, []
     run_id = None
     if checkpoint.is_file():
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        _check_resumable(checkpoint, state.get("config"), run_config)
         net.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -217,7 +246,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 client.log_metric(run_id, "val_mae_months", val_mae, step=epoch + 1)
         atomic_save({"model": net.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
-                     "epoch": epoch + 1, "history": history, "run_id": run_id}, checkpoint)
+                     "epoch": epoch + 1, "history": history, "run_id": run_id, "config": run_config},
+                    checkpoint)
 
     recalibrate_batchnorm(net, train_x, males["train"])
     net = net.cpu()  # what follows (calibration, the weights file) runs on the CPU, as the service does

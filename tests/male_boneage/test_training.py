@@ -78,6 +78,20 @@ def test_training_resumes_from_checkpoint(tiny_weights: tuple[Path, str]) -> Non
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1]
 
 
+def test_a_checkpoint_of_other_settings_is_refused_not_mixed(tiny_weights: tuple[Path, str]) -> None:
+    # Resuming with another augmentation or rate would silently continue one schedule with the other's settings.
+    path, uri = tiny_weights
+    checkpoint = path.with_name(path.name + ".ckpt")
+    before = checkpoint.read_bytes(), path.read_bytes()
+    common = {"data": TRAIN100, "sex": "female", "out": path, "epochs": 1, "batch_size": 32, "limit": 256,
+              "input_size": TINY_SIZE, "width": TINY_WIDTH, "tracking_uri": uri}
+    with pytest.raises(ValueError, match="augmentation full -> mild"):
+        train(TrainConfig(**common, augmentation="mild"))
+    with pytest.raises(ValueError, match=r"epochs 1 -> 2, lr 0.002 -> 0.001"):
+        train(TrainConfig(**common | {"epochs": 2}, lr=1e-3))
+    assert (checkpoint.read_bytes(), path.read_bytes()) == before  # nothing written by a refused run
+
+
 def test_a_file_trained_without_validation_is_written_uncalibrated_and_finalised_by_zero_epochs(
         tmp_path: Path) -> None:
     # How a GPU run works (`device_train.sh`): it trains without the raw films and writes an uncalibrated per-sex
