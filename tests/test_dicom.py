@@ -27,6 +27,7 @@ from fastapi.testclient import TestClient
 from helpers import RAW, TEST20, assert_nothing_stored, post_image, wait_until_logged
 from mlflow import MlflowClient
 from PIL import Image
+from pydicom.dataset import Dataset
 from pydicom.uid import (
     HTJ2KLossless,
     JPEG2000Lossless,
@@ -169,6 +170,24 @@ def test_bad_dicoms_rejected_and_nothing_stored(client: TestClient, settings: Se
         assert phrase in detail, (name, detail)
         assert "Testpatient" not in detail and "MRN" not in detail, name
     assert_nothing_stored(settings)
+
+
+def test_a_dicom_the_machine_has_no_memory_for_now_is_busy_not_corrupt(client: TestClient, settings: Settings,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # Out of memory in the pixel decoder (the header's size already passed the limits) is the machine's state, not a
+    # bad file: 503 with Retry-After, as the raster decoder answers, never "corrupt" (which tells a PACS not to retry).
+    def exhausted(self: Dataset) -> np.ndarray:
+        raise MemoryError
+
+    monkeypatch.setattr(Dataset, "pixel_array", property(exhausted))
+    response = post_image(client, make_dicom(gray(RAW_FILM)), "P-oom", filename="x.dcm",
+                          content_type="application/dicom")
+    assert response.status_code == 503 and response.headers["Retry-After"], response.text
+    assert "not enough memory" in response.json()["detail"]
+    assert_nothing_stored(settings)
+    monkeypatch.undo()
+    assert post_image(client, make_dicom(gray(RAW_FILM)), "P-oom", filename="x.dcm",
+                      content_type="application/dicom").status_code == 200
 
 
 def test_dicom_predictions_match_the_png(client: TestClient, settings: Settings,

@@ -31,9 +31,10 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from male_boneage.preprocess import percentile_window
 from utils.config import MAX_CHRONOLOGICAL_AGE_MONTHS
-from utils.errors import InvalidImage
+from utils.errors import InvalidImage, Overloaded
 from utils.imaging.checks import (
     DECODING,
+    OUT_OF_MEMORY,
     UploadLimits,
     check_min_side,
     check_not_blank,
@@ -212,7 +213,9 @@ def _dicom_pixels(dataset: Dataset, columns: int, rows: int) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             pixels = dataset.pixel_array
-    except Exception:  # includes MemoryError; decoders raise many kinds on damaged data
+    except MemoryError:  # the header's size passed the limits: the machine is short of memory now, as for a raster
+        raise Overloaded(OUT_OF_MEMORY) from None
+    except Exception:  # decoders raise many kinds on damaged data
         raise InvalidImage("the DICOM pixel data is truncated or corrupt") from None
     if pixels.ndim != 2:
         raise InvalidImage("the DICOM pixel data is not a single grayscale frame")

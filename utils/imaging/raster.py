@@ -11,6 +11,7 @@ from male_boneage.preprocess import to_gray8
 from utils.errors import InvalidImage, Overloaded
 from utils.imaging.checks import (
     DECODING,
+    OUT_OF_MEMORY,
     UploadLimits,
     check_min_side,
     check_not_blank,
@@ -64,8 +65,7 @@ def decode_raster(data: bytes, limits: UploadLimits) -> tuple[str, Image.Image]:
         try:
             gray = to_gray8(image)
         except MemoryError:
-            raise Overloaded("not enough memory to decode this film now; retry in a few seconds (Retry-After)") \
-                from None
+            raise Overloaded(OUT_OF_MEMORY) from None
         except Exception:  # a mode Pillow reads but cannot make gray, e.g. a LAB or CMYK-with-extra-channels TIFF
             raise InvalidImage(f"images in Pillow's {image.mode} mode are not accepted: upload the radiograph "
                                "in grayscale") from None
