@@ -11,7 +11,8 @@ films (as hospitals export them, through the service's own preprocessing) are sp
 per epoch) and `calib` (the sigma scale). Without `--raw`, `--data` is split by id (`data.split_of`).
 The decoded training films are cached under `checkpoints/cache/` (uint8, model input size).
 
-Every epoch writes a checkpoint next to `--out` (`<out>.ckpt`); running the same command again resumes from it.
+Every epoch writes a checkpoint next to `--out` (`<out>.ckpt`); running the same command again resumes from it,
+and a command with other settings (another `--augmentation`, `--lr`, `--epochs`, ...) is refused, never mixed in.
 
 On a GPU (`--device cuda`, see `device_train.sh`) the films, the augmentation and the network all live on the
 device. `--no-validation` trains without the raw films' images (only `--raw`'s labels.csv is read, to leave its ids
