@@ -1,11 +1,15 @@
 """Retried uploads (`Idempotency-Key`): through the real app, on a real SQLite file or PostgreSQL database, with the
-shipped models. A retry gets the stored prediction and stores nothing; a reused key with another request is a 422;
-two uploads with one key at once store one prediction; the DICOM receiver's retry after a lost answer too."""
+shipped models. A retry gets the stored prediction and stores nothing, also one sent while the first still runs (the
+models run once); a reused key with another request is a 422; two uploads with one key at once in two processes store
+one prediction; the DICOM receiver's retry after a lost answer too."""
 
 from __future__ import annotations
 
 import io
 import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +18,13 @@ import pydicom
 import pytest
 from dicom_films import gray, make_dicom
 from fastapi.testclient import TestClient
-from helpers import TEST20, make_settings, running_app, stored_files, wait_until_logged
+from helpers import TEST20, make_settings, running_app, stored_files, wait_until, wait_until_logged
 from patient_data import audit_rows, header, patient_runs, query, write_keys_file
 
 from utils.config import Settings
+from utils.errors import Overloaded
 from utils.pacs.receiver import Forwarder, Inbox, patient_id_of
-from utils.pipeline.idempotency import REPLAY_NOTE
+from utils.pipeline.idempotency import REPLAY_NOTE, KeyTurns
 
 FILM = (TEST20 / "4360.png").read_bytes()
 OTHER_FILM = (TEST20 / "4375.png").read_bytes()
@@ -100,14 +105,67 @@ def test_a_malformed_key_is_a_422_before_anything_runs(client: TestClient, setti
     assert stored_files(settings) == []
 
 
+class OwnProcess:
+    """Turns (`KeyTurns`) that never wait: each upload as if in a process of its own, where only the database sees
+    the other."""
+
+    @contextmanager
+    def turn(self, patient_id: str, key: str) -> Iterator[None]:
+        yield
+
+
+def test_a_retry_sent_while_the_first_upload_runs_waits_for_it_and_the_models_run_once(tmp_path: Path) -> None:
+    """A client that timed out sends the upload again while the first is still being predicted: the retry waits
+    for the first's turn, then answers with its stored prediction; one model run, one MLflow run, nothing discarded."""
+    settings = make_settings(tmp_path)
+    answers: list[httpx.Response] = []
+    with running_app(settings) as client:
+        service = client.app.state.service  # type: ignore[attr-defined]
+        predict_new, runs_of_the_models = service._predict_new, []
+
+        def first_holds_until_the_retry_waits(*args: Any) -> object:
+            runs_of_the_models.append(args)
+            wait_until(lambda: service.key_turns.wanting("P-retry", "one-key") == 2, 60,
+                       "the retry never came to wait for its turn")
+            return predict_new(*args)
+
+        service._predict_new = first_holds_until_the_retry_waits
+        threads = [threading.Thread(target=lambda: answers.append(post(client, FILM, "P-retry", "one-key")))
+                   for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
+        assert len({a.json()["prediction_id"] for a in answers}) == 1
+        assert [a.headers.get("Idempotent-Replayed") for a in answers].count("true") == 1
+        assert len(runs_of_the_models) == 1
+        assert service.key_turns.wanting("P-retry", "one-key") == 0  # no turn kept once both are done
+        wait_until_logged(client, "P-retry")
+    assert [run.info.lifecycle_stage for run in patient_runs(settings, "P-retry")] == ["active"]
+
+
+def test_a_turn_not_given_in_time_is_busy_and_turns_are_per_patient_and_key() -> None:
+    turns = KeyTurns(wait_seconds=0.2)
+    with turns.turn("P1", "k"):
+        with turns.turn("P2", "k"), turns.turn("P1", "other"):  # other patients and keys do not wait
+            assert turns.wanting("P1", "k") == turns.wanting("P2", "k") == 1
+        waiting = ThreadPoolExecutor(1).submit(lambda: turns.turn("P1", "k").__enter__())
+        with pytest.raises(Overloaded, match="still being processed"):
+            waiting.result(timeout=30)
+        assert turns.wanting("P1", "k") == 1  # the refused one no longer counts
+    assert turns.wanting("P1", "k") == 0
+
+
 def test_two_uploads_with_one_key_at_once_store_one_prediction(tmp_path: Path, database_url: str) -> None:
-    """Both find nothing stored under the key (the test holds each after that look until the other has looked too),
-    both run the models; the second to store finds the first's row in its transaction, removes its own files and
-    run, and answers with the first's prediction."""
+    """In two processes (each its own turns, `OwnProcess`): both find nothing stored under the key (the test holds
+    each after that look until the other has looked too), both run the models; the second to store finds the first's
+    row in its transaction, removes its own files and run, and answers with the first's prediction."""
     settings = make_settings(tmp_path, database_url=database_url)
     answers: list[httpx.Response] = []
     with running_app(settings) as client:
         service = client.app.state.service  # type: ignore[attr-defined]
+        service.key_turns = OwnProcess()
         look = service._stored_with_key
         both_looked = threading.Barrier(2)
 

@@ -3,15 +3,19 @@
 A client (or the DICOM receiver's forwarder) that lost the answer to an upload sends it again with the same key; the
 service answers with the prediction the first one stored instead of storing the film twice. The key follows the IETF
 draft "The Idempotency-Key HTTP Header Field": the same key with another request is refused (422), so a client's
-reuse of a key is never mistaken for a retry.
+reuse of a key is never mistaken for a retry. A retry sent while the first upload is still being predicted in this
+process waits for it (`KeyTurns`) and is answered with its prediction, so the models run once.
 """
 
 from __future__ import annotations
 
 import re
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from database.models import Prediction
-from utils.errors import InvalidInput
+from utils.errors import InvalidInput, Overloaded
 
 # Visible ASCII, as a header's token-like value; the column holds 128.
 KEY_PATTERN = re.compile(r"[\x21-\x7e]{1,128}")
@@ -49,3 +53,44 @@ def check_same_request(earlier: Prediction, image_sha256: str, form_sex: str, fo
             f"this Idempotency-Key was used for patient '{earlier.patient_id}' with another film, sex or "
             f"chronological age (prediction {earlier.id}); a new upload needs a new key")
     return earlier
+
+
+class KeyTurns:
+    """Uploads with one patient and key take turns within this process: a retry that arrives while the first is
+    still being predicted (a client that timed out and sent it again) waits for it, then finds its prediction stored
+    and replays it, instead of running the models a second time for a result that would be thrown away. Across
+    processes, the check in the storing transaction (`StoredMeanwhile`) still stores one. A turn not given within
+    `wait_seconds` is refused as busy (503, retry later): the first upload is then stuck far beyond its own limits.
+    """
+
+    def __init__(self, wait_seconds: float = 120.0) -> None:
+        self.wait_seconds = wait_seconds
+        self._guard = threading.Lock()
+        self._turns: dict[tuple[str, str], tuple[threading.Lock, int]] = {}  # the lock and how many want it
+
+    @contextmanager
+    def turn(self, patient_id: str, key: str) -> Iterator[None]:
+        slot = (patient_id, key)
+        with self._guard:
+            lock, wanting = self._turns.get(slot, (threading.Lock(), 0))
+            self._turns[slot] = (lock, wanting + 1)
+        try:
+            if not lock.acquire(timeout=self.wait_seconds):
+                raise Overloaded("an upload with this Idempotency-Key is still being processed; retry in a few "
+                                 "seconds (Retry-After)")
+            try:
+                yield
+            finally:
+                lock.release()
+        finally:
+            with self._guard:
+                lock, wanting = self._turns[slot]
+                if wanting == 1:
+                    del self._turns[slot]  # no key is kept once its uploads are done
+                else:
+                    self._turns[slot] = (lock, wanting - 1)
+
+    def wanting(self, patient_id: str, key: str) -> int:
+        """How many uploads with this patient and key hold or wait for its turn now."""
+        with self._guard:
+            return self._turns.get((patient_id, key), (None, 0))[1]

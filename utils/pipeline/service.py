@@ -40,7 +40,7 @@ from utils.pacs.policy import DicomPolicy
 from utils.pacs.sender import PacsSender
 from utils.pipeline.draft import PredictionDraft
 from utils.pipeline.heatmap import encode_png, film_background, overlay
-from utils.pipeline.idempotency import REPLAY_NOTE, StoredMeanwhile, check_key, check_same_request
+from utils.pipeline.idempotency import REPLAY_NOTE, KeyTurns, StoredMeanwhile, check_key, check_same_request
 from utils.pipeline.model_pool import out_of_distribution_message
 from utils.pipeline.models import Models
 from utils.report.clinical import build_report
@@ -175,6 +175,7 @@ class BoneAgeService:
         # A prediction not stored this long after its MLflow run was opened is refused whole: after that, the
         # clean-up of live processes may take its files and run for a crashed process's (`recovery.Sweeper`).
         self.store_deadline_seconds = store_deadline_seconds
+        self.key_turns = KeyTurns()  # uploads with one patient and Idempotency-Key, one at a time
         # Helpers for steps that overlap within one request; apart, so a slow MLflow never delays heatmaps.
         self._heatmaps = ThreadPoolExecutor(max_workers=4, thread_name_prefix="heatmap")
         self._mlflow = ThreadPoolExecutor(max_workers=8, thread_name_prefix="mlflow-open-run")
@@ -188,7 +189,8 @@ class BoneAgeService:
         is recorded in the transaction that stores the prediction.
 
         With an `idempotency_key`, an upload of the patient stored earlier with that key is the answer (the same
-        request: `utils.pipeline.idempotency`), also when it was stored while this one ran; nothing is stored twice.
+        request: `utils.pipeline.idempotency`), also when it was stored while this one waited for its turn
+        (`KeyTurns`) or, in another process, while this one ran; nothing is stored twice.
 
         A patient being erased gets `PatientBeingErased`, and so does an upload during which the patient was
         erased: it is refused at the end, its files and run removed, so it is never half-kept.
@@ -197,18 +199,25 @@ class BoneAgeService:
         whether the patient is being erased while the models run, and the MLflow run is opened and the female
         heatmap encoded while the male one is encoded.
         """
-        watch = _Stopwatch()
         checked_id = check_patient_id(patient_id)
         if audit is not None:
             audit.patient_id = checked_id
         form_sex = check_sex(sex)
         form_age = check_age(chronological_age_months)
         key = check_key(idempotency_key)
-        if key is not None:
-            check_size(data, self.limits)  # a 413 stays a 413, not a key "reused with another film"
+        if key is None:
+            return self._predict_new(data, checked_id, form_sex, form_age, audit, None)
+        check_size(data, self.limits)  # a 413 stays a 413, not a key "reused with another film"
+        with self.key_turns.turn(checked_id, key):
             earlier = self._stored_with_key(checked_id, key)
             if earlier is not None:
                 return self._replay(earlier, hashlib.sha256(data).hexdigest(), form_sex, form_age, audit)
+            return self._predict_new(data, checked_id, form_sex, form_age, audit, key)
+
+    def _predict_new(self, data: bytes, checked_id: str, form_sex: str, form_age: float | None,
+                     audit: AuditEntry | None, key: str | None) -> PredictionOutcome:
+        """`predict` past its checks: an upload that no stored prediction answers."""
+        watch = _Stopwatch()
         image = decode_upload(data, self.limits)
         film_check = self.film_gate.check(image)  # refused here, before anything is stored
         # Asked of the database while the models run (about 1 ms on SQLite, off the request's critical path).
