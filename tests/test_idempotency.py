@@ -145,14 +145,47 @@ def test_a_retry_sent_while_the_first_upload_runs_waits_for_it_and_the_models_ru
     assert [run.info.lifecycle_stage for run in patient_runs(settings, "P-retry")] == ["active"]
 
 
+def test_a_retry_waiting_for_its_turn_while_the_patient_is_erased_is_refused_with_the_first(tmp_path: Path) -> None:
+    """Upload and retry arrive, the first runs and the retry waits; the patient is erased meanwhile. Both are refused
+    (409) and nothing is kept: the retry's place in the audit chain is from its arrival, not from its turn."""
+    settings = make_settings(tmp_path, api_keys_file=write_keys_file(tmp_path))
+    with running_app(settings) as client:
+        service = client.app.state.service  # type: ignore[attr-defined]
+        predict_new, erased, calls = service._predict_new, threading.Event(), []
+
+        def first_runs_on_after_the_erasure(*args: Any) -> object:
+            calls.append(args)
+            if len(calls) == 1:
+                assert erased.wait(120)
+            return predict_new(*args)
+
+        def send() -> httpx.Response:
+            return client.post("/predict", files={"image": ("x.png", FILM, "image/png")},
+                               data={"patient_id": "P-gone"}, headers={**header("everything"), "Idempotency-Key": "k"})
+
+        service._predict_new = first_runs_on_after_the_erasure
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            first = pool.submit(send)
+            wait_until(lambda: len(calls) == 1, 60, "the first upload never ran")
+            retry = pool.submit(send)
+            wait_until(lambda: service.key_turns.wanting("P-gone", "k") == 2, 60, "the retry never waited")
+            assert client.delete("/patients/P-gone", headers=header("officer")).status_code == 200
+            erased.set()
+            answers = [first.result(timeout=120), retry.result(timeout=120)]
+    assert [a.status_code for a in answers] == [409, 409], [a.text for a in answers]
+    assert all("erased while this upload was processed" in a.json()["detail"] for a in answers)
+    assert predictions_of(settings, "P-gone") == [] and stored_files(settings) == []
+
+
 def test_a_turn_not_given_in_time_is_busy_and_turns_are_per_patient_and_key() -> None:
     turns = KeyTurns(wait_seconds=0.2)
     with turns.turn("P1", "k"):
         with turns.turn("P2", "k"), turns.turn("P1", "other"):  # other patients and keys do not wait
             assert turns.wanting("P1", "k") == turns.wanting("P2", "k") == 1
-        waiting = ThreadPoolExecutor(1).submit(lambda: turns.turn("P1", "k").__enter__())
-        with pytest.raises(Overloaded, match="still being processed"):
-            waiting.result(timeout=30)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            waiting = pool.submit(lambda: turns.turn("P1", "k").__enter__())
+            with pytest.raises(Overloaded, match="still being processed"):
+                waiting.result(timeout=30)
         assert turns.wanting("P1", "k") == 1  # the refused one no longer counts
     assert turns.wanting("P1", "k") == 0
 

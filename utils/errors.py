@@ -45,7 +45,9 @@ class PatientNotFound(ServiceError):
 
 
 class Overloaded(ServiceError):
-    """As many predictions as allowed (`BONEAGE_MAX_IN_FLIGHT`) are already running in this process."""
+    """Busy now, retry in a few seconds (503, Retry-After): as many predictions as allowed (`BONEAGE_MAX_IN_FLIGHT`)
+    are already running in this process, the decoders' pixel budget or the machine's memory is spent for now, or an
+    upload with the same patient and Idempotency-Key is still running (`KeyTurns`)."""
 
 
 class FilmRefused(InvalidImage):

@@ -60,10 +60,12 @@ class KeyTurns:
     still being predicted (a client that timed out and sent it again) waits for it, then finds its prediction stored
     and replays it, instead of running the models a second time for a result that would be thrown away. Across
     processes, the check in the storing transaction (`StoredMeanwhile`) still stores one. A turn not given within
-    `wait_seconds` is refused as busy (503, retry later): the first upload is then stuck far beyond its own limits.
+    `wait_seconds` is refused as busy (503 with Retry-After; a prediction takes well under a second on an idle
+    machine): the client's next retry finds the first one's prediction. The default is below the DICOM receiver's
+    120 s timeout, so the receiver sees the 503 and retries, rather than timing out.
     """
 
-    def __init__(self, wait_seconds: float = 120.0) -> None:
+    def __init__(self, wait_seconds: float = 60.0) -> None:
         self.wait_seconds = wait_seconds
         self._guard = threading.Lock()
         self._turns: dict[tuple[str, str], tuple[threading.Lock, int]] = {}  # the lock and how many want it

@@ -23,7 +23,14 @@ from database.audit import AuditEntry
 from database.db import Database, DatabaseUnavailable
 from database.models import PacsSend, Patient, Prediction
 from male_boneage.inference import ModelEstimate
-from storage.store import DICOM_FILM_PNG, GRADCAM_PNG, PatientStore, check_patient_id, new_prediction_id
+from storage.store import (
+    DICOM_FILM_PNG,
+    GRADCAM_PNG,
+    PatientId,
+    PatientStore,
+    check_patient_id,
+    new_prediction_id,
+)
 from utils.config import MAX_CHRONOLOGICAL_AGE_MONTHS
 from utils.errors import InvalidImage, InvalidInput, PatientBeingErased, PatientNotFound
 from utils.imaging import DecodedImage, UploadLimits, check_size, decode_upload
@@ -206,22 +213,27 @@ class BoneAgeService:
         form_age = check_age(chronological_age_months)
         key = check_key(idempotency_key)
         if key is None:
-            return self._predict_new(data, checked_id, form_sex, form_age, audit, None)
+            return self._predict_new(data, checked_id, form_sex, form_age, audit, None, None)
         check_size(data, self.limits)  # a 413 stays a 413, not a key "reused with another film"
+        # The audit position before waiting for the turn: an erasure of the patient that ends while this upload
+        # waits must refuse it when it stores, as it refuses any upload in flight during an erasure.
+        audit_position = self._not_being_erased(checked_id)
         with self.key_turns.turn(checked_id, key):
             earlier = self._stored_with_key(checked_id, key)
             if earlier is not None:
                 return self._replay(earlier, hashlib.sha256(data).hexdigest(), form_sex, form_age, audit)
-            return self._predict_new(data, checked_id, form_sex, form_age, audit, key)
+            return self._predict_new(data, checked_id, form_sex, form_age, audit, key, audit_position)
 
-    def _predict_new(self, data: bytes, checked_id: str, form_sex: str, form_age: float | None,
-                     audit: AuditEntry | None, key: str | None) -> PredictionOutcome:
-        """`predict` past its checks: an upload that no stored prediction answers."""
+    def _predict_new(self, data: bytes, checked_id: PatientId, form_sex: str, form_age: float | None,
+                     audit: AuditEntry | None, key: str | None, audit_position: int | None) -> PredictionOutcome:
+        """`predict` past its checks: an upload that no stored prediction answers. `audit_position`: the audit
+        chain's head when the upload arrived, if already read (`_not_being_erased`); else it is read here."""
         watch = _Stopwatch()
         image = decode_upload(data, self.limits)
         film_check = self.film_gate.check(image)  # refused here, before anything is stored
         # Asked of the database while the models run (about 1 ms on SQLite, off the request's critical path).
-        erasure_check = self._database_reads.submit(self._not_being_erased, checked_id)
+        erasure_check = (self._database_reads.submit(self._not_being_erased, checked_id) if audit_position is None
+                         else None)
         sex_used, sex_source = resolve_sex(form_sex, image)
         age, age_source = resolve_age(form_age, image)
         watch.lap("decode")
@@ -229,7 +241,9 @@ class BoneAgeService:
         film = film_background(image.gray, self.heatmap_max_side)
         watch.lap("preprocess")
         male, female = male_future.result(), female_future.result()
-        audit_position = erasure_check.result()
+        if erasure_check is not None:
+            audit_position = erasure_check.result()
+        assert audit_position is not None
         watch.lap("inference_gradcam")
         if self.models.out_of_distribution(male, female):
             raise InvalidImage(out_of_distribution_message(male, self.models.male.ood_sigma_months))
