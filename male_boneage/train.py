@@ -113,6 +113,12 @@ def _tracker(cfg: TrainConfig, run_id: str | None) -> tuple[Any, str | None]:
     from mlflow_config import ensure_experiment, tracking_uri  # with MLflow: a GPU machine may lack it
 
     client = MlflowClient(tracking_uri=cfg.tracking_uri or tracking_uri())
+    if run_id is not None:
+        try:
+            client.get_run(run_id)
+        except Exception:  # resumed against another tracking store (--tracking-uri): its metrics go to a new run
+            logger.warning("MLflow run %s of the checkpoint is not in this tracking store: a new run is opened", run_id)
+            run_id = None
     if run_id is None:
         run_id = client.create_run(ensure_experiment(client, cfg.experiment), run_name=f"train-{cfg.sex}").info.run_id
         for key, value in vars(cfg).items():
@@ -125,11 +131,23 @@ def _tracker(cfg: TrainConfig, run_id: str | None) -> tuple[Any, str | None]:
 _NOT_RUN_CONFIG = frozenset({"out", "tracking_uri", "experiment", "device", "workers", "validate"})
 
 
-def _run_config(cfg: TrainConfig, init_version: str | None) -> dict[str, str]:
-    """The settings as strings; the data folders by name and the starting weights by their version, so that the same
-    run resumes whichever way (or on whichever machine) its paths are spelled."""
+_BATCHNORM_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def learned_digest(state_dict: dict[str, torch.Tensor]) -> str:
+    """Short hash of the learned weights, without BatchNorm's statistics: the same for a file rewritten by a rerun of
+    a finished run (which re-estimates the statistics and dates the file anew, so its version changes)."""
+    return state_digest({name: tensor.float() for name, tensor in state_dict.items()
+                         if name.rsplit(".", 1)[-1] not in _BATCHNORM_STATISTICS})
+
+
+def _run_config(cfg: TrainConfig, init_state: dict[str, torch.Tensor], train_films: int) -> dict[str, str]:
+    """The settings as strings; the data folders by name and number of training films, the starting weights by
+    their learned weights (`learned_digest`), so that the same run resumes whichever way (or on whichever machine)
+    its paths are spelled, also after the stage before it was rerun."""
     config = {key: str(value) for key, value in vars(cfg).items() if key not in _NOT_RUN_CONFIG}
-    config |= {"data": cfg.data.name, "raw": cfg.raw.name if cfg.raw else "None", "init": init_version or "scratch"}
+    config |= {"data": cfg.data.name, "raw": cfg.raw.name if cfg.raw else "None", "train_films": str(train_films),
+               "limit": str(cfg.limit or None), "init": learned_digest(init_state) if init_state else "scratch"}
     return config
 
 
@@ -192,7 +210,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         pct_start=0.15 if not cfg.init else 0.05
     )
     checkpoint = cfg.out.with_name(cfg.out.name + ".ckpt")
-    run_config = _run_config(cfg, init_metadata.get("version", str(cfg.init)) if cfg.init else None)
+    run_config = _run_config(cfg, init_state, len(splits["train"]))
     start_epoch, history = 0, []
     run_id = None
     if checkpoint.is_file():

@@ -28,7 +28,7 @@ from male_boneage.evaluate import evaluate
 from male_boneage.inference import BoneAgeModel, ModelUnavailable, load_weights
 from male_boneage.model import BoneAgeNet
 from male_boneage.preprocess import PREPROCESSING_VERSION
-from male_boneage.train import TrainConfig, cached_pixels, split_cases, train
+from male_boneage.train import TrainConfig, cached_pixels, learned_digest, split_cases, train
 
 TRAIN512 = DATA / "rsna-train-512"
 TINY_SIZE, TINY_WIDTH = 112, 16  # a small net on small films: the test is about the mechanics, not accuracy
@@ -90,6 +90,17 @@ def test_a_checkpoint_of_other_settings_is_refused_not_mixed(tiny_weights: tuple
     with pytest.raises(ValueError, match=r"epochs 1 -> 2, lr 0.002 -> 0.001"):
         train(TrainConfig(**common | {"epochs": 2}, lr=1e-3))
     assert (checkpoint.read_bytes(), path.read_bytes()) == before  # nothing written by a refused run
+
+
+def test_starting_weights_are_known_by_their_learned_weights_not_their_batchnorm_statistics(
+        tiny_weights: tuple[Path, str]) -> None:
+    # A rerun of a finished stage rewrites its file with BatchNorm statistics estimated anew (and today's date in
+    # its version): the stage after it, warm-started from that file, must still resume; other weights must not.
+    state, _ = load_weights(tiny_weights[0])
+    statistics = next(name for name in state if name.endswith("running_mean"))
+    learned = next(name for name in state if name.endswith("weight") and state[name].dim() > 1)
+    assert learned_digest(state) == learned_digest(state | {statistics: state[statistics] + 1})
+    assert learned_digest(state) != learned_digest(state | {learned: state[learned] * 1.01})
 
 
 def test_a_file_trained_without_validation_is_written_uncalibrated_and_finalised_by_zero_epochs(
