@@ -27,7 +27,7 @@ from helpers import (
     post_image,
     running_app,
 )
-from PIL import Image
+from PIL import Image, ImageFile
 
 from utils.config import Settings
 from utils.errors import Overloaded
@@ -301,6 +301,22 @@ def test_out_of_distribution_by_model_uncertainty_refused(client: TestClient, se
         model.metadata["ood_sigma_months"] = 1e-3  # every input is now "far less certain than validation"
     response = post_image(client, FILM, "P-ood")
     assert response.status_code == 422 and "does not look like a hand radiograph" in response.json()["detail"]
+    assert_nothing_stored(settings)
+
+
+@pytest.mark.parametrize("step", ["load", "convert"])
+def test_a_film_the_machine_has_no_memory_for_now_is_busy_not_corrupt(client: TestClient, settings: Settings,
+                                                                      monkeypatch: pytest.MonkeyPatch,
+                                                                      step: str) -> None:
+    # Out of memory while Pillow decodes (`load`) or grays (`convert`) a film whose size passed the limits: the
+    # machine's state, so 503 with Retry-After (tests/test_dicom.py has the DICOM decoder's), never "corrupt".
+    def exhausted(*args: Any, **kwargs: Any) -> Any:
+        raise MemoryError
+
+    monkeypatch.setattr(Image.Image if step == "convert" else ImageFile.ImageFile, step, exhausted)
+    response = post_image(client, FILM, "P-oom")
+    assert response.status_code == 503 and response.headers["Retry-After"], response.text
+    assert "not enough memory" in response.json()["detail"]
     assert_nothing_stored(settings)
 
 

@@ -213,8 +213,8 @@ def _dicom_pixels(dataset: Dataset, columns: int, rows: int) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             pixels = dataset.pixel_array
-    except MemoryError:  # the header's size passed the limits: the machine is short of memory now, as for a raster
-        raise Overloaded(OUT_OF_MEMORY) from None
+    except MemoryError:
+        raise  # the machine's state, not the file's (`decode_dicom`)
     except Exception:  # decoders raise many kinds on damaged data
         raise InvalidImage("the DICOM pixel data is truncated or corrupt") from None
     if pixels.ndim != 2:
@@ -260,6 +260,8 @@ def _dicom_to_gray8(pixels: np.ndarray, dataset: Dataset) -> np.ndarray:
         warnings.simplefilter("ignore")
         try:
             values = apply_modality_lut(pixels, dataset)
+        except MemoryError:
+            raise  # the machine's state, not the file's (`decode_dicom`)
         except Exception:
             raise InvalidImage("the DICOM Modality LUT or Rescale Slope/Intercept is invalid") from None
         if values.dtype.kind == "f" and np.array_equal(values, np.floor(values)):
@@ -272,6 +274,8 @@ def _dicom_to_gray8(pixels: np.ndarray, dataset: Dataset) -> np.ndarray:
                 low, high = output_range
                 shown = apply_voi_lut(values, dataset).astype(np.float64)
                 gray = np.round(np.clip((shown - low) / (high - low), 0.0, 1.0) * 255.0).astype(np.uint8)
+        except MemoryError:
+            raise  # never another window for want of memory: the film would be read differently
         except Exception:  # a broken VOI LUT or window (e.g. width 0): fall back to the percentile window
             logger.info("DICOM VOI LUT or window unusable; percentile window used instead")
             gray = None
@@ -329,7 +333,10 @@ def decode_dicom(dataset: Dataset, limits: UploadLimits) -> DicomFilm:
     except Exception:  # a value pydicom cannot convert (wrong VR, multi-valued, ...)
         raise InvalidImage("the DICOM image header is malformed") from None
     with DECODING.hold(columns * rows):
-        gray = Image.fromarray(_dicom_to_gray8(_dicom_pixels(dataset, columns, rows), dataset), mode="L")
+        try:
+            gray = Image.fromarray(_dicom_to_gray8(_dicom_pixels(dataset, columns, rows), dataset), mode="L")
+        except MemoryError:  # its size passed the limits: the machine is short of memory now, as for a raster
+            raise Overloaded(OUT_OF_MEMORY) from None
     check_min_side(gray, limits)
     check_not_blank(gray)
     return DicomFilm(gray, _dicom_sex_hint(dataset), _dicom_age_months(dataset))

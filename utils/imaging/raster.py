@@ -60,6 +60,8 @@ def decode_raster(data: bytes, limits: UploadLimits) -> tuple[str, Image.Image]:
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 image.load()
                 ImageOps.exif_transpose(image, in_place=True)  # no copy of a film that needs no turning
+        except MemoryError:
+            raise Overloaded(OUT_OF_MEMORY) from None
         except Exception:
             raise InvalidImage("the image data is truncated or corrupt") from None
         try:
