@@ -30,6 +30,7 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -109,14 +110,19 @@ def _tracker(cfg: TrainConfig, run_id: str | None) -> tuple[Any, str | None]:
     """(MlflowClient, run id): the run being resumed, else a new one with the config as params. MLflow is imported
     here: a GPU machine without it (`device_train.sh`) trains untracked."""
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
     from mlflow_config import ensure_experiment, tracking_uri  # with MLflow: a GPU machine may lack it
 
     client = MlflowClient(tracking_uri=cfg.tracking_uri or tracking_uri())
     if run_id is not None:
         try:
-            client.get_run(run_id)
-        except Exception:  # resumed against another tracking store (--tracking-uri): its metrics go to a new run
+            active = client.get_run(run_id).info.lifecycle_stage == "active"
+        except MlflowException as exc:  # an outage is raised: the caller trains on untracked, keeping the run id
+            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            active = False
+        if not active:  # resumed against another tracking store (--tracking-uri), or the run was deleted
             logger.warning("MLflow run %s of the checkpoint is not in this tracking store: a new run is opened", run_id)
             run_id = None
     if run_id is None:
@@ -124,6 +130,35 @@ def _tracker(cfg: TrainConfig, run_id: str | None) -> tuple[Any, str | None]:
         for key, value in vars(cfg).items():
             client.log_param(run_id, key, str(value))
     return client, run_id
+
+
+def _tracked(client: Any, record: Callable[[Any], object]) -> Any:
+    """Run `record(client)` unless untracked; the client, or None once MLflow failed: training never depends on the
+    tracking server (its checkpoint and weights file are written whatever MLflow does)."""
+    if client is None:
+        return None
+    try:
+        record(client)
+        return client
+    except Exception:
+        logger.warning("MLflow tracking failed; training continues without it", exc_info=True)
+        return None
+
+
+def _finish_run(client: Any, run_id: str, metrics: dict[str, float], version: str, artifact: Path | None) -> None:
+    """The end of a training run in MLflow. A rerun of a finished run (its checkpoint complete) writes the file
+    again, dated today and with BatchNorm statistics estimated anew, so its version may differ from the one logged:
+    MLflow params cannot change, so that one stays and the new version is a tag (`rewritten_version`)."""
+    for key, value in metrics.items():
+        client.log_metric(run_id, key, value)
+    logged = client.get_run(run_id).data.params.get("version")
+    if logged is None:
+        client.log_param(run_id, "version", version)
+    elif logged != version:
+        client.set_tag(run_id, "rewritten_version", version)
+    if artifact is not None:
+        client.log_artifact(run_id, str(artifact))
+    client.set_terminated(run_id)
 
 
 # What a run's weights depend on: a checkpoint resumes only the run that wrote it. Where it is written (out), how it
@@ -225,9 +260,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     try:
         client, run_id = _tracker(cfg, run_id)
-    except Exception:  # training must not depend on the tracking server
+    except Exception:  # training must not depend on the tracking server; the checkpoint keeps the run's id
         logger.warning("MLflow tracking unavailable; training continues without it", exc_info=True)
-        client, run_id = None, None
+        client = None
 
     augment = AUGMENTATIONS[cfg.augmentation]
     for epoch in range(start_epoch, cfg.epochs):
@@ -259,10 +294,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                         "seconds": time.monotonic() - started})
         logger.info("epoch %d/%d: train loss %.4f, val MAE %.2f months (%.0f s)",
                     epoch + 1, cfg.epochs, train_loss, val_mae, time.monotonic() - started)
-        if client is not None:
-            client.log_metric(run_id, "train_loss", train_loss, step=epoch + 1)
-            if cfg.validate:
-                client.log_metric(run_id, "val_mae_months", val_mae, step=epoch + 1)
+        epoch_metrics = {"train_loss": train_loss} | ({"val_mae_months": val_mae} if cfg.validate else {})
+        client = _tracked(client, lambda c, metrics=epoch_metrics, step=epoch + 1: [
+            c.log_metric(run_id, key, value, step=step) for key, value in metrics.items()])
         atomic_save({"model": net.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
                      "epoch": epoch + 1, "history": history, "run_id": run_id, "config": run_config},
@@ -299,9 +333,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         atomic_save({"state_dict": state_dict if cfg.sex == "both" else half_precision(state_dict),
                      "metadata": metadata}, cfg.out)
         logger.info("wrote %s: version %s", cfg.out, metadata["version"])
-        if client is not None:
-            client.log_param(run_id, "version", metadata["version"])
-            client.set_terminated(run_id)
+        _tracked(client, lambda c: _finish_run(c, run_id, {}, metadata["version"], None))
         return metadata
     val_metrics = calibrate_and_validate(BoneAgeModel(net, metadata, torch.device("cpu")),
                                          (pixels["calib"], ages["calib"].tolist()),
@@ -311,13 +343,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     atomic_save({"state_dict": half_precision(state_dict), "metadata": metadata}, cfg.out)
     logger.info("wrote %s: version %s, sigma scale %.3f, validation %s",
                 cfg.out, metadata["version"], metadata["sigma_scale"], val_metrics)
-    if client is not None:
-        for key, value in val_metrics.items():
-            client.log_metric(run_id, f"final_val_{key}", float(value))
-        client.log_metric(run_id, "sigma_scale", metadata["sigma_scale"])
-        client.log_param(run_id, "version", metadata["version"])
-        client.log_artifact(run_id, str(cfg.out))
-        client.set_terminated(run_id)
+    final = {f"final_val_{key}": float(value) for key, value in val_metrics.items()}
+    _tracked(client, lambda c: _finish_run(c, run_id, final | {"sigma_scale": metadata["sigma_scale"]},
+                                           metadata["version"], cfg.out))
     return metadata
 
 

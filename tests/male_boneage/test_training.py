@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import tarfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -90,6 +92,32 @@ def test_a_checkpoint_of_other_settings_is_refused_not_mixed(tiny_weights: tuple
     with pytest.raises(ValueError, match=r"epochs 1 -> 2, lr 0.002 -> 0.001"):
         train(TrainConfig(**common | {"epochs": 2}, lr=1e-3))
     assert (checkpoint.read_bytes(), path.read_bytes()) == before  # nothing written by a refused run
+
+
+def test_a_finished_run_rerun_on_another_day_or_with_another_tracking_store_writes_its_file(
+        tiny_weights: tuple[Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # As train_release.sh does after an interruption: its finished stages run again, rewriting each file dated that
+    # day. MLflow params cannot change: the first version stays the run's param, the new one is a tag.
+    path, uri = tiny_weights
+    _, before = load_weights(path)
+    tomorrow = dt.datetime.now(dt.UTC) + dt.timedelta(days=1)
+    monkeypatch.setattr(train_module, "dt", SimpleNamespace(datetime=SimpleNamespace(now=lambda tz: tomorrow),
+                                                            UTC=dt.UTC))
+    common = {"data": TRAIN100, "sex": "female", "out": path, "epochs": 1, "batch_size": 32, "limit": 256,
+              "input_size": TINY_SIZE, "width": TINY_WIDTH}
+    train(TrainConfig(**common, tracking_uri=uri))
+    _, after = load_weights(path)
+    assert after["trained_on"] == tomorrow.date().isoformat() and after["version"] != before["version"]
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("bone-age-training").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["version"] == before["version"]
+    assert run.data.tags["rewritten_version"] == after["version"]
+    # Resumed against a store that lacks the checkpoint's run: a new run there, not a failure at its first metric.
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    train(TrainConfig(**common, tracking_uri=other))
+    client = MlflowClient(other)
+    (new_run,) = client.search_runs([client.get_experiment_by_name("bone-age-training").experiment_id])
+    assert new_run.info.status == "FINISHED" and new_run.data.params["version"] == after["version"]
 
 
 def test_starting_weights_are_known_by_their_learned_weights_not_their_batchnorm_statistics(
