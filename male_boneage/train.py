@@ -34,6 +34,7 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -145,12 +146,17 @@ def _tracked(client: Any, record: Callable[[Any], object]) -> Any:
         return None
 
 
-def _finish_run(client: Any, run_id: str, metrics: dict[str, float], version: str, artifact: Path | None) -> None:
+def _log_metrics(client: Any, run_id: str | None, metrics: dict[str, float], step: int | None = None) -> None:
+    for key, value in metrics.items():
+        client.log_metric(run_id, key, value, step=step)
+
+
+def _finish_run(client: Any, run_id: str | None, metrics: dict[str, float], version: str,
+                artifact: Path | None) -> None:
     """The end of a training run in MLflow. A rerun of a finished run (its checkpoint complete) writes the file
     again, dated today and with BatchNorm statistics estimated anew, so its version may differ from the one logged:
     MLflow params cannot change, so that one stays and the new version is a tag (`rewritten_version`)."""
-    for key, value in metrics.items():
-        client.log_metric(run_id, key, value)
+    _log_metrics(client, run_id, metrics)
     logged = client.get_run(run_id).data.params.get("version")
     if logged is None:
         client.log_param(run_id, "version", version)
@@ -295,8 +301,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         logger.info("epoch %d/%d: train loss %.4f, val MAE %.2f months (%.0f s)",
                     epoch + 1, cfg.epochs, train_loss, val_mae, time.monotonic() - started)
         epoch_metrics = {"train_loss": train_loss} | ({"val_mae_months": val_mae} if cfg.validate else {})
-        client = _tracked(client, lambda c, metrics=epoch_metrics, step=epoch + 1: [
-            c.log_metric(run_id, key, value, step=step) for key, value in metrics.items()])
+        client = _tracked(client, partial(_log_metrics, run_id=run_id, metrics=epoch_metrics, step=epoch + 1))
         atomic_save({"model": net.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
                      "epoch": epoch + 1, "history": history, "run_id": run_id, "config": run_config},
@@ -333,7 +338,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         atomic_save({"state_dict": state_dict if cfg.sex == "both" else half_precision(state_dict),
                      "metadata": metadata}, cfg.out)
         logger.info("wrote %s: version %s", cfg.out, metadata["version"])
-        _tracked(client, lambda c: _finish_run(c, run_id, {}, metadata["version"], None))
+        _tracked(client, partial(_finish_run, run_id=run_id, metrics={}, version=metadata["version"], artifact=None))
         return metadata
     val_metrics = calibrate_and_validate(BoneAgeModel(net, metadata, torch.device("cpu")),
                                          (pixels["calib"], ages["calib"].tolist()),
@@ -344,8 +349,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     logger.info("wrote %s: version %s, sigma scale %.3f, validation %s",
                 cfg.out, metadata["version"], metadata["sigma_scale"], val_metrics)
     final = {f"final_val_{key}": float(value) for key, value in val_metrics.items()}
-    _tracked(client, lambda c: _finish_run(c, run_id, final | {"sigma_scale": metadata["sigma_scale"]},
-                                           metadata["version"], cfg.out))
+    _tracked(client, partial(_finish_run, run_id=run_id, metrics=final | {"sigma_scale": metadata["sigma_scale"]},
+                             version=metadata["version"], artifact=cfg.out))
     return metadata
 
 
