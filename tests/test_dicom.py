@@ -12,6 +12,7 @@ import logging
 import struct
 
 import numpy as np
+import pydicom
 import pytest
 from dicom_films import (
     BIRTH_DATE,
@@ -29,6 +30,7 @@ from mlflow import MlflowClient
 from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
     HTJ2KLossless,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
@@ -135,6 +137,30 @@ def test_compressed_frame_must_match_the_header() -> None:
 
 
 # --- through the app ------------------------------------------------------------------------------------------
+
+
+def _deflated(data: bytes, padding: int = 0) -> bytes:
+    """The DICOM re-saved as Deflated Explicit VR Little Endian, with `padding` zero bytes in a private element."""
+    dataset = pydicom.dcmread(io.BytesIO(data))
+    dataset.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    if padding:
+        dataset.add_new(0x00091010, "OB", bytes(padding))
+    out = io.BytesIO()
+    dataset.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def test_a_deflated_dicom_decodes_and_one_that_inflates_beyond_the_limits_is_refused_before_parsing() -> None:
+    film = gray(RAW_FILM)
+    limits = UploadLimits(max_pixels=1_000_000)  # inflated at most 2 bytes a pixel plus the byte limit: 22 MB
+    decoded = decode_upload(_deflated(make_dicom(film)), limits)
+    assert np.array_equal(np.asarray(decoded.gray), film)
+    # 40 MB of zeros deflate to about 40 KB: within the byte limit, but more than a film of the pixel limit needs;
+    # pydicom alone would inflate all of it (at the default limits, 20 MB of upload could be 20 GB) before any check.
+    bomb = _deflated(make_dicom(film[:100, :100]), padding=40_000_000)
+    assert len(bomb) < 100_000
+    with pytest.raises(InvalidImage, match="inflates to more than"):
+        decode_upload(bomb, limits)
 
 
 def _bad_dicoms() -> dict[str, tuple[bytes, str]]:

@@ -32,6 +32,7 @@ from PIL import Image, ImageFile
 from utils.config import Settings
 from utils.errors import Overloaded
 from utils.imaging.checks import DECODING, PixelBudget
+from utils.pipeline import service as service_module
 
 FILM = (RAW / "7037.png").read_bytes()
 
@@ -304,16 +305,18 @@ def test_out_of_distribution_by_model_uncertainty_refused(client: TestClient, se
     assert_nothing_stored(settings)
 
 
-@pytest.mark.parametrize("step", ["load", "convert"])
+@pytest.mark.parametrize("step", ["load", "convert", "film_background"])
 def test_a_film_the_machine_has_no_memory_for_now_is_busy_not_corrupt(client: TestClient, settings: Settings,
                                                                       monkeypatch: pytest.MonkeyPatch,
                                                                       step: str) -> None:
-    # Out of memory while Pillow decodes (`load`) or grays (`convert`) a film whose size passed the limits: the
-    # machine's state, so 503 with Retry-After (tests/test_dicom.py has the DICOM decoder's), never "corrupt".
+    # Out of memory while Pillow decodes (`load`) or grays (`convert`) a film whose size passed the limits, or later
+    # in the pipeline (the heatmaps' film): the machine's state, so 503 with Retry-After (tests/test_dicom.py has the
+    # DICOM decoder's), never "corrupt" nor a 500; nothing is stored.
     def exhausted(*args: Any, **kwargs: Any) -> Any:
         raise MemoryError
 
-    monkeypatch.setattr(Image.Image if step == "convert" else ImageFile.ImageFile, step, exhausted)
+    owner = {"load": ImageFile.ImageFile, "convert": Image.Image, "film_background": service_module}[step]
+    monkeypatch.setattr(owner, step, exhausted)
     response = post_image(client, FILM, "P-oom")
     assert response.status_code == 503 and response.headers["Retry-After"], response.text
     assert "not enough memory" in response.json()["detail"]

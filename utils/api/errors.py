@@ -39,7 +39,11 @@ STATUS_BY_ERROR: tuple[tuple[type[Exception], int], ...] = (
     (DatabaseUnavailable, 503),
     (ModelUnavailable, 503),
     (Overloaded, 503),
+    # Out of memory anywhere a decoder's own handling does not reach (a full-size copy for a check, the models, a
+    # PNG): the machine's state now, so retry later; the pipeline removes whatever it had stored (`_store`).
+    (MemoryError, 503),
 )
+OUT_OF_MEMORY = "not enough memory to serve this request now; retry in a few seconds (Retry-After)"
 DOMAIN_ERRORS = tuple(error for error, _ in STATUS_BY_ERROR)
 RETRY_AFTER_SECONDS = "5"
 
@@ -48,9 +52,12 @@ def status_of(exc: Exception) -> int:
     return next(status for error, status in STATUS_BY_ERROR if isinstance(exc, error))
 
 
-async def domain_error(_request: Request, exc: Exception) -> JSONResponse:
+async def domain_error(request: Request, exc: Exception) -> JSONResponse:
     """A domain error's own message (written for clients) with its status; 503 says when to retry."""
     status = status_of(exc)
+    if isinstance(exc, MemoryError):
+        logger.warning("out of memory serving %s %s", request.method, request.url.path)
+        return JSONResponse({"detail": OUT_OF_MEMORY}, status_code=status, headers={"Retry-After": RETRY_AFTER_SECONDS})
     headers = {"Retry-After": RETRY_AFTER_SECONDS} if status == 503 else None
     if status == 401:
         headers = {"WWW-Authenticate": "Bearer"}

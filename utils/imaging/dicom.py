@@ -17,6 +17,7 @@ import logging
 import re
 import struct
 import warnings
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,9 +26,11 @@ import pydicom.config
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import get_frame
+from pydicom.filereader import _read_file_meta_info as read_file_meta  # pydicom 3.0's, pinned
+from pydicom.filereader import read_preamble
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from male_boneage.preprocess import percentile_window
 from utils.config import MAX_CHRONOLOGICAL_AGE_MONTHS
@@ -80,8 +83,33 @@ def looks_like_dicom(data: bytes) -> bool:
     return data[DICOM_MAGIC_OFFSET:DICOM_MAGIC_OFFSET + len(DICOM_MAGIC)] == DICOM_MAGIC
 
 
-def read_dicom(data: bytes) -> Dataset:
+def _check_inflated_size(data: bytes, limits: UploadLimits) -> None:
+    """A deflated DICOM (Deflated Explicit VR Little Endian: the dataset after the file meta zlib-compressed) must
+    not inflate beyond what a film within the pixel limit can hold (16-bit pixels, plus header room of the byte
+    limit). pydicom inflates the whole dataset before any header can be checked, so a 20 MB upload could otherwise
+    take gigabytes; here it is inflated with that cap first, and refused beyond it."""
+    fp = io.BytesIO(data)
+    try:
+        read_preamble(fp, force=True)
+        meta = read_file_meta(fp)
+    except Exception:
+        return  # no readable file meta: pydicom reads it as another syntax (or refuses it) below
+    if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+        return
+    cap = 2 * limits.max_pixels + limits.max_bytes
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        inflater.decompress(data[fp.tell():], cap)
+    except zlib.error:
+        raise InvalidImage("the deflated DICOM data is corrupt") from None
+    if inflater.unconsumed_tail:
+        raise InvalidImage(f"the deflated DICOM inflates to more than {cap} bytes, more than a film within the "
+                           f"limit of {limits.max_pixels} pixels needs")
+
+
+def read_dicom(data: bytes, limits: UploadLimits) -> Dataset:
     """Parse a DICOM file (pixel data read as bytes, not decoded); InvalidImage if pydicom cannot."""
+    _check_inflated_size(data, limits)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -92,7 +120,7 @@ def read_dicom(data: bytes) -> Dataset:
     return dataset
 
 
-def read_dicom_without_preamble(data: bytes) -> Dataset | None:
+def read_dicom_without_preamble(data: bytes, limits: UploadLimits) -> Dataset | None:
     """A DICOM dataset written without preamble and magic, or None when the bytes are not one.
 
     pydicom parses almost anything when forced, so only a dataset that starts with a group 0002 or 0008 element
@@ -101,7 +129,7 @@ def read_dicom_without_preamble(data: bytes) -> Dataset | None:
     if len(data) < 8 or data[:2] not in (b"\x02\x00", b"\x08\x00"):
         return None
     try:
-        dataset = read_dicom(data)
+        dataset = read_dicom(data, limits)
         if "Rows" in dataset and "Columns" in dataset:
             return dataset
     except InvalidImage:

@@ -66,14 +66,14 @@ def decode_upload(data: bytes, limits: UploadLimits) -> DecodedImage:
         raise InvalidImage("the uploaded file is empty")
     sha256 = hashlib.sha256(data).hexdigest()
     if looks_like_dicom(data):
-        parsed = read_dicom(data)
+        parsed = read_dicom(data, limits)
         film = decode_dicom(parsed, limits)
         return DecodedImage(data, sha256, "DICOM", film.gray, film.sex_hint, film.age_months, parsed)
     try:
         fmt, gray = decode_raster(data, limits)
     except NotARasterImage:
         # Not an image Pillow knows: maybe a DICOM dataset written without the preamble and 'DICM' magic.
-        dataset = read_dicom_without_preamble(data)
+        dataset = read_dicom_without_preamble(data, limits)
         if dataset is None:
             raise InvalidImage(f"the file is not a readable image ({EXPECTED})") from None
         film = decode_dicom(dataset, limits)
