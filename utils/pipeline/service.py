@@ -227,13 +227,14 @@ class BoneAgeService:
     def _predict_new(self, data: bytes, checked_id: PatientId, form_sex: str, form_age: float | None,
                      audit: AuditEntry | None, key: str | None, audit_position: int | None) -> PredictionOutcome:
         """`predict` past its checks: an upload that no stored prediction answers. `audit_position`: the audit
-        chain's head when the upload arrived, if already read (`_not_being_erased`); else it is read here."""
+        chain's head when the upload arrived, if read then (`_not_being_erased`); else the one read here."""
         watch = _Stopwatch()
         image = decode_upload(data, self.limits)
         film_check = self.film_gate.check(image)  # refused here, before anything is stored
         # Asked of the database while the models run (about 1 ms on SQLite, off the request's critical path).
-        erasure_check = (self._database_reads.submit(self._not_being_erased, checked_id) if audit_position is None
-                         else None)
+        # An erasure under way refuses the upload before anything is stored; the position an upload keeps is the
+        # earliest read (a retry's, from before its turn), so an erasure since then refuses it when it stores.
+        erasure_check = self._database_reads.submit(self._not_being_erased, checked_id)
         sex_used, sex_source = resolve_sex(form_sex, image)
         age, age_source = resolve_age(form_age, image)
         watch.lap("decode")
@@ -241,9 +242,8 @@ class BoneAgeService:
         film = film_background(image.gray, self.heatmap_max_side)
         watch.lap("preprocess")
         male, female = male_future.result(), female_future.result()
-        if erasure_check is not None:
-            audit_position = erasure_check.result()
-        assert audit_position is not None
+        position_now = erasure_check.result()
+        position = position_now if audit_position is None else audit_position
         watch.lap("inference_gradcam")
         if self.models.out_of_distribution(male, female):
             raise InvalidImage(out_of_distribution_message(male, self.models.male.ood_sigma_months))
@@ -253,7 +253,7 @@ class BoneAgeService:
         draft = PredictionDraft(new_prediction_id(created_at), checked_id, created_at, image, sex_used,
                                 sex_source, male, female, self.models, report, key)
         try:
-            prediction = self._store(draft, film, watch, audit_position, audit)
+            prediction = self._store(draft, film, watch, position, audit)
         except StoredMeanwhile:
             # Read anew: the rows of the refused transaction are expired by its rollback.
             earlier = self._stored_with_key(checked_id, key) if key is not None else None
