@@ -170,9 +170,7 @@ def _finish_run(client: Any, run_id: str | None, metrics: dict[str, float], vers
 # What a run's weights depend on: a checkpoint resumes only the run that wrote it. Where it is written (out), how it
 # is tracked, on which device and with how many decoding workers, and whether it validates each epoch, may change.
 _NOT_RUN_CONFIG = frozenset({"out", "tracking_uri", "experiment", "device", "workers", "validate"})
-
-
-_BATCHNORM_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+_BATCHNORM_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")  # estimated, not learned
 
 
 def learned_digest(state_dict: dict[str, torch.Tensor]) -> str:

@@ -46,8 +46,8 @@ class PatientNotFound(ServiceError):
 
 class Overloaded(ServiceError):
     """Busy now, retry in a few seconds (503, Retry-After): as many predictions as allowed (`BONEAGE_MAX_IN_FLIGHT`)
-    are already running in this process, the decoders' pixel budget or the machine's memory is spent for now, or an
-    upload with the same patient and Idempotency-Key is still running (`KeyTurns`)."""
+    are already running in this process, the decoders' pixel budget is spent for now, or an upload with the same
+    patient and Idempotency-Key is still running (`KeyTurns`). (Out of memory, a MemoryError, answers 503 too.)"""
 
 
 class FilmRefused(InvalidImage):

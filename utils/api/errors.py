@@ -39,8 +39,8 @@ STATUS_BY_ERROR: tuple[tuple[type[Exception], int], ...] = (
     (DatabaseUnavailable, 503),
     (ModelUnavailable, 503),
     (Overloaded, 503),
-    # Out of memory anywhere a decoder's own handling does not reach (a full-size copy for a check, the models, a
-    # PNG): the machine's state now, so retry later; the pipeline removes whatever it had stored (`_store`).
+    # Out of memory anywhere (a decoder lets it through its own error handling, as do the checks, the models and the
+    # PNGs): the machine's state now, not the request's, so retry later; the pipeline removes what it had stored.
     (MemoryError, 503),
 )
 OUT_OF_MEMORY = "not enough memory to serve this request now; retry in a few seconds (Retry-After)"
@@ -55,13 +55,14 @@ def status_of(exc: Exception) -> int:
 async def domain_error(request: Request, exc: Exception) -> JSONResponse:
     """A domain error's own message (written for clients) with its status; 503 says when to retry."""
     status = status_of(exc)
-    if isinstance(exc, MemoryError):
+    detail = str(exc)
+    if isinstance(exc, MemoryError):  # it carries no message of its own
         logger.warning("out of memory serving %s %s", request.method, request.url.path)
-        return JSONResponse({"detail": OUT_OF_MEMORY}, status_code=status, headers={"Retry-After": RETRY_AFTER_SECONDS})
+        detail = OUT_OF_MEMORY
     headers = {"Retry-After": RETRY_AFTER_SECONDS} if status == 503 else None
     if status == 401:
         headers = {"WWW-Authenticate": "Bearer"}
-    return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
 
 async def validation_error(_request: Request, exc: Exception) -> JSONResponse:

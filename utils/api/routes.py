@@ -50,9 +50,9 @@ UPLOAD_ERRORS: dict[int | str, dict[str, Any]] = {
                                                 "field sent twice, or an Idempotency-Key used before for this "
                                                 "patient with another request"},
     503: {"model": ErrorResponse, "description": "database or storage unavailable, or busy: too many predictions in "
-                                                "flight (BONEAGE_MAX_IN_FLIGHT), not enough memory to decode the film "
-                                                "now, or an upload with the same Idempotency-Key still running; retry "
-                                                "after Retry-After seconds"},
+                                                "flight (BONEAGE_MAX_IN_FLIGHT), not enough memory now, or an upload "
+                                                "with the same Idempotency-Key still running; retry after Retry-After "
+                                                "seconds"},
 }
 READ_ERRORS: dict[int | str, dict[str, Any]] = {
     **KEY_ERRORS,

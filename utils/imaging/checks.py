@@ -72,10 +72,6 @@ class PixelBudget:
 DECODING = PixelBudget(100_000_000)
 
 
-# A decoder out of memory once the film's size has passed the limits: the machine's state now, not a bad file.
-OUT_OF_MEMORY = "not enough memory to decode this film now; retry in a few seconds (Retry-After)"
-
-
 def check_pixel_count(width: int, height: int, limits: UploadLimits) -> None:
     """Refuse an image from its header size, before anything is decoded."""
     if width * height > limits.max_pixels:

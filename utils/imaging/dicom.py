@@ -34,10 +34,9 @@ from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEnd
 
 from male_boneage.preprocess import percentile_window
 from utils.config import MAX_CHRONOLOGICAL_AGE_MONTHS
-from utils.errors import InvalidImage, Overloaded
+from utils.errors import InvalidImage
 from utils.imaging.checks import (
     DECODING,
-    OUT_OF_MEMORY,
     UploadLimits,
     check_min_side,
     check_not_blank,
@@ -242,7 +241,7 @@ def _dicom_pixels(dataset: Dataset, columns: int, rows: int) -> np.ndarray:
             warnings.simplefilter("ignore")
             pixels = dataset.pixel_array
     except MemoryError:
-        raise  # the machine's state, not the file's (`decode_dicom`)
+        raise  # the machine's state now, not the file's: 503 (utils.api.errors)
     except Exception:  # decoders raise many kinds on damaged data
         raise InvalidImage("the DICOM pixel data is truncated or corrupt") from None
     if pixels.ndim != 2:
@@ -289,7 +288,7 @@ def _dicom_to_gray8(pixels: np.ndarray, dataset: Dataset) -> np.ndarray:
         try:
             values = apply_modality_lut(pixels, dataset)
         except MemoryError:
-            raise  # the machine's state, not the file's (`decode_dicom`)
+            raise
         except Exception:
             raise InvalidImage("the DICOM Modality LUT or Rescale Slope/Intercept is invalid") from None
         if values.dtype.kind == "f" and np.array_equal(values, np.floor(values)):
@@ -361,10 +360,7 @@ def decode_dicom(dataset: Dataset, limits: UploadLimits) -> DicomFilm:
     except Exception:  # a value pydicom cannot convert (wrong VR, multi-valued, ...)
         raise InvalidImage("the DICOM image header is malformed") from None
     with DECODING.hold(columns * rows):
-        try:
-            gray = Image.fromarray(_dicom_to_gray8(_dicom_pixels(dataset, columns, rows), dataset), mode="L")
-        except MemoryError:  # its size passed the limits: the machine is short of memory now, as for a raster
-            raise Overloaded(OUT_OF_MEMORY) from None
+        gray = Image.fromarray(_dicom_to_gray8(_dicom_pixels(dataset, columns, rows), dataset), mode="L")
     check_min_side(gray, limits)
     check_not_blank(gray)
     return DicomFilm(gray, _dicom_sex_hint(dataset), _dicom_age_months(dataset))

@@ -8,10 +8,9 @@ import warnings
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from male_boneage.preprocess import to_gray8
-from utils.errors import InvalidImage, Overloaded
+from utils.errors import InvalidImage
 from utils.imaging.checks import (
     DECODING,
-    OUT_OF_MEMORY,
     UploadLimits,
     check_min_side,
     check_not_blank,
@@ -61,13 +60,13 @@ def decode_raster(data: bytes, limits: UploadLimits) -> tuple[str, Image.Image]:
                 image.load()
                 ImageOps.exif_transpose(image, in_place=True)  # no copy of a film that needs no turning
         except MemoryError:
-            raise Overloaded(OUT_OF_MEMORY) from None
+            raise  # the machine's state now, not the file's: 503 (utils.api.errors)
         except Exception:
             raise InvalidImage("the image data is truncated or corrupt") from None
         try:
             gray = to_gray8(image)
         except MemoryError:
-            raise Overloaded(OUT_OF_MEMORY) from None
+            raise
         except Exception:  # a mode Pillow reads but cannot make gray, e.g. a LAB or CMYK-with-extra-channels TIFF
             raise InvalidImage(f"images in Pillow's {image.mode} mode are not accepted: upload the radiograph "
                                "in grayscale") from None
