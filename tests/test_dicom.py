@@ -28,7 +28,7 @@ from fastapi.testclient import TestClient
 from helpers import RAW, TEST20, assert_nothing_stored, post_image, wait_until_logged
 from mlflow import MlflowClient
 from PIL import Image
-from pydicom.dataset import Dataset
+from pydicom.pixels.decoders.base import Decoder, get_decoder
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     HTJ2KLossless,
@@ -198,22 +198,32 @@ def test_bad_dicoms_rejected_and_nothing_stored(client: TestClient, settings: Se
     assert_nothing_stored(settings)
 
 
+@pytest.mark.parametrize("compressed", [False, True], ids=["uncompressed", "jpeg"])
 def test_a_dicom_the_machine_has_no_memory_for_now_is_busy_not_corrupt(client: TestClient, settings: Settings,
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                       monkeypatch: pytest.MonkeyPatch,
+                                                                       compressed: bool) -> None:
     # Out of memory in the pixel decoder (the header's size already passed the limits) is the machine's state, not a
     # bad file: 503 with Retry-After, as the raster decoder answers, never "corrupt" (which tells a PACS not to retry).
-    def exhausted(self: Dataset) -> np.ndarray:
+    # Uncompressed, the decoder raises it; for a compressed syntax pydicom catches each plugin's error and raises a
+    # RuntimeError that keeps only their messages (a MemoryError's is empty).
+    def exhausted(*args: object, **kwargs: object) -> np.ndarray:
         raise MemoryError
 
-    monkeypatch.setattr(Dataset, "pixel_array", property(exhausted))
-    response = post_image(client, make_dicom(gray(RAW_FILM)), "P-oom", filename="x.dcm",
-                          content_type="application/dicom")
+    if compressed:
+        film = gray(RAW_FILM)
+        data = make_dicom(None, rows_columns=film.shape, syntax=JPEGBaseline8Bit, fragment=jpeg_baseline(film))
+        decoder = get_decoder(JPEGBaseline8Bit)
+        for plugin in decoder.available_plugins:
+            monkeypatch.setitem(decoder._available, plugin, exhausted)
+    else:
+        data = make_dicom(gray(RAW_FILM))
+        monkeypatch.setattr(Decoder, "as_array", exhausted)
+    response = post_image(client, data, "P-oom", filename="x.dcm", content_type="application/dicom")
     assert response.status_code == 503 and response.headers["Retry-After"], response.text
     assert "not enough memory" in response.json()["detail"]
     assert_nothing_stored(settings)
     monkeypatch.undo()
-    assert post_image(client, make_dicom(gray(RAW_FILM)), "P-oom", filename="x.dcm",
-                      content_type="application/dicom").status_code == 200
+    assert post_image(client, data, "P-oom", filename="x.dcm", content_type="application/dicom").status_code == 200
 
 
 def test_dicom_predictions_match_the_png(client: TestClient, settings: Settings,

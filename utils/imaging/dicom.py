@@ -16,6 +16,7 @@ import io
 import logging
 import re
 import struct
+import threading
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import get_frame
 from pydicom.filereader import _read_file_meta_info as read_file_meta  # pydicom 3.0's, pinned
 from pydicom.filereader import read_preamble
-from pydicom.pixels.decoders.base import get_decoder
+from pydicom.pixels.decoders.base import Decoder, get_decoder
 from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
@@ -214,6 +215,39 @@ def _check_compressed_frame(dataset: Dataset, syntax: UID, columns: int, rows: i
         raise InvalidImage(f"the DICOM compressed image is {size[0]}x{size[1]} but its header says {columns}x{rows}")
 
 
+class _PluginErrors(logging.Handler):
+    """The exceptions this thread's pydicom decoding plugins raised: pydicom logs each one, then raises a
+    RuntimeError that keeps only their messages (a MemoryError's is empty), so this is where the kind survives."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.thread = threading.get_ident()
+        self.errors: list[BaseException] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread and record.exc_info and record.exc_info[1] is not None:
+            self.errors.append(record.exc_info[1])
+
+
+def _decode_frame(decoder: Decoder, dataset: Dataset) -> np.ndarray:
+    """The frame's pixels from the decoder itself rather than `dataset.pixel_array`, which would keep a copy on the
+    dataset for as long as the request holds it (the DICOM results are built from it). Out of memory in a
+    compressed syntax's plugin is a MemoryError again, not pydicom's RuntimeError."""
+    plugin_errors = _PluginErrors()
+    pydicom.config.logger.addHandler(plugin_errors)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pixels, _ = decoder.as_array(dataset)
+        return pixels
+    except RuntimeError as error:
+        if any(isinstance(plugin_error, MemoryError) for plugin_error in plugin_errors.errors):
+            raise MemoryError("decoding the DICOM pixel data") from error
+        raise
+    finally:
+        pydicom.config.logger.removeHandler(plugin_errors)
+
+
 def _dicom_pixels(dataset: Dataset, columns: int, rows: int) -> np.ndarray:
     """Decode the single frame; InvalidImage for an unsupported compression or damaged pixel data."""
     meta = getattr(dataset, "file_meta", None)
@@ -237,9 +271,7 @@ def _dicom_pixels(dataset: Dataset, columns: int, rows: int) -> np.ndarray:
                            "deflated, RLE, JPEG, JPEG-LS and JPEG 2000 are)")
     _check_compressed_frame(dataset, syntax, columns, rows)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            pixels = dataset.pixel_array
+        pixels = _decode_frame(decoder, dataset)
     except MemoryError:
         raise  # the machine's state now, not the file's: 503 (utils.api.errors)
     except Exception:  # decoders raise many kinds on damaged data
