@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import tarfile
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -175,6 +176,28 @@ def test_the_mild_augmentation_varies_films_less_than_the_full_one() -> None:
 
     assert AUGMENTATIONS["full"] != MILD
     assert change("mild") < 0.9 * change("full")  # 0.195 against 0.242 (a mirror image counts in both)
+
+
+def test_the_crops_augmentation_gives_a_third_of_the_films_a_cropped_films_proportions() -> None:
+    """`mild-crops` stretches about a third of the films as far as a crop to the hand squashed to a square does
+    (proportions 0.6-1.67), the rest as `mild` (0.9-1.11); with no crops its draws are `mild`'s, unchanged."""
+    size = 64
+    ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    disc = (((xs - size / 2 + 0.5) ** 2 + (ys - size / 2 + 0.5) ** 2) < 14 ** 2).float()
+    discs = disc.expand(300, 1, size, size).contiguous()
+    geometry_only = replace(AUGMENTATIONS["mild-crops"], max_rotation_deg=0.0, scale_range=(1.0, 1.0), max_shift=0.0,
+                            flip_prob=0.0, gamma_range=(1.0, 1.0), background_cut_prob=0.0,
+                            background_lift_prob=0.0, blur_prob=0.0, noise_prob=0.0, marker_prob=0.0,
+                            border_prob=0.0, jpeg_prob=0.0)
+    shapes = geometry_only(discs, torch.Generator().manual_seed(3)) > 0.5
+    width, height = shapes.any(dim=2).sum(dim=-1).flatten(), shapes.any(dim=3).sum(dim=-1).flatten()
+    stretch = (width / height).log().abs()
+    # Beyond mild's 0.9-1.11 (log 0.10, and a pixel's rounding): 0.3 x 0.7 of the crops' log range = 0.21.
+    assert 0.12 < float((stretch > 0.15).float().mean()) < 0.3
+    assert float(stretch.max()) > 0.4  # as far as 0.6-1.67
+    films = torch.from_numpy(load_pixels(read_labels(TRAIN100)[:16], TINY_SIZE)).unsqueeze(1)
+    no_crops = replace(AUGMENTATIONS["mild-crops"], crop_aspect_prob=0.0)
+    assert torch.equal(no_crops(films, torch.Generator().manual_seed(5)), MILD(films, torch.Generator().manual_seed(5)))
 
 
 def test_a_finishing_schedule_trains_with_the_mild_augmentation(tmp_path: Path,
