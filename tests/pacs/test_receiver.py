@@ -17,13 +17,15 @@ from dicom_scp import AE_TITLE, StorageSCP
 from fastapi.testclient import TestClient
 from helpers import DATA, TEST20, colour_photo, make_settings, running_app, wait_until
 from pydicom.dataset import Dataset
-from pydicom.uid import ImplicitVRLittleEndian, generate_uid
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation  # type: ignore[attr-defined]
 
 from bench.harness import reserve_port
+from utils.imaging.checks import UploadLimits
 from utils.pacs import receiver as receiver_module
 from utils.pacs.receiver import (
+    CANNOT_UNDERSTAND,
     UNKNOWN_PATIENT,
     Forwarder,
     Inbox,
@@ -256,3 +258,33 @@ def test_an_instance_the_pacs_sends_twice_is_stored_once(tmp_path: Path) -> None
         assert inbox.waiting() == []
     reasons = [r.read_text() for r in inbox.refused_dir.glob("*.reason.txt")]
     assert len(reasons) == 1 and reasons[0].startswith("422") and predictions[0]["prediction_id"] in reasons[0]
+
+
+def test_a_deflated_film_that_inflates_beyond_the_limits_is_refused_and_a_deflated_film_kept(tmp_path: Path) -> None:
+    """pynetdicom inflates a C-STORE's whole data set when it is read, so a deflated one is capped first as uploads
+    are (2 bytes a pixel of the pixel limit plus the byte limit): 40 MB of zeros, sent as about 40 KB, are refused
+    with 'cannot understand' and nothing reaches the inbox; a deflated film within the cap is kept."""
+    film = pydicom.dcmread(io.BytesIO(make_dicom(gray(FILM)[:400, :300])))
+    film.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    deflated = io.BytesIO()
+    film.save_as(deflated, enforce_file_format=True)
+    film.add_new(0x00091010, "OB", bytes(40_000_000))
+    bomb = io.BytesIO()
+    film.save_as(bomb, enforce_file_format=True)
+    assert len(bomb.getvalue()) < 100_000
+    inbox = Inbox(tmp_path / "inbox")
+    busy = httpx.Client(base_url="http://service",
+                        transport=httpx.MockTransport(lambda _: httpx.Response(503, json={"detail": "busy"})))
+    with reserve_port() as reservation, busy:
+        port = int(reservation.getsockname()[1])
+        receiver = Receiver(inbox, Forwarder(inbox, busy, retry_seconds=3600), RECEIVER_AE,
+                            UploadLimits(max_pixels=1_000_000))  # inflated at most 22 MB
+        receiver.start("127.0.0.1", port)
+        try:
+            assert c_store(port, bomb.getvalue()) == CANNOT_UNDERSTAND
+            assert inbox.waiting() == []
+            assert c_store(port, deflated.getvalue()) == 0x0000
+        finally:
+            receiver.stop()
+    (kept,) = inbox.waiting()
+    assert pydicom.dcmread(kept).pixel_array.shape == (400, 300)

@@ -83,23 +83,16 @@ def looks_like_dicom(data: bytes) -> bool:
     return data[DICOM_MAGIC_OFFSET:DICOM_MAGIC_OFFSET + len(DICOM_MAGIC)] == DICOM_MAGIC
 
 
-def _check_inflated_size(data: bytes, limits: UploadLimits) -> None:
-    """A deflated DICOM (Deflated Explicit VR Little Endian: the dataset after the file meta zlib-compressed) must
-    not inflate beyond what a film within the pixel limit can hold (16-bit pixels, plus header room of the byte
-    limit). pydicom inflates the whole dataset before any header can be checked, so a 20 MB upload could otherwise
-    take gigabytes; here it is inflated with that cap first, and refused beyond it."""
-    fp = io.BytesIO(data)
-    try:
-        read_preamble(fp, force=True)
-        meta = read_file_meta(fp)
-    except Exception:
-        return  # no readable file meta: pydicom reads it as another syntax (or refuses it) below
-    if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
-        return
+def check_inflated_size(deflated: bytes, limits: UploadLimits) -> None:
+    """A deflated dataset (Deflated Explicit VR Little Endian: the dataset after the file meta, zlib-compressed)
+    must not inflate beyond what a film within the pixel limit can hold (16-bit pixels, plus header room of the
+    byte limit). pydicom (and pynetdicom, for a C-STORE) inflates the whole dataset before any header can be
+    checked, so 20 MB could otherwise take gigabytes; here it is inflated with that cap first. InvalidImage beyond
+    it, or when the data is not deflate at all."""
     cap = 2 * limits.max_pixels + limits.max_bytes
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     try:
-        inflater.decompress(data[fp.tell():], cap)
+        inflater.decompress(deflated, cap)
     except zlib.error:
         raise InvalidImage("the deflated DICOM data is corrupt") from None
     if inflater.unconsumed_tail:
@@ -107,9 +100,21 @@ def _check_inflated_size(data: bytes, limits: UploadLimits) -> None:
                            f"limit of {limits.max_pixels} pixels needs")
 
 
+def _check_inflated_file(data: bytes, limits: UploadLimits) -> None:
+    """`check_inflated_size` for a DICOM file whose file meta names the deflated syntax; other files pass."""
+    fp = io.BytesIO(data)
+    try:
+        read_preamble(fp, force=True)
+        meta = read_file_meta(fp)
+    except Exception:
+        return  # no readable file meta: pydicom reads it as another syntax (or refuses it) below
+    if meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+        check_inflated_size(data[fp.tell():], limits)
+
+
 def read_dicom(data: bytes, limits: UploadLimits) -> Dataset:
     """Parse a DICOM file (pixel data read as bytes, not decoded); InvalidImage if pydicom cannot."""
-    _check_inflated_size(data, limits)
+    _check_inflated_file(data, limits)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -33,6 +33,7 @@ from typing import Any
 import httpx
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom._globals import ALL_TRANSFER_SYNTAXES
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -46,6 +47,9 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from storage.store import fsync_folder
 from utils.config import Settings
+from utils.errors import InvalidImage
+from utils.imaging.checks import UploadLimits
+from utils.imaging.dicom import check_inflated_size
 
 logger = logging.getLogger(__name__)
 logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # its INFO and DEBUG logs can quote patient data
@@ -54,6 +58,7 @@ logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # its INFO and DEBUG 
 FILM_CLASSES = (ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation,
                 DigitalXRayImageStorageForProcessing, SecondaryCaptureImageStorage)
 OUT_OF_RESOURCES = 0xA700
+CANNOT_UNDERSTAND = 0xC000  # a C-STORE failure: the data set cannot be read
 NOT_A_PATIENT_ID_CHARACTER = re.compile(r"[^A-Za-z0-9._-]")
 UNKNOWN_PATIENT = "unknown-patient"
 # A DICOM UID (PS3.5 9.1): dot-separated numbers without leading zeros, at most 64 characters.
@@ -228,10 +233,12 @@ def _detail(response: httpx.Response) -> str:
 class Receiver:
     """The storage SCP and its forwarder."""
 
-    def __init__(self, inbox: Inbox, forwarder: Forwarder, ae_title: str) -> None:
+    def __init__(self, inbox: Inbox, forwarder: Forwarder, ae_title: str,
+                 limits: UploadLimits | None = None) -> None:
         self.inbox = inbox
         self.forwarder = forwarder
         self.ae_title = ae_title
+        self.limits = limits or UploadLimits()
         self._server: ThreadedAssociationServer | None = None
 
     def start(self, host: str, port: int, block: bool = False) -> None:
@@ -253,6 +260,13 @@ class Receiver:
         self.forwarder.stop()
 
     def _on_store(self, event: Any) -> int:
+        if event.context.transfer_syntax == DeflatedExplicitVRLittleEndian:
+            # pynetdicom inflates the whole data set when it is read: capped first, as uploads are
+            try:
+                check_inflated_size(event.request.DataSet.getvalue(), self.limits)
+            except InvalidImage as refusal:
+                logger.warning("refused a deflated film from %s: %s", event.assoc.requestor.ae_title, refusal)
+                return CANNOT_UNDERSTAND
         dataset = event.dataset
         dataset.file_meta = event.file_meta
         try:
@@ -277,7 +291,8 @@ def main(argv: list[str] | None = None) -> None:
     # A prediction takes well under a second; the long timeout covers a cold or heavily loaded service.
     with httpx.Client(base_url=args.service, headers=headers, timeout=120) as client:
         inbox = Inbox(args.inbox)
-        receiver = Receiver(inbox, Forwarder(inbox, client), settings.ae_title)
+        limits = UploadLimits(settings.max_upload_bytes, settings.max_image_pixels, settings.min_image_side)
+        receiver = Receiver(inbox, Forwarder(inbox, client), settings.ae_title, limits)
         try:
             receiver.start(args.host, args.port, block=True)
         except KeyboardInterrupt:
