@@ -198,29 +198,38 @@ def test_bad_dicoms_rejected_and_nothing_stored(client: TestClient, settings: Se
     assert_nothing_stored(settings)
 
 
-@pytest.mark.parametrize("compressed", [False, True], ids=["uncompressed", "jpeg"])
+@pytest.mark.parametrize("case", ["uncompressed", "jpeg", "jpeg-one-plugin-finds-it-corrupt"])
 def test_a_dicom_the_machine_has_no_memory_for_now_is_busy_not_corrupt(client: TestClient, settings: Settings,
                                                                        monkeypatch: pytest.MonkeyPatch,
-                                                                       compressed: bool) -> None:
+                                                                       case: str) -> None:
     # Out of memory in the pixel decoder (the header's size already passed the limits) is the machine's state, not a
     # bad file: 503 with Retry-After, as the raster decoder answers, never "corrupt" (which tells a PACS not to retry).
     # Uncompressed, the decoder raises it; for a compressed syntax pydicom catches each plugin's error and raises a
-    # RuntimeError that keeps only their messages (a MemoryError's is empty).
+    # RuntimeError that keeps only their messages (a MemoryError's is empty). When another plugin found the data
+    # corrupt, it stays a refusal: retrying would not help.
     def exhausted(*args: object, **kwargs: object) -> np.ndarray:
         raise MemoryError
 
-    if compressed:
+    def corrupt(*args: object, **kwargs: object) -> np.ndarray:
+        raise ValueError("invalid JPEG marker")
+
+    if case == "uncompressed":
+        data = make_dicom(gray(RAW_FILM))
+        monkeypatch.setattr(Decoder, "as_array", exhausted)
+    else:
         film = gray(RAW_FILM)
         data = make_dicom(None, rows_columns=film.shape, syntax=JPEGBaseline8Bit, fragment=jpeg_baseline(film))
         decoder = get_decoder(JPEGBaseline8Bit)
-        for plugin in decoder.available_plugins:
-            monkeypatch.setitem(decoder._available, plugin, exhausted)
-    else:
-        data = make_dicom(gray(RAW_FILM))
-        monkeypatch.setattr(Decoder, "as_array", exhausted)
+        first, *others = decoder.available_plugins
+        monkeypatch.setitem(decoder._available, first, exhausted)
+        for plugin in others:
+            monkeypatch.setitem(decoder._available, plugin, corrupt if case.endswith("corrupt") else exhausted)
     response = post_image(client, data, "P-oom", filename="x.dcm", content_type="application/dicom")
-    assert response.status_code == 503 and response.headers["Retry-After"], response.text
-    assert "not enough memory" in response.json()["detail"]
+    if case.endswith("corrupt"):
+        assert response.status_code == 422 and "corrupt" in response.json()["detail"], response.text
+    else:
+        assert response.status_code == 503 and response.headers["Retry-After"], response.text
+        assert "not enough memory" in response.json()["detail"]
     assert_nothing_stored(settings)
     monkeypatch.undo()
     assert post_image(client, data, "P-oom", filename="x.dcm", content_type="application/dicom").status_code == 200

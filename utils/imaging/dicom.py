@@ -221,36 +221,47 @@ def _check_compressed_frame(dataset: Dataset, syntax: UID, columns: int, rows: i
 
 
 class _PluginErrors(logging.Handler):
-    """The exceptions this thread's pydicom decoding plugins raised: pydicom logs each one, then raises a
-    RuntimeError that keeps only their messages (a MemoryError's is empty), so this is where the kind survives."""
+    """The exceptions pydicom's decoding plugins raised, per thread: pydicom logs each one (`LOGGER.exception`), then
+    raises a RuntimeError that keeps only their messages (a MemoryError's is empty), so this is where their kinds
+    survive. One handler for the process, installed at import: adding and removing one per call would race with
+    another thread's logging."""
 
     def __init__(self) -> None:
         super().__init__(logging.ERROR)
-        self.thread = threading.get_ident()
-        self.errors: list[BaseException] = []
+        self._local = threading.local()
+
+    def start(self) -> None:
+        self._local.errors = []
+
+    def errors(self) -> list[BaseException]:
+        return list(getattr(self._local, "errors", []))
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.thread == self.thread and record.exc_info and record.exc_info[1] is not None:
-            self.errors.append(record.exc_info[1])
+        errors = getattr(self._local, "errors", None)
+        if errors is not None and record.exc_info and record.exc_info[1] is not None:
+            errors.append(record.exc_info[1])
+
+
+_PLUGIN_ERRORS = _PluginErrors()
+logging.getLogger("pydicom.pixels.decoders.base").addHandler(_PLUGIN_ERRORS)
 
 
 def _decode_frame(decoder: Decoder, dataset: Dataset) -> np.ndarray:
     """The frame's pixels from the decoder itself rather than `dataset.pixel_array`, which would keep a copy on the
-    dataset for as long as the request holds it (the DICOM results are built from it). Out of memory in a
-    compressed syntax's plugin is a MemoryError again, not pydicom's RuntimeError."""
-    plugin_errors = _PluginErrors()
-    pydicom.config.logger.addHandler(plugin_errors)
+    dataset for as long as the request holds it (the DICOM results are built from it). When every plugin of a
+    compressed syntax ran out of memory, a MemoryError again, not pydicom's RuntimeError (one that reports the
+    data corrupt stays a refusal)."""
+    _PLUGIN_ERRORS.start()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             pixels, _ = decoder.as_array(dataset)
         return pixels
     except RuntimeError as error:
-        if any(isinstance(plugin_error, MemoryError) for plugin_error in plugin_errors.errors):
+        plugin_errors = _PLUGIN_ERRORS.errors()
+        if plugin_errors and all(isinstance(plugin_error, MemoryError) for plugin_error in plugin_errors):
             raise MemoryError("decoding the DICOM pixel data") from error
         raise
-    finally:
-        pydicom.config.logger.removeHandler(plugin_errors)
 
 
 def _dicom_pixels(dataset: Dataset, columns: int, rows: int) -> np.ndarray:
