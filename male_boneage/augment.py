@@ -92,6 +92,9 @@ class TrainAugmentation:
     # and "mild", whose random draws stay as they were.
     crop_aspect_prob: float = 0.0
     crop_aspect_range: tuple[float, float] = (0.6, 1.67)
+    # The same films also magnified by this much, as a crop to the hand of a film where the hand is small is (1, 1:
+    # no draw, so "mild-crops" draws as it did).
+    crop_zoom_range: tuple[float, float] = (1.0, 1.0)
 
     def __call__(self, batch: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """(N, 1, H, W) in [0, 1] -> augmented (N, 1, H, W) in [0, 1] (not yet standardised)."""
@@ -113,8 +116,13 @@ class TrainAugmentation:
         scale = torch.exp(uniform(math.log(self.scale_range[0]), math.log(self.scale_range[1])))
         aspect = torch.exp(uniform(math.log(self.aspect_range[0]), math.log(self.aspect_range[1])))
         if self.crop_aspect_prob > 0:
-            cropped = torch.exp(uniform(math.log(self.crop_aspect_range[0]), math.log(self.crop_aspect_range[1])))
-            aspect = torch.where(chance(self.crop_aspect_prob), cropped, aspect)
+            cropped_aspect = torch.exp(uniform(math.log(self.crop_aspect_range[0]),
+                                               math.log(self.crop_aspect_range[1])))
+            cropped = chance(self.crop_aspect_prob)
+            aspect = torch.where(cropped, cropped_aspect, aspect)
+            if self.crop_zoom_range != (1.0, 1.0):
+                zoom = torch.exp(uniform(math.log(self.crop_zoom_range[0]), math.log(self.crop_zoom_range[1])))
+                scale = torch.where(cropped, scale * zoom, scale)
         # A film zoomed out (padded onto a larger plate) may lie anywhere on the plate, not only near its centre.
         reach = self.max_shift * 2 + (1 / scale - 1).clamp(min=0)
         matrices = affine_matrices(
@@ -167,7 +175,10 @@ MILD = TrainAugmentation(max_rotation_deg=10.0, scale_range=(0.8, 1.2), aspect_r
 # MILD, with 30% of the films in the proportions of a film cropped to the hand (`crop_aspect_prob`). Tried as stage
 # 13 and not shipped: it left `crop_tight`'s cost on the trainable raw films as it was (model card, "What was tried").
 MILD_CROPS = replace(MILD, crop_aspect_prob=0.3)
-AUGMENTATIONS = {"full": TrainAugmentation(), "mild": MILD, "mild-crops": MILD_CROPS}
+# MILD_CROPS with the cropped films also magnified 1.1-2 times (stage 14).
+MILD_CROPS_ZOOM = replace(MILD_CROPS, crop_zoom_range=(1.1, 2.0))
+AUGMENTATIONS = {"full": TrainAugmentation(), "mild": MILD, "mild-crops": MILD_CROPS,
+                 "mild-crops-zoom": MILD_CROPS_ZOOM}
 
 
 def pixel_noise(shape: torch.Size, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:

@@ -178,27 +178,36 @@ def test_the_mild_augmentation_varies_films_less_than_the_full_one() -> None:
     assert change("mild") < 0.9 * change("full")  # 0.195 against 0.242 (a mirror image counts in both)
 
 
-def test_the_crops_augmentation_gives_a_third_of_the_films_a_cropped_films_proportions() -> None:
+def test_the_crops_augmentations_give_about_a_third_of_the_films_a_cropped_films_proportions_and_size() -> None:
     """`mild-crops` stretches about a third of the films as far as a crop to the hand squashed to a square does
-    (proportions 0.6-1.67), the rest as `mild` (0.9-1.11); `full` and `mild` are unchanged by the option."""
-    size = 64
+    (proportions 0.6-1.67), the rest as `mild` (0.9-1.11); `mild-crops-zoom` also magnifies those films 1.1-2 times.
+    The augmentations that trained the served nets, and `mild-crops`, draw as before each option was added."""
+    size = 96
     ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-    disc = (((xs - size / 2 + 0.5) ** 2 + (ys - size / 2 + 0.5) ** 2) < 14 ** 2).float()
+    disc = (((xs - size / 2 + 0.5) ** 2 + (ys - size / 2 + 0.5) ** 2) < 10 ** 2).float()
+    # 20 px across on a 96 px film: inside it at any draw (2 x 1.67 x 20 = 67 px)
     discs = disc.expand(300, 1, size, size).contiguous()
-    geometry_only = replace(AUGMENTATIONS["mild-crops"], max_rotation_deg=0.0, scale_range=(1.0, 1.0), max_shift=0.0,
-                            flip_prob=0.0, gamma_range=(1.0, 1.0), background_cut_prob=0.0,
-                            background_lift_prob=0.0, blur_prob=0.0, noise_prob=0.0, marker_prob=0.0,
-                            border_prob=0.0, jpeg_prob=0.0)
-    shapes = geometry_only(discs, torch.Generator().manual_seed(3)) > 0.5
-    width, height = shapes.any(dim=2).sum(dim=-1).flatten(), shapes.any(dim=3).sum(dim=-1).flatten()
-    stretch = (width / height).log().abs()
+
+    def shapes(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        geometry_only = replace(AUGMENTATIONS[name], max_rotation_deg=0.0, scale_range=(1.0, 1.0), max_shift=0.0,
+                                flip_prob=0.0, gamma_range=(1.0, 1.0), background_cut_prob=0.0,
+                                background_lift_prob=0.0, blur_prob=0.0, noise_prob=0.0, marker_prob=0.0,
+                                border_prob=0.0, jpeg_prob=0.0)
+        shown = geometry_only(discs, torch.Generator().manual_seed(3)) > 0.75  # outside: a fill up to 0.6
+        width, height = shown.any(dim=2).sum(dim=-1).flatten(), shown.any(dim=3).sum(dim=-1).flatten()
+        return (width / height).log().abs(), (width * height).float().sqrt() / 20  # stretch, size
+
+    stretch, size_cropped = shapes("mild-crops")
     # Beyond mild's 0.9-1.11 (log 0.10, and a pixel's rounding): 0.3 x 0.7 of the crops' log range = 0.21.
     assert 0.12 < float((stretch > 0.15).float().mean()) < 0.3
     assert float(stretch.max()) > 0.4  # as far as 0.6-1.67
-    # "full" and "mild" (which trained the served nets) draw as before the option existed: these sums of their
-    # variants of 16 films were measured with the code of the commit before it.
+    # The same draws up to the zoom: each film's size against its `mild-crops` one is its zoom (1 when not cropped).
+    zoom = shapes("mild-crops-zoom")[1] / size_cropped
+    assert 0.2 < float((zoom > 1.08).float().mean()) < 0.4
+    assert float(zoom.max()) > 1.7 and float(zoom.min()) > 0.9
+    # Sums of 16 films' variants, measured with the code before each option.
     films = torch.from_numpy(load_pixels(read_labels(TRAIN100)[:16], TINY_SIZE)).unsqueeze(1)
-    for name, total in (("full", 71491.434243233), ("mild", 64559.07092913954)):
+    for name, total in (("full", 71491.434243233), ("mild", 64559.07092913954), ("mild-crops", 56879.995069911434)):
         varied = AUGMENTATIONS[name](films, torch.Generator().manual_seed(5))
         assert float(varied.double().sum()) == pytest.approx(total, rel=1e-5), name
 
