@@ -175,7 +175,7 @@ MILD = TrainAugmentation(max_rotation_deg=10.0, scale_range=(0.8, 1.2), aspect_r
 # MILD, with 30% of the films in the proportions of a film cropped to the hand (`crop_aspect_prob`). Tried as stage
 # 13 and not shipped: it left `crop_tight`'s cost on the trainable raw films as it was (model card, "What was tried").
 MILD_CROPS = replace(MILD, crop_aspect_prob=0.3)
-# MILD_CROPS with the cropped films also magnified 1.1-2 times (stage 14).
+# MILD_CROPS with the cropped films also magnified 1.1-2 times. Tried as stage 14 and not shipped (model card).
 MILD_CROPS_ZOOM = replace(MILD_CROPS, crop_zoom_range=(1.1, 2.0))
 AUGMENTATIONS = {"full": TrainAugmentation(), "mild": MILD, "mild-crops": MILD_CROPS,
                  "mild-crops-zoom": MILD_CROPS_ZOOM}
