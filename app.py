@@ -91,7 +91,7 @@ def create_app(settings: Settings | None = None, load_models: ModelsLoader = Mod
                                   config.tracking_max_deferred, busy=in_flight.busy,
                                   lease_seconds=config.tracking_lease_seconds)
         tracking.start()
-        limits = UploadLimits(config.max_upload_bytes, config.max_image_pixels, config.min_image_side)
+        limits = UploadLimits.from_settings(config)
         dicom = DicomPolicy.from_settings(config)
         pacs = None if dicom.destination is None else PacsSender(
             dicom.destination, database, config.storage_dir, config.pacs_retry_seconds, config.pacs_retry_max_seconds,

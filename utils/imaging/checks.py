@@ -6,11 +6,15 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from utils.errors import InvalidImage, Overloaded
+
+if TYPE_CHECKING:
+    from utils.config import Settings
 
 # Mean HSV saturation above which an upload is a colour photograph, not a radiograph (grayscale films saved as
 # RGB have none: the shared RSNA films stored as RGBA or palette measure 0.00).
@@ -27,6 +31,12 @@ class UploadLimits:
     max_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 50_000_000
     min_side: int = 64
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> UploadLimits:
+        """The limits the service's settings give (`BONEAGE_MAX_UPLOAD_BYTES`, ...): the API, the DICOM receiver and
+        the batch scorer check the same ones."""
+        return cls(settings.max_upload_bytes, settings.max_image_pixels, settings.min_image_side)
 
 
 class PixelBudget:

@@ -291,8 +291,7 @@ def main(argv: list[str] | None = None) -> None:
     # A prediction takes well under a second; the long timeout covers a cold or heavily loaded service.
     with httpx.Client(base_url=args.service, headers=headers, timeout=120) as client:
         inbox = Inbox(args.inbox)
-        limits = UploadLimits(settings.max_upload_bytes, settings.max_image_pixels, settings.min_image_side)
-        receiver = Receiver(inbox, Forwarder(inbox, client), settings.ae_title, limits)
+        receiver = Receiver(inbox, Forwarder(inbox, client), settings.ae_title, UploadLimits.from_settings(settings))
         try:
             receiver.start(args.host, args.port, block=True)
         except KeyboardInterrupt:

@@ -373,7 +373,7 @@ def score(files: list[str], out: Path, settings: Settings, options: ScoringOptio
             options.heatmaps.mkdir(parents=True, exist_ok=True)
         male_size, female_size = model_input_sizes(settings)
         decode_options = DecodeOptions(
-            UploadLimits(settings.max_upload_bytes, settings.max_image_pixels, settings.min_image_side),
+            UploadLimits.from_settings(settings),
             male_size, female_size, settings.heatmap_max_side if options.heatmaps is not None else None,
             settings.film_check_weights, settings.film_check)
 
