@@ -24,6 +24,18 @@ MIN_GRAY_STD = 4.0
 GRAYSCALE_MODES = frozenset({"L", "I", "I;16", "I;16B", "I;16L", "I;16N", "F", "1", "LA"})
 
 
+@contextmanager
+def invalid_unless_out_of_memory(message: str) -> Iterator[None]:
+    """Any error of the decoding inside -> InvalidImage(`message`) (decoders raise many kinds on damaged data),
+    except MemoryError: that is the machine's state now, not the file's, and stays a 503 (utils.api.errors)."""
+    try:
+        yield
+    except MemoryError:
+        raise
+    except Exception:
+        raise InvalidImage(message) from None
+
+
 @dataclass(frozen=True)
 class UploadLimits:
     """Limits checked on every upload."""

@@ -43,6 +43,7 @@ from utils.imaging.checks import (
     check_not_blank,
     check_pixel_count,
     check_side_lengths,
+    invalid_unless_out_of_memory,
 )
 
 logger = logging.getLogger(__name__)
@@ -286,12 +287,8 @@ def _dicom_pixels(dataset: Dataset, columns: int, rows: int) -> np.ndarray:
         raise InvalidImage(f"DICOM transfer syntax {syntax.name or 'unknown'} is not supported (uncompressed, "
                            "deflated, RLE, JPEG, JPEG-LS and JPEG 2000 are)")
     _check_compressed_frame(dataset, syntax, columns, rows)
-    try:
+    with invalid_unless_out_of_memory("the DICOM pixel data is truncated or corrupt"):
         pixels = _decode_frame(decoder, dataset)
-    except MemoryError:
-        raise  # the machine's state now, not the file's: 503 (utils.api.errors)
-    except Exception:  # decoders raise many kinds on damaged data
-        raise InvalidImage("the DICOM pixel data is truncated or corrupt") from None
     if pixels.ndim != 2:
         raise InvalidImage("the DICOM pixel data is not a single grayscale frame")
     return pixels
@@ -333,12 +330,8 @@ def _dicom_to_gray8(pixels: np.ndarray, dataset: Dataset) -> np.ndarray:
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        try:
+        with invalid_unless_out_of_memory("the DICOM Modality LUT or Rescale Slope/Intercept is invalid"):
             values = apply_modality_lut(pixels, dataset)
-        except MemoryError:
-            raise
-        except Exception:
-            raise InvalidImage("the DICOM Modality LUT or Rescale Slope/Intercept is invalid") from None
         if values.dtype.kind == "f" and np.array_equal(values, np.floor(values)):
             values = values.astype(np.int64)  # an identity rescale: keep integers so a VOI LUT can index them
         gray: np.ndarray | None = None

@@ -16,6 +16,7 @@ from utils.imaging.checks import (
     check_not_blank,
     check_not_colour_photo,
     check_pixel_count,
+    invalid_unless_out_of_memory,
 )
 
 # Formats accepted, by what Pillow detects in the bytes (never the file name or Content-Type).
@@ -54,22 +55,14 @@ def decode_raster(data: bytes, limits: UploadLimits) -> tuple[str, Image.Image]:
     if frames > 1:
         raise InvalidImage("animated or multi-frame images are not accepted: upload a single radiograph")
     with DECODING.hold(width * height):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                image.load()
-                ImageOps.exif_transpose(image, in_place=True)  # no copy of a film that needs no turning
-        except MemoryError:
-            raise  # the machine's state now, not the file's: 503 (utils.api.errors)
-        except Exception:
-            raise InvalidImage("the image data is truncated or corrupt") from None
-        try:
+        with invalid_unless_out_of_memory("the image data is truncated or corrupt"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image.load()
+            ImageOps.exif_transpose(image, in_place=True)  # no copy of a film that needs no turning
+        # A mode Pillow reads but cannot make gray, e.g. a LAB or CMYK-with-extra-channels TIFF.
+        with invalid_unless_out_of_memory(f"images in Pillow's {image.mode} mode are not accepted: upload the "
+                                          "radiograph in grayscale"):
             gray = to_gray8(image)
-        except MemoryError:
-            raise
-        except Exception:  # a mode Pillow reads but cannot make gray, e.g. a LAB or CMYK-with-extra-channels TIFF
-            raise InvalidImage(f"images in Pillow's {image.mode} mode are not accepted: upload the radiograph "
-                               "in grayscale") from None
     check_min_side(gray, limits)
     check_not_colour_photo(image)
     check_not_blank(gray)
