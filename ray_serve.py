@@ -57,11 +57,12 @@ class ServedModel:
 
     version: str
     input_size: int
+    precision: str
     ood_sigma_months: float | None
 
     @classmethod
     def of(cls, model: BoneAgeModel) -> ServedModel:
-        return cls(model.version, model.input_size, model.ood_sigma_months)
+        return cls(model.version, model.input_size, model.precision, model.ood_sigma_months)
 
 
 @dataclass(frozen=True)

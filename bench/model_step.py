@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the service: half the cores)")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                        help="what the convolutions run in (the service's BONEAGE_INFERENCE_PRECISION)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--films", type=Path, help="folder of films (default: DATA/rsna-test-20)")
     parser.add_argument("--served-only", action="store_true",
@@ -103,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    models = {sex: BoneAgeModel.from_file(REPO / "male_boneage" / "weights" / f"{sex}.pt", device)
-              for sex in ("male", "female")}
+    models = {sex: BoneAgeModel.from_file(REPO / "male_boneage" / "weights" / f"{sex}.pt", device,
+                                          precision=args.precision) for sex in ("male", "female")}
     folder = args.films or args.data / "rsna-test-20"
     paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg"))[:max(20, *args.batches)]
     if len(paths) < max(args.batches):
@@ -133,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"- date: {dt.datetime.now(dt.UTC).isoformat(timespec='seconds')}",
         f"- command: `{command_line(MODULE, argv)}`",
-        f"- machine: `nproc` = {info['nproc']}, CPU {info['cpu']}; device {device}; torch threads per pass "
+        f"- machine: `nproc` = {info['nproc']}, CPU {info['cpu']}; device {device} ({models['male'].precision}); "
+        "torch threads per pass "
         f"{args.threads}; {len(models['male'].tta)} TTA variants; load average at start {load_start}, at end "
         f"{loadavg()}",
         f"- {args.reps} timed repetitions per batch size after {args.warmup} warm-up; {len(paths)} films of "

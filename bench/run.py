@@ -133,7 +133,7 @@ def measure_floor(images: dict[str, bytes], reps: int, warmup: int, device_name:
         first = model.members[0].served
         start = time.perf_counter()
         with torch.no_grad():
-            activations = first.net.to_cam_layer(xs[0])
+            activations = first.to_cam_layer(xs[0])
         leaf = activations.requires_grad_(True)
         torch.autograd.grad(first.from_cam_layer(leaf)[0, MEAN_INDEX], leaf)
         with torch.no_grad():
@@ -143,6 +143,7 @@ def measure_floor(images: dict[str, bytes], reps: int, warmup: int, device_name:
         return (time.perf_counter() - start) * 1000
 
     result: dict[str, object] = {"torch_threads": torch.get_num_threads(), "device": str(device),
+                                 "precision": models["male"].precision,
                                  "input_sizes": {s: "+".join(str(mem.input_size) for mem in m.members)
                                                  for s, m in models.items()}}
     for image_name, data in images.items():
@@ -582,7 +583,8 @@ def render(r: dict, args: argparse.Namespace) -> str:  # type: ignore[type-arg]
         *([f"- **warning: the machine was busy** (1-min load average {r['loadavg_start'].split()[0]} at start on "
            f"{m['nproc']} cores): other processes competed for the CPU, so the figures are pessimistic and noisy"]
           if busy(r["loadavg_start"], m["nproc"]) else []),
-        f"- device {floor['device']}; torch threads in the benchmark process {floor['torch_threads']}; model input "
+        f"- device {floor['device']} ({floor.get('precision', 'fp32')} trunks, as served); torch threads in the "
+        f"benchmark process {floor['torch_threads']}; model input "
         + ", ".join(f"{s} {v} px" for s, v in floor["input_sizes"].items())
         + (f"; extra server environment {r['extra_env']}" if r["extra_env"] else ""),
         f"- counts: floor {r['counts']['floor_reps']} repetitions (+3 warm-up); single requests "

@@ -26,7 +26,7 @@ import torch
 
 from male_boneage.augment import DEFAULT_TTA, TTA_VARIANTS
 from male_boneage.data import Case, load_pixels, read_labels, select
-from male_boneage.inference import BoneAgeModel, ModelEstimate, out_of_distribution
+from male_boneage.inference import BoneAgeModel, ModelEstimate, Precision, out_of_distribution
 from male_boneage.metrics import Z_90, summarize
 from male_boneage.preprocess import film_pixels, read_film
 from male_boneage.variants import VARIANTS, apply_variant
@@ -36,13 +36,14 @@ DEFAULT_WEIGHTS = PROJECT_ROOT / "male_boneage" / "weights"
 
 
 def evaluate(data: Path, male_weights: Path, female_weights: Path, out_csv: Path | None = None,
-             tta_variants: int = len(DEFAULT_TTA), split: str = "all", seed: int = 17) -> dict[str, dict[str, float]]:
+             tta_variants: int = len(DEFAULT_TTA), split: str = "all", seed: int = 17,
+             precision: Precision = "auto") -> dict[str, dict[str, float]]:
     """{"matching": metrics, "wrong_sex": metrics, "male": ..., "female": ...} for the folder's cases.
 
     `split` selects the training code's seeded split ("val", "calib") of a training folder; "all" takes every case.
     """
     cases = select(read_labels(data), split, "both", seed)
-    models = load_models(male_weights, female_weights, tta_variants)
+    models = load_models(male_weights, female_weights, tta_variants, precision)
     size = models["male"].input_size
     pixels = load_pixels(cases, size)
     by_model = {sex: model.predict_many(pixels) for sex, model in models.items()}
@@ -78,12 +79,14 @@ def evaluate(data: Path, male_weights: Path, female_weights: Path, out_csv: Path
     return results
 
 
-def load_models(male_weights: Path, female_weights: Path, tta_variants: int) -> dict[str, BoneAgeModel]:
-    """Both shipped models on the CPU, with the service's first `tta_variants` test-time variants."""
+def load_models(male_weights: Path, female_weights: Path, tta_variants: int,
+                precision: Precision = "auto") -> dict[str, BoneAgeModel]:
+    """Both shipped models on the CPU, with the service's first `tta_variants` test-time variants and, by default,
+    its precision (`BONEAGE_INFERENCE_PRECISION`'s default)."""
     tta = TTA_VARIANTS[:tta_variants]
     device = torch.device("cpu")
-    return {"male": BoneAgeModel.from_file(male_weights, device, tta),
-            "female": BoneAgeModel.from_file(female_weights, device, tta)}
+    return {"male": BoneAgeModel.from_file(male_weights, device, tta, precision),
+            "female": BoneAgeModel.from_file(female_weights, device, tta, precision)}
 
 
 def variant_pixels(films: Sequence[tuple[str, bytes]], variant: str, size: int, seed: int) -> np.ndarray:
@@ -119,11 +122,11 @@ def variant_metrics(models: dict[str, BoneAgeModel], cases: Sequence[Case],
 
 def evaluate_variants(data: Path, male_weights: Path, female_weights: Path, variants: Sequence[str],
                       tta_variants: int = len(DEFAULT_TTA), split: str = "all", seed: int = 17,
-                      cases_csv: Path | None = None) -> dict[str, dict[str, float]]:
+                      cases_csv: Path | None = None, precision: Precision = "auto") -> dict[str, dict[str, float]]:
     """{variant: matching-sex metrics and refusals} of the folder's cases, each variant through `film_pixels`;
     `cases_csv` gets each case's matching-sex estimate under each variant."""
     cases = select(read_labels(data), split, "both", seed)
-    models = load_models(male_weights, female_weights, tta_variants)
+    models = load_models(male_weights, female_weights, tta_variants, precision)
     table = {}
     rows = []
     for name in variants:
@@ -203,18 +206,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variants", nargs="*", choices=tuple(VARIANTS), default=None,
                         help="robustness benchmark: these ways a film reaches us (none named: all of them)")
     parser.add_argument("--seed", type=int, default=17, help="split seed used in training")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="what the convolutions run in (the service's BONEAGE_INFERENCE_PRECISION; auto: bf16 "
+                             "where the CPU runs it natively)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.variants is not None:
         started = time.perf_counter()
         cases_csv = args.out.with_name(f"{args.out.stem}-cases.csv")
         table = evaluate_variants(args.data, args.male_weights, args.female_weights, args.variants or tuple(VARIANTS),
-                                  args.tta, args.split, args.seed, cases_csv)
+                                  args.tta, args.split, args.seed, cases_csv, args.precision)
         write_variant_csv(table, args.out)
         sys.stdout.write(f"{format_variant_table(table)}\n{len(table)} variants in "
                          f"{time.perf_counter() - started:.0f} s; table: {args.out}, per case: {cases_csv}\n")
         return
-    results = evaluate(args.data, args.male_weights, args.female_weights, args.out, args.tta, args.split, args.seed)
+    results = evaluate(args.data, args.male_weights, args.female_weights, args.out, args.tta, args.split, args.seed,
+                       args.precision)
     sys.stdout.write(f"{format_report(results)}\nper-case results: {args.out}\n")
 
 

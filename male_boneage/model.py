@@ -93,7 +93,14 @@ class BoneAgeNet(nn.Module):
     def from_cam_layer(self, activations: torch.Tensor,
                        male: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The CAM layer's activations -> (`grp`, `unc`) (the second half of `forward`)."""
-        pooled = torch.flatten(self.pool(self.layer4(activations)), 1)
+        return self.head(self.pooled_features(activations), male)
+
+    def pooled_features(self, activations: torch.Tensor) -> torch.Tensor:
+        """The CAM layer's activations -> the pooled features of the last stage, (N, 8 * width)."""
+        return torch.flatten(self.pool(self.layer4(activations)), 1)
+
+    def head(self, pooled: torch.Tensor, male: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled features (and the sex, else the model's own) -> (`grp` logits, `unc`: mean and log sigma)."""
         if male is None:
             male = self.male.expand(pooled.shape[0])
         sex = self.sex(male.to(pooled.dtype).view(-1, 1))

@@ -31,7 +31,7 @@ import torch
 from male_boneage.augment import DEFAULT_TTA, TTA_VARIANTS
 from male_boneage.data import HELDOUT_SPLITS, read_labels, select
 from male_boneage.evaluate import DEFAULT_WEIGHTS, load_models, variant_pixels
-from male_boneage.inference import ModelEstimate
+from male_boneage.inference import ModelEstimate, Precision
 from male_boneage.metrics import Z_90, calibrate_sigma_scale, summarize
 from male_boneage.variants import VARIANTS
 
@@ -45,7 +45,8 @@ def coverage(estimates: Sequence[ModelEstimate], ages: Sequence[float], scale: f
 
 
 def recalibrate(data: Path, male_weights: Path, female_weights: Path, variants: Sequence[str], split: str = "train",
-                seed: int = 17, tta_variants: int = len(DEFAULT_TTA)) -> dict[str, dict[str, Any]]:
+                seed: int = 17, tta_variants: int = len(DEFAULT_TTA),
+                precision: Precision = "auto") -> dict[str, dict[str, Any]]:
     """{sex: {"old_scale", "new_scale", "n", "variants": {variant: {"scale", "mae_months", "coverage_old",
     "coverage_new"}}}}: every film of `split` is sent as each of `variants` to the model of its sex, with the first
     `tta_variants` test-time variants; the new scale is the largest of the per-variant scales."""
@@ -54,7 +55,7 @@ def recalibrate(data: Path, male_weights: Path, female_weights: Path, variants: 
     if not variants:
         raise ValueError("name at least one variant to calibrate on")
     cases = select(read_labels(data), split, "both", seed)
-    models = load_models(male_weights, female_weights, tta_variants)
+    models = load_models(male_weights, female_weights, tta_variants, precision)
     old = {sex: model.sigma_scale for sex, model in models.items()}
     for model in models.values():
         model.metadata = model.metadata | {"sigma_scale": 1.0}  # raw sigmas: the scale replaces the old one
@@ -102,12 +103,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="variants each film is sent as (none named: all of them)")
     parser.add_argument("--tta", type=int, choices=range(1, len(TTA_VARIANTS) + 1), default=len(DEFAULT_TTA),
                         help="test-time variants the scale is fitted for (the service's BONEAGE_TTA_VARIANTS)")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="what the convolutions run in (the service's BONEAGE_INFERENCE_PRECISION)")
     parser.add_argument("--write", action="store_true", help="store the new scales in the weights files")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     variants = args.variants or tuple(VARIANTS)
     result = recalibrate(args.data, args.male_weights, args.female_weights, variants, args.split, args.seed,
-                         args.tta)
+                         args.tta, args.precision)
     for sex, r in result.items():
         sys.stdout.write(f"{sex}: sigma scale {r['old_scale']:.3f} -> {r['new_scale']:.3f} ({r['n']} films)\n")
         for name, v in r["variants"].items():
@@ -116,7 +119,8 @@ def main(argv: list[str] | None = None) -> None:
                              f"{v['coverage_old'] * 100:5.1f}% -> {v['coverage_new'] * 100:5.1f}%\n")
     if args.write:
         how = (f"python -m male_boneage.recalibrate --data {args.data.name} --split {args.split} --seed {args.seed}"
-               f" --variants {' '.join(variants)} --tta {args.tta} (the largest per-variant scale)")
+               f" --variants {' '.join(variants)} --tta {args.tta} --precision {args.precision}"
+               " (the largest per-variant scale)")
         for sex, path in (("male", args.male_weights), ("female", args.female_weights)):
             write_scale(path, result[sex]["new_scale"], how, args.tta)
             sys.stdout.write(f"wrote sigma scale {result[sex]['new_scale']:.4f} into {path}\n")

@@ -52,7 +52,9 @@ for sex in male female; do
   python -m male_boneage.ensemble --raw "$RAW" --out "checkpoints/ensemble/$sex.pt" \
     --member "checkpoints/stage11/224/$sex.pt" --member "checkpoints/stage11/288/$sex.pt:2"
 done
+# The sigma scale fitted as the service runs the nets on this machine: trunks in bfloat16 (2026-12-07; --precision
+# fp32 for a machine that serves float32).
 python -m male_boneage.recalibrate --data "$RAW" --split train --male-weights checkpoints/ensemble/male.pt \
-  --female-weights checkpoints/ensemble/female.pt --write
+  --female-weights checkpoints/ensemble/female.pt --precision bf16 --write
 cp checkpoints/ensemble/*.pt male_boneage/weights/  # each ensemble file and its nets (male-net0.pt, ...)
 python -m male_boneage.film_check train --out male_boneage/weights/film_check.pt

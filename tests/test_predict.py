@@ -7,11 +7,13 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from helpers import RAW, TEST20, make_settings, post_image, running_app, wait_until_logged
 from mlflow import MlflowClient
 from sqlalchemy import create_engine, text
 
+from male_boneage.inference import resolve_precision
 from utils.config import Settings
 
 
@@ -148,3 +150,19 @@ def test_relative_storage_dir_and_artifacts_are_real_copies(tmp_path: Path, monk
     assert not any(p.is_symlink() for p in downloaded.iterdir())
     stored = tmp_path / "relative-storage" / body["male_prediction"]["gradcam_path"]
     assert (downloaded / "male_gradcam.png").read_bytes() == stored.read_bytes()
+
+
+def test_the_precision_setting_is_served_and_reported(shared_client: TestClient, tmp_path: Path) -> None:
+    """BONEAGE_INFERENCE_PRECISION=fp32 runs the nets in float32 (`/health` says so); the default's bfloat16 trunks,
+    where the CPU runs them natively, answer the same film within rounding."""
+    data = (TEST20 / "4360.png").read_bytes()
+    default = post_image(shared_client, data, "P-precision-default").json()
+    expected = resolve_precision("auto", torch.device("cpu"))  # the service's own rule for "auto"
+    assert {m["precision"] for m in shared_client.get("/health").json()["models"].values()} == {expected}
+    with running_app(make_settings(tmp_path, inference_precision="fp32")) as client:
+        assert {m["precision"] for m in client.get("/health").json()["models"].values()} == {"fp32"}
+        fp32 = post_image(client, data, "P-precision-fp32").json()
+    for key in ("male_prediction", "female_prediction"):
+        assert fp32[key]["model_version"] == default[key]["model_version"]
+        assert fp32[key]["age_months"] == pytest.approx(default[key]["age_months"], abs=0.25)
+        assert fp32[key]["sigma_months"] == pytest.approx(default[key]["sigma_months"], abs=0.25)

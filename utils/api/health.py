@@ -46,8 +46,8 @@ def health_report(service: BoneAgeService) -> HealthResponse:
         status="degraded" if failing else "ok",
         failing=failing,
         models={
-            "male": ModelHealth(version=models.male.version, input_size=models.male.input_size),
-            "female": ModelHealth(version=models.female.version, input_size=models.female.input_size),
+            sex: ModelHealth(version=model.version, input_size=model.input_size, precision=model.precision)
+            for sex, model in (("male", models.male), ("female", models.female))
         },
         female_model_fallback=models.female_fallback,
         device=models.device_name,

@@ -170,6 +170,7 @@ class PatientResults(BaseModel):
 class ModelHealth(BaseModel):
     version: str
     input_size: int
+    precision: str = Field(description="what the convolutions run in: bf16 or fp32 (BONEAGE_INFERENCE_PRECISION)")
 
 
 class HealthResponse(BaseModel):

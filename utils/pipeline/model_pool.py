@@ -37,12 +37,12 @@ def load_models(settings: Settings, device: torch.device) -> tuple[BoneAgeModel,
     """(male, female, female fallback): both weights files loaded strictly on `device`; without female weights the
     male model is returned for both. Raises ModelUnavailable naming a bad file."""
     tta = TTA_VARIANTS[: settings.tta_variants]
-    male = BoneAgeModel.from_file(settings.male_weights, device, tta)
+    male = BoneAgeModel.from_file(settings.male_weights, device, tta, settings.inference_precision)
     if not settings.female_weights.is_file():
         logger.warning("female weights %s not found: the male model serves female predictions too",
                        settings.female_weights)
         return male, male, True
-    return male, BoneAgeModel.from_file(settings.female_weights, device, tta), False
+    return male, BoneAgeModel.from_file(settings.female_weights, device, tta, settings.inference_precision), False
 
 
 def model_inputs(film: Image.Image, male_size: int, female_size: int | None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -86,8 +86,8 @@ class ModelPool:
         # The fallback shares the male worker: one model is never run by two workers at once.
         female_batcher = male_batcher if female_fallback else MicroBatcher(
             female, "female", settings.batch_max_size, settings.batch_max_wait_ms)
-        logger.info("models loaded on %s: male %s, female %s%s", device, male.version, female.version,
-                    " (fallback)" if female_fallback else "")
+        logger.info("models loaded on %s (%s): male %s, female %s%s", device, male.precision, male.version,
+                    female.version, " (fallback)" if female_fallback else "")
         return cls(male, female, female_fallback, device, male_batcher, female_batcher)
 
     @property

@@ -27,6 +27,9 @@ class ModelCard(Protocol):
     def input_size(self) -> int: ...
 
     @property
+    def precision(self) -> str: ...
+
+    @property
     def ood_sigma_months(self) -> float | None: ...
 
 
