@@ -20,6 +20,7 @@ import asyncio
 import datetime as dt
 import json
 import math
+import os
 import statistics
 import sys
 import threading
@@ -83,14 +84,16 @@ class PatientIds:
 # the floor
 
 
-def measure_floor(images: dict[str, bytes], reps: int, warmup: int, device_name: str) -> dict[str, object]:
+def measure_floor(images: dict[str, bytes], reps: int, warmup: int, device_name: str,
+                  precision: str = "auto") -> dict[str, object]:
     """decode_upload + per model one forward and backward pass (batch of 1) at the input size (medians); for a
     model that is an ensemble, one forward pass of each further net at its own input size, the backward pass
     through the first net only (its Grad-CAM is the heatmap).
 
     The floor's backward pass is the one Grad-CAM needs: from the age output to the CAM layer's activations
     (the served models' weights are frozen, so autograd stops there; `male_boneage/inference.py`). For reference
-    the same is also measured with a full backward pass into every weight, as a textbook Grad-CAM does.
+    the same is also measured with a full backward pass into every weight, as a textbook Grad-CAM does. Both in
+    the servers' precision (`BONEAGE_INFERENCE_PRECISION`: bfloat16 trunks or float32).
     """
     # Imported here, not at the top: torch and the models take seconds to load and only the floor needs them.
     import torch
@@ -104,7 +107,9 @@ def measure_floor(images: dict[str, bytes], reps: int, warmup: int, device_name:
     device = torch.device("cuda" if device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
                           else "cpu")
     weights = REPO / "male_boneage" / "weights"
-    models = {sex: BoneAgeModel.from_file(weights / f"{sex}.pt", device) for sex in ("male", "female")}
+    models = {sex: BoneAgeModel.from_file(weights / f"{sex}.pt", device, precision=precision)  # type: ignore[arg-type]
+              for sex in ("male", "female")}
+    bf16 = models["male"].precision == "bf16"
     full_nets = {sex: [FlatOutput(net).to(device).eval() for net in build_nets(*load_weights(weights / f"{sex}.pt"),
                                                                               sex)]
                  for sex in ("male", "female")}
@@ -116,9 +121,10 @@ def measure_floor(images: dict[str, bytes], reps: int, warmup: int, device_name:
 
     def forward_backward(nets: list[torch.nn.Module], xs: list[torch.Tensor]) -> float:
         start = time.perf_counter()
-        out = nets[0](xs[0])  # gradients on, as Grad-CAM needs
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = nets[0](xs[0])  # gradients on, as Grad-CAM needs
         out[0, MEAN_INDEX].backward()
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             for net, x in zip(nets[1:], xs[1:], strict=True):
                 net(x)
         sync()
@@ -449,7 +455,10 @@ def main(argv: list[str] | None = None) -> int:
         ids = PatientIds()
         try:
             print(f"floor: {args.floor_reps} repetitions per image (+3 warm-up) ...", flush=True)
-            results["floor"] = measure_floor({k: v[1] for k, v in images.items()}, args.floor_reps, 3, args.device)
+            precision = args.extra_env.get("BONEAGE_INFERENCE_PRECISION",
+                                           os.environ.get("BONEAGE_INFERENCE_PRECISION", "auto"))
+            results["floor"] = measure_floor({k: v[1] for k, v in images.items()}, args.floor_reps, 3, args.device,
+                                             precision)
             for name in images:
                 print(f"  {name}: {fmt(results['floor'][name]['total'])} ms")  # type: ignore[index]
 

@@ -8,6 +8,7 @@ its own, and their estimates are averaged; the heatmap is the first member's.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,8 @@ from male_boneage.model import (
     target_to_months,
 )
 from male_boneage.preprocess import PREPROCESSING_VERSION
+
+logger = logging.getLogger(__name__)
 
 REQUIRED_METADATA = ("architecture", "sex", "input_size", "width", "preprocessing", "normalization", "sigma_scale",
                      "version")
@@ -113,7 +116,8 @@ def read_weights_file(path: Path, architecture: str, required: tuple[str, ...],
     if metadata["preprocessing"] != PREPROCESSING_VERSION:
         raise ModelUnavailable(f"{what} file {path} was trained with preprocessing "
                                f"{metadata['preprocessing']!r}, the code's is {PREPROCESSING_VERSION!r}")
-    # Weights are stored in float16 where that halves the file (`half_precision`); the nets run in float32.
+    # Weights are stored in float16 where that halves the file (`half_precision`); they are loaded as float32 (the
+    # trunks may then run in bfloat16: `ServedNet`).
     state_dict = {name: t.float() if t.is_floating_point() else t for name, t in payload["state_dict"].items()}
     return state_dict, metadata
 
@@ -230,21 +234,26 @@ def grad_cam(activations: torch.Tensor, gradients: torch.Tensor, size: tuple[int
 
 
 def bf16_native(device: torch.device) -> bool:
-    """Whether `device` runs bfloat16 convolutions natively: a CUDA GPU that supports bfloat16, or a CPU with
-    AVX-512 BF16 or AMX instructions (this project's machine has AVX-512 BF16). Elsewhere oneDNN emulates bfloat16,
-    which is no faster than float32."""
+    """Whether `device` runs bfloat16 convolutions natively: a CUDA GPU of compute capability 8.0 or later (Ampere
+    on; older ones emulate it), or a CPU with AVX-512 BF16 or AMX instructions (this project's machine has AVX-512
+    BF16). Elsewhere bfloat16 is emulated, no faster than float32."""
     if device.type == "cuda":
-        return bool(torch.cuda.is_bf16_supported())
+        return torch.cuda.get_device_capability(device) >= (8, 0)
     try:  # torch's own CPU feature checks (private in torch 2.x, hence the guard)
         return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    except AttributeError:  # a build without them: assume not
+    except AttributeError:  # a torch without them: say so, rather than quietly serve float32
+        logger.warning("this torch cannot tell whether the CPU has bfloat16 instructions: the models run in float32 "
+                       "(BONEAGE_INFERENCE_PRECISION=bf16 forces bfloat16)")
         return False
 
 
 def resolve_precision(precision: Precision, device: torch.device) -> Literal["fp32", "bf16"]:
-    """"auto" -> "bf16" where the device runs it natively (`bf16_native`), else "fp32"."""
+    """"auto" -> "bf16" where the device runs it natively (`bf16_native`), else "fp32"; "fp32" and "bf16" as they
+    are; anything else is a ValueError."""
     if precision == "auto":
         return "bf16" if bf16_native(device) else "fp32"
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be auto, fp32 or bf16, not {precision!r}")
     return precision
 
 
@@ -252,8 +261,9 @@ class ServedNet:
     """How a net runs when served: BatchNorm folded into the convolutions, tensors channels-last (oneDNN's layout on
     the CPU, also cuDNN's fast one; the same function within float rounding, about a fifth faster on 2 cores), and
     with "bf16" the convolutional trunk in `torch.autocast` bfloat16, as the nets were trained (`train.py`), about
-    1.8 times as fast on this project's 2 cores. The head (the pooled features on) always runs in float32: a bfloat16
-    output would round an age of 128-228 months to whole months.
+    1.7 times as fast on this project's 2 cores. The head (the pooled features on) always runs in float32, whatever
+    autocast a caller has open: a bfloat16 output (the standardised age) would round an age of 170-220 months to
+    steps of 0.39 months.
 
     Outputs are `FlatOutput`'s `[grp logits (4), mean, log sigma]`, float32.
     """
@@ -274,7 +284,8 @@ class ServedNet:
         """The CAM layer's activations -> outputs (float32)."""
         with self._trunk_precision(activations.device):
             pooled = self.net.pooled_features(activations)
-        grp, unc = self.net.head(pooled.float())
+        with torch.autocast(activations.device.type, enabled=False):
+            grp, unc = self.net.head(pooled.float())
         return torch.cat([grp, unc], dim=1)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

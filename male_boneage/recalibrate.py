@@ -47,9 +47,9 @@ def coverage(estimates: Sequence[ModelEstimate], ages: Sequence[float], scale: f
 def recalibrate(data: Path, male_weights: Path, female_weights: Path, variants: Sequence[str], split: str = "train",
                 seed: int = 17, tta_variants: int = len(DEFAULT_TTA),
                 precision: Precision = "auto") -> dict[str, dict[str, Any]]:
-    """{sex: {"old_scale", "new_scale", "n", "variants": {variant: {"scale", "mae_months", "coverage_old",
-    "coverage_new"}}}}: every film of `split` is sent as each of `variants` to the model of its sex, with the first
-    `tta_variants` test-time variants; the new scale is the largest of the per-variant scales."""
+    """{sex: {"old_scale", "new_scale", "n", "precision" (as resolved), "variants": {variant: {"scale", "mae_months",
+    "coverage_old", "coverage_new"}}}}: every film of `split` is sent as each of `variants` to the model of its sex,
+    with the first `tta_variants` test-time variants; the new scale is the largest of the per-variant scales."""
     if split in HELDOUT_SPLITS or split in ("heldout", "all"):
         raise ValueError(f"split {split!r} holds benchmark films: calibrate on 'train' only")
     if not variants:
@@ -77,7 +77,8 @@ def recalibrate(data: Path, male_weights: Path, female_weights: Path, variants: 
             per_variant[name] = {"scale": scale, "mae_months": summarize(estimates, ages)["mae_months"],
                                  "coverage_old": coverage(estimates, ages, old[sex]),
                                  "coverage_new": coverage(estimates, ages, new)}
-        result[sex] = {"old_scale": old[sex], "new_scale": new, "n": len(group), "variants": per_variant}
+        result[sex] = {"old_scale": old[sex], "new_scale": new, "n": len(group), "variants": per_variant,
+                       "precision": model.precision}
     return result
 
 
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
                              f"{v['coverage_old'] * 100:5.1f}% -> {v['coverage_new'] * 100:5.1f}%\n")
     if args.write:
         how = (f"python -m male_boneage.recalibrate --data {args.data.name} --split {args.split} --seed {args.seed}"
-               f" --variants {' '.join(variants)} --tta {args.tta} --precision {args.precision}"
+               f" --variants {' '.join(variants)} --tta {args.tta} --precision {result['male']['precision']}"
                " (the largest per-variant scale)")
         for sex, path in (("male", args.male_weights), ("female", args.female_weights)):
             write_scale(path, result[sex]["new_scale"], how, args.tta)

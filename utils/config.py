@@ -54,9 +54,9 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available, else CPU")
     tta_variants: int = Field(4, ge=1, le=8, description="test-time augmentation variants per model (1: off)")
     inference_precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="what the models' convolutions run in: bf16 (bfloat16, as they were trained; about 1.8x "
-        "as fast on a CPU with AVX-512 BF16, ages within 0.1 month of fp32's), fp32, or auto: bf16 where the device "
-        "runs it natively, else fp32")
+        "auto", description="what the models' convolutions run in: bf16 (bfloat16, as they were trained; about 1.7x "
+        "as fast on a CPU with AVX-512 BF16; ages within 0.16 months of fp32's for 99% of films), fp32, or auto: bf16 "
+        "where the device runs it natively (AVX-512 BF16 or AMX; a GPU of compute capability 8.0 on), else fp32")
     torch_threads: int = Field(0, ge=0, description="CPU threads per model pass (0: half the cores, at least 1, "
                                                    "since the two models run at the same time)")
     batch_max_size: int = Field(8, ge=1, description="most images per batched model pass (micro-batching)")

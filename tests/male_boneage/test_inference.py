@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -91,8 +92,11 @@ def test_bfloat16_trunks_answer_as_float32_on_the_test_films(
     batch = torch.from_numpy(np.stack(films[:2])).unsqueeze(1).contiguous(memory_format=torch.channels_last)
     member = bf16.members[0]
     activations = member.served.to_cam_layer(resize_to(batch[:, 0], member.input_size).unsqueeze(1))
-    # The trunk runs in bfloat16, the head in float32 (a bfloat16 age of 128-256 months is a whole number).
+    # The trunk runs in bfloat16, the head in float32 (a bfloat16 output rounds an age of 170-220 months to steps of
+    # 0.39 months), also inside a caller's autocast.
     assert activations.dtype == torch.bfloat16 and member.served.from_cam_layer(activations).dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert member.served.from_cam_layer(activations).dtype == torch.float32
     served = bf16.predict_batch(films, with_heatmap=True)
     for ours, theirs in zip(served, fp32.predict_batch(films, with_heatmap=True), strict=True):
         assert ours.age_months == pytest.approx(theirs.age_months, abs=0.25)
@@ -101,6 +105,19 @@ def test_bfloat16_trunks_answer_as_float32_on_the_test_films(
         assert ours.heatmap is not None and theirs.heatmap is not None and ours.heatmap.dtype == np.float32
         assert float(np.abs(ours.heatmap - theirs.heatmap).max()) <= 0.15
         assert np.corrcoef(ours.heatmap.ravel(), theirs.heatmap.ravel())[0, 1] > 0.99
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="reads the CPU's flags from Linux's /proc/cpuinfo")
+def test_auto_precision_is_bfloat16_exactly_where_the_cpu_has_bfloat16_instructions() -> None:
+    """An answer independent of torch's checks: "auto" must not quietly fall back to float32 on a CPU with AVX-512
+    BF16 or AMX (this project's machine), nor pick bfloat16 where it would be emulated."""
+    flags = {flag for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
+             for flag in line.split(":", 1)[1].split()}
+    has_bf16 = bool(flags & {"avx512_bf16", "amx_bf16", "amx_tile"})
+    assert resolve_precision("auto", torch.device("cpu")) == ("bf16" if has_bf16 else "fp32")
+    assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
+    with pytest.raises(ValueError, match="auto, fp32 or bf16"):
+        resolve_precision("BF16", torch.device("cpu"))  # type: ignore[arg-type]
 
 
 def test_heatmap_equals_full_backward_grad_cam_and_no_weight_gradients() -> None:
