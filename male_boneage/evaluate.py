@@ -110,13 +110,24 @@ def variant_estimates(models: dict[str, BoneAgeModel], cases: Sequence[Case], va
     return {sex: model.predict_many(pixels) for sex, model in models.items()}
 
 
+def refusals(models: dict[str, BoneAgeModel], by_model: dict[str, list[ModelEstimate]]) -> list[bool]:
+    """Per case: whether the service's out-of-distribution rule refuses it (no estimate is answered)."""
+    count = len(by_model["male"])
+    return [out_of_distribution((models[s], by_model[s][i]) for s in models) for i in range(count)]
+
+
 def variant_metrics(models: dict[str, BoneAgeModel], cases: Sequence[Case],
                     by_model: dict[str, list[ModelEstimate]]) -> dict[str, float]:
-    """Matching-sex metrics of one variant, plus how many films the out-of-distribution rule refuses."""
+    """Matching-sex metrics of one variant over every film, refused or not; how many films the out-of-distribution
+    rule refuses; and the MAE of the films the service answers (`mae_answered_months`), what a user receives."""
     matching = [by_model["male" if c.male else "female"][i] for i, c in enumerate(cases)]
-    metrics = summarize(matching, [c.boneage_months for c in cases])
-    metrics["refused"] = float(sum(out_of_distribution((models[s], by_model[s][i]) for s in models)
-                                   for i in range(len(cases))))
+    ages = [c.boneage_months for c in cases]
+    metrics = summarize(matching, ages)
+    refused = refusals(models, by_model)
+    metrics["refused"] = float(sum(refused))
+    answered = [i for i, r in enumerate(refused) if not r]
+    metrics["mae_answered_months"] = (summarize([matching[i] for i in answered], [ages[i] for i in answered])
+                                      ["mae_months"] if answered else float("nan"))
     return metrics
 
 
@@ -132,21 +143,21 @@ def evaluate_variants(data: Path, male_weights: Path, female_weights: Path, vari
     for name in variants:
         by_model = variant_estimates(models, cases, name, seed)
         table[name] = variant_metrics(models, cases, by_model)
-        for i, case in enumerate(cases):
+        for i, (case, refused) in enumerate(zip(cases, refusals(models, by_model), strict=True)):
             estimate = by_model["male" if case.male else "female"][i]
             rows.append([name, case.path.name, int(case.male), case.boneage_months, f"{estimate.age_months:.3f}",
-                         f"{estimate.sigma_months:.3f}"])
+                         f"{estimate.sigma_months:.3f}", int(refused)])
     if cases_csv is not None:
         cases_csv.parent.mkdir(parents=True, exist_ok=True)
         with cases_csv.open("w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["variant", "image", "male", "boneage_months", "pred_months", "sigma_months"])
+            writer.writerow(["variant", "image", "male", "boneage_months", "pred_months", "sigma_months", "refused"])
             writer.writerows(rows)
     return table
 
 
 VARIANT_COLUMNS = ("n", "mae_months", "rmse_months", "coverage_90", "mean_sigma_months", "mae_0_5y", "mae_5_10y",
-                   "mae_10_15y", "mae_15_20y", "refused")
+                   "mae_10_15y", "mae_15_20y", "refused", "mae_answered_months")
 
 
 def write_variant_csv(table: dict[str, dict[str, float]], out_csv: Path) -> None:
@@ -160,16 +171,17 @@ def write_variant_csv(table: dict[str, dict[str, float]], out_csv: Path) -> None
 
 
 def format_variant_table(table: dict[str, dict[str, float]]) -> str:
-    """A markdown table: MAE (and its change from clean), coverage, mean sigma, MAE by band, refusals."""
+    """A markdown table: MAE over every film (and its change from clean), coverage, mean sigma, MAE by band,
+    refusals, and the MAE of the films answered (not refused)."""
     clean_mae = table["clean"]["mae_months"] if "clean" in table else float("nan")
     lines = ["| variant | n | MAE | vs clean | 90% coverage | mean sigma | MAE 0-5 / 5-10 / 10-15 / 15-20 y "
-             "| refused |", "|---|---|---|---|---|---|---|---|"]
+             "| refused | MAE of the answered |", "|---|---|---|---|---|---|---|---|---|"]
     for name, m in table.items():
         bands = " / ".join("-" if np.isnan(m[k]) else f"{m[k]:.1f}"
                            for k in ("mae_0_5y", "mae_5_10y", "mae_10_15y", "mae_15_20y"))
         lines.append(f"| {name} | {int(m['n'])} | {m['mae_months']:.2f} | {m['mae_months'] - clean_mae:+.2f} | "
                      f"{m['coverage_90'] * 100:.1f}% | {m['mean_sigma_months']:.2f} | {bands} | "
-                     f"{int(m['refused'])} |")
+                     f"{int(m['refused'])} | {m['mae_answered_months']:.2f} |")
     return "\n".join(lines)
 
 

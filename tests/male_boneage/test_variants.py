@@ -11,7 +11,16 @@ import pytest
 from helpers import TEST20, WEIGHTS
 from PIL import Image
 
-from male_boneage.evaluate import evaluate, evaluate_variants, format_variant_table, write_variant_csv
+from male_boneage.data import read_labels
+from male_boneage.evaluate import (
+    evaluate,
+    evaluate_variants,
+    format_variant_table,
+    load_models,
+    variant_estimates,
+    variant_metrics,
+    write_variant_csv,
+)
 from male_boneage.preprocess import read_film
 from male_boneage.variants import (
     VARIANTS,
@@ -133,8 +142,31 @@ def test_benchmark_clean_row_equals_plain_evaluation_and_refuses_no_real_film(tm
     assert table["clean"]["coverage_90"] == pytest.approx(plain["coverage_90"])
     assert table["padded"]["mae_months"] != table["clean"]["mae_months"]  # the variant reached the models
     assert all(row["refused"] == 0 and row["n"] == 20 for row in table.values())
+    # Nothing refused: the films answered are all the films.
+    assert all(row["mae_answered_months"] == pytest.approx(row["mae_months"]) for row in table.values())
     out = tmp_path / "variants.csv"
     write_variant_csv(table, out)
     with out.open() as f:
         assert [row["variant"] for row in csv.DictReader(f)] == ["clean", "padded"]
     assert format_variant_table(table).count("\n") == 3  # header, rule, two variants
+
+
+def test_the_answered_films_mae_leaves_out_exactly_the_films_the_service_refuses() -> None:
+    """With the out-of-distribution limits set to the median sigma, the less certain films are refused: the MAE of
+    the answered films is that of the others, while the plain MAE still counts every film."""
+    models = load_models(WEIGHTS / "male.pt", WEIGHTS / "female.pt", 1)
+    cases = read_labels(TEST20)
+    by_model = variant_estimates(models, cases, "clean", 17)
+    for sex, model in models.items():
+        median_sigma = float(np.median([e.sigma_months for e in by_model[sex]]))
+        model.metadata = model.metadata | {"ood_sigma_months": median_sigma}
+    refused = [all(by_model[s][i].sigma_months > models[s].metadata["ood_sigma_months"] for s in models)
+               for i in range(len(cases))]
+    assert 0 < sum(refused) < len(cases)
+    errors = [abs(by_model["male" if c.male else "female"][i].age_months - c.boneage_months)
+              for i, c in enumerate(cases)]
+    metrics = variant_metrics(models, cases, by_model)
+    assert metrics["refused"] == sum(refused)
+    assert metrics["mae_months"] == pytest.approx(np.mean(errors), abs=1e-6)
+    assert metrics["mae_answered_months"] == pytest.approx(
+        np.mean([e for e, r in zip(errors, refused, strict=True) if not r]), abs=1e-6)
