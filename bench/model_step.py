@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from bench.harness import DEFAULT_DATA, REPO, command_line, fmt, loadavg, machine_info, median, table
-from male_boneage.inference import BoneAgeModel, ModelEstimate
+from male_boneage.inference import PRECISIONS, BoneAgeModel, ModelEstimate
 from male_boneage.preprocess import film_pixels
 
 MODULE = "bench.model_step"
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the service: half the cores)")
-    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="what the convolutions run in (the service's BONEAGE_INFERENCE_PRECISION)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--films", type=Path, help="folder of films (default: DATA/rsna-test-20)")

@@ -26,7 +26,7 @@ import torch
 
 from male_boneage.augment import DEFAULT_TTA, TTA_VARIANTS
 from male_boneage.data import Case, load_pixels, read_labels, select
-from male_boneage.inference import BoneAgeModel, ModelEstimate, Precision, out_of_distribution
+from male_boneage.inference import PRECISIONS, BoneAgeModel, ModelEstimate, Precision, out_of_distribution
 from male_boneage.metrics import Z_90, summarize
 from male_boneage.preprocess import film_pixels, read_film
 from male_boneage.variants import VARIANTS, apply_variant
@@ -61,8 +61,7 @@ def evaluate(data: Path, male_weights: Path, female_weights: Path, out_csv: Path
         results[sex] = summarize([matching[i] for i in idx], [ages[i] for i in idx])
     # The service's out-of-distribution check on these films: refused when both models exceed their limit.
     limits = {sex: model.ood_sigma_months for sex, model in models.items()}
-    refused = sum(out_of_distribution((models[s], by_model[s][i]) for s in models) for i in range(len(cases)))
-    results["ood_check"] = {"refused": float(refused), "n": float(len(cases)),
+    results["ood_check"] = {"refused": float(sum(refusals(models, by_model))), "n": float(len(cases)),
                             **{f"max_sigma_{s}": max(e.sigma_months for e in by_model[s]) for s in models},
                             **{f"limit_{s}": float(limits[s] or float("nan")) for s in models}}
     if out_csv is not None:
@@ -117,13 +116,15 @@ def refusals(models: dict[str, BoneAgeModel], by_model: dict[str, list[ModelEsti
 
 
 def variant_metrics(models: dict[str, BoneAgeModel], cases: Sequence[Case],
-                    by_model: dict[str, list[ModelEstimate]]) -> dict[str, float]:
+                    by_model: dict[str, list[ModelEstimate]],
+                    refused: Sequence[bool] | None = None) -> dict[str, float]:
     """Matching-sex metrics of one variant over every film, refused or not; how many films the out-of-distribution
-    rule refuses; and the MAE of the films the service answers (`mae_answered_months`), what a user receives."""
+    rule refuses (`refused`, per case, when the caller has it: `refusals`); and the MAE of the films the service
+    answers (`mae_answered_months`), what a user receives."""
     matching = [by_model["male" if c.male else "female"][i] for i, c in enumerate(cases)]
     ages = [c.boneage_months for c in cases]
     metrics = summarize(matching, ages)
-    refused = refusals(models, by_model)
+    refused = refusals(models, by_model) if refused is None else refused
     metrics["refused"] = float(sum(refused))
     answered = [i for i, r in enumerate(refused) if not r]
     metrics["mae_answered_months"] = (summarize([matching[i] for i in answered], [ages[i] for i in answered])
@@ -142,11 +143,12 @@ def evaluate_variants(data: Path, male_weights: Path, female_weights: Path, vari
     rows = []
     for name in variants:
         by_model = variant_estimates(models, cases, name, seed)
-        table[name] = variant_metrics(models, cases, by_model)
-        for i, (case, refused) in enumerate(zip(cases, refusals(models, by_model), strict=True)):
+        refused = refusals(models, by_model)
+        table[name] = variant_metrics(models, cases, by_model, refused)
+        for i, case in enumerate(cases):
             estimate = by_model["male" if case.male else "female"][i]
             rows.append([name, case.path.name, int(case.male), case.boneage_months, f"{estimate.age_months:.3f}",
-                         f"{estimate.sigma_months:.3f}", int(refused)])
+                         f"{estimate.sigma_months:.3f}", int(refused[i])])
     if cases_csv is not None:
         cases_csv.parent.mkdir(parents=True, exist_ok=True)
         with cases_csv.open("w", newline="") as f:
@@ -218,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variants", nargs="*", choices=tuple(VARIANTS), default=None,
                         help="robustness benchmark: these ways a film reaches us (none named: all of them)")
     parser.add_argument("--seed", type=int, default=17, help="split seed used in training")
-    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="what the convolutions run in (the service's BONEAGE_INFERENCE_PRECISION; auto: bf16 "
                              "where the CPU runs it natively)")
     args = parser.parse_args(argv)

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, get_args
 
 import numpy as np
 import torch
@@ -37,6 +37,7 @@ REQUIRED_METADATA = ("architecture", "sex", "input_size", "width", "preprocessin
 MIN_AGE_MONTHS, MAX_AGE_MONTHS = 0.0, 228.0
 MEAN_INDEX, LOG_SIGMA_INDEX = 4, 5  # positions in FlatOutput's `[grp logits (4), mean, log sigma]`
 Precision = Literal["auto", "fp32", "bf16"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)  # the command lines' --precision choices
 
 
 class ModelUnavailable(Exception):
@@ -252,7 +253,7 @@ def resolve_precision(precision: Precision, device: torch.device) -> Literal["fp
     are; anything else is a ValueError."""
     if precision == "auto":
         return "bf16" if bf16_native(device) else "fp32"
-    if precision not in ("fp32", "bf16"):
+    if precision not in PRECISIONS:
         raise ValueError(f"precision must be auto, fp32 or bf16, not {precision!r}")
     return precision
 

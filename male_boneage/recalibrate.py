@@ -31,7 +31,7 @@ import torch
 from male_boneage.augment import DEFAULT_TTA, TTA_VARIANTS
 from male_boneage.data import HELDOUT_SPLITS, read_labels, select
 from male_boneage.evaluate import DEFAULT_WEIGHTS, load_models, variant_pixels
-from male_boneage.inference import ModelEstimate, Precision
+from male_boneage.inference import PRECISIONS, ModelEstimate, Precision
 from male_boneage.metrics import Z_90, calibrate_sigma_scale, summarize
 from male_boneage.variants import VARIANTS
 
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="variants each film is sent as (none named: all of them)")
     parser.add_argument("--tta", type=int, choices=range(1, len(TTA_VARIANTS) + 1), default=len(DEFAULT_TTA),
                         help="test-time variants the scale is fitted for (the service's BONEAGE_TTA_VARIANTS)")
-    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="what the convolutions run in (the service's BONEAGE_INFERENCE_PRECISION)")
     parser.add_argument("--write", action="store_true", help="store the new scales in the weights files")
     args = parser.parse_args(argv)
