@@ -5,11 +5,16 @@ is unreachable or answers busy (5xx, 429, 408), films wait in the inbox and noth
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
+import tempfile
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pydicom
 import pytest
 from dicom_films import gray, make_dicom
@@ -288,3 +293,67 @@ def test_a_deflated_film_that_inflates_beyond_the_limits_is_refused_and_a_deflat
             receiver.stop()
     (kept,) = inbox.waiting()
     assert pydicom.dcmread(kept).pixel_array.shape == (400, 300)
+
+
+SEND_FROM_ANOTHER_PROCESS = """
+import sys
+import pydicom
+from pynetdicom import AE
+from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
+dataset = pydicom.dcmread(sys.argv[1])
+ae = AE(ae_title="MODALITY")
+ae.add_requested_context(DigitalXRayImageStorageForPresentation, dataset.file_meta.TransferSyntaxUID)
+association = ae.associate("127.0.0.1", int(sys.argv[2]), ae_title=sys.argv[3])
+print(int(association.send_c_store(dataset).Status))
+association.release()
+"""
+
+
+def test_a_film_is_received_without_being_held_in_memory_and_one_over_the_byte_limit_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A C-STORE's data set goes to a temporary file as it arrives and from there into the inbox: receiving a
+    32 MB film (from a modality in another process) never holds it in this process's memory, and one over the byte
+    limit is answered 'out of resources' (0xA700) before anything reaches the inbox; a film within the limit is
+    kept byte for byte. pynetdicom's temporary files are gone after each C-STORE."""
+    received = tmp_path / "received"
+    received.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(received))  # where pynetdicom writes what it receives
+    noise = np.random.default_rng(0)
+    large = tmp_path / "large.dcm"
+    large.write_bytes(make_dicom(noise.integers(0, 4096, (4000, 4000)), bits_stored=12))
+    within = tmp_path / "within.dcm"
+    within.write_bytes(make_dicom(noise.integers(0, 4096, (1900, 1900)), bits_stored=12))
+    limit = 8_000_000
+    assert within.stat().st_size < limit < large.stat().st_size // 4
+    inbox = Inbox(tmp_path / "inbox")
+    busy = httpx.Client(base_url="http://service",
+                        transport=httpx.MockTransport(lambda _: httpx.Response(503, json={"detail": "busy"})))
+
+    def send(film: Path, port: int) -> tuple[int, int]:
+        """The C-STORE status, and the most memory this process's Python allocations held meanwhile."""
+        tracemalloc.start()
+        try:
+            status = subprocess.run([sys.executable, "-c", SEND_FROM_ANOTHER_PROCESS, str(film), str(port),
+                                     RECEIVER_AE], capture_output=True, text=True, check=True, timeout=120).stdout
+            return int(status), tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    with reserve_port() as reservation, busy:
+        port = int(reservation.getsockname()[1])
+        receiver = Receiver(inbox, Forwarder(inbox, busy, retry_seconds=3600), RECEIVER_AE,
+                            UploadLimits(max_bytes=limit))
+        receiver.start("127.0.0.1", port)
+        monkeypatch.setattr(receiver.forwarder, "wake", lambda: None)  # the film stays put: no post reads it
+        try:
+            status, peak = send(large, port)
+            assert status == receiver_module.OUT_OF_RESOURCES and inbox.waiting() == []
+            assert peak < limit // 2, f"receiving a {large.stat().st_size} byte film held {peak} bytes"
+            status, peak = send(within, port)
+            assert status == 0x0000
+            assert peak < limit // 2, f"receiving a {within.stat().st_size} byte film held {peak} bytes"
+        finally:
+            receiver.stop()
+    (kept,) = inbox.waiting()
+    assert pydicom.dcmread(kept).PixelData == pydicom.dcmread(within).PixelData
+    assert list(received.iterdir()) == []

@@ -27,15 +27,18 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import httpx
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian
-from pynetdicom import AE, evt
+from pynetdicom import AE, _config, evt
 from pynetdicom._globals import ALL_TRANSFER_SYNTAXES
+from pynetdicom.dsutils import split_dataset
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     ComputedRadiographyImageStorage,
     DigitalXRayImageStorageForPresentation,
@@ -61,6 +64,7 @@ OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000  # a C-STORE failure: the data set cannot be read
 NOT_A_PATIENT_ID_CHARACTER = re.compile(r"[^A-Za-z0-9._-]")
 UNKNOWN_PATIENT = "unknown-patient"
+COPY_CHUNK_BYTES = 1 << 20  # a received film is copied into the inbox a megabyte at a time
 # A DICOM UID (PS3.5 9.1): dot-separated numbers without leading zeros, at most 64 characters.
 DICOM_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 # The header fields the service takes from a film (the patient, the sex and what gives the child's age): a resent
@@ -100,14 +104,32 @@ class Inbox:
         self.refused_dir.mkdir(parents=True, exist_ok=True)
 
     def put(self, dataset: Dataset) -> Path:
-        """Write a received film durably; its name sorts by arrival."""
-        name = f"{time.time_ns():020d}-{NOT_A_PATIENT_ID_CHARACTER.sub('_', str(dataset.SOPInstanceUID))}.dcm"
-        with tempfile.NamedTemporaryFile(dir=self.root, prefix=".incoming-", delete=False) as f:
+        """Write a film durably; its name sorts by arrival."""
+        with self._incoming() as f:
             dataset.save_as(f, enforce_file_format=True)
-            f.flush()
-            os.fsync(f.fileno())
-        target = self.root / name
-        os.rename(f.name, target)
+        return self._arrived(f.name, str(dataset.SOPInstanceUID))
+
+    def put_file(self, source: Path, sop_instance_uid: str) -> Path:
+        """Copy a received DICOM file into the inbox durably, as it came (never decoded here)."""
+        with self._incoming() as f, source.open("rb") as received:
+            shutil.copyfileobj(received, f, COPY_CHUNK_BYTES)
+        return self._arrived(f.name, sop_instance_uid)
+
+    @contextmanager
+    def _incoming(self) -> Iterator[IO[bytes]]:
+        """A temporary file in the inbox, fsynced when the block ends; removed if it fails."""
+        with tempfile.NamedTemporaryFile(dir=self.root, prefix=".incoming-", delete=False) as f:
+            try:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            except BaseException:
+                os.unlink(f.name)
+                raise
+
+    def _arrived(self, written: str, sop_instance_uid: str) -> Path:
+        target = self.root / f"{time.time_ns():020d}-{NOT_A_PATIENT_ID_CHARACTER.sub('_', sop_instance_uid)}.dcm"
+        os.rename(written, target)
         fsync_folder(self.root)  # the rename durable too, before the C-STORE is answered
         return target
 
@@ -242,6 +264,10 @@ class Receiver:
         self._server: ThreadedAssociationServer | None = None
 
     def start(self, host: str, port: int, block: bool = False) -> None:
+        # Each C-STORE's data set is written to a temporary file as it arrives, not gathered in memory (a film of
+        # gigabytes would otherwise be held whole, and decoded, before its size could be checked). The setting is
+        # pynetdicom's, for every storage SCP of this process.
+        _config.STORE_RECV_CHUNKED_DATASET = True
         ae = AE(ae_title=self.ae_title)
         for sop_class in FILM_CLASSES:
             ae.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES)
@@ -260,17 +286,31 @@ class Receiver:
         self.forwarder.stop()
 
     def _on_store(self, event: Any) -> int:
-        if event.context.transfer_syntax == DeflatedExplicitVRLittleEndian:
-            # pynetdicom inflates the whole data set when it is read: capped first, as uploads are
-            try:
-                check_inflated_size(event.request.DataSet.getvalue(), self.limits)
-            except InvalidImage as refusal:
-                logger.warning("refused a deflated film from %s: %s", event.assoc.requestor.ae_title, refusal)
-                return CANNOT_UNDERSTAND
-        dataset = event.dataset
-        dataset.file_meta = event.file_meta
+        # pynetdicom has written the data set to a temporary file as it arrived (STORE_RECV_CHUNKED_DATASET): it
+        # is checked there and copied into the inbox, never held in memory whole.
+        received = Path(event.dataset_path)
+        requestor = event.assoc.requestor.ae_title
+        file_meta, offset = split_dataset(received)
+        size = received.stat().st_size - offset
+        if size > self.limits.max_bytes:
+            logger.warning("refused a film of %d bytes from %s: over the upload limit of %d bytes", size, requestor,
+                           self.limits.max_bytes)
+            return OUT_OF_RESOURCES
         try:
-            self.inbox.put(dataset)
+            if file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+                # pydicom inflates the whole data set when it is read: capped first, as uploads are
+                with received.open("rb") as f:
+                    f.seek(offset)
+                    check_inflated_size(f.read(), self.limits)
+            dcmread(received, stop_before_pixels=True)
+        except InvalidImage as refusal:
+            logger.warning("refused a deflated film from %s: %s", requestor, refusal)
+            return CANNOT_UNDERSTAND
+        except Exception:
+            logger.warning("refused a film from %s: its data set cannot be read", requestor, exc_info=True)
+            return CANNOT_UNDERSTAND
+        try:
+            self.inbox.put_file(received, str(event.request.AffectedSOPInstanceUID))
         except OSError:
             logger.exception("could not write a received film to the inbox")
             return OUT_OF_RESOURCES
