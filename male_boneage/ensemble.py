@@ -102,14 +102,14 @@ def ensemble_digest(state_dict: dict[str, torch.Tensor], metadata: dict[str, Any
     return hashlib.sha256(f"{state_digest(state_dict)}:{setup}".encode()).hexdigest()[:10]
 
 
-def build(members: list[tuple[Path, int | None]], raw: Path, out: Path, seed: int = 17) -> dict[str, Any]:
+def build(members: list[tuple[Path, int | None]], raw: Path, out: Path) -> dict[str, Any]:
     """Write the finalised ensemble of `members` to `out` (its metadata) and their nets beside it
     (`member_file`); returns its metadata."""
     if len(members) < 2:
         raise ValueError("an ensemble needs at least two members")
     state_dict, metadata, payloads = combine(members, out)
     model = BoneAgeModel(build_nets(state_dict, metadata, str(out)), metadata, torch.device("cpu"))
-    splits = split_cases(TrainConfig(data=raw, raw=raw, sex=metadata["sex"], out=out, seed=seed))
+    splits = split_cases(TrainConfig(data=raw, raw=raw, sex=metadata["sex"], out=out))
     for name in ("calib", "val"):
         if not splits[name]:
             raise ValueError(f"{raw} has no trainable {metadata['sex']} films in the {name} half")
@@ -133,11 +133,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--raw", type=Path, required=True, help="raw films (rsna-train-512): calibration and "
                         "validation on its trainable films")
     parser.add_argument("--out", type=Path, required=True, help="ensemble weights file to write")
-    parser.add_argument("--seed", type=int, default=TrainConfig.seed, help="split seed used in training")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        build(args.member, args.raw, args.out, args.seed)
+        build(args.member, args.raw, args.out)
     except (ValueError, OSError, ModelUnavailable) as exc:
         parser.error(str(exc))
 

@@ -36,13 +36,14 @@ DEFAULT_WEIGHTS = PROJECT_ROOT / "male_boneage" / "weights"
 
 
 def evaluate(data: Path, male_weights: Path, female_weights: Path, out_csv: Path | None = None,
-             tta_variants: int = len(DEFAULT_TTA), split: str = "all", seed: int = 17,
+             tta_variants: int = len(DEFAULT_TTA), split: str = "all",
              precision: Precision = "auto") -> dict[str, dict[str, float]]:
     """{"matching": metrics, "wrong_sex": metrics, "male": ..., "female": ...} for the folder's cases.
 
-    `split` selects the training code's seeded split ("val", "calib") of a training folder; "all" takes every case.
+    `split` selects a part of the training code's split (`data.select`, drawn with `data.HELDOUT_SEED`): "heldout"
+    is `rsna-train-512`'s 245 benchmark films, "train" its trainable ones; "all" takes every case.
     """
-    cases = select(read_labels(data), split, "both", seed)
+    cases = select(read_labels(data), split, "both")
     models = load_models(male_weights, female_weights, tta_variants, precision)
     size = models["male"].input_size
     pixels = load_pixels(cases, size)
@@ -137,7 +138,7 @@ def evaluate_variants(data: Path, male_weights: Path, female_weights: Path, vari
                       cases_csv: Path | None = None, precision: Precision = "auto") -> dict[str, dict[str, float]]:
     """{variant: matching-sex metrics and refusals} of the folder's cases, each variant through `film_pixels`;
     `cases_csv` gets each case's matching-sex estimate under each variant."""
-    cases = select(read_labels(data), split, "both", seed)
+    cases = select(read_labels(data), split, "both")
     models = load_models(male_weights, female_weights, tta_variants, precision)
     table = {}
     rows = []
@@ -215,11 +216,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tta", type=int, choices=range(1, len(TTA_VARIANTS) + 1), default=len(DEFAULT_TTA),
                         help="test-time variants (1 = off)")
     parser.add_argument("--split", choices=("all", "val", "calib", "train", "heldout"), default="all",
-                        help="only this part of the training code's seeded split (for the training folders); "
+                        help="only this part of the training code's split (drawn with data.HELDOUT_SEED); "
                              "heldout = val or calib (rsna-train-512's 245 benchmark films), train = the rest")
     parser.add_argument("--variants", nargs="*", choices=tuple(VARIANTS), default=None,
                         help="robustness benchmark: these ways a film reaches us (none named: all of them)")
-    parser.add_argument("--seed", type=int, default=17, help="split seed used in training")
+    parser.add_argument("--seed", type=int, default=17, help="seed of the variants' random draws (the split is "
+                        "always drawn with data.HELDOUT_SEED)")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="what the convolutions run in (the service's BONEAGE_INFERENCE_PRECISION; auto: bf16 "
                              "where the CPU runs it natively)")
@@ -234,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.stdout.write(f"{format_variant_table(table)}\n{len(table)} variants in "
                          f"{time.perf_counter() - started:.0f} s; table: {args.out}, per case: {cases_csv}\n")
         return
-    results = evaluate(args.data, args.male_weights, args.female_weights, args.out, args.tta, args.split, args.seed,
+    results = evaluate(args.data, args.male_weights, args.female_weights, args.out, args.tta, args.split,
                        args.precision)
     sys.stdout.write(f"{format_report(results)}\nper-case results: {args.out}\n")
 

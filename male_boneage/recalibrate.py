@@ -54,7 +54,7 @@ def recalibrate(data: Path, male_weights: Path, female_weights: Path, variants: 
         raise ValueError(f"split {split!r} holds benchmark films: calibrate on 'train' only")
     if not variants:
         raise ValueError("name at least one variant to calibrate on")
-    cases = select(read_labels(data), split, "both", seed)
+    cases = select(read_labels(data), split, "both")  # drawn with data.HELDOUT_SEED, whatever `seed`
     models = load_models(male_weights, female_weights, tta_variants, precision)
     old = {sex: model.sigma_scale for sex, model in models.items()}
     for model in models.values():
@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--male-weights", type=Path, default=DEFAULT_WEIGHTS / "male.pt")
     parser.add_argument("--female-weights", type=Path, default=DEFAULT_WEIGHTS / "female.pt")
     parser.add_argument("--split", default="train", help="films to calibrate on (never the held-out benchmark)")
-    parser.add_argument("--seed", type=int, default=17)
+    parser.add_argument("--seed", type=int, default=17, help="seed of the variants' random draws (the split is "
+                        "always drawn with data.HELDOUT_SEED)")
     parser.add_argument("--variants", nargs="*", choices=tuple(VARIANTS), default=None,
                         help="variants each film is sent as (none named: all of them)")
     parser.add_argument("--tta", type=int, choices=range(1, len(TTA_VARIANTS) + 1), default=len(DEFAULT_TTA),

@@ -8,7 +8,9 @@
 Films: `--data` is the training folder. With `--raw` (the raw films of `rsna-train-512`), every id of that folder
 is left out of training: its 245 held-out films are the benchmark and never used here, and its 955 trainable raw
 films (as hospitals export them, through the service's own preprocessing) are split in two by id: `val` (watched
-per epoch) and `calib` (the sigma scale). Without `--raw`, `--data` is split by id (`data.split_of`).
+per epoch) and `calib` (the sigma scale). That folder is always split with `data.HELDOUT_SEED`, whatever `--seed`
+(which orders the films and draws the augmentation): with another seed its trainable films would include held-out
+ones. Without `--raw`, `--data` is split by id with `--seed` (`data.split_of`).
 The decoded training films are cached under `checkpoints/cache/` (uint8, model input size).
 
 Every epoch writes a checkpoint next to `--out` (`<out>.ckpt`); running the same command again resumes from it,
@@ -44,7 +46,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from male_boneage.augment import AUGMENTATIONS, DEFAULT_TTA, standardize
-from male_boneage.data import Case, load_pixels, read_labels, select, split_of
+from male_boneage.data import HELDOUT_SEED, Case, load_pixels, read_labels, select, split_of
 from male_boneage.inference import BoneAgeModel, half_precision, load_weights, state_digest
 from male_boneage.metrics import calibrate_sigma_scale, summarize
 from male_boneage.model import ARCHITECTURE, BoneAgeNet, age_group_index, months_to_target, target_to_months
@@ -315,7 +317,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "normalization": NORMALIZATION, "sigma_scale": 1.0, "tta": [list(v) for v in DEFAULT_TTA],
         "training_data": f"{cfg.data.name} (RSNA Pediatric Bone Age Challenge 2017 training split)",
         "split": (f"train: {cfg.data.name} without the ids of {cfg.raw.name}; val / calib: the trainable films of "
-                  f"{cfg.raw.name} (seed {cfg.seed}), halved by id" if cfg.raw else
+                  f"{cfg.raw.name} (seed {HELDOUT_SEED}), halved by id" if cfg.raw else
                   f"sha256(seed:id) % 100: <10 val, <20 calib, rest train; seed {cfg.seed}"),
         "split_sizes": {k: len(v) for k, v in splits.items()}, "epochs": cfg.epochs,
         "augmentation": cfg.augmentation,
@@ -414,11 +416,11 @@ def split_cases(cfg: TrainConfig) -> dict[str, list[Case]]:
         splits = {name: select(cases, name, cfg.sex, cfg.seed) for name in ("train", "val", "calib")}
     else:
         raw_ids = {c.image_id for c in read_labels(cfg.raw)}
-        trainable_raw = select(read_labels(cfg.raw), "train", cfg.sex, cfg.seed)  # never the held-out 245
+        trainable_raw = select(read_labels(cfg.raw), "train", cfg.sex, HELDOUT_SEED)  # never the held-out 245
         splits = {
-            "train": [c for c in select(cases, "all", cfg.sex, cfg.seed) if c.image_id not in raw_ids],
-            "val": [c for c in trainable_raw if split_of(c.image_id, cfg.seed + 1, 50, 50) == "val"],
-            "calib": [c for c in trainable_raw if split_of(c.image_id, cfg.seed + 1, 50, 50) == "calib"],
+            "train": [c for c in select(cases, "all", cfg.sex) if c.image_id not in raw_ids],
+            "val": [c for c in trainable_raw if split_of(c.image_id, HELDOUT_SEED + 1, 50, 50) == "val"],
+            "calib": [c for c in trainable_raw if split_of(c.image_id, HELDOUT_SEED + 1, 50, 50) == "calib"],
         }
     if not cfg.validate:
         splits["val"], splits["calib"] = [], []
