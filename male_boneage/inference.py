@@ -351,7 +351,11 @@ class BoneAgeModel:
 
     @property
     def version(self) -> str:
-        return str(self.metadata["version"])
+        """What every prediction records as its model: the weights' version (a hash of the nets and of how they run)
+        and the sigma scale its intervals are drawn with, `male-2026-12-06-e8e0f5d010+s0.8646`. `recalibrate
+        --write` changes a file's intervals, not its weights: predictions before and after it do not share a
+        version."""
+        return f"{self.metadata['version']}+s{self.sigma_scale:.4f}"
 
     @property
     def input_size(self) -> int:

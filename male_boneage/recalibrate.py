@@ -12,8 +12,8 @@ drawn by a hash of its id, left about 40 films per variant and sex: a noisy draw
 variant's scale and coverage, the one that sets the scale marked `*`; `--write` stores the scale in the weights
 files' metadata (`sigma_scale`, with `sigma_calibration` saying how it was found and `tta` the test-time variants it
 holds for: the served 4 unless `--tta` names another count, as `BONEAGE_TTA_VARIANTS` may). The weights themselves,
-and so the model versions (a hash of the weights), do not change. Never run it on `--split heldout`: those films are
-the benchmark.
+and so the weights' versions (a hash of the weights), do not change; the version a prediction records does (it ends
+in `+s` and the scale: `BoneAgeModel.version`). Never run it on `--split heldout`: those films are the benchmark.
 """
 
 from __future__ import annotations

@@ -95,13 +95,15 @@ def test_the_command_rebuilds_the_shipped_model_from_its_nets(raw_folder: Path, 
     assert meta["sex"] == "male" and meta["input_size"] == 288 and meta["val_metrics"]["n"] == 3
     assert meta["ood_sigma_months"] == pytest.approx(1.5 * meta["val_sigma_max_months"])
     assert [m["version"] for m in meta["members"]] == [m["version"] for m in shipped.metadata["members"]]
-    assert rebuilt.version.rsplit("-", 1)[1] == shipped.version.rsplit("-", 1)[1]  # same nets, same setup
+    # Same nets, same setup: the weights' version agrees; the served one names each file's own sigma scale.
+    assert meta["version"].rsplit("-", 1)[1] == shipped.metadata["version"].rsplit("-", 1)[1]
+    assert rebuilt.version == f"{meta['version']}+s{meta['sigma_scale']:.4f}"
     assert [m["tta_count"] for m in meta["members"]] == [None, 2]
     assert load_weights(out)[0].keys() == load_weights(WEIGHTS / "male.pt")[0].keys()
     other = tmp_path / "other.pt"  # the same nets run another way: another model version
     ensemble.main(["--raw", str(raw_folder), "--out", str(other), "--member", specs[0], "--member",
                    specs[1].rsplit(":", 1)[0] + ":1"])
-    assert load_weights(other)[1]["version"].rsplit("-", 1)[1] != shipped.version.rsplit("-", 1)[1]
+    assert load_weights(other)[1]["version"].rsplit("-", 1)[1] != shipped.metadata["version"].rsplit("-", 1)[1]
     for path in FILMS:
         pixels = film_pixels(path.read_bytes(), 288)
         a, b = shipped.predict(pixels, with_heatmap=False), rebuilt.predict(pixels, with_heatmap=False)

@@ -73,15 +73,20 @@ def test_the_command_prints_each_variant_and_writes_the_largest_scale(
         assert metadata["tta"] == [list(v) for v in TTA_VARIANTS[:1]]
 
 
-def test_written_scale_keeps_weights_and_version(tmp_path: Path) -> None:
+def test_a_written_scale_keeps_the_weights_and_their_version_and_changes_the_served_version(tmp_path: Path) -> None:
+    """The weights (and the weights' version) stay; the version predictions record names the new scale, so that
+    predictions before and after a recalibration are told apart."""
     path = copy_weights("male", tmp_path)
     before, before_meta = load_weights(path)
+    served_before = BoneAgeModel.from_file(path, torch.device("cpu")).version
     write_scale(path, 0.5, "a test")
     after, after_meta = load_weights(path)
     assert after_meta["sigma_scale"] == 0.5 and after_meta["sigma_calibration"] == "a test"
     assert after_meta["tta"] == [list(v) for v in DEFAULT_TTA]
     assert all(torch.equal(before[k], after[k]) for k in before) and after_meta["version"] == before_meta["version"]
-    assert BoneAgeModel.from_file(path, torch.device("cpu")).sigma_scale == 0.5
+    served = BoneAgeModel.from_file(path, torch.device("cpu"))
+    assert served.sigma_scale == 0.5
+    assert served.version == f"{before_meta['version']}+s0.5000" != served_before
     assert not list(tmp_path.glob("*.tmp"))
     write_scale(path, 0.6, "fitted for all 8", tta_variants=8)  # `--tta 8`: the file records the 8 it holds for
     assert load_weights(path)[1]["tta"] == [list(v) for v in TTA_VARIANTS] != after_meta["tta"]

@@ -56,7 +56,7 @@ def test_tiny_training_writes_loadable_calibrated_weights(tiny_weights: tuple[Pa
     assert 0 < metadata["val_metrics"]["mae_months"] < 240
     assert path.stat().st_size < 20 * 1024 * 1024
     model = BoneAgeModel.from_file(path, torch.device("cpu"))
-    assert model.version == metadata["version"]
+    assert model.version == f"{metadata['version']}+s{metadata['sigma_scale']:.4f}"
     client = MlflowClient(uri)
     run = client.search_runs([client.get_experiment_by_name("bone-age-training").experiment_id])[0]
     assert "val_mae_months" in run.data.metrics and run.data.params["sex"] == "female"

@@ -46,7 +46,8 @@ class ModelPrediction(BaseModel):
     sigma_months: float
     interval_90: Interval
     age_group: AgeGroup
-    model_version: str
+    model_version: str = Field(description="the weights' version and the sigma scale the interval is drawn with "
+                                           "(`male-2026-12-06-e8e0f5d010+s0.8646`): a recalibration changes it")
     gradcam_path: str = Field(description="path under the storage folder")
     gradcam_url: str
     range_note: str | None = Field(None, description="set when the estimate is at an end of the models' range "
