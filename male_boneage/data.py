@@ -20,8 +20,8 @@ SPLITS = ("train", "val", "calib")
 # Never trained, tuned or selected on, at any resolution: the full-resolution benchmark of `rsna-train-512`
 # (its 245 films in these splits of `HELDOUT_SEED`).
 HELDOUT_SPLITS = ("val", "calib")
-# Every split of `rsna-train-512` (its held-out films, and the trainable ones runs validate and calibrate on) is drawn
-# with this seed, whatever seed a run trains with: drawn with another, its "train" split would hold held-out films.
+# Every split by id (`select`) is drawn with this seed, whatever seed a run trains with: drawn with another, the
+# "train" split of `rsna-train-512`, or of a folder holding its ids (`rsna-train-100px`), would hold held-out films.
 HELDOUT_SEED = 17
 
 
@@ -57,13 +57,13 @@ def split_of(image_id: str, seed: int, val_percent: int = 10, calib_percent: int
     return "train"
 
 
-def select(cases: list[Case], split: str, sex: str, seed: int = HELDOUT_SEED) -> list[Case]:
-    """Cases of one split ("train", "val", "calib", "heldout" = val or calib, or "all") and sex ("male", "female"
-    or "both")."""
+def select(cases: list[Case], split: str, sex: str) -> list[Case]:
+    """Cases of one split ("train", "val", "calib", "heldout" = val or calib, or "all"; drawn with `HELDOUT_SEED`) and
+    sex ("male", "female" or "both")."""
     wanted = HELDOUT_SPLITS if split == "heldout" else (split,)
     return [
         c for c in cases
-        if (split == "all" or split_of(c.image_id, seed) in wanted)
+        if (split == "all" or split_of(c.image_id, HELDOUT_SEED) in wanted)
         and (sex == "both" or c.male == (sex == "male"))
     ]
 

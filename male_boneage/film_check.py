@@ -442,7 +442,7 @@ def measure_hands(data_root: Path, weights: Path, seed: int = 17) -> dict[str, A
     checker = FilmChecker.from_file(weights)
     sets = {
         "rsna-train-512 held-out": [c.path for c in select(read_labels(data_root / "rsna-train-512"), "heldout",
-                                                           "both", seed)],
+                                                           "both")],
         "rsna-test-20": [c.path for c in read_labels(data_root / "rsna-test-20")],
         "rsna-raw-12": [c.path for c in read_labels(data_root / "rsna-raw-12")],
         "validation hands (rsna-train-299)": [c.path for c in hand_cases(data_root, 4000, seed)[1]],

@@ -8,9 +8,9 @@
 Films: `--data` is the training folder. With `--raw` (the raw films of `rsna-train-512`), every id of that folder
 is left out of training: its 245 held-out films are the benchmark and never used here, and its 955 trainable raw
 films (as hospitals export them, through the service's own preprocessing) are split in two by id: `val` (watched
-per epoch) and `calib` (the sigma scale). That folder is always split with `data.HELDOUT_SEED`, whatever `--seed`
-(which orders the films and draws the augmentation): with another seed its trainable films would include held-out
-ones. Without `--raw`, `--data` is split by id with `--seed` (`data.split_of`).
+per epoch) and `calib` (the sigma scale). Without `--raw`, `--data` is split by id (`data.select`). Every split is
+drawn with `data.HELDOUT_SEED`, whatever `--seed` (which orders the films and draws the augmentation): with another
+seed a "train" split would hold held-out films.
 The decoded training films are cached under `checkpoints/cache/` (uint8, model input size).
 
 Every epoch writes a checkpoint next to `--out` (`<out>.ckpt`); running the same command again resumes from it,
@@ -318,7 +318,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "training_data": f"{cfg.data.name} (RSNA Pediatric Bone Age Challenge 2017 training split)",
         "split": (f"train: {cfg.data.name} without the ids of {cfg.raw.name}; val / calib: the trainable films of "
                   f"{cfg.raw.name} (seed {HELDOUT_SEED}), halved by id" if cfg.raw else
-                  f"sha256(seed:id) % 100: <10 val, <20 calib, rest train; seed {cfg.seed}"),
+                  f"sha256(seed:id) % 100: <10 val, <20 calib, rest train; seed {HELDOUT_SEED}"),
         "split_sizes": {k: len(v) for k, v in splits.items()}, "epochs": cfg.epochs,
         "augmentation": cfg.augmentation,
         "trained_on": dt.datetime.now(dt.UTC).date().isoformat(), "init": str(cfg.init) if cfg.init else "scratch",
@@ -413,10 +413,10 @@ def split_cases(cfg: TrainConfig) -> dict[str, list[Case]]:
     (`cfg.validate` off) "val" and "calib" are empty, so their images are never read."""
     cases = read_labels(cfg.data)
     if cfg.raw is None:
-        splits = {name: select(cases, name, cfg.sex, cfg.seed) for name in ("train", "val", "calib")}
+        splits = {name: select(cases, name, cfg.sex) for name in ("train", "val", "calib")}
     else:
         raw_ids = {c.image_id for c in read_labels(cfg.raw)}
-        trainable_raw = select(read_labels(cfg.raw), "train", cfg.sex, HELDOUT_SEED)  # never the held-out 245
+        trainable_raw = select(read_labels(cfg.raw), "train", cfg.sex)  # never the held-out 245
         splits = {
             "train": [c for c in select(cases, "all", cfg.sex) if c.image_id not in raw_ids],
             "val": [c for c in trainable_raw if split_of(c.image_id, HELDOUT_SEED + 1, 50, 50) == "val"],

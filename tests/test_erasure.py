@@ -294,8 +294,9 @@ def test_an_erasure_under_way_elsewhere_is_finished_by_another_process_only_once
 
 
 def test_erasure_removes_the_patients_films_from_the_receivers_inbox(tmp_path: Path) -> None:
-    """Films of the patient that the DICOM receiver holds under the storage folder (waiting for the service, or
-    refused by it, with all their tags) go too; other patients' films and an unreadable file stay."""
+    """Films of the patient that the DICOM receiver holds under the storage folder (waiting for the service,
+    refused by it, with all their tags, or left in .receiving/ by an aborted transfer) go too; other patients' films
+    and an unreadable file stay."""
     settings = make_settings(tmp_path, api_keys_file=write_keys_file(tmp_path))
     inbox = Inbox(settings.inbox_dir)
 
@@ -309,10 +310,12 @@ def test_erasure_removes_the_patients_films_from_the_receivers_inbox(tmp_path: P
     other = received("MRN 8")
     unreadable = settings.inbox_dir / "00000000000000000000-garbled.dcm"
     unreadable.write_bytes(b"not a DICOM file")
+    aborted = inbox.receiving_dir / "tmpa1b2c3.dcm"  # as pynetdicom names what it receives
+    os.rename(received("MRN 7/1"), aborted)
     with running_app(settings) as client:
         erased = client.delete("/patients/MRN_7_1", headers=OFFICER)
         assert erased.status_code == 200, erased.text
-        assert erased.json()["inbox_films_removed"] == 2
+        assert erased.json()["inbox_films_removed"] == 3
         assert client.delete("/patients/MRN_7_1", headers=OFFICER).json()["inbox_films_removed"] == 0
     assert inbox.waiting() == [unreadable, other]
-    assert list(inbox.refused_dir.iterdir()) == []
+    assert list(inbox.refused_dir.iterdir()) == [] and list(inbox.receiving_dir.iterdir()) == []

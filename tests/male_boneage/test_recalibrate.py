@@ -28,7 +28,7 @@ def test_benchmark_films_are_refused_for_calibration(split: str, tmp_path: Path)
 def calibration_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Five boys' and five girls' trainable raw films of rsna-train-512 (never the held-out ones)."""
     folder = tmp_path_factory.mktemp("calibration")
-    cases = select(read_labels(DATA / "rsna-train-512"), "train", "both", 17)
+    cases = select(read_labels(DATA / "rsna-train-512"), "train", "both")
     chosen = [c for c in cases if c.male][:5] + [c for c in cases if not c.male][:5]
     lines = ["image,boneage_months,male"]
     for c in chosen:
@@ -87,6 +87,8 @@ def test_a_written_scale_keeps_the_weights_and_their_version_and_changes_the_ser
     served = BoneAgeModel.from_file(path, torch.device("cpu"))
     assert served.sigma_scale == 0.5
     assert served.version == f"{before_meta['version']}+s0.5000" != served_before
+    eight = BoneAgeModel.from_file(path, torch.device("cpu"), TTA_VARIANTS)  # not the 4 the scale was fitted for
+    assert eight.version == f"{before_meta['version']}+s0.5000+t8"
     assert not list(tmp_path.glob("*.tmp"))
     write_scale(path, 0.6, "fitted for all 8", tta_variants=8)  # `--tta 8`: the file records the 8 it holds for
     assert load_weights(path)[1]["tta"] == [list(v) for v in TTA_VARIANTS] != after_meta["tta"]

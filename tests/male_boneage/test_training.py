@@ -340,10 +340,11 @@ def test_the_device_pack_splits_the_training_films_into_parts_within_the_size_li
 
 @pytest.mark.parametrize("seed", [17, 18, 20])
 def test_a_run_with_any_seed_never_reads_a_held_out_film(seed: int, tmp_path: Path) -> None:
-    """rsna-train-512 is split with data.HELDOUT_SEED whatever a run's --seed: its 245 held-out films are in no
-    split a run trains, validates or calibrates on, and the validation and calibration halves do not move. (Until
-    2026-12-07 the run's seed drew that split: with --seed 18 about 200 held-out films became validation and
-    calibration films.)"""
+    """Splits are drawn with data.HELDOUT_SEED whatever a run's --seed: with --raw, rsna-train-512's 245 held-out
+    films are in no split a run trains, validates or calibrates on, and the validation and calibration halves do not
+    move; without it, a folder holding their ids (rsna-train-100px) never trains on them. (Until 2026-12-07 the
+    run's seed drew these splits: with --seed 18 about 200 held-out films became validation and calibration films,
+    and without --raw about 200 training films.)"""
     raw = read_labels(TRAIN512)
     held_out = {c.image_id for c in select(raw, "heldout", "both")}
     assert len(held_out) == 245
@@ -354,3 +355,6 @@ def test_a_run_with_any_seed_never_reads_a_held_out_film(seed: int, tmp_path: Pa
     assert {c.image_id for c in splits["val"] + splits["calib"]} == {c.image_id for c in raw} - held_out
     fixed = split_cases(TrainConfig(data=DATA / "rsna-train-299", raw=TRAIN512, sex="both", out=tmp_path / "x.pt"))
     assert [c.image_id for c in splits["calib"]] == [c.image_id for c in fixed["calib"]]
+    without_raw = split_cases(TrainConfig(data=TRAIN100, sex="both", out=tmp_path / "x.pt", seed=seed))
+    assert held_out <= {c.image_id for c in read_labels(TRAIN100)}
+    assert not {c.image_id for c in without_raw["train"]} & held_out

@@ -24,6 +24,7 @@ from helpers import DATA, TEST20, colour_photo, make_settings, running_app, wait
 from pydicom.dataset import Dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
+from pynetdicom.dsutils import split_dataset
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation  # type: ignore[attr-defined]
 
 from bench.harness import reserve_port
@@ -311,21 +312,24 @@ association.release()
 
 def test_a_film_is_received_without_being_held_in_memory_and_one_over_the_byte_limit_is_refused(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A C-STORE's data set goes to a temporary file as it arrives and from there into the inbox: receiving a
-    32 MB film (from a modality in another process) never holds it in this process's memory, and one over the byte
-    limit is answered 'out of resources' (0xA700) before anything reaches the inbox; a film within the limit is
-    kept byte for byte. pynetdicom's temporary files are gone after each C-STORE."""
-    received = tmp_path / "received"
-    received.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(received))  # where pynetdicom writes what it receives
+    """A C-STORE's data set goes to a file under the inbox as it arrives and from there into the inbox: receiving a
+    32 MB film (from a modality in another process) never holds it in this process's memory, and one whose file
+    is over the byte limit (the file, as the service counts it: also one whose data set alone is within it) is
+    answered 0xC001 before anything reaches the inbox; a film within it is kept byte for byte. What an aborted
+    transfer left is removed at start-up; pynetdicom's own files are gone after each C-STORE."""
+    inbox = Inbox(tmp_path / "inbox")
+    monkeypatch.setattr(tempfile, "tempdir", str(inbox.receiving_dir))  # as `main` sets it
+    left = inbox.receiving_dir / "tmp-aborted.dcm"
+    left.write_bytes(b"\0" * 1000)
     noise = np.random.default_rng(0)
     large = tmp_path / "large.dcm"
     large.write_bytes(make_dicom(noise.integers(0, 4096, (4000, 4000)), bits_stored=12))
     within = tmp_path / "within.dcm"
     within.write_bytes(make_dicom(noise.integers(0, 4096, (1900, 1900)), bits_stored=12))
-    limit = 8_000_000
-    assert within.stat().st_size < limit < large.stat().st_size // 4
-    inbox = Inbox(tmp_path / "inbox")
+    data_set_bytes = within.stat().st_size - split_dataset(within)[1]
+    limit = within.stat().st_size + 1000  # room for the file meta pynetdicom writes, which may differ a little
+    held_at_most = 4_000_000
+    assert limit < large.stat().st_size // 4
     busy = httpx.Client(base_url="http://service",
                         transport=httpx.MockTransport(lambda _: httpx.Response(503, json={"detail": "busy"})))
 
@@ -346,14 +350,18 @@ def test_a_film_is_received_without_being_held_in_memory_and_one_over_the_byte_l
         receiver.start("127.0.0.1", port)
         monkeypatch.setattr(receiver.forwarder, "wake", lambda: None)  # the film stays put: no post reads it
         try:
+            assert not left.exists()
             status, peak = send(large, port)
-            assert status == receiver_module.OUT_OF_RESOURCES and inbox.waiting() == []
-            assert peak < limit // 2, f"receiving a {large.stat().st_size} byte film held {peak} bytes"
+            assert status == receiver_module.TOO_LARGE and inbox.waiting() == []
+            assert peak < held_at_most, f"receiving a {large.stat().st_size} byte film held {peak} bytes"
+            receiver.limits = UploadLimits(max_bytes=data_set_bytes)  # the data set alone is within it
+            assert send(within, port)[0] == receiver_module.TOO_LARGE and inbox.waiting() == []
+            receiver.limits = UploadLimits(max_bytes=limit)
             status, peak = send(within, port)
             assert status == 0x0000
-            assert peak < limit // 2, f"receiving a {within.stat().st_size} byte film held {peak} bytes"
+            assert peak < held_at_most, f"receiving a {within.stat().st_size} byte film held {peak} bytes"
         finally:
             receiver.stop()
     (kept,) = inbox.waiting()
     assert pydicom.dcmread(kept).PixelData == pydicom.dcmread(within).PixelData
-    assert list(received.iterdir()) == []
+    assert list(inbox.receiving_dir.iterdir()) == []

@@ -60,8 +60,13 @@ logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # its INFO and DEBUG 
 # The image SOP classes a hand film comes as.
 FILM_CLASSES = (ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation,
                 DigitalXRayImageStorageForProcessing, SecondaryCaptureImageStorage)
-OUT_OF_RESOURCES = 0xA700
+OUT_OF_RESOURCES = 0xA700  # a C-STORE failure worth retrying: the inbox could not be written
 CANNOT_UNDERSTAND = 0xC000  # a C-STORE failure: the data set cannot be read
+TOO_LARGE = 0xC001  # a C-STORE failure (of the "cannot understand" range, so not retried): over the byte limit
+# pynetdicom's temporary files (what a C-STORE brings, as it arrives) go here under the inbox (`main`); one older
+# than this is left from a transfer that was aborted, and removed.
+RECEIVING = ".receiving"
+STALE_RECEIVING_SECONDS = 3600
 NOT_A_PATIENT_ID_CHARACTER = re.compile(r"[^A-Za-z0-9._-]")
 UNKNOWN_PATIENT = "unknown-patient"
 COPY_CHUNK_BYTES = 1 << 20  # a received film is copied into the inbox a megabyte at a time
@@ -102,6 +107,22 @@ class Inbox:
         self.root = root
         self.refused_dir = root / "refused"
         self.refused_dir.mkdir(parents=True, exist_ok=True)
+        self.receiving_dir = root / RECEIVING
+        self.receiving_dir.mkdir(exist_ok=True)
+
+    def sweep_receiving(self, older_than_seconds: float = 0.0) -> int:
+        """Remove what aborted transfers left in `receiving_dir` (every file at start-up: none is arriving then);
+        how many."""
+        cutoff = time.time() - older_than_seconds
+        removed = 0
+        for left in self.receiving_dir.iterdir():
+            try:
+                if left.stat().st_mtime <= cutoff:
+                    left.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                pass  # its transfer ended meanwhile, and pynetdicom removed it
+        return removed
 
     def put(self, dataset: Dataset) -> Path:
         """Write a film durably; its name sorts by arrival."""
@@ -152,6 +173,8 @@ def remove_patient_films(root: Path, patient_id: str) -> int:
     # service answers 409 to uploads of a patient being erased) is found there.
     removed = sum(_remove_if_of(film, patient_id) for film in sorted(root.glob("*.dcm")))
     removed += sum(_remove_if_of(film, patient_id) for film in sorted(refused.glob("*.dcm")))
+    # What pynetdicom is receiving, or kept from an aborted transfer (one too short to be read is left to the sweep).
+    removed += sum(_remove_if_of(film, patient_id) for film in sorted((root / RECEIVING).glob("*.dcm")))
     for reason in refused.glob("*.dcm.reason.txt"):  # a reason whose film went (written as the film was removed)
         if not (refused / reason.name.removesuffix(".reason.txt")).exists():
             reason.unlink(missing_ok=True)
@@ -262,12 +285,17 @@ class Receiver:
         self.ae_title = ae_title
         self.limits = limits or UploadLimits()
         self._server: ThreadedAssociationServer | None = None
+        self._chunked_before = _config.STORE_RECV_CHUNKED_DATASET
 
     def start(self, host: str, port: int, block: bool = False) -> None:
-        # Each C-STORE's data set is written to a temporary file as it arrives, not gathered in memory (a film of
-        # gigabytes would otherwise be held whole, and decoded, before its size could be checked). The setting is
-        # pynetdicom's, for every storage SCP of this process.
+        # Each C-STORE's data set is written to a temporary file as it arrives (in `tempfile.tempdir`: `main` sets
+        # it to the inbox's `receiving_dir`), not gathered in memory, where a film of gigabytes was held whole, and
+        # decoded, before its size could be checked. The setting is pynetdicom's, for every storage SCP of this
+        # process, until `stop`.
+        self._chunked_before = _config.STORE_RECV_CHUNKED_DATASET
         _config.STORE_RECV_CHUNKED_DATASET = True
+        if swept := self.inbox.sweep_receiving():
+            logger.info("removed %d partly received films left by aborted transfers", swept)
         ae = AE(ae_title=self.ae_title)
         for sop_class in FILM_CLASSES:
             ae.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES)
@@ -283,20 +311,22 @@ class Receiver:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+            _config.STORE_RECV_CHUNKED_DATASET = self._chunked_before
         self.forwarder.stop()
 
     def _on_store(self, event: Any) -> int:
         # pynetdicom has written the data set to a temporary file as it arrived (STORE_RECV_CHUNKED_DATASET): it
         # is checked there and copied into the inbox, never held in memory whole.
-        received = Path(event.dataset_path)
         requestor = event.assoc.requestor.ae_title
-        file_meta, offset = split_dataset(received)
-        size = received.stat().st_size - offset
-        if size > self.limits.max_bytes:
-            logger.warning("refused a film of %d bytes from %s: over the upload limit of %d bytes", size, requestor,
-                           self.limits.max_bytes)
-            return OUT_OF_RESOURCES
+        self.inbox.sweep_receiving(STALE_RECEIVING_SECONDS)
         try:
+            received = Path(event.dataset_path)
+            size = received.stat().st_size  # the whole file, as the forwarder posts it and the service counts it
+            if size > self.limits.max_bytes:
+                logger.warning("refused a film of %d bytes from %s: over the upload limit of %d bytes", size,
+                               requestor, self.limits.max_bytes)
+                return TOO_LARGE
+            file_meta, offset = split_dataset(received)
             if file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
                 # pydicom inflates the whole data set when it is read: capped first, as uploads are
                 with received.open("rb") as f:
@@ -331,6 +361,9 @@ def main(argv: list[str] | None = None) -> None:
     # A prediction takes well under a second; the long timeout covers a cold or heavily loaded service.
     with httpx.Client(base_url=args.service, headers=headers, timeout=120) as client:
         inbox = Inbox(args.inbox)
+        # pynetdicom writes what arrives to temporary files: under the inbox, on the storage volume (not a tmpfs,
+        # which would hold it in memory), where the start-up sweep and an erasure find what an aborted transfer left.
+        tempfile.tempdir = str(inbox.receiving_dir)
         receiver = Receiver(inbox, Forwarder(inbox, client), settings.ae_title, UploadLimits.from_settings(settings))
         try:
             receiver.start(args.host, args.port, block=True)
