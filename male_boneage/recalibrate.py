@@ -10,8 +10,9 @@ interval covers 90% of them (`metrics.calibrate_sigma_scale`, from sigmas at sca
 largest of them: no way of sending a film is left below its 90th percentile. (Sending each film once, as one variant
 drawn by a hash of its id, left about 40 films per variant and sex: a noisy draw; see the model card.) Prints each
 variant's scale and coverage, the one that sets the scale marked `*`; `--write` stores the scale in the weights
-files' metadata (`sigma_scale`, with `sigma_calibration` saying how it was found and `tta` the test-time variants it
-holds for: the served 4 unless `--tta` names another count, as `BONEAGE_TTA_VARIANTS` may). The weights themselves,
+files' metadata (`sigma_scale`, with `sigma_calibration` saying how it was found, `tta` the test-time variants it
+holds for: the served 4 unless `--tta` names another count, as `BONEAGE_TTA_VARIANTS` may, and `sigma_precision`
+the precision the nets ran in). The weights themselves,
 and so the weights' versions (a hash of the weights), do not change; the version a prediction records does (it ends
 in `+s` and the scale: `BoneAgeModel.version`). Never run it on `--split heldout`: those films are the benchmark.
 """
@@ -82,12 +83,15 @@ def recalibrate(data: Path, male_weights: Path, female_weights: Path, variants: 
     return result
 
 
-def write_scale(path: Path, scale: float, how: str, tta_variants: int = len(DEFAULT_TTA)) -> None:
-    """Store a new sigma scale in a weights file's metadata, atomically (temp file, then rename)."""
+def write_scale(path: Path, scale: float, how: str, precision: str, tta_variants: int = len(DEFAULT_TTA)) -> None:
+    """Store a new sigma scale, fitted with the nets run in `precision` ("bf16" or "fp32", as resolved), in a weights
+    file's metadata, atomically (temp file, then rename)."""
     payload = torch.load(path, map_location="cpu", weights_only=True)
-    # The scale holds for the test-time variants it was fitted with: the file records them.
+    # The scale holds for the test-time variants and the precision it was fitted with: the file records them (a
+    # model run otherwise says so in its version).
     payload["metadata"] = payload["metadata"] | {"sigma_scale": scale, "sigma_calibration": how,
-                                                 "tta": [list(v) for v in TTA_VARIANTS[:tta_variants]]}
+                                                 "tta": [list(v) for v in TTA_VARIANTS[:tta_variants]],
+                                                 "sigma_precision": precision}
     tmp = path.with_name(path.name + ".tmp")
     torch.save(payload, tmp)
     tmp.replace(path)
@@ -124,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
                f" --variants {' '.join(variants)} --tta {args.tta} --precision {result['male']['precision']}"
                " (the largest per-variant scale)")
         for sex, path in (("male", args.male_weights), ("female", args.female_weights)):
-            write_scale(path, result[sex]["new_scale"], how, args.tta)
+            write_scale(path, result[sex]["new_scale"], how, result[sex]["precision"], args.tta)
             sys.stdout.write(f"wrote sigma scale {result[sex]['new_scale']:.4f} into {path}\n")
 
 

@@ -360,6 +360,7 @@ def calibrate_and_validate(model: BoneAgeModel, calib: tuple[np.ndarray, list[fl
     calibration films (clean, the served test-time variants), then on the validation films `val_metrics` (returned)
     and the out-of-distribution limit `ood_sigma_months`, a sigma well above any seen there."""
     model.metadata["sigma_scale"] = calibrate_sigma_scale(model.predict_many(calib[0]), calib[1])
+    model.metadata["sigma_precision"] = model.precision  # what the scale holds for (`BoneAgeModel.version`)
     val_estimates = model.predict_many(val[0])
     model.metadata["val_metrics"] = summarize(val_estimates, val[1])
     model.metadata["val_sigma_max_months"] = max(e.sigma_months for e in val_estimates)

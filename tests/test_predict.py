@@ -154,7 +154,8 @@ def test_relative_storage_dir_and_artifacts_are_real_copies(tmp_path: Path, monk
 
 def test_the_precision_setting_is_served_and_reported(shared_client: TestClient, tmp_path: Path) -> None:
     """BONEAGE_INFERENCE_PRECISION=fp32 runs the nets in float32 (`/health` says so); the default's bfloat16 trunks,
-    where the CPU runs them natively, answer the same film within rounding."""
+    where the CPU runs them natively, answer the same film within rounding. The shipped sigma scales were fitted
+    in bfloat16: a model run in float32 says so in its version."""
     data = (TEST20 / "4360.png").read_bytes()
     default = post_image(shared_client, data, "P-precision-default").json()
     expected = resolve_precision("auto", torch.device("cpu"))  # the service's own rule for "auto"
@@ -163,6 +164,8 @@ def test_the_precision_setting_is_served_and_reported(shared_client: TestClient,
         assert {m["precision"] for m in client.get("/health").json()["models"].values()} == {"fp32"}
         fp32 = post_image(client, data, "P-precision-fp32").json()
     for key in ("male_prediction", "female_prediction"):
-        assert fp32[key]["model_version"] == default[key]["model_version"]
+        weights_version = fp32[key]["model_version"].removesuffix("+fp32")
+        assert fp32[key]["model_version"] == f"{weights_version}+fp32"
+        assert default[key]["model_version"] == weights_version + ("" if expected == "bf16" else "+fp32")
         assert fp32[key]["age_months"] == pytest.approx(default[key]["age_months"], abs=0.25)
         assert fp32[key]["sigma_months"] == pytest.approx(default[key]["sigma_months"], abs=0.25)

@@ -14,7 +14,7 @@ from male_boneage import evaluate
 from male_boneage import recalibrate as recalibrate_module
 from male_boneage.augment import DEFAULT_TTA, TTA_VARIANTS
 from male_boneage.data import read_labels, select
-from male_boneage.inference import BoneAgeModel, load_weights
+from male_boneage.inference import BoneAgeModel, load_weights, resolve_precision
 from male_boneage.recalibrate import recalibrate, write_scale
 
 
@@ -79,7 +79,7 @@ def test_a_written_scale_keeps_the_weights_and_their_version_and_changes_the_ser
     path = copy_weights("male", tmp_path)
     before, before_meta = load_weights(path)
     served_before = BoneAgeModel.from_file(path, torch.device("cpu")).version
-    write_scale(path, 0.5, "a test")
+    write_scale(path, 0.5, "a test", resolve_precision("auto", torch.device("cpu")))
     after, after_meta = load_weights(path)
     assert after_meta["sigma_scale"] == 0.5 and after_meta["sigma_calibration"] == "a test"
     assert after_meta["tta"] == [list(v) for v in DEFAULT_TTA]
@@ -89,8 +89,11 @@ def test_a_written_scale_keeps_the_weights_and_their_version_and_changes_the_ser
     assert served.version == f"{before_meta['version']}+s0.5000" != served_before
     eight = BoneAgeModel.from_file(path, torch.device("cpu"), TTA_VARIANTS)  # not the 4 the scale was fitted for
     assert eight.version == f"{before_meta['version']}+s0.5000+t8"
+    write_scale(path, 0.5, "fitted in bfloat16", "bf16")
+    fp32 = BoneAgeModel.from_file(path, torch.device("cpu"), precision="fp32")
+    assert fp32.version == f"{before_meta['version']}+s0.5000+fp32"
     assert not list(tmp_path.glob("*.tmp"))
-    write_scale(path, 0.6, "fitted for all 8", tta_variants=8)  # `--tta 8`: the file records the 8 it holds for
+    write_scale(path, 0.6, "fitted for all 8", "fp32", tta_variants=8)  # `--tta 8`: the file records the 8 it holds for
     assert load_weights(path)[1]["tta"] == [list(v) for v in TTA_VARIANTS] != after_meta["tta"]
 
 
