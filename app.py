@@ -75,7 +75,8 @@ def create_app(settings: Settings | None = None, load_models: ModelsLoader = Mod
         store = PatientStore(config.patients_dir)
         store.ensure_writable()
         runs = MlflowRuns(config.mlflow_tracking_uri, config.mlflow_experiment)
-        eraser = PatientEraser(store, database, runs, config.inbox_dir)
+        eraser = PatientEraser(store, database, runs, config.inbox_dir,
+                               inbox_limits=UploadLimits.from_settings(config))
         live = LiveLock(database)
         alone = live.acquire()
         recover(store, database, runs, min_age_seconds=start_up_clean_up_age(alone, database.is_postgresql,

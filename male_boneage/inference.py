@@ -352,13 +352,14 @@ class BoneAgeModel:
     @property
     def version(self) -> str:
         """What every prediction records as its model: the weights' version (a hash of the nets and of how they run)
-        and the sigma scale its intervals are drawn with, `male-2026-12-06-e8e0f5d010+s0.8646`; then `+t8` when it
-        runs other test-time variants than the scale was fitted with (`BONEAGE_TTA_VARIANTS=8`), and `+fp32` when
-        another precision (`BONEAGE_INFERENCE_PRECISION`, or a CPU without bfloat16). `recalibrate --write` changes
-        a file's intervals, not its weights: predictions before and after it do not share a version."""
-        fitted_tta = self.metadata.get("tta", [list(v) for v in DEFAULT_TTA])
+        and the sigma scale its intervals are drawn with, `male-2026-12-06-e8e0f5d010+s0.8646`; then `+t` and the
+        count when it runs other test-time variants than the scale was fitted with (`+t8`: `BONEAGE_TTA_VARIANTS=8`),
+        and `+` and the precision when another one (`+fp32`: `BONEAGE_INFERENCE_PRECISION=fp32`, or a device without
+        native bfloat16). `recalibrate --write` changes a file's intervals, not its weights: predictions before and
+        after it do not share a version."""
+        fitted_tta = self.metadata.get("tta") or [list(v) for v in DEFAULT_TTA]
         other_tta = "" if [list(v) for v in self.tta] == fitted_tta else f"+t{len(self.tta)}"
-        fitted_precision = self.metadata.get("sigma_precision", self.precision)  # not recorded before 2026-12-07
+        fitted_precision = self.metadata.get("sigma_precision") or self.precision  # not recorded before 2026-12-07
         other_precision = "" if self.precision == fitted_precision else f"+{self.precision}"
         return f"{self.metadata['version']}+s{self.sigma_scale:.4f}{other_tta}{other_precision}"
 

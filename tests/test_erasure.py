@@ -32,6 +32,7 @@ from patient_data import (
     upload,
     write_keys_file,
 )
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from database import crud
 from database.db import Database
@@ -296,8 +297,9 @@ def test_an_erasure_under_way_elsewhere_is_finished_by_another_process_only_once
 def test_erasure_removes_the_patients_films_from_the_receivers_inbox(tmp_path: Path) -> None:
     """Films of the patient that the DICOM receiver holds under the storage folder (waiting for the service,
     refused by it, with all their tags, or left in .receiving/ by an aborted transfer) go too; other patients' films
-    and an unreadable file stay."""
-    settings = make_settings(tmp_path, api_keys_file=write_keys_file(tmp_path))
+    and an unreadable file stay, and so does a deflated file in .receiving/ (not yet checked on arrival) that would
+    inflate beyond the upload limits: it is never inflated in the service."""
+    settings = make_settings(tmp_path, api_keys_file=write_keys_file(tmp_path), max_image_pixels=1_000_000)
     inbox = Inbox(settings.inbox_dir)
 
     def received(patient: str) -> Path:
@@ -312,10 +314,15 @@ def test_erasure_removes_the_patients_films_from_the_receivers_inbox(tmp_path: P
     unreadable.write_bytes(b"not a DICOM file")
     aborted = inbox.receiving_dir / "tmpa1b2c3.dcm"  # as pynetdicom names what it receives
     os.rename(received("MRN 7/1"), aborted)
+    bomb = pydicom.dcmread(io.BytesIO(make_dicom(gray(TEST20 / "4360.png")[:64, :64], tags={"PatientID": "MRN 7/1"})))
+    bomb.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    bomb.add_new(0x00091010, "OB", bytes(40_000_000))  # inflates to 40 MB, beyond the 22 MB these limits allow
+    bomb.save_as(inbox.receiving_dir / "tmpd4e5f6.dcm", enforce_file_format=True)
     with running_app(settings) as client:
         erased = client.delete("/patients/MRN_7_1", headers=OFFICER)
         assert erased.status_code == 200, erased.text
         assert erased.json()["inbox_films_removed"] == 3
         assert client.delete("/patients/MRN_7_1", headers=OFFICER).json()["inbox_films_removed"] == 0
     assert inbox.waiting() == [unreadable, other]
-    assert list(inbox.refused_dir.iterdir()) == [] and list(inbox.receiving_dir.iterdir()) == []
+    assert list(inbox.refused_dir.iterdir()) == []
+    assert [f.name for f in inbox.receiving_dir.iterdir()] == ["tmpd4e5f6.dcm"]

@@ -5,9 +5,11 @@ is unreachable or answers busy (5xx, 429, 408), films wait in the inbox and noth
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 import sys
 import tempfile
+import time
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
@@ -321,6 +323,8 @@ def test_a_film_is_received_without_being_held_in_memory_and_one_over_the_byte_l
     monkeypatch.setattr(tempfile, "tempdir", str(inbox.receiving_dir))  # as `main` sets it
     left = inbox.receiving_dir / "tmp-aborted.dcm"
     left.write_bytes(b"\0" * 1000)
+    an_hour_ago = time.time() - 3600
+    os.utime(left, (an_hour_ago, an_hour_ago))  # not written to since: a transfer that was aborted
     noise = np.random.default_rng(0)
     large = tmp_path / "large.dcm"
     large.write_bytes(make_dicom(noise.integers(0, 4096, (4000, 4000)), bits_stored=12))

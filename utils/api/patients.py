@@ -53,8 +53,8 @@ class ErasureResponse(BaseModel):
     predictions_removed: int
     files_removed: int
     inbox_films_removed: int = Field(
-        description="films of the patient in the DICOM receiver's inbox under the storage folder (waiting for the "
-                    "service, or refused by it)")
+        description="films of the patient in the DICOM receiver's inbox under the storage folder (being received, "
+                    "waiting for the service, or refused by it)")
     mlflow_runs_removed: int
     mlflow_runs_purged: bool = Field(
         description="false: the tracking server only marked the runs deleted; `mlflow gc` there removes them for "

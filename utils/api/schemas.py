@@ -47,7 +47,9 @@ class ModelPrediction(BaseModel):
     interval_90: Interval
     age_group: AgeGroup
     model_version: str = Field(description="the weights' version and the sigma scale the interval is drawn with "
-                                           "(`male-2026-12-06-e8e0f5d010+s0.8646`): a recalibration changes it")
+                                           "(`male-2026-12-06-e8e0f5d010+s0.8646`: a recalibration changes it), "
+                                           "then `+t8` or `+fp32` when the model runs other test-time variants or "
+                                           "another precision than that scale was fitted with")
     gradcam_path: str = Field(description="path under the storage folder")
     gradcam_url: str
     range_note: str | None = Field(None, description="set when the estimate is at an end of the models' range "

@@ -52,7 +52,7 @@ from storage.store import fsync_folder
 from utils.config import Settings
 from utils.errors import InvalidImage
 from utils.imaging.checks import UploadLimits
-from utils.imaging.dicom import check_inflated_size
+from utils.imaging.dicom import check_inflated_size, read_dicom
 
 logger = logging.getLogger(__name__)
 logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # its INFO and DEBUG logs can quote patient data
@@ -63,10 +63,11 @@ FILM_CLASSES = (ComputedRadiographyImageStorage, DigitalXRayImageStorageForPrese
 OUT_OF_RESOURCES = 0xA700  # a C-STORE failure worth retrying: the inbox could not be written
 CANNOT_UNDERSTAND = 0xC000  # a C-STORE failure: the data set cannot be read
 TOO_LARGE = 0xC001  # a C-STORE failure (of the "cannot understand" range, so not retried): over the byte limit
-# pynetdicom's temporary files (what a C-STORE brings, as it arrives) go here under the inbox (`main`); one older
-# than this is left from a transfer that was aborted, and removed.
+# pynetdicom's temporary files (what a C-STORE brings, as it arrives) go here under the inbox (`main`); one not
+# written to for this long was left by a transfer that was aborted (pynetdicom aborts one idle for a minute), and is
+# removed.
 RECEIVING = ".receiving"
-STALE_RECEIVING_SECONDS = 3600
+STALE_RECEIVING_SECONDS = 600
 NOT_A_PATIENT_ID_CHARACTER = re.compile(r"[^A-Za-z0-9._-]")
 UNKNOWN_PATIENT = "unknown-patient"
 COPY_CHUNK_BYTES = 1 << 20  # a received film is copied into the inbox a megabyte at a time
@@ -110,18 +111,26 @@ class Inbox:
         self.receiving_dir = root / RECEIVING
         self.receiving_dir.mkdir(exist_ok=True)
 
-    def sweep_receiving(self, older_than_seconds: float = 0.0) -> int:
-        """Remove what aborted transfers left in `receiving_dir` (every file at start-up: none is arriving then);
-        how many."""
+    def sweep_receiving(self, older_than_seconds: float = STALE_RECEIVING_SECONDS) -> int:
+        """Remove what aborted transfers left in `receiving_dir`: files not written to for `older_than_seconds`
+        (pynetdicom writes each fragment as it comes and aborts an association idle for a minute); how many. Never
+        raises: a file it cannot remove is logged and left for the next sweep."""
         cutoff = time.time() - older_than_seconds
         removed = 0
-        for left in self.receiving_dir.iterdir():
+        try:
+            left_over = list(self.receiving_dir.glob("*.dcm"))
+        except OSError:
+            logger.warning("could not list %s to sweep it", self.receiving_dir, exc_info=True)
+            return 0
+        for left in left_over:
             try:
                 if left.stat().st_mtime <= cutoff:
                     left.unlink()
                     removed += 1
             except FileNotFoundError:
                 pass  # its transfer ended meanwhile, and pynetdicom removed it
+            except OSError:
+                logger.warning("could not remove %s, left by an aborted transfer", left.name, exc_info=True)
         return removed
 
     def put(self, dataset: Dataset) -> Path:
@@ -164,31 +173,42 @@ class Inbox:
         (self.refused_dir / f"{film.name}.reason.txt").write_text(reason + "\n")
 
 
-def remove_patient_films(root: Path, patient_id: str) -> int:
-    """Remove the films of a patient (as `patient_id_of` names them) from an inbox at `root`, waiting or refused,
-    with their reasons; how many. For an erasure (`utils.pipeline.erasure`); creates nothing, and a film that cannot
-    be read is left (and logged without its name's patient data). `OSError` if a film could not be removed."""
-    refused = root / "refused"
-    # The waiting films first, then refused/, listed only after them: a film the forwarder sets aside meanwhile (the
-    # service answers 409 to uploads of a patient being erased) is found there.
-    removed = sum(_remove_if_of(film, patient_id) for film in sorted(root.glob("*.dcm")))
+def remove_patient_films(root: Path, patient_id: str, limits: UploadLimits | None = None) -> int:
+    """Remove the films of a patient (as `patient_id_of` names them) from an inbox at `root`, being received,
+    waiting or refused, with their reasons; how many. For an erasure (`utils.pipeline.erasure`); creates nothing, and
+    a film that cannot be read is left (and logged without its name's patient data). `OSError` if a film could not
+    be removed. `limits` (the receiver's) bound what is read of a film not yet checked on arrival."""
+    receiving, refused = root / RECEIVING, root / "refused"
+    # In the order films move (.receiving/, the inbox, refused/), each folder listed only after the one before it
+    # was: a film that moves on meanwhile (a transfer that ends; one the forwarder sets aside with the service's 409
+    # to uploads of a patient being erased) is found in the next.
+    removed = sum(_remove_if_of(film, patient_id, limits or UploadLimits()) for film in sorted(receiving.glob("*.dcm")))
+    removed += sum(_remove_if_of(film, patient_id) for film in sorted(root.glob("*.dcm")))
     removed += sum(_remove_if_of(film, patient_id) for film in sorted(refused.glob("*.dcm")))
-    # What pynetdicom is receiving, or kept from an aborted transfer (one too short to be read is left to the sweep).
-    removed += sum(_remove_if_of(film, patient_id) for film in sorted((root / RECEIVING).glob("*.dcm")))
     for reason in refused.glob("*.dcm.reason.txt"):  # a reason whose film went (written as the film was removed)
         if not (refused / reason.name.removesuffix(".reason.txt")).exists():
             reason.unlink(missing_ok=True)
-    for folder in (root, refused):
+    for folder in (receiving, root, refused):
         if removed and folder.is_dir():
             fsync_folder(folder)
     return removed
 
 
-def _remove_if_of(film: Path, patient_id: str) -> bool:
+def _remove_if_of(film: Path, patient_id: str, unchecked: UploadLimits | None = None) -> bool:
+    """Remove `film` if it is the patient's. A film still `unchecked` on arrival (in `.receiving/`: it may be a
+    deflate bomb, or still arriving) is read only within those limits, as the upload checks would; beyond them it
+    is left, to be refused when it arrives and swept."""
     try:
-        belongs = patient_id_of(dcmread(film, stop_before_pixels=True)) == patient_id
+        header: Dataset
+        if unchecked is None:
+            header = dcmread(film, stop_before_pixels=True)
+        elif film.stat().st_size > unchecked.max_bytes:
+            return False
+        else:
+            header = read_dicom(film.read_bytes(), unchecked)
+        belongs = patient_id_of(header) == patient_id
     except FileNotFoundError:
-        return False  # posted or set aside by the forwarder meanwhile
+        return False  # posted, set aside or arrived meanwhile
     except Exception:
         logger.warning("an inbox film could not be read while erasing a patient; left in place", exc_info=True)
         return False
@@ -318,10 +338,14 @@ class Receiver:
         # pynetdicom has written the data set to a temporary file as it arrived (STORE_RECV_CHUNKED_DATASET): it
         # is checked there and copied into the inbox, never held in memory whole.
         requestor = event.assoc.requestor.ae_title
-        self.inbox.sweep_receiving(STALE_RECEIVING_SECONDS)
+        self.inbox.sweep_receiving()
         try:
             received = Path(event.dataset_path)
             size = received.stat().st_size  # the whole file, as the forwarder posts it and the service counts it
+        except OSError:  # removed meanwhile (a sweep, an erasure): the sender may send it again
+            logger.warning("a film received from %s could not be read back", requestor, exc_info=True)
+            return OUT_OF_RESOURCES
+        try:
             if size > self.limits.max_bytes:
                 logger.warning("refused a film of %d bytes from %s: over the upload limit of %d bytes", size,
                                requestor, self.limits.max_bytes)

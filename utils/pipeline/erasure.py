@@ -7,7 +7,7 @@ recovery:
 2. one transaction locks the audit chain, deletes the patient, their predictions and PACS sends, and appends the
    erasure's audit row (what was removed, which DICOM objects the PACS may already hold; no clinical data);
 3. the patient's folder goes, with every upload, heatmap, SR and SC in it, and so do the patient's films in the
-   DICOM receiver's inbox under the same storage folder (waiting for the service, or refused by it);
+   DICOM receiver's inbox under the same storage folder (being received, waiting for the service, or refused by it);
 4. every MLflow run tagged with the patient is purged: artifacts, params, metrics and tags;
 5. the `erasures` row is deleted: nothing of the patient is left but the audit rows.
 
@@ -30,6 +30,7 @@ from database.crud import ErasedRows, UnrecalledObject
 from database.db import Database
 from storage.store import PatientStore, StorageUnavailable, check_patient_id
 from utils.errors import ErasureIncomplete
+from utils.imaging.checks import UploadLimits
 from utils.pacs.receiver import remove_patient_films
 from utils.tracking.mlflow_runs import MlflowRuns
 
@@ -68,11 +69,13 @@ class PatientEraser:
     """Erases patients; one per app (and one for start-up recovery)."""
 
     def __init__(self, store: PatientStore, database: Database, runs: MlflowRuns, inbox: Path | None = None,
-                 clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)) -> None:
+                 clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+                 inbox_limits: UploadLimits | None = None) -> None:
         self.store = store
         self.database = database
         self.runs = runs
         self.inbox = inbox  # the DICOM receiver's inbox, `<BONEAGE_STORAGE_DIR>/inbox` (read only if it exists)
+        self.inbox_limits = inbox_limits  # the upload limits, within which a film still arriving there is read
         self._clock = clock
 
     def erase(self, patient_id: str, audit: AuditEntry) -> ErasureReport:
@@ -96,7 +99,8 @@ class PatientEraser:
         audit.recorded = True
         try:
             files = self.store.remove_patient(patient_id)
-            inbox_films = 0 if self.inbox is None else remove_patient_films(self.inbox, patient_id)
+            inbox_films = (0 if self.inbox is None
+                           else remove_patient_films(self.inbox, patient_id, self.inbox_limits))
         except (StorageUnavailable, OSError):
             raise ErasureIncomplete("the patient's records are erased but not all their files could be removed; "
                                     "repeat the erasure (it is also finished at the next start)") from None
