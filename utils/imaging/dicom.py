@@ -20,6 +20,7 @@ import threading
 import warnings
 import zlib
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import numpy as np
 import pydicom
@@ -101,21 +102,22 @@ def check_inflated_size(deflated: bytes, limits: UploadLimits) -> None:
                            f"limit of {limits.max_pixels} pixels needs")
 
 
-def _check_inflated_file(data: bytes, limits: UploadLimits) -> None:
-    """`check_inflated_size` for a DICOM file whose file meta names the deflated syntax; other files pass."""
-    fp = io.BytesIO(data)
+def check_inflated_file(fp: BinaryIO, limits: UploadLimits) -> None:
+    """`check_inflated_size` for a DICOM file (read from the start of `fp`) whose file meta names the deflated
+    syntax; other files pass, and so does one without readable file meta (pydicom then reads it as another syntax,
+    or refuses it)."""
     try:
         read_preamble(fp, force=True)
         meta = read_file_meta(fp)
     except Exception:
-        return  # no readable file meta: pydicom reads it as another syntax (or refuses it) below
+        return
     if meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
-        check_inflated_size(data[fp.tell():], limits)
+        check_inflated_size(fp.read(), limits)
 
 
 def read_dicom(data: bytes, limits: UploadLimits) -> Dataset:
     """Parse a DICOM file (pixel data read as bytes, not decoded); InvalidImage if pydicom cannot."""
-    _check_inflated_file(data, limits)
+    check_inflated_file(io.BytesIO(data), limits)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

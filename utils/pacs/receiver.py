@@ -35,10 +35,8 @@ from typing import IO, Any
 import httpx
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pynetdicom import AE, _config, evt
 from pynetdicom._globals import ALL_TRANSFER_SYNTAXES
-from pynetdicom.dsutils import split_dataset
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     ComputedRadiographyImageStorage,
     DigitalXRayImageStorageForPresentation,
@@ -52,7 +50,7 @@ from storage.store import fsync_folder
 from utils.config import Settings
 from utils.errors import InvalidImage
 from utils.imaging.checks import UploadLimits
-from utils.imaging.dicom import check_inflated_size, read_dicom
+from utils.imaging.dicom import check_inflated_file, read_dicom
 
 logger = logging.getLogger(__name__)
 logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # its INFO and DEBUG logs can quote patient data
@@ -345,17 +343,13 @@ class Receiver:
         except OSError:  # removed meanwhile (a sweep, an erasure): the sender may send it again
             logger.warning("a film received from %s could not be read back", requestor, exc_info=True)
             return OUT_OF_RESOURCES
+        if size > self.limits.max_bytes:
+            logger.warning("refused a film of %d bytes from %s: over the upload limit of %d bytes", size, requestor,
+                           self.limits.max_bytes)
+            return TOO_LARGE
         try:
-            if size > self.limits.max_bytes:
-                logger.warning("refused a film of %d bytes from %s: over the upload limit of %d bytes", size,
-                               requestor, self.limits.max_bytes)
-                return TOO_LARGE
-            file_meta, offset = split_dataset(received)
-            if file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
-                # pydicom inflates the whole data set when it is read: capped first, as uploads are
-                with received.open("rb") as f:
-                    f.seek(offset)
-                    check_inflated_size(f.read(), self.limits)
+            with received.open("rb") as f:  # pydicom inflates a whole deflated data set: capped first, as uploads are
+                check_inflated_file(f, self.limits)
             dcmread(received, stop_before_pixels=True)
         except InvalidImage as refusal:
             logger.warning("refused a deflated film from %s: %s", requestor, refusal)
