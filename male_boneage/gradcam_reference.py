@@ -64,4 +64,4 @@ def reference_predict_batch(model: BoneAgeModel, images: list[np.ndarray]) -> li
             member_batch = torch.cat([tta_batch(p, tta) for p in member_inputs]).to(model.device)
             others.append(FlatOutput(member.net)(member_batch).cpu().view(len(images), len(tta), -1))
     return [ModelEstimate(*combine_members([o, *(other[i] for other in others)], model.sigma_scale),
-                          heatmap=heatmaps[i]) for i, o in enumerate(outputs)]
+                          heatmap=heatmaps[i], model_version=model.version) for i, o in enumerate(outputs)]

@@ -52,6 +52,9 @@ class ModelEstimate:
     sigma_months: float
     group_probabilities: tuple[float, ...]
     heatmap: np.ndarray | None  # (H, W) in [0, 1] at the model's input size, from the identity variant
+    # The version of the model that made it (`BoneAgeModel.version`): what the prediction records, so that on Ray Serve
+    # it is the replica's that answered (replicas on CPUs with and without bfloat16 differ by `+fp32`).
+    model_version: str
 
 
 def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -413,7 +416,8 @@ class BoneAgeModel:
                     outputs = member.served(batch).view(n, len(variants), -1)
             per_member.append(outputs.cpu())
         return [ModelEstimate(*combine_members([o[j] for o in per_member], self.sigma_scale),
-                              heatmap=None if heatmaps is None else heatmaps[j]) for j in range(n)]
+                              heatmap=None if heatmaps is None else heatmaps[j], model_version=self.version)
+                for j in range(n)]
 
     @staticmethod
     def _forward_with_cam(member: Member, batch: torch.Tensor, n_images: int,

@@ -53,7 +53,7 @@ def test_the_response_notes_an_estimate_at_an_end_of_the_range(age: float, note:
 def test_the_report_calls_a_skeleton_at_the_adult_end_mature() -> None:
     def estimate(months: float) -> ModelEstimate:
         return ModelEstimate(age_months=months, sigma_months=8.0, group_probabilities=(0.0, 0.0, 0.0, 1.0),
-                             heatmap=None)
+                             heatmap=None, model_version="test")
 
     mature = build_report("male", estimate(MAX_AGE_MONTHS), estimate(200.0), 200.0, "form")
     assert mature.bone_age_months == MAX_AGE_MONTHS

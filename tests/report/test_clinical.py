@@ -15,7 +15,7 @@ CURVES = reference.load_reference()
 
 
 def estimate(age_months: float, sigma_months: float = 10.0) -> ModelEstimate:
-    return ModelEstimate(age_months, sigma_months, (0.25, 0.25, 0.25, 0.25), None)
+    return ModelEstimate(age_months, sigma_months, (0.25, 0.25, 0.25, 0.25), None, "test")
 
 
 def test_the_table_holds_both_sexes_over_their_published_ages() -> None:

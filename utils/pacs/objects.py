@@ -152,11 +152,11 @@ def study_header(film: Dataset | None, patient_id: str, sex_used: str, created_a
 
 
 def build_dicom_results(film: Dataset | None, patient_id: str, created_at: dt.datetime, uid_root: str,
-                        sex_used: str, estimates: dict[str, tuple[ModelEstimate, str]], report: ClinicalReport,
+                        sex_used: str, estimates: dict[str, ModelEstimate], report: ClinicalReport,
                         overlay_rgb: np.ndarray, female_fallback: bool) -> DicomResults:
     """The SR and SC of one prediction. `film` is the uploaded DICOM when the results join its study
     (`film_study_missing` found nothing missing), else None: a new study with placeholders. `estimates` is
-    {"male"|"female": (estimate, model version)}; `overlay_rgb` the heatmap overlay to show (the applicable one,
+    {"male"|"female": estimate}; `overlay_rgb` the heatmap overlay to show (the applicable one,
     or both side by side)."""
     header = study_header(film, patient_id, sex_used, created_at, uid_root)
     sr = _structured_report(header, film, uid_root, sex_used, estimates, report, female_fallback)
@@ -172,14 +172,14 @@ def side_by_side(left_rgb: np.ndarray, right_rgb: np.ndarray, gap: int = 8) -> n
 
 
 def _structured_report(header: Dataset, film: Dataset | None, uid_root: str, sex_used: str,
-                       estimates: dict[str, tuple[ModelEstimate, str]], report: ClinicalReport,
+                       estimates: dict[str, ModelEstimate], report: ClinicalReport,
                        female_fallback: bool) -> hd.sr.ComprehensiveSR:
     items: list[hd.sr.ContentItem] = [
         _text(COMMENT, NOTICE),
         _text(SUBJECT_SEX, sex_used),
     ]
-    for sex, (estimate, version) in estimates.items():
-        items.append(_model_container(sex, estimate, version, female_fallback and sex == "female"))
+    for sex, estimate in estimates.items():
+        items.append(_model_container(sex, estimate, female_fallback and sex == "female"))
     if report.bone_age_months is not None:
         items.append(_num(BONE_AGE, report.bone_age_months, MONTHS))  # the estimate for the patient's sex
     if report.chronological_age_months is not None:
@@ -227,12 +227,12 @@ def _private_scheme() -> Dataset:
     return item
 
 
-def _model_container(sex: str, estimate: ModelEstimate, version: str, fallback: bool) -> hd.sr.ContainerContentItem:
+def _model_container(sex: str, estimate: ModelEstimate, fallback: bool) -> hd.sr.ContainerContentItem:
     low, high = interval_90(estimate.age_months, estimate.sigma_months)
     name = f"BoneAgeNet trained on {'boys' if sex == 'male' else 'girls'}"
     items: list[hd.sr.ContentItem] = [
         _text(ALGORITHM_NAME, name + (" (the boys' model stands in: no girls' weights)" if fallback else "")),
-        _text(ALGORITHM_VERSION, version),
+        _text(ALGORITHM_VERSION, estimate.model_version),
         _num(BONE_AGE, estimate.age_months, MONTHS),
         _num(STANDARD_DEVIATION, estimate.sigma_months, MONTHS),
         _num(_code("BA-L90", "Lower limit of 90% interval"), low, MONTHS),

@@ -245,13 +245,13 @@ def _has_error(row: dict[str, Any]) -> bool:
     return isinstance(row["error"], str)
 
 
-def _fill(row: dict[str, Any], sex: str, estimate: ModelEstimate, version: str) -> None:
+def _fill(row: dict[str, Any], sex: str, estimate: ModelEstimate) -> None:
     low, high = interval_90(estimate.age_months, estimate.sigma_months)
     row[f"{sex}_age_months"] = estimate.age_months
     row[f"{sex}_sigma_months"] = estimate.sigma_months
     row[f"{sex}_low_90_months"] = low
     row[f"{sex}_high_90_months"] = high
-    row[f"{sex}_model_version"] = version
+    row[f"{sex}_model_version"] = estimate.model_version
 
 
 class ScoreFilms:
@@ -289,8 +289,8 @@ class ScoreFilms:
             row["error"] = out_of_distribution_message(male, self.male.ood_sigma_months)
             row[_FILM] = b""
             return
-        _fill(row, "male", male, self.male.version)
-        _fill(row, "female", female, self.female.version)
+        _fill(row, "male", male)
+        _fill(row, "female", female)
         if self.heatmaps and male.heatmap is not None and female.heatmap is not None:
             row[_MALE_CAM] = _encode_array(male.heatmap)
             row[_FEMALE_CAM] = b"" if female is male else _encode_array(female.heatmap)

@@ -36,17 +36,16 @@ class PredictionDraft:
 
     def to_row(self, paths: dict[str, str], mlflow_run_id: str | None) -> Prediction:
         """The database row, given {file name: stored path} from the store and the run id (None if pending)."""
-        male_model, female_model = self.models.male, self.models.female
         return Prediction(
             id=self.prediction_id, patient_id=self.patient_id, created_at=self.created_at,
             image_path=paths[self.original_name], image_sha256=self.image.sha256, image_width=self.image.width,
             image_height=self.image.height, sex_used=self.sex_used, sex_source=self.sex_source,
             male_age_months=self.male.age_months, male_sigma_months=self.male.sigma_months,
             male_group_probs=json.dumps(self.male.group_probabilities), male_gradcam_path=paths[GRADCAM_PNG["male"]],
-            male_model_version=male_model.version,
+            male_model_version=self.male.model_version,
             female_age_months=self.female.age_months, female_sigma_months=self.female.sigma_months,
             female_group_probs=json.dumps(self.female.group_probabilities),
-            female_gradcam_path=paths[GRADCAM_PNG["female"]], female_model_version=female_model.version,
+            female_gradcam_path=paths[GRADCAM_PNG["female"]], female_model_version=self.female.model_version,
             female_fallback=self.models.female_fallback,
             chronological_age_months=self.report.chronological_age_months,
             chronological_age_source=self.report.chronological_age_source,

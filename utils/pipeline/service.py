@@ -424,8 +424,7 @@ class BoneAgeService:
         shown = rgb.get(draft.sex_used)
         if shown is None:
             shown = rgb["male"] if overlays["female"] is overlays["male"] else side_by_side(rgb["male"], rgb["female"])
-        estimates = {"male": (draft.male, self.models.male.version),
-                     "female": (draft.female, self.models.female.version)}
+        estimates = {"male": draft.male, "female": draft.female}
         return build_dicom_results(study_film, draft.patient_id, draft.created_at, self.dicom.uid_root,
                                    draft.sex_used, estimates, draft.report, np.ascontiguousarray(shown),
                                    self.models.female_fallback)

@@ -110,8 +110,10 @@ def report_of(prediction: Prediction) -> ClinicalReport:
         interval = stored.pop("difference_interval_90")
         return ClinicalReport(**stored, difference_interval_90=None if interval is None
                               else DifferenceInterval(**interval))
-    male = ModelEstimate(prediction.male_age_months, prediction.male_sigma_months, (), None)
-    female = ModelEstimate(prediction.female_age_months, prediction.female_sigma_months, (), None)
+    male = ModelEstimate(prediction.male_age_months, prediction.male_sigma_months, (), None,
+                         prediction.male_model_version)
+    female = ModelEstimate(prediction.female_age_months, prediction.female_sigma_months, (), None,
+                           prediction.female_model_version)
     return build_report(prediction.sex_used, male, female, prediction.chronological_age_months,
                         prediction.chronological_age_source, prediction.female_fallback)
 
