@@ -60,6 +60,9 @@ def split_of(image_id: str, seed: int, val_percent: int = 10, calib_percent: int
 def select(cases: list[Case], split: str, sex: str) -> list[Case]:
     """Cases of one split ("train", "val", "calib", "heldout" = val or calib, or "all"; drawn with `HELDOUT_SEED`) and
     sex ("male", "female" or "both")."""
+    if split not in (*SPLITS, "heldout", "all") or sex not in ("male", "female", "both"):
+        raise ValueError(f"no split {split!r} of sex {sex!r}: splits are {', '.join(SPLITS)}, heldout or all; "
+                         "sexes male, female or both")
     wanted = HELDOUT_SPLITS if split == "heldout" else (split,)
     return [
         c for c in cases

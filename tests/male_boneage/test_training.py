@@ -338,6 +338,14 @@ def test_the_device_pack_splits_the_training_films_into_parts_within_the_size_li
     assert {c.path.name for c in split_cases(config)["train"]} == trained
 
 
+@pytest.mark.parametrize(("split", "sex"), [("heldot", "both"), ("train", "boys"), ("test", "male")])
+def test_an_unknown_split_or_sex_is_refused_not_an_empty_selection(split: str, sex: str) -> None:
+    cases = read_labels(TRAIN512)
+    assert select(cases, "heldout", "both")  # the names it knows select films
+    with pytest.raises(ValueError, match="no split"):
+        select(cases, split, sex)
+
+
 @pytest.mark.parametrize("seed", [17, 18, 20])
 def test_a_run_with_any_seed_never_reads_a_held_out_film(seed: int, tmp_path: Path) -> None:
     """Splits are drawn with data.HELDOUT_SEED whatever a run's --seed: with --raw, rsna-train-512's 245 held-out
