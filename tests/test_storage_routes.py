@@ -58,3 +58,13 @@ def test_a_read_with_a_bogus_content_length_still_gets_the_whole_file(shared_cli
     plain = shared_client.get(stored["original_url"])
     claimed = shared_client.get(stored["original_url"], headers={"Content-Length": "99999999"})
     assert claimed.status_code == 200 and claimed.content == plain.content == (RAW / "7041.png").read_bytes()
+
+
+@pytest.mark.parametrize("range_header", ["bytes=abc", "bytes=99999999-", "bytes=0-9", "bytes=0-1,5-9", "lines=1-2"])
+def test_a_range_header_is_ignored_and_the_whole_file_served(shared_client: TestClient, stored: dict[str, Any],
+                                                             range_header: str) -> None:
+    """Stored files are served whole (`Accept-Ranges: none`): a malformed or unsatisfiable range was answered
+    with Starlette's plain-text 400 or 416, and the audit row, written when the route returned, said 200."""
+    response = shared_client.get(stored["original_url"], headers={"Range": range_header})
+    assert response.status_code == 200 and response.content == (RAW / "7041.png").read_bytes()
+    assert response.headers["accept-ranges"] == "none" and "content-range" not in response.headers

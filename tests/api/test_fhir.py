@@ -185,6 +185,30 @@ def test_a_dicom_film_with_an_age_gives_a_report_estimates_sds_and_the_film_stud
                                        "identifier": uid}]
 
 
+def test_a_dicom_with_an_unreadable_element_is_answered_and_read_without_it(
+        app_with_two_predictions: tuple[TestClient, Path, dict[str, Any]]) -> None:
+    """pydicom converts a value when it is first read: a film whose Study Instance UID was written as US of 3
+    bytes was answered 500 after the models ran, and one whose Accession Number was so written was stored, then
+    every FHIR read of the patient answered 500. Such an element now reads as absent."""
+    client, _, _ = app_with_two_predictions
+    film = make_dicom(gray(FILM), sex="F", tags={"StudyInstanceUID": "1.2.3.4", "AccessionNumber": "ABCD"})
+    study_uid, accession = b"\x20\x00\x0d\x00UI\x08\x001.2.3.4\x00", b"\x08\x00\x50\x00SH\x04\x00ABCD"
+    assert film.count(study_uid) == film.count(accession) == 1  # explicit VR little endian, as written
+    bad = {"P-fhir-uid": film.replace(study_uid, b"\x20\x00\x0d\x00US\x03\x00abc"),
+           "P-fhir-acc": film.replace(accession, b"\x08\x00\x50\x00US\x03\x00ABC")}
+    for patient, data in bad.items():
+        answer = client.post("/predict", files={"image": ("film.dcm", data, "application/dicom")},
+                             data={"patient_id": patient})
+        assert answer.status_code == 200, answer.text
+        bundle = fhir_bundle(client, f"/results/{patient}/fhir")
+        studies = resources(bundle, "ImagingStudy")
+        if patient == "P-fhir-uid":  # no study to join: no DICOM results, no ImagingStudy
+            assert answer.json()["dicom"] is None and studies == []
+        else:  # the study joined, without an accession number
+            assert answer.json()["dicom"] is not None
+            assert [i["value"] for i in studies[0]["identifier"]] == ["urn:oid:1.2.3.4"]
+
+
 def test_a_png_of_unknown_sex_gives_both_estimates_none_applicable_and_no_sds(
         app_with_two_predictions: tuple[TestClient, Path, dict[str, Any]]) -> None:
     client, _, answers = app_with_two_predictions

@@ -13,7 +13,6 @@ import time
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import numpy as np
@@ -170,14 +169,14 @@ def test_an_erasure_finds_a_film_the_forwarder_sets_aside_while_it_looks(tmp_pat
     inbox = Inbox(tmp_path / "inbox")
     first, second = (inbox.put(pydicom.dcmread(io.BytesIO(make_dicom(gray(FILM), tags={"PatientID": "P-x"}))))
                      for _ in range(2))
-    read = receiver_module.dcmread
+    read = receiver_module.read_header
 
-    def set_aside_while_reading(path: Path, **kwargs: Any) -> Dataset:
+    def set_aside_while_reading(path: Path) -> Dataset:
         if path == first:
             inbox.refuse(second, "409: patient 'P-x' is being erased; nothing was stored")
-        return read(path, **kwargs)
+        return read(path)
 
-    monkeypatch.setattr(receiver_module, "dcmread", set_aside_while_reading)
+    monkeypatch.setattr(receiver_module, "read_header", set_aside_while_reading)
     assert remove_patient_films(inbox.root, "P-x") == 2
     assert inbox.waiting() == [] and list(inbox.refused_dir.iterdir()) == []
 

@@ -37,6 +37,7 @@ from pydicom.errors import InvalidDicomError
 
 from male_boneage import RESEARCH_NOTICE
 from utils.api.schemas import NOTICE, ModelPrediction, PredictionResponse, Report
+from utils.imaging.dicom import read_header
 from utils.pacs.objects import film_study_missing
 
 Json = dict[str, Any]
@@ -135,7 +136,7 @@ def _header(path: Path | None) -> pydicom.Dataset | None:
     if path is None:
         return None
     try:
-        return pydicom.dcmread(path, stop_before_pixels=True)
+        return read_header(path)
     except (InvalidDicomError, OSError, ValueError):
         return None
 

@@ -6,12 +6,14 @@ on `patient_router` too); each request to them leaves one audit row (`utils.api.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Form, Header, Request, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.types import Receive, Scope, Send
 
 from utils.api.audit import AuditDep, PredictRoute, ReadRoute
 from utils.api.deps import (
@@ -122,19 +124,32 @@ def chart(patient_id: str, service: ServiceDep) -> Response:
     return Response(patient_chart(patient.patient_id, predictions), media_type="image/png")
 
 
+class WholeFileResponse(FileResponse):
+    """A stored file, always whole (`Accept-Ranges: none`, a `Range` header ignored, as RFC 9110 allows): the files
+    are at most an upload's size, and Starlette's range handling would answer a malformed or unsatisfiable range
+    with a plain-text 400 or 416 after the route returned, which the audit row would record as 200."""
+
+    def __init__(self, path: Path, media_type: str | None = None) -> None:
+        super().__init__(path, media_type=media_type, headers={"accept-ranges": "none"})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = [(name, value) for name, value in scope.get("headers", []) if name.lower() != b"range"]
+        await super().__call__({**scope, "headers": headers}, receive, send)
+
+
 @patient_router.get(
     "/storage/patients/{patient_id}/{prediction_id}/{file_name}",
-    response_class=FileResponse,
+    response_class=WholeFileResponse,
     responses={200: {"content": {"image/png": {}, "application/dicom": {}},
                      "description": "the file: PNG (or the upload's own format), or DICOM for .dcm"},
                **READ_ERRORS, 422: {"model": ErrorResponse, "description": "malformed path"}},
 )
-def stored_file(patient_id: str, prediction_id: str, file_name: str, service: ServiceDep) -> FileResponse:
+def stored_file(patient_id: str, prediction_id: str, file_name: str, service: ServiceDep) -> WholeFileResponse:
     """An original upload, a DICOM's film as PNG, a Grad-CAM overlay, or a DICOM result (SR or SC)."""
     path = service.store.resolve(patient_id, prediction_id, file_name)
     if path is None:
         raise PatientNotFound("no such stored file")
-    return FileResponse(path, media_type="application/dicom" if path.suffix == ".dcm" else None)
+    return WholeFileResponse(path, media_type="application/dicom" if path.suffix == ".dcm" else None)
 
 
 @open_router.get("/health", response_model=HealthResponse)

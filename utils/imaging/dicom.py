@@ -20,6 +20,7 @@ import threading
 import warnings
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
@@ -116,7 +117,8 @@ def check_inflated_file(fp: BinaryIO, limits: UploadLimits) -> None:
 
 
 def read_dicom(data: bytes, limits: UploadLimits) -> Dataset:
-    """Parse a DICOM file (pixel data read as bytes, not decoded); InvalidImage if pydicom cannot."""
+    """Parse a DICOM file (pixel data read as bytes, not decoded); InvalidImage if pydicom cannot. Elements whose
+    values cannot be read are left out (`drop_unreadable`)."""
     check_inflated_file(io.BytesIO(data), limits)
     try:
         with warnings.catch_warnings():
@@ -125,7 +127,38 @@ def read_dicom(data: bytes, limits: UploadLimits) -> Dataset:
             list(dataset.keys())  # the whole top level parsed now, so a truncated file fails here
     except Exception:  # pydicom raises many kinds on malformed input; the content is untrusted
         raise InvalidImage("the DICOM file is unreadable (malformed or truncated)") from None
+    drop_unreadable(dataset)
     return dataset
+
+
+def read_header(source: str | Path | BinaryIO) -> Dataset:
+    """A stored or received DICOM's header (no pixel data), its unreadable elements left out (`drop_unreadable`);
+    pydicom's errors for a file that is no DICOM at all pass through."""
+    dataset = pydicom.dcmread(source, stop_before_pixels=True)
+    drop_unreadable(dataset)
+    return dataset
+
+
+def drop_unreadable(dataset: Dataset) -> list[str]:
+    """Remove from `dataset`, in place and in its sequences too, the elements whose values pydicom cannot convert,
+    and return their tags. pydicom converts a value when it is first read, so such an element (a UID written as
+    US, a value whose length is no multiple of its VR's) would otherwise raise wherever it is read, long after the
+    upload was accepted; removed, it reads as absent everywhere. A stored file keeps its bytes."""
+    dropped: list[str] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # invalid but convertible values (a malformed date) only warn: kept
+        for tag in list(dataset.keys()):
+            try:
+                element = dataset[tag]
+                if element.VR == "SQ":
+                    for item in element.value:
+                        dropped += drop_unreadable(item)
+            except Exception:  # the content is untrusted: pydicom raises many kinds on a malformed value
+                del dataset[tag]
+                dropped.append(str(tag))
+    if dropped:
+        logger.warning("DICOM elements %s cannot be read and are treated as absent", ", ".join(dropped))
+    return dropped
 
 
 def read_dicom_without_preamble(data: bytes, limits: UploadLimits) -> Dataset | None:

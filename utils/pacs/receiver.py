@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import IO, Any
 
 import httpx
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import AE, _config, evt
 from pynetdicom._globals import ALL_TRANSFER_SYNTAXES
@@ -50,7 +49,7 @@ from storage.store import fsync_folder
 from utils.config import Settings
 from utils.errors import InvalidImage
 from utils.imaging.checks import UploadLimits
-from utils.imaging.dicom import check_inflated_file, read_dicom
+from utils.imaging.dicom import check_inflated_file, read_dicom, read_header
 
 logger = logging.getLogger(__name__)
 logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # its INFO and DEBUG logs can quote patient data
@@ -199,7 +198,7 @@ def _remove_if_of(film: Path, patient_id: str, unchecked: UploadLimits | None = 
     try:
         header: Dataset
         if unchecked is None:
-            header = dcmread(film, stop_before_pixels=True)
+            header = read_header(film)
         elif film.stat().st_size > unchecked.max_bytes:
             return False
         else:
@@ -258,7 +257,7 @@ class Forwarder:
 
     def _forward(self, film: Path) -> None:
         data = film.read_bytes()  # read once: the header below is parsed from the bytes posted
-        header = dcmread(io.BytesIO(data), stop_before_pixels=True)
+        header = read_header(io.BytesIO(data))
         response = self.client.post("/predict", files={"image": (film.name, data, "application/dicom")},
                                     data={"patient_id": patient_id_of(header)},
                                     headers={"Idempotency-Key": idempotency_key_of(header, film)})
@@ -350,7 +349,7 @@ class Receiver:
         try:
             with received.open("rb") as f:  # pydicom inflates a whole deflated data set: capped first, as uploads are
                 check_inflated_file(f, self.limits)
-            dcmread(received, stop_before_pixels=True)
+            read_header(received)
         except InvalidImage as refusal:
             logger.warning("refused a deflated film from %s: %s", requestor, refusal)
             return CANNOT_UNDERSTAND
