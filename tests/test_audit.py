@@ -179,3 +179,17 @@ def test_the_chain_check_finds_a_row_changed_removed_or_added_in_the_database(
             **(saved | {"row_hash": "f" * 64}))
     status, out = cli(capsys, settings, "verify")
     assert status == 1 and "row 3 was changed" in out
+
+
+def test_a_path_with_a_nul_or_an_escape_is_refused_and_audited_on_both_engines(tmp_path: Path,
+                                                                               database_url: str) -> None:
+    """The path reaches the route decoded: `/results/%00` put a NUL into the audit row's route, which PostgreSQL's
+    text refuses, so the request was answered 503 and its row lost. The row keeps the character as an escape."""
+    settings = keyed_settings(tmp_path, database_url=database_url)
+    with running_app(settings) as client:
+        statuses = [client.get(url, headers=header("viewer")).status_code
+                    for url in ("/results/%00", "/results/P%1B1", "/results/" + "P" * 600)]
+    rows = audit_rows(settings)
+    assert statuses == [422, 422, 422]
+    assert [(r["route"], r["status"], r["patient_id"]) for r in rows] == [
+        ("GET /results/%00", 422, None), ("GET /results/P%1B1", 422, None), ("GET /results/" + "P" * 499, 422, None)]

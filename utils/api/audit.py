@@ -46,13 +46,20 @@ def client_address(request: Request) -> str | None:
     return request.client.host[:64] if request.client else None
 
 
+def printable_route(request: Request) -> str:
+    """Method and path, the path's unprintable characters (a NUL, a newline: `/results/%00` reaches a route
+    decoded) written back as %XX escapes: PostgreSQL's text refuses a NUL, and a log line should not break."""
+    path = "".join(c if c.isprintable() else "".join(f"%{b:02X}" for b in c.encode()) for c in request.url.path)
+    return f"{request.method} {path}"
+
+
 def new_entry(request: Request, action: str) -> AuditEntry:
     """The audit entry of a request, with the patient and prediction of its path when they are well formed."""
     params = request.path_params
     patient = params.get("patient_id")
     prediction = params.get("prediction_id")
     return AuditEntry(
-        action=action, route=f"{request.method} {request.url.path}", client=client_address(request),
+        action=action, route=printable_route(request), client=client_address(request),
         patient_id=patient if isinstance(patient, str) and PATIENT_ID_PATTERN.fullmatch(patient) else None,
         prediction_id=prediction if isinstance(prediction, str) and PREDICTION_ID_PATTERN.fullmatch(prediction)
         else None)
