@@ -16,6 +16,7 @@ where this module is imported (the `serve run` shell, or the `runtime_env` of `s
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 from collections.abc import Callable
@@ -186,6 +187,8 @@ class DeploymentModels:
         for attempt in range(1, CALL_ATTEMPTS + 1):
             try:
                 estimate: ModelEstimate = method.remote(pixels).result(timeout_s=self._timeout_s)
+                if not getattr(estimate, "model_version", None):  # a replica of an older release (a rolling update)
+                    estimate = dataclasses.replace(estimate, model_version=getattr(self, model).version)
                 return estimate
             except (RayActorError, ActorUnavailableError) as exc:
                 logger.warning("a model replica was lost during a %s estimate (attempt %d of %d, %s): sending again",

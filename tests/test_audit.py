@@ -17,7 +17,9 @@ import pytest
 from fastapi.testclient import TestClient
 from helpers import RAW, make_settings, running_app
 from patient_data import audit_rows, execute, header, query, upload, write_keys_file
+from starlette.requests import Request
 
+from utils.api.audit import printable_route
 from utils.audit_trail import main as audit_cli
 from utils.config import Settings
 
@@ -193,3 +195,6 @@ def test_a_path_with_a_nul_or_an_escape_is_refused_and_audited_on_both_engines(t
     assert statuses == [422, 422, 422]
     assert [(r["route"], r["status"], r["patient_id"]) for r in rows] == [
         ("GET /results/%00", 422, None), ("GET /results/P%1B1", 422, None), ("GET /results/" + "P" * 499, 422, None)]
+    # a "%" in the decoded path (httpx would normalise one sent as %25) is escaped too: never read as a NUL's escape
+    request = Request({"type": "http", "method": "GET", "path": "/results/P%00", "headers": [], "query_string": b""})
+    assert printable_route(request) == "GET /results/P%2500"

@@ -41,6 +41,7 @@ from sqlalchemy import create_engine, text
 from utils.config import Settings
 from utils.errors import InvalidImage
 from utils.imaging import DecodedImage, UploadLimits, decode_upload
+from utils.imaging.dicom import MAX_DICOM_ELEMENTS
 from utils.pipeline.service import resolve_sex
 
 FILM = TEST20 / "4360.png"  # a held-out test case at full resolution, 1600x2080
@@ -185,7 +186,27 @@ def _bad_dicoms() -> dict[str, tuple[bytes, str]]:
                                              fragment=jpeg_lossless(film[:100, :100], 8)[:40]), "corrupt"),
         "size-mismatch-jpeg": (make_dicom(None, rows_columns=(100, 100), syntax=JPEGBaseline8Bit,
                                           fragment=jpeg_baseline(film[:120, :100])), "header says 100x100"),
+        # an image module element pydicom cannot convert is refused, not read as absent (the film would be drawn
+        # without its rescale)
+        "unreadable-rescale-slope": (_replace_once(make_dicom(film, rescale=(2, 0)), b"\x28\x00\x53\x10DS\x04\x002.0 ",
+                                                   b"\x28\x00\x53\x10US\x03\x00abc"), "Rescale Slope/Intercept"),
+        "too-many-elements": (_with_private_elements(good, MAX_DICOM_ELEMENTS), "elements"),
     }
+
+
+def _replace_once(data: bytes, old: bytes, new: bytes) -> bytes:
+    assert data.count(old) == 1
+    return data.replace(old, new)
+
+
+def _with_private_elements(data: bytes, count: int) -> bytes:
+    """The DICOM with `count` (at most 60,000) short elements of a private group added."""
+    dataset = pydicom.dcmread(io.BytesIO(data))
+    for i in range(count):
+        dataset.add_new((0x0009, 0x1000 + i), "LO", "x")
+    out = io.BytesIO()
+    dataset.save_as(out, enforce_file_format=True)
+    return out.getvalue()
 
 
 def test_bad_dicoms_rejected_and_nothing_stored(client: TestClient, settings: Settings) -> None:

@@ -48,8 +48,10 @@ def client_address(request: Request) -> str | None:
 
 def printable_route(request: Request) -> str:
     """Method and path, the path's unprintable characters (a NUL, a newline: `/results/%00` reaches a route
-    decoded) written back as %XX escapes: PostgreSQL's text refuses a NUL, and a log line should not break."""
-    path = "".join(c if c.isprintable() else "".join(f"%{b:02X}" for b in c.encode()) for c in request.url.path)
+    decoded) and `%` written back as %XX escapes: PostgreSQL's text refuses a NUL, and a log line should not
+    break."""
+    path = "".join(c if c.isprintable() and c != "%" else "".join(f"%{b:02X}" for b in c.encode())
+                   for c in request.url.path)
     return f"{request.method} {path}"
 
 

@@ -27,13 +27,16 @@ import numpy as np
 import pydicom
 import pydicom.config
 from PIL import Image
+from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import get_frame
 from pydicom.filereader import _read_file_meta_info as read_file_meta  # pydicom 3.0's, pinned
 from pydicom.filereader import read_preamble
 from pydicom.pixels.decoders.base import Decoder, get_decoder
 from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
+from pydicom.tag import BaseTag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.valuerep import VR
 
 from male_boneage.preprocess import percentile_window
 from utils.config import MAX_CHRONOLOGICAL_AGE_MONTHS
@@ -133,32 +136,62 @@ def read_dicom(data: bytes, limits: UploadLimits) -> Dataset:
 
 def read_header(source: str | Path | BinaryIO) -> Dataset:
     """A stored or received DICOM's header (no pixel data), its unreadable elements left out (`drop_unreadable`);
-    pydicom's errors for a file that is no DICOM at all pass through."""
+    pydicom's errors for a file that is no DICOM at all pass through, and InvalidImage for one with too many
+    elements."""
     dataset = pydicom.dcmread(source, stop_before_pixels=True)
     drop_unreadable(dataset)
     return dataset
 
 
+# Far more top-level elements than any film carries (a few hundred): a DICOM beyond it is refused before each is
+# converted (a 20 MB file can hold a million).
+MAX_DICOM_ELEMENTS = 10_000
+# Left to the image checks, which refuse (422) or fall back (a window) on what they cannot read: the image pixel
+# module and the pixel data.
+IMAGE_GROUPS = frozenset({0x0028, 0x7FE0})
+UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
 def drop_unreadable(dataset: Dataset) -> list[str]:
-    """Remove from `dataset`, in place and in its sequences too, the elements whose values pydicom cannot convert,
-    and return their tags. pydicom converts a value when it is first read, so such an element (a UID written as
-    US, a value whose length is no multiple of its VR's) would otherwise raise wherever it is read, long after the
-    upload was accepted; removed, it reads as absent everywhere. A stored file keeps its bytes."""
+    """Remove from `dataset`, in place, the top-level elements whose values pydicom cannot convert, and return
+    their tags. pydicom converts a value when it is first read, so such an element (a UID written as US, a value
+    whose length is no multiple of its VR's) would otherwise raise wherever it is read, long after the upload was
+    accepted; removed, it reads as absent everywhere. A stored file keeps its bytes.
+
+    Not touched: sequences (pydicom reads one only when asked, and it may hold a million items; the service reads
+    none but the image module's LUTs) and the image groups (`IMAGE_GROUPS`). InvalidImage beyond
+    `MAX_DICOM_ELEMENTS` elements."""
+    if len(dataset) > MAX_DICOM_ELEMENTS:
+        raise InvalidImage(f"the DICOM file has {len(dataset)} elements; a film has far fewer than "
+                           f"{MAX_DICOM_ELEMENTS}")
     dropped: list[str] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # invalid but convertible values (a malformed date) only warn: kept
         for tag in list(dataset.keys()):
+            if tag.group in IMAGE_GROUPS or _is_sequence(tag, dataset.get_item(tag)):
+                continue
             try:
-                element = dataset[tag]
-                if element.VR == "SQ":
-                    for item in element.value:
-                        dropped += drop_unreadable(item)
+                dataset[tag]
             except Exception:  # the content is untrusted: pydicom raises many kinds on a malformed value
                 del dataset[tag]
                 dropped.append(str(tag))
     if dropped:
         logger.warning("DICOM elements %s cannot be read and are treated as absent", ", ".join(dropped))
     return dropped
+
+
+def _is_sequence(tag: BaseTag, element: object) -> bool:
+    """Whether an element, converted or not, is (or would be read as) a sequence: its VR says so, its length is
+    undefined, or, with no VR in the file (implicit VR) or UN, the data dictionary says so."""
+    vr = getattr(element, "VR", None)
+    if vr == VR.SQ or getattr(element, "length", 0) == UNDEFINED_LENGTH:
+        return True
+    if vr in (None, VR.UN):
+        try:
+            return bool(dictionary_VR(tag) == VR.SQ)
+        except KeyError:  # a private or unknown tag
+            return False
+    return False
 
 
 def read_dicom_without_preamble(data: bytes, limits: UploadLimits) -> Dataset | None:
