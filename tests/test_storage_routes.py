@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 from helpers import RAW, post_image
+
+from utils.api.routes import WholeFileResponse
 
 NO_ROUTE = "Not Found"  # the URL matches no route at all
 NO_FILE = "no such stored file"  # the stored-file route refused the names
@@ -68,3 +72,26 @@ def test_a_range_header_is_ignored_and_the_whole_file_served(shared_client: Test
     response = shared_client.get(stored["original_url"], headers={"Range": range_header})
     assert response.status_code == 200 and response.content == (RAW / "7041.png").read_bytes()
     assert response.headers["accept-ranges"] == "none" and "content-range" not in response.headers
+
+
+def test_a_file_removed_after_the_route_answered_is_still_sent_whole(tmp_path: Path) -> None:
+    """An erasure may remove a stored file between the route's answer and its sending (Starlette's FileResponse
+    opened the file only then, and raised: a 500): the answer holds the file open from the start."""
+    stored_file = tmp_path / "heatmap.png"
+    stored_file.write_bytes(b"\x89PNG" + bytes(range(256)) * 2000)
+    response = WholeFileResponse(stored_file)
+    stored_file.unlink()
+    messages: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        messages.append(message)
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.disconnect"}
+
+    asyncio.run(response({"type": "http", "method": "GET"}, receive, send))
+    headers = dict(messages[0]["headers"])
+    body = b"".join(m.get("body", b"") for m in messages[1:])
+    assert (messages[0]["status"], headers[b"content-type"]) == (200, b"image/png")
+    assert body == b"\x89PNG" + bytes(range(256)) * 2000
+    assert headers[b"content-length"] == str(len(body)).encode() and messages[-1]["more_body"] is False

@@ -6,12 +6,14 @@ on `patient_router` too); each request to them leaves one audit row (`utils.api.
 
 from __future__ import annotations
 
+import mimetypes
+import os
+from email.utils import formatdate
 from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Form, Header, Request, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import Receive, Scope, Send
 
@@ -124,17 +126,32 @@ def chart(patient_id: str, service: ServiceDep) -> Response:
     return Response(patient_chart(patient.patient_id, predictions), media_type="image/png")
 
 
-class WholeFileResponse(FileResponse):
-    """A stored file, always whole (`Accept-Ranges: none`, a `Range` header ignored, as RFC 9110 allows): the files
-    are at most an upload's size, and Starlette's range handling would answer a malformed or unsatisfiable range
-    with a plain-text 400 or 416 after the route returned, which the audit row would record as 200."""
+class WholeFileResponse(Response):
+    """A stored file, whole, from a descriptor opened when the route answers: an erasure that removes the file
+    before it is sent cannot break the answer (the route itself answers 404 for a file already gone). A `Range`
+    header is ignored (`Accept-Ranges: none`, as RFC 9110 allows): the files are at most an upload's size, and
+    Starlette's range handling answered a malformed or unsatisfiable one with a plain-text 400 or 416 after the
+    route returned, which the audit row recorded as 200."""
+
+    chunk_bytes = 256 * 1024
 
     def __init__(self, path: Path, media_type: str | None = None) -> None:
-        super().__init__(path, media_type=media_type, headers={"accept-ranges": "none"})
+        self._file = path.open("rb")  # FileNotFoundError: the route's 404
+        stat = os.fstat(self._file.fileno())
+        super().__init__(
+            media_type=media_type or mimetypes.guess_type(path.name)[0] or "application/octet-stream",
+            headers={"accept-ranges": "none", "content-length": str(stat.st_size),
+                     "last-modified": formatdate(stat.st_mtime, usegmt=True)})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        headers = [(name, value) for name, value in scope.get("headers", []) if name.lower() != b"range"]
-        await super().__call__({**scope, "headers": headers}, receive, send)
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            while scope.get("method") != "HEAD" and (chunk := await run_in_threadpool(self._file.read,
+                                                                                      self.chunk_bytes)):
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            self._file.close()
 
 
 @patient_router.get(
@@ -147,9 +164,12 @@ class WholeFileResponse(FileResponse):
 def stored_file(patient_id: str, prediction_id: str, file_name: str, service: ServiceDep) -> WholeFileResponse:
     """An original upload, a DICOM's film as PNG, a Grad-CAM overlay, or a DICOM result (SR or SC)."""
     path = service.store.resolve(patient_id, prediction_id, file_name)
-    if path is None:
-        raise PatientNotFound("no such stored file")
-    return WholeFileResponse(path, media_type="application/dicom" if path.suffix == ".dcm" else None)
+    try:
+        if path is not None:
+            return WholeFileResponse(path, media_type="application/dicom" if path.suffix == ".dcm" else None)
+    except FileNotFoundError:
+        pass  # erased meanwhile
+    raise PatientNotFound("no such stored file")
 
 
 @open_router.get("/health", response_model=HealthResponse)
