@@ -135,10 +135,12 @@ class WholeFileResponse(Response):
 
     chunk_bytes = 256 * 1024
 
-    def __init__(self, path: Path, media_type: str | None = None) -> None:
+    def __init__(self, path: Path, media_type: str | None = None, status_code: int = 200) -> None:
+        # (FastAPI's OpenAPI reads a response class's default status_code from this signature)
         self._file = path.open("rb")  # FileNotFoundError: the route's 404
         stat = os.fstat(self._file.fileno())
         super().__init__(
+            status_code=status_code,
             media_type=media_type or mimetypes.guess_type(path.name)[0] or "application/octet-stream",
             headers={"accept-ranges": "none", "content-length": str(stat.st_size),
                      "last-modified": formatdate(stat.st_mtime, usegmt=True)})
