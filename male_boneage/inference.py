@@ -364,7 +364,9 @@ class BoneAgeModel:
         other_tta = "" if [list(v) for v in self.tta] == fitted_tta else f"+t{len(self.tta)}"
         fitted_precision = self.metadata.get("sigma_precision") or self.precision  # not recorded before 2026-12-07
         other_precision = "" if self.precision == fitted_precision else f"+{self.precision}"
-        return f"{self.metadata['version']}+s{self.sigma_scale:.4f}{other_tta}{other_precision}"
+        # A model still being trained or assembled (`train.py`, `ensemble.py`) has no version until its file is written.
+        weights = self.metadata.get("version", "unwritten")
+        return f"{weights}+s{self.sigma_scale:.4f}{other_tta}{other_precision}"
 
     @property
     def input_size(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +90,8 @@ def test_a_file_removed_after_the_route_answered_is_still_sent_whole(tmp_path: P
     async def receive() -> dict[str, Any]:
         return {"type": "http.disconnect"}
 
-    asyncio.run(response({"type": "http", "method": "GET"}, receive, send))
+    with ThreadPoolExecutor(1) as thread:  # a loop of its own: another test's may still run in this thread
+        thread.submit(asyncio.run, response({"type": "http", "method": "GET"}, receive, send)).result()
     headers = dict(messages[0]["headers"])
     body = b"".join(m.get("body", b"") for m in messages[1:])
     assert (messages[0]["status"], headers[b"content-type"]) == (200, b"image/png")
