@@ -162,6 +162,34 @@ def test_a_film_removed_while_it_is_forwarded_does_not_stop_the_forwarder(tmp_pa
     assert inbox.waiting() == [] and list(inbox.refused_dir.iterdir()) == []
 
 
+def test_an_unreadable_file_or_an_odd_refusal_is_set_aside_and_the_forwarder_goes_on(tmp_path: Path) -> None:
+    """A file in the inbox that is no DICOM (copied there by hand, half copied) raised in the forwarder's thread,
+    and so did a 4xx whose JSON is no object (a proxy's answer): the thread died and every later film waited for
+    good. With refused/ removed by hand, setting a film aside failed and the film was posted again at once, in a
+    loop. Now each is set aside with its reason and the next film is forwarded."""
+    inbox = Inbox(tmp_path / "inbox")
+    junk = inbox.root / "00000000000000000001-x.dcm"
+    junk.write_bytes(b"not a DICOM file at all" * 10)
+    odd = inbox.put(pydicom.dcmread(io.BytesIO(make_dicom(gray(FILM), tags={"PatientID": "P-odd"}))))
+    inbox.put(pydicom.dcmread(io.BytesIO(make_dicom(gray(FILM), tags={"PatientID": "P-next"}))))
+    inbox.refused_dir.rmdir()
+    posted: list[str] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        posted.append(request.headers["Idempotency-Key"])
+        if len(posted) == 1:
+            return httpx.Response(422, json=["a proxy's list"])
+        return httpx.Response(200, text="OK, not JSON")
+
+    with httpx.Client(base_url="http://service", transport=httpx.MockTransport(answer)) as service:
+        assert Forwarder(inbox, service).forward_waiting() is True
+    assert len(posted) == 2 and inbox.waiting() == []
+    assert sorted(p.name for p in inbox.refused_dir.iterdir()) == sorted(
+        [junk.name, f"{junk.name}.reason.txt", odd.name, f"{odd.name}.reason.txt"])
+    assert "not a readable DICOM" in (inbox.refused_dir / f"{junk.name}.reason.txt").read_text()
+    assert (inbox.refused_dir / f"{odd.name}.reason.txt").read_text() == "422: [\"a proxy's list\"]\n"
+
+
 def test_an_erasure_finds_a_film_the_forwarder_sets_aside_while_it_looks(tmp_path: Path,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """While the erasure reads the first waiting film, the forwarder moves the second (the same patient's) to

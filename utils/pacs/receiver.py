@@ -166,6 +166,7 @@ class Inbox:
 
     def refuse(self, film: Path, reason: str) -> None:
         """Set a film aside with the reason beside it (`FileNotFoundError` if it was removed meanwhile)."""
+        self.refused_dir.mkdir(parents=True, exist_ok=True)  # removed by hand since the start: made again
         shutil.move(film, self.refused_dir / film.name)
         (self.refused_dir / f"{film.name}.reason.txt").write_text(reason + "\n")
 
@@ -257,13 +258,18 @@ class Forwarder:
 
     def _forward(self, film: Path) -> None:
         data = film.read_bytes()  # read once: the header below is parsed from the bytes posted
-        header = read_header(io.BytesIO(data))
+        try:
+            header = read_header(io.BytesIO(data))
+        except Exception:  # not a DICOM data set (a file copied into the inbox by hand, a partial copy): set aside
+            logger.warning("film %s is no readable DICOM data set; moved to %s", film.name, self.inbox.refused_dir)
+            self.inbox.refuse(film, "not a readable DICOM data set (never sent to the service)")
+            return
         response = self.client.post("/predict", files={"image": (film.name, data, "application/dicom")},
                                     data={"patient_id": patient_id_of(header)},
                                     headers={"Idempotency-Key": idempotency_key_of(header, film)})
         if response.status_code == 200:
             film.unlink()
-            logger.info("film %s predicted as prediction %s", film.name, response.json().get("prediction_id"))
+            logger.info("film %s predicted (%s)", film.name, _detail(response, "prediction_id"))
         elif 400 <= response.status_code < 500 and response.status_code not in (408, 429):
             reason = f"{response.status_code}: {_detail(response)}"
             logger.warning("the service refused film %s (%s); moved to %s", film.name, reason, self.inbox.refused_dir)
@@ -274,7 +280,11 @@ class Forwarder:
     def _run(self) -> None:
         while not self._stop.is_set():
             self._wake.clear()
-            done = self.forward_waiting()
+            try:
+                done = self.forward_waiting()
+            except Exception:  # never ends the thread: the films wait, and the receiver would go on taking more
+                logger.exception("forwarding failed; retrying in %g s", self.retry_seconds)
+                done = False
             if not done:
                 self._wake.wait(self.retry_seconds)
             elif not self.inbox.waiting():
@@ -285,11 +295,13 @@ class _ServiceBusy(Exception):
     pass
 
 
-def _detail(response: httpx.Response) -> str:
+def _detail(response: httpx.Response, field: str = "detail") -> str:
+    """A field of the service's JSON answer, else the start of its body (a proxy's page, a JSON list)."""
     try:
-        return str(response.json().get("detail", response.text))
+        body = response.json()
     except ValueError:
-        return response.text[:200]
+        body = None
+    return str(body[field]) if isinstance(body, dict) and field in body else response.text[:200]
 
 
 class Receiver:
