@@ -26,6 +26,7 @@ from utils.pipeline.batch_scoring import (
     DecodeOptions,
     OutputBusy,
     ScoreFilms,
+    ScoringInputError,
     ScoringOptions,
     ScoringSummary,
     decode_film,
@@ -221,3 +222,29 @@ def test_inputs_from_a_folder_or_a_csv_of_paths(archive: Path, tmp_path: Path) -
     relative = os.path.relpath(archive / "4360.png", tmp_path)
     listing.write_text(f"patient,path\nA,{relative}\nB,{archive / '4360.png'}\nC,{archive / 'missing.png'}\n")
     assert list_films(listing) == [str((archive / "4360.png").resolve()), str((archive / "missing.png").resolve())]
+
+
+def test_a_device_a_pipe_or_a_folder_named_in_a_csv_is_an_error_row_not_a_hang(tmp_path: Path) -> None:
+    """A CSV may name any path: a FIFO blocked the decoding stage (opening it waits for a writer), /dev/zero (size
+    0) was read until memory ran out. Each is now a row with its error, without reading."""
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    settings = make_settings(tmp_path)
+    limits = UploadLimits(settings.max_upload_bytes, settings.max_image_pixels, settings.min_image_side)
+    options = DecodeOptions(limits, *model_input_sizes(settings), heatmap_side=None)
+    for path in (fifo, Path("/dev/zero"), tmp_path):
+        assert decode_film({"file": str(path)}, options)["error"] == "not a regular file (a folder, a device or a pipe)"
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"id,path\n1,a.png\n2\n", "line 3: no value in the path column"),
+    (b"path\n\xe9t\xe9.png\n", "not a UTF-8 CSV"),
+    (b"path\na\x00b.png\n", "line 2: the path holds a NUL character"),
+])
+def test_a_malformed_csv_of_paths_is_refused_with_its_line(tmp_path: Path, content: bytes, message: str) -> None:
+    listing = tmp_path / "films.csv"
+    listing.write_bytes(content)
+    with pytest.raises(ScoringInputError, match=message):
+        list_films(listing)
+    listing.write_bytes(b"\xef\xbb\xbfpath\nx.png\n")  # a byte-order mark (Excel's UTF-8) is not part of the header
+    assert list_films(listing) == [str((tmp_path / "x.png").resolve())]

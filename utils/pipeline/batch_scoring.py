@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any
 
 import numpy as np
@@ -98,14 +99,26 @@ def list_films(source: Path) -> list[str]:
                  and not any(part.startswith(".") for part in p.relative_to(source).parts))
         return sorted(str(p.resolve()) for p in found)
     if source.is_file() and source.suffix.lower() == ".csv":
-        with source.open(newline="") as handle:
-            rows = list(csv.reader(handle))
+        try:
+            with source.open(newline="", encoding="utf-8-sig") as handle:
+                rows = list(csv.reader(handle))
+        except (UnicodeDecodeError, csv.Error) as exc:
+            raise ScoringInputError(f"{source} is not a UTF-8 CSV file ({exc})") from None
         if not rows:
             raise ScoringInputError(f"{source} is empty")
         header = [cell.strip().lower() for cell in rows[0]]
         column = next((header.index(name) for name in CSV_PATH_COLUMNS if name in header), None)
-        values = [row[column if column is not None else 0] for row in rows[1 if column is not None else 0:] if row]
-        paths = (Path(v.strip()) for v in values if v.strip())
+        start = 1 if column is not None else 0
+        paths: list[Path] = []
+        for line, row in enumerate(rows[start:], start=start + 1):
+            if not row:
+                continue
+            if len(row) <= (column or 0):
+                raise ScoringInputError(f"{source}, line {line}: no value in the path column")
+            if "\0" in row[column or 0]:
+                raise ScoringInputError(f"{source}, line {line}: the path holds a NUL character")
+            if value := row[column or 0].strip():
+                paths.append(Path(value))
         return list(dict.fromkeys(str((p if p.is_absolute() else source.parent / p).resolve()) for p in paths))
     raise ScoringInputError(f"{source} is neither a folder nor a .csv file of paths")
 
@@ -186,11 +199,19 @@ def _empty_row(file: str) -> dict[str, Any]:
 
 
 def _read_upload(file: str, limits: UploadLimits) -> bytes:
+    """A regular file's bytes, at most the byte limit: a CSV may name a FIFO (opening it would wait for a writer)
+    or a device such as /dev/zero (its size says 0, and it never ends)."""
     path = Path(file)
-    size = path.stat().st_size
-    if size > limits.max_bytes:  # checked before reading: a huge file is never loaded
-        raise UploadTooLarge(f"upload is {size} bytes; the limit is {limits.max_bytes} bytes")
-    return path.read_bytes()
+    stat = path.stat()
+    if not S_ISREG(stat.st_mode):
+        raise InvalidImage("not a regular file (a folder, a device or a pipe)")
+    if stat.st_size > limits.max_bytes:  # checked before reading: a huge file is never loaded
+        raise UploadTooLarge(f"upload is {stat.st_size} bytes; the limit is {limits.max_bytes} bytes")
+    with path.open("rb") as handle:
+        data = handle.read(limits.max_bytes + 1)
+    if len(data) > limits.max_bytes:  # it grew meanwhile
+        raise UploadTooLarge(f"upload is over the limit of {limits.max_bytes} bytes")
+    return data
 
 
 def _encode_array(array: np.ndarray) -> bytes:
