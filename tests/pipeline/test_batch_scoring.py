@@ -29,6 +29,7 @@ from utils.pipeline.batch_scoring import (
     ScoringInputError,
     ScoringOptions,
     ScoringSummary,
+    already_scored,
     decode_film,
     list_films,
     model_input_sizes,
@@ -248,3 +249,16 @@ def test_a_malformed_csv_of_paths_is_refused_with_its_line(tmp_path: Path, conte
         list_films(listing)
     listing.write_bytes(b"\xef\xbb\xbfpath\nx.png\n")  # a byte-order mark (Excel's UTF-8) is not part of the header
     assert list_films(listing) == [str((tmp_path / "x.png").resolve())]
+
+
+def test_an_output_that_cannot_be_a_folder_or_holds_a_foreign_part_is_refused_with_the_reason(tmp_path: Path) -> None:
+    """These reached the user as tracebacks (NotADirectoryError, pyarrow's ArrowInvalid) after Ray had started."""
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a folder")
+    with pytest.raises(ScoringInputError, match="cannot be made a folder"), output_folder(a_file / "r.parquet"):
+        pass
+    out = tmp_path / "results.parquet"
+    out.mkdir()
+    (out / "part-00000-x.parquet").write_bytes(b"not parquet")
+    with pytest.raises(ScoringInputError, match="no readable part of a scoring run"):
+        already_scored(out)

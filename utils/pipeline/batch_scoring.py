@@ -126,7 +126,14 @@ def list_films(source: Path) -> list[str]:
 def already_scored(out: Path) -> set[str]:
     """The files that have a row in the output folder's complete parts."""
     parts = sorted(out.glob("part-*.parquet")) if out.is_dir() else []
-    return {file for part in parts for file in pq.read_table(part, columns=["file"]).column("file").to_pylist()}
+    scored: set[str] = set()
+    for part in parts:
+        try:
+            scored.update(pq.read_table(part, columns=["file"]).column("file").to_pylist())
+        except (pa.ArrowException, OSError) as exc:  # not written by a run (those rename whole parts only)
+            raise ScoringInputError(f"{part} is no readable part of a scoring run ({exc}): move it away or choose "
+                                    "another --out") from None
+    return scored
 
 
 def read_results(out: Path) -> pd.DataFrame:
@@ -137,12 +144,21 @@ def read_results(out: Path) -> pd.DataFrame:
     return pa.concat_tables(pq.read_table(p) for p in parts).to_pandas()
 
 
+def _make_folder(folder: Path, what: str) -> None:
+    """mkdir -p, or ScoringInputError saying why not (a file on the way, no permission, a read-only volume)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ScoringInputError(f"{what} {folder} cannot be made a folder ({exc.strerror or type(exc).__name__})") \
+            from None
+
+
 @contextmanager
 def output_folder(out: Path) -> Iterator[Path]:
     """The output folder, created if needed and locked for this run; temporary files of a killed run removed."""
     if out.exists() and not out.is_dir():
         raise ScoringInputError(f"{out} exists and is not a folder (the output is a folder of parquet parts)")
-    out.mkdir(parents=True, exist_ok=True)
+    _make_folder(out, "the output")
     with (out / ".lock").open("w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -391,7 +407,7 @@ def score(files: list[str], out: Path, settings: Settings, options: ScoringOptio
             raise ScoringInputError(f"{options.actors} actors of {options.actor_cpus} CPUs leave none of the "
                                     f"cluster's {cpus:g} CPUs for decoding")
         if options.heatmaps is not None:
-            options.heatmaps.mkdir(parents=True, exist_ok=True)
+            _make_folder(options.heatmaps, "the heatmaps' folder")
         male_size, female_size = model_input_sizes(settings)
         decode_options = DecodeOptions(
             UploadLimits.from_settings(settings),
