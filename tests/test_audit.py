@@ -198,3 +198,18 @@ def test_a_path_with_a_nul_or_an_escape_is_refused_and_audited_on_both_engines(t
     # a "%" in the decoded path (httpx would normalise one sent as %25) is escaped too: never read as a NUL's escape
     request = Request({"type": "http", "method": "GET", "path": "/results/P%00", "headers": [], "query_string": b""})
     assert printable_route(request) == "GET /results/P%2500"
+
+
+def test_the_cli_refuses_a_moment_beyond_utc_and_a_missing_database_without_creating_one(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Both gave tracebacks; the second also created the folder and an empty database (the command only reads)."""
+    missing = tmp_path / "typo" / "predictions.db"
+    for args in (["--database-url", f"sqlite:///{missing}", "export", "--since", "0001-01-01T00:00:00+05:00"],
+                 ["--database-url", f"sqlite:///{missing}", "verify"],
+                 ["--database-url", "not a url", "verify"]):
+        with pytest.raises(SystemExit) as exit_info:
+            audit_cli(args)
+        assert exit_info.value.code == 2, args
+    errors = capsys.readouterr().err
+    assert "outside the years 1-9999" in errors and "no SQLite database" in errors and "cannot be parsed" in errors
+    assert not missing.parent.exists()

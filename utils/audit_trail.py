@@ -18,12 +18,17 @@ import csv
 import datetime as dt
 import json
 import logging
+import os
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, TextIO
 
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
 from database import audit as audit_log
-from database.db import Database
+from database.db import Database, DatabaseUnavailable
 from database.models import AuditEvent
 from utils.config import Settings
 
@@ -55,7 +60,10 @@ def export(events: Iterator[AuditEvent], form: str, out: TextIO) -> int:
 
 def _moment(text: str) -> dt.datetime:
     moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    return moment.astimezone(dt.UTC) if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
+    try:
+        return moment.astimezone(dt.UTC) if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+05:00: before year 1 in UTC
+        raise argparse.ArgumentTypeError(f"{text} is outside the years 1-9999 in UTC") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,7 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("verify", help="recompute the hash chain; exit status 1 if a row was tampered with")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    database = Database(args.database_url or Settings().database_url)
+    url = args.database_url or Settings().database_url
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        parser.error("the database URL cannot be parsed")
+    if parsed.get_backend_name() == "sqlite" and not Path(parsed.database or "").is_file():
+        parser.error(f"no SQLite database at {parsed.database!r} (this command never creates one)")
+    database = Database(url)
     try:
         with database.session() as session:
             if args.command == "export":
@@ -79,6 +94,12 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             check = audit_log.verify(session)
             head = audit_log.head_hash(session)
+    except BrokenPipeError:  # `export | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 1
+    except (DatabaseUnavailable, SQLAlchemyError) as exc:
+        sys.stderr.write(f"the audit trail cannot be read: {exc}\n")
+        return 2
     finally:
         database.dispose()
     if check.problem is not None:
