@@ -396,3 +396,15 @@ def test_a_film_is_received_without_being_held_in_memory_and_one_over_the_byte_l
     (kept,) = inbox.waiting()
     assert pydicom.dcmread(kept).PixelData == pydicom.dcmread(within).PixelData
     assert list(inbox.receiving_dir.iterdir()) == []
+
+
+def test_the_command_refuses_a_bad_port_inbox_or_host_with_a_usage_error(tmp_path: Path) -> None:
+    """Each gave a traceback (OverflowError, NotADirectoryError, gaierror), the last two after the forwarder started."""
+    a_file = tmp_path / "inbox-is-a-file"
+    a_file.write_text("")
+    for args in (["--port", "70000"], ["--inbox", str(a_file), "--port", "0"],
+                 ["--host", "999.1.1.1", "--inbox", str(tmp_path / "unused")]):
+        with pytest.raises(SystemExit) as exit_info:
+            receiver_module.main(args)
+        assert exit_info.value.code == 2, args
+    assert not (tmp_path / "unused").exists()

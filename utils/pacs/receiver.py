@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -377,19 +378,33 @@ class Receiver:
         return 0x0000
 
 
+def _port(text: str) -> int:
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a TCP port (0-65535)")
+    return port
+
+
 def main(argv: list[str] | None = None) -> None:
     settings = Settings()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default=settings.scp_host)
-    parser.add_argument("--port", type=int, default=settings.scp_port)
+    parser.add_argument("--port", type=_port, default=settings.scp_port)
     parser.add_argument("--service", default=settings.scp_service_url or f"http://{settings.host}:{settings.port}")
     parser.add_argument("--inbox", type=Path, default=settings.inbox_dir)
     args = parser.parse_args(argv)
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     headers = {"X-API-Key": settings.api_key_list[0]} if settings.api_key_list else {}
+    try:
+        socket.getaddrinfo(args.host, args.port)
+    except (socket.gaierror, UnicodeError):
+        parser.error(f"--host {args.host!r} is no address or name this machine can resolve")
+    try:
+        inbox = Inbox(args.inbox)
+    except OSError as exc:
+        parser.error(f"--inbox {args.inbox} cannot be made the inbox folder ({exc.strerror or type(exc).__name__})")
     # A prediction takes well under a second; the long timeout covers a cold or heavily loaded service.
     with httpx.Client(base_url=args.service, headers=headers, timeout=120) as client:
-        inbox = Inbox(args.inbox)
         # pynetdicom writes what arrives to temporary files: under the inbox, on the storage volume (not a tmpfs,
         # which would hold it in memory), where the start-up sweep and an erasure find what an aborted transfer left.
         tempfile.tempdir = str(inbox.receiving_dir)
