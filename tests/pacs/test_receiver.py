@@ -117,10 +117,14 @@ def test_films_wait_in_the_inbox_while_the_service_is_unreachable(tmp_path: Path
 
 @pytest.mark.parametrize(("status", "body"), [(503, {"detail": "overloaded"}), (500, {"detail": "internal error"}),
                                             (502, "<html>Bad Gateway</html>"), (429, {"detail": "slow down"}),
-                                            (408, {"detail": "timeout"})])
+                                            (408, {"detail": "timeout"}),
+                                            (401, {"detail": "a valid API key is required"}),
+                                            (403, {"detail": "the key lacks the predict role"}),
+                                            (404, "<html>Not Found</html>")])
 def test_films_wait_in_the_inbox_while_the_service_answers_busy_or_broken(tmp_path: Path, client: TestClient,
                                                                          status: int, body: object) -> None:
-    """A 5xx, 429 or 408 (the service or a proxy before it) is no refusal of the film: it waits and is retried."""
+    """A 5xx, 429 or 408 (the service or a proxy before it) is no refusal of the film, nor a 401, 403 or 404 (the
+    receiver's key or the service's URL is wrong: each film was set aside): it waits and is retried."""
     inbox = Inbox(tmp_path / "inbox")
     dataset = pydicom.dcmread(io.BytesIO(make_dicom(gray(FILM), sex="F")))
     inbox.put(dataset)
@@ -138,6 +142,29 @@ def test_films_wait_in_the_inbox_while_the_service_answers_busy_or_broken(tmp_pa
     assert Forwarder(inbox, client).forward_waiting() is True
     assert inbox.waiting() == [] and list(inbox.refused_dir.iterdir()) == []
     assert len(client.get(f"/results/{patient_id_of(dataset)}").json()["predictions"]) == 1
+
+
+def test_a_film_the_service_fails_on_three_times_in_a_row_is_set_aside_and_the_next_goes_on(tmp_path: Path) -> None:
+    """Forwarding stops at the first busy answer and starts again from the oldest film, so a film the service
+    always fails on (500) held back every film behind it for good."""
+    inbox = Inbox(tmp_path / "inbox")
+    failing = inbox.put(pydicom.dcmread(io.BytesIO(make_dicom(gray(FILM), tags={"PatientID": "P-500"}))))
+    inbox.put(pydicom.dcmread(io.BytesIO(make_dicom(gray(FILM), tags={"PatientID": "P-next"}))))
+    posted: list[str] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        patient = next(line for line in request.content.split(b"\r\n") if line.startswith(b"P-"))
+        posted.append(patient.decode())
+        if patient == b"P-500":
+            return httpx.Response(500, json={"detail": "internal error; the failure was logged"})
+        return httpx.Response(200, json={"prediction_id": "p"})
+
+    with httpx.Client(base_url="http://service", transport=httpx.MockTransport(answer)) as service:
+        forwarder = Forwarder(inbox, service)
+        assert [forwarder.forward_waiting() for _ in range(3)] == [False, False, True]
+    assert posted == ["P-500", "P-500", "P-500", "P-next"] and inbox.waiting() == []
+    reason = (inbox.refused_dir / f"{failing.name}.reason.txt").read_text()
+    assert reason.startswith("500 3 times in a row: internal error")
 
 
 def test_a_film_removed_while_it_is_forwarded_does_not_stop_the_forwarder(tmp_path: Path) -> None:

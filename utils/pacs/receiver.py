@@ -61,6 +61,12 @@ FILM_CLASSES = (ComputedRadiographyImageStorage, DigitalXRayImageStorageForPrese
 OUT_OF_RESOURCES = 0xA700  # a C-STORE failure worth retrying: the inbox could not be written
 CANNOT_UNDERSTAND = 0xC000  # a C-STORE failure: the data set cannot be read
 TOO_LARGE = 0xC001  # a C-STORE failure (of the "cannot understand" range, so not retried): over the byte limit
+# Answers that say the receiver is set up wrong (its API key, the service's URL), not that the film is bad: the films
+# wait, as for a service that is down, instead of each being set aside.
+NOT_THE_FILMS_FAULT = frozenset({401, 403, 404, 405})
+# A film the service fails on (500) this many times in a row is set aside, so that it does not hold back the films
+# behind it for good; 502-504 (a proxy, a restart) never set a film aside.
+MAX_INTERNAL_ERRORS = 3
 # pynetdicom's temporary files (what a C-STORE brings, as it arrives) go here under the inbox (`main`); one not
 # written to for this long was left by a transfer that was aborted (pynetdicom aborts one idle for a minute), and is
 # removed.
@@ -224,6 +230,7 @@ class Forwarder:
         self.inbox = inbox
         self.client = client
         self.retry_seconds = retry_seconds
+        self._internal_errors: dict[str, int] = {}  # film name -> 500s in a row (MAX_INTERNAL_ERRORS)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="scp-forwarder", daemon=True)
@@ -268,15 +275,26 @@ class Forwarder:
         response = self.client.post("/predict", files={"image": (film.name, data, "application/dicom")},
                                     data={"patient_id": patient_id_of(header)},
                                     headers={"Idempotency-Key": idempotency_key_of(header, film)})
-        if response.status_code == 200:
+        status = response.status_code
+        if status == 200:
             film.unlink()
+            self._internal_errors.pop(film.name, None)
             logger.info("film %s predicted (%s)", film.name, _detail(response, "prediction_id"))
-        elif 400 <= response.status_code < 500 and response.status_code not in (408, 429):
+        elif status in NOT_THE_FILMS_FAULT:
+            raise _ServiceBusy(f"{status}: {_detail(response)} (check --service and the API key; films wait)")
+        elif status == 500 and self._internal_errors.get(film.name, 0) + 1 >= MAX_INTERNAL_ERRORS:
+            reason = f"{status} {MAX_INTERNAL_ERRORS} times in a row: {_detail(response)}"
+            logger.warning("the service failed on film %s (%s); moved to %s", film.name, reason, self.inbox.refused_dir)
+            self._internal_errors.pop(film.name, None)
+            self.inbox.refuse(film, reason)
+        elif 400 <= status < 500 and status not in (408, 429):
             reason = f"{response.status_code}: {_detail(response)}"
             logger.warning("the service refused film %s (%s); moved to %s", film.name, reason, self.inbox.refused_dir)
             self.inbox.refuse(film, reason)
         else:
-            raise _ServiceBusy(f"{response.status_code}: {_detail(response)}")
+            if status == 500:
+                self._internal_errors[film.name] = self._internal_errors.get(film.name, 0) + 1
+            raise _ServiceBusy(f"{status}: {_detail(response)}")
 
     def _run(self) -> None:
         while not self._stop.is_set():
