@@ -120,9 +120,12 @@ def read_weights_file(path: Path, architecture: str, required: tuple[str, ...],
     if metadata["preprocessing"] != PREPROCESSING_VERSION:
         raise ModelUnavailable(f"{what} file {path} was trained with preprocessing "
                                f"{metadata['preprocessing']!r}, the code's is {PREPROCESSING_VERSION!r}")
-    # Weights are stored in float16 where that halves the file (`half_precision`); they are loaded as float32 (the
+    # Weights are stored in float16 (`half_precision`) or 8 bits (`eight_bit`); they are loaded as float32 (the
     # trunks may then run in bfloat16: `ServedNet`).
-    state_dict = {name: t.float() if t.is_floating_point() else t for name, t in payload["state_dict"].items()}
+    try:
+        state_dict = from_storage(payload["state_dict"])
+    except (TypeError, ValueError, RuntimeError, AttributeError, KeyError) as exc:
+        raise ModelUnavailable(f"{what} file {path} has malformed weights ({type(exc).__name__}: {exc})") from None
     return state_dict, metadata
 
 
@@ -130,6 +133,41 @@ def half_precision(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     """The convolution and linear weights in float16 for storage (half the file; estimates move by a few hundredths
     of a month); BatchNorm statistics, biases and buffers stay float32."""
     return {name: t.half() if t.is_floating_point() and t.dim() > 1 else t for name, t in state_dict.items()}
+
+
+SCALE_SUFFIX = "#scale"  # key of an 8-bit weight's per-channel scales: `name#scale` (no module name holds a '#')
+
+
+def eight_bit(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The convolution and linear weights in 8 bits for storage (a quarter of float32's file): each output channel
+    symmetric, int8 in [-127, 127] times a float32 scale stored under `name#scale`; BatchNorm statistics, biases and
+    buffers stay float32. `from_storage` reads it back."""
+    stored: dict[str, torch.Tensor] = {}
+    for name, t in state_dict.items():
+        if not (t.is_floating_point() and t.dim() > 1):
+            stored[name] = t
+            continue
+        weight = t.detach().float()
+        scale = weight.abs().flatten(1).amax(dim=1) / 127
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero channel stays zero
+        shape = (-1,) + (1,) * (weight.dim() - 1)
+        stored[name] = torch.round(weight / scale.view(shape)).clamp(-127, 127).to(torch.int8)
+        stored[name + SCALE_SUFFIX] = scale
+    return stored
+
+
+def from_storage(stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A stored state dict (float32, float16 from `half_precision` or 8 bits from `eight_bit`) in float32."""
+    state_dict = {}
+    for name, t in stored.items():
+        if name.endswith(SCALE_SUFFIX):
+            continue
+        if t.dtype == torch.int8:
+            scale = stored[name + SCALE_SUFFIX].float()
+            state_dict[name] = t.float() * scale.view((-1,) + (1,) * (t.dim() - 1))
+        else:
+            state_dict[name] = t.float() if t.is_floating_point() else t
+    return state_dict
 
 
 def member_key(index: int, name: str) -> str:

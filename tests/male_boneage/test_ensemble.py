@@ -111,6 +111,33 @@ def test_the_command_rebuilds_the_shipped_model_from_its_nets(raw_folder: Path, 
         assert a.sigma_months / shipped.sigma_scale == pytest.approx(b.sigma_months / rebuilt.sigma_scale, rel=1e-4)
 
 
+def test_nets_stored_in_eight_bits_answer_as_the_float16_ones(raw_folder: Path, tmp_path: Path) -> None:
+    """`--storage int8`: each net's file is about half the float16 one (int8 weights, a scale per output channel),
+    read back as float32, and the estimates move by a fraction of a month; a file lacking a scale is refused."""
+    out = tmp_path / "male.pt"
+    specs = write_members(WEIGHTS / "male.pt", tmp_path)
+    ensemble.main(["--raw", str(raw_folder), "--out", str(out), "--storage", "int8",
+                   *(a for s in specs for a in ("--member", s))])
+    for i in range(2):
+        size, half = (tmp_path / f"male-net{i}.pt").stat().st_size, (WEIGHTS / f"male-net{i}.pt").stat().st_size
+        assert 0.45 * half < size < 0.55 * half
+        stored = torch.load(tmp_path / f"male-net{i}.pt", weights_only=True)["state_dict"]
+        assert stored["stem.0.weight"].dtype == torch.int8 and stored["stem.1.running_var"].dtype == torch.float32
+    shipped = BoneAgeModel.from_file(WEIGHTS / "male.pt", torch.device("cpu"))
+    eight = BoneAgeModel.from_file(out, torch.device("cpu"))
+    assert eight.metadata["storage"] == "int8"
+    assert eight.version.rsplit("+", 1)[0] != shipped.version.rsplit("+", 1)[0]  # other weights, another version
+    for path in FILMS:
+        pixels = film_pixels(path.read_bytes(), 288)
+        a, b = shipped.predict(pixels, with_heatmap=False), eight.predict(pixels, with_heatmap=False)
+        assert a.age_months == pytest.approx(b.age_months, abs=1.0)
+    net = torch.load(tmp_path / "male-net1.pt", weights_only=True)
+    del net["state_dict"]["stem.0.weight#scale"]
+    torch.save(net, tmp_path / "male-net1.pt")
+    with pytest.raises(ModelUnavailable, match="male-net1.pt.*malformed weights"):
+        BoneAgeModel.from_file(out, torch.device("cpu"))
+
+
 def test_the_command_refuses_what_is_not_an_ensemble_of_one_sex(
         raw_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "m").mkdir()
