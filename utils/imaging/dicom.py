@@ -143,6 +143,18 @@ def read_header(source: str | Path | BinaryIO) -> Dataset:
     return dataset
 
 
+def check_film_header(path: Path, limits: UploadLimits) -> None:
+    """Refuse (InvalidImage) a DICOM file on disk whose header the service would refuse (`read_dicom`'s checks
+    before decoding: pixel data present, grayscale, one frame, size and bit depth within `limits`), without reading
+    or decoding its pixel data: how the DICOM receiver answers a C-STORE before it keeps the film. A deflated file is
+    inflated whole by pydicom: cap it first (`check_inflated_file`). pydicom's errors for a file that is no DICOM
+    pass through."""
+    # Values over 1 KB (the pixel data) are left on disk, read only if asked for: their presence is what counts.
+    dataset = pydicom.dcmread(path, defer_size=1024)
+    drop_unreadable(dataset)
+    _check_dicom_header(dataset, limits)
+
+
 # Far more top-level elements than any film carries (a few hundred): a DICOM beyond it is refused before each is
 # converted (a 20 MB file can hold a million).
 MAX_DICOM_ELEMENTS = 10_000

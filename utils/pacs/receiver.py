@@ -50,7 +50,7 @@ from storage.store import fsync_folder
 from utils.config import Settings
 from utils.errors import InvalidImage
 from utils.imaging.checks import UploadLimits
-from utils.imaging.dicom import check_inflated_file, read_dicom, read_header
+from utils.imaging.dicom import check_film_header, check_inflated_file, read_dicom, read_header
 
 logger = logging.getLogger(__name__)
 logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # its INFO and DEBUG logs can quote patient data
@@ -380,9 +380,11 @@ class Receiver:
         try:
             with received.open("rb") as f:  # pydicom inflates a whole deflated data set: capped first, as uploads are
                 check_inflated_file(f, self.limits)
-            read_header(received)
+            # What the service would refuse on the header alone (no pixel data, colour, several frames, too large)
+            # is refused here, so that the sender learns it; the film check and the decoding stay the service's.
+            check_film_header(received, self.limits)
         except InvalidImage as refusal:
-            logger.warning("refused a deflated film from %s: %s", requestor, refusal)
+            logger.warning("refused a film from %s: %s", requestor, refusal)
             return CANNOT_UNDERSTAND
         except Exception:
             logger.warning("refused a film from %s: its data set cannot be read", requestor, exc_info=True)
