@@ -185,7 +185,7 @@ def test_the_rows_equal_the_model_pool_to_the_last_digits(archive: Path, local_r
     pool = ModelPool.load(settings)
     pool.start()
     try:
-        limits = UploadLimits(settings.max_upload_bytes, settings.max_image_pixels, settings.min_image_side)
+        limits = UploadLimits.from_settings(settings)
         for _, row in rows[rows["error"].isna()].iterrows():
             male, female = pool.submit(decode_upload(Path(row["file"]).read_bytes(), limits).gray)
             assert row["male_age_months"] == pytest.approx(male.result().age_months, abs=AGE_TOLERANCE)
@@ -197,8 +197,7 @@ def test_the_rows_equal_the_model_pool_to_the_last_digits(archive: Path, local_r
 
 def test_a_batch_mixing_bad_and_good_films_scores_the_good_ones(archive: Path, tmp_path: Path) -> None:
     settings = make_settings(tmp_path)
-    limits = UploadLimits(settings.max_upload_bytes, settings.max_image_pixels, settings.min_image_side)
-    options = DecodeOptions(limits, *model_input_sizes(settings), heatmap_side=None)
+    options = DecodeOptions(UploadLimits.from_settings(settings), *model_input_sizes(settings), heatmap_side=None)
     names = ["corrupt.png", "4360.png", "missing.png", "photo.jpg", "4375.png"]
     decoded = [decode_film({"file": str(archive / name)}, options) for name in names]  # the stages without Ray
     scored = ScoreFilms(settings, threads=1, heatmaps=False)(pd.DataFrame(decoded)).set_index(pd.Index(names))
@@ -231,8 +230,7 @@ def test_a_device_a_pipe_or_a_folder_named_in_a_csv_is_an_error_row_not_a_hang(t
     fifo = tmp_path / "pipe.png"
     os.mkfifo(fifo)
     settings = make_settings(tmp_path)
-    limits = UploadLimits(settings.max_upload_bytes, settings.max_image_pixels, settings.min_image_side)
-    options = DecodeOptions(limits, *model_input_sizes(settings), heatmap_side=None)
+    options = DecodeOptions(UploadLimits.from_settings(settings), *model_input_sizes(settings), heatmap_side=None)
     for path in (fifo, Path("/dev/zero"), tmp_path):
         assert decode_film({"file": str(path)}, options)["error"] == "not a regular file (a folder, a device or a pipe)"
 

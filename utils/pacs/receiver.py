@@ -282,18 +282,19 @@ class Forwarder:
             logger.info("film %s predicted (%s)", film.name, _detail(response, "prediction_id"))
         elif status in NOT_THE_FILMS_FAULT:
             raise _ServiceBusy(f"{status}: {_detail(response)} (check --service and the API key; films wait)")
-        elif status == 500 and self._internal_errors.get(film.name, 0) + 1 >= MAX_INTERNAL_ERRORS:
+        elif status == 500:
+            failures = self._internal_errors.pop(film.name, 0) + 1
+            if failures < MAX_INTERNAL_ERRORS:
+                self._internal_errors[film.name] = failures
+                raise _ServiceBusy(f"{status}: {_detail(response)}")
             reason = f"{status} {MAX_INTERNAL_ERRORS} times in a row: {_detail(response)}"
             logger.warning("the service failed on film %s (%s); moved to %s", film.name, reason, self.inbox.refused_dir)
-            self._internal_errors.pop(film.name, None)
             self.inbox.refuse(film, reason)
         elif 400 <= status < 500 and status not in (408, 429):
-            reason = f"{response.status_code}: {_detail(response)}"
+            reason = f"{status}: {_detail(response)}"
             logger.warning("the service refused film %s (%s); moved to %s", film.name, reason, self.inbox.refused_dir)
             self.inbox.refuse(film, reason)
         else:
-            if status == 500:
-                self._internal_errors[film.name] = self._internal_errors.get(film.name, 0) + 1
             raise _ServiceBusy(f"{status}: {_detail(response)}")
 
     def _run(self) -> None:

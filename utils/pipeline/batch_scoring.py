@@ -107,17 +107,18 @@ def list_films(source: Path) -> list[str]:
         if not rows:
             raise ScoringInputError(f"{source} is empty")
         header = [cell.strip().lower() for cell in rows[0]]
-        column = next((header.index(name) for name in CSV_PATH_COLUMNS if name in header), None)
-        start = 1 if column is not None else 0
+        named = next((header.index(name) for name in CSV_PATH_COLUMNS if name in header), None)
+        # A header naming the path column, else no header and the paths in the first column.
+        column, start = (0, 0) if named is None else (named, 1)
         paths: list[Path] = []
         for line, row in enumerate(rows[start:], start=start + 1):
             if not row:
                 continue
-            if len(row) <= (column or 0):
+            if len(row) <= column:
                 raise ScoringInputError(f"{source}, line {line}: no value in the path column")
-            if "\0" in row[column or 0]:
+            if "\0" in row[column]:
                 raise ScoringInputError(f"{source}, line {line}: the path holds a NUL character")
-            if value := row[column or 0].strip():
+            if value := row[column].strip():
                 paths.append(Path(value))
         return list(dict.fromkeys(str((p if p.is_absolute() else source.parent / p).resolve()) for p in paths))
     raise ScoringInputError(f"{source} is neither a folder nor a .csv file of paths")
