@@ -230,6 +230,62 @@ def test_malformed_patient_and_study_values_are_left_out_of_the_results(client: 
     assert str(sr.PatientName) == str(pydicom.dcmread(io.BytesIO(data)).PatientName)  # the valid ones are kept
 
 
+NAMES_IN_OTHER_SCRIPTS = {  # Specific Character Set: (Patient's Name, Referring Physician, Study Description)
+    "ISO_IR 192": ("Müller-Łęcka^Zoë=山田^太郎", "Nguyễn^Văn An", "Knochenalter, Hand links"),
+    "ISO_IR 100": ("Müller^Jörg", "Señora^Peña", "Handröntgen"),
+}
+
+
+@pytest.mark.parametrize("character_set", sorted(NAMES_IN_OTHER_SCRIPTS))
+def test_names_in_other_scripts_are_written_back_byte_for_byte(client: TestClient, character_set: str) -> None:
+    """The results carry the film's Specific Character Set, so its names reach the PACS as the film spelt them
+    (without it pydicom wrote them in its default repertoire: '?' for each letter outside Latin-1, and Latin-1
+    bytes that the default repertoire does not allow)."""
+    name, referrer, description = NAMES_IN_OTHER_SCRIPTS[character_set]
+    data = make_dicom(gray(FILM), sex="F", tags={"SpecificCharacterSet": character_set, "PatientName": name,
+                                                 "ReferringPhysicianName": referrer, "StudyDescription": description})
+    codec = {"ISO_IR 192": "utf-8", "ISO_IR 100": "latin-1"}[character_set]
+    body = post_dicom(client, data, "P-charset")
+    for url in (body["dicom"]["report_url"], body["dicom"]["heatmap_url"]):
+        stored = client.get(url).content
+        result = pydicom.dcmread(io.BytesIO(stored))
+        assert result.SpecificCharacterSet == character_set
+        assert (str(result.PatientName), str(result.ReferringPhysicianName), result.StudyDescription) == \
+            (name, referrer, description), url
+        for text in (name, referrer, description):  # the bytes as the film stored them
+            assert text.encode(codec) in stored and text.encode(codec) in data, (url, text)
+
+
+def test_the_sex_used_and_where_it_came_from_are_in_the_sr(client: TestClient) -> None:
+    """A form's sex overrides the film's Patient's Sex: the header keeps the film's, the content says which sex the
+    estimate applies to and where that came from. A lower-case 'm', read as male, is written as 'M'."""
+    overridden = post_dicom(client, make_dicom(gray(FILM), sex="F"), "P-sex-form", sex="male")
+    sr = fetch_dicom(client, overridden["dicom"]["report_url"])
+    tree = content_tree(sr.ContentSequence)
+    assert (sr.PatientSex, tree["Subject Sex"], tree["Subject sex source"]) == ("F", "male", "form")
+    lower = post_dicom(client, make_dicom(gray(FILM), sex="m"), "P-sex-lower")
+    assert (lower["sex"], lower["sex_source"]) == ("male", "dicom")
+    for url in (lower["dicom"]["report_url"], lower["dicom"]["heatmap_url"]):
+        assert fetch_dicom(client, url).PatientSex == "M"
+    tree = content_tree(fetch_dicom(client, lower["dicom"]["report_url"]).ContentSequence)
+    assert (tree["Subject Sex"], tree["Subject sex source"]) == ("male", "dicom")
+
+
+def test_a_name_too_long_for_its_value_representation_is_left_out(client: TestClient) -> None:
+    """A name component over 64 characters breaks PN: written empty (Type 2), as other malformed values are
+    (names escaped the check: pydicom validates strings, and a name read from a film is a PersonName)."""
+    body = post_dicom(client, make_dicom(gray(FILM), sex="M", tags={"PatientName": "A" * 70 + "^B"}), "P-long")
+    for url in (body["dicom"]["report_url"], body["dicom"]["heatmap_url"]):
+        assert str(fetch_dicom(client, url).PatientName) == ""
+
+
+def test_a_film_without_its_series_uid_gets_no_sr_that_names_a_made_up_series(client: TestClient) -> None:
+    """The SR's evidence names the film's series; a film without a Series Instance UID (Type 1) has none to name,
+    so its results cannot join its study (an invented UID referenced a series that exists nowhere)."""
+    body = post_dicom(client, make_dicom(gray(FILM), sex="F", tags={"SeriesInstanceUID": ""}), "P-noseries")
+    assert body["dicom"] is None and body["female_prediction"]["age_months"] > 0
+
+
 def test_png_upload_gets_no_dicom_results_by_default(client: TestClient, app_settings: Settings) -> None:
     response = post_image(client, FILM.read_bytes(), "P-png", "female")
     assert response.status_code == 200 and response.json()["dicom"] is None
@@ -282,7 +338,8 @@ def test_uid_root_must_be_dotted_digits(tmp_path: Path) -> None:
 
 
 def films_of_each_kind() -> dict[str, tuple[bytes, str]]:
-    """A DX, a CR in MONOCHROME1 and in MONOCHROME2, a Secondary Capture and a PNG: (data, content type)."""
+    """A DX, a CR in MONOCHROME1 and in MONOCHROME2, a Secondary Capture, a CR whose patient's name is in UTF-8
+    and a PNG: (data, content type)."""
     pixels = gray(FILM)
     cr = {"SOPClassUID": CR_STORAGE, "Modality": "CR", "ImageLaterality": "L"}
     sc = {"SOPClassUID": SECONDARY_CAPTURE, "Modality": "OT"}
@@ -291,6 +348,9 @@ def films_of_each_kind() -> dict[str, tuple[bytes, str]]:
         "cr-mono1": (make_dicom(255 - pixels, photometric="MONOCHROME1", sex="F", tags=cr), "application/dicom"),
         "cr-mono2": (make_dicom(pixels, sex="F", tags=cr | {"Laterality": "R"}), "application/dicom"),
         "sc": (make_dicom(pixels, tags=sc), "application/dicom"),
+        "cr-utf8": (make_dicom(pixels, sex="M", tags=cr | {"SpecificCharacterSet": "ISO_IR 192",
+                                                            "PatientName": NAMES_IN_OTHER_SCRIPTS["ISO_IR 192"][0]}),
+                    "application/dicom"),
         "png": (FILM.read_bytes(), "image/png"),
     }
 
@@ -310,7 +370,8 @@ def test_dciodvfy_finds_no_error_in_the_sr_and_sc_of_each_input_kind(for_all_cli
         for name in ("report_url", "heatmap_url"):
             path = tmp_path / f"{kind}-{name}.dcm"
             path.write_bytes(for_all_client.get(response.json()["dicom"][name]).content)
-            run = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True, timeout=120)
+            run = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True, errors="replace",
+                                 timeout=120)
             output = run.stdout + run.stderr
             errors = [line for line in output.splitlines() if line.startswith("Error")]
             assert errors == [], f"{kind} {name}:\n{output}"

@@ -37,11 +37,12 @@ import highdicom as hd
 import numpy as np
 import pydicom.config
 from highdicom.sr import CodedConcept
+from pydicom.charset import python_encoding
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import generate_uid
-from pydicom.valuerep import validate_value
+from pydicom.valuerep import PersonName, validate_value
 
 from male_boneage import RESEARCH_NOTICE as NOTICE
 from male_boneage.inference import ModelEstimate
@@ -52,8 +53,8 @@ MANUFACTURER = "Open-source bone age service (research)"
 SC_BANNER = "RESEARCH USE ONLY - NOT FOR DIAGNOSIS - Grad-CAM of a bone age model"
 REPORT_FILE, HEATMAP_FILE = "report.dcm", "heatmap.dcm"
 SR_SERIES_NUMBER, SC_SERIES_NUMBER = 9901, 9902
-# What a film must carry for its results to join its study and reference it.
-STUDY_UIDS = ("StudyInstanceUID", "SOPClassUID", "SOPInstanceUID")
+# What a film must carry for its results to join its study and reference it (the SR's evidence names its series).
+STUDY_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID", "SOPInstanceUID")
 # Copied from the film as they are (absent or malformed stays out, apart from the Type 2 ones below, written empty).
 PATIENT_AND_STUDY = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex",
                      "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID", "AccessionNumber",
@@ -61,6 +62,10 @@ PATIENT_AND_STUDY = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBi
 TYPE_2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "StudyID",
           "AccessionNumber", "ReferringPhysicianName")
 DICOM_SEX = {"male": "M", "female": "F"}
+# Patient's Sex values (CS): a film's lower-case "m" is read as male by the service, so it is written as "M".
+PATIENT_SEX_VALUES = ("M", "F", "O")
+# The value representations whose text a Specific Character Set governs.
+TEXT_VRS = ("PN", "LO", "SH", "ST", "LT", "UT", "UC")
 # highdicom logs each module it copies at INFO, naming the film's UIDs: not for the service log.
 logging.getLogger("highdicom").setLevel(logging.WARNING)
 # Decimals of the numbers in the SR: those of the JSON response.
@@ -124,7 +129,8 @@ def _valid(element: DataElement) -> bool:
     try:
         value = element.value
         for item in value if isinstance(value, MultiValue | list) else [value]:
-            validate_value(element.VR, item, pydicom.config.RAISE)
+            # pydicom checks strings and bytes only: a name read from a film is a PersonName, checked as its text
+            validate_value(element.VR, str(item) if isinstance(item, PersonName) else item, pydicom.config.RAISE)
     except (ValueError, TypeError, AttributeError):
         return False
     return True
@@ -139,6 +145,10 @@ def study_header(film: Dataset | None, patient_id: str, sex_used: str, created_a
         for keyword in PATIENT_AND_STUDY:
             if keyword in film and _valid(film[keyword]):  # a malformed value is left out (or empty, if Type 2)
                 header[keyword] = film[keyword]
+        if (sex := str(film.get("PatientSex", "") or "").strip().upper()) in PATIENT_SEX_VALUES:
+            header.PatientSex = sex
+        if (character_set := _character_set(film, header)) is not None:
+            header.SpecificCharacterSet = character_set
         for keyword in TYPE_2:
             if keyword not in header:
                 setattr(header, keyword, "")
@@ -151,15 +161,28 @@ def study_header(film: Dataset | None, patient_id: str, sex_used: str, created_a
     return header
 
 
+def _character_set(film: Dataset, header: Dataset) -> str | list[str] | None:
+    """The Specific Character Set the copied values need: the film's own when pydicom knows each of its terms (its
+    names are then written back byte for byte), else UTF-8 (ISO_IR 192) when a copied text is not ASCII (without
+    one, pydicom writes such characters as '?'), else none (the default repertoire)."""
+    declared = film.get("SpecificCharacterSet")
+    terms = [] if not declared else [str(declared)] if isinstance(declared, str) else [str(t) for t in declared]
+    if terms and all(term.strip() in python_encoding or not term.strip() for term in terms):
+        return terms[0] if len(terms) == 1 else terms
+    texts = (str(element.value) for element in header if element.VR in TEXT_VRS and element.value is not None)
+    return None if all(text.isascii() for text in texts) else "ISO_IR 192"
+
+
 def build_dicom_results(film: Dataset | None, patient_id: str, created_at: dt.datetime, uid_root: str,
-                        sex_used: str, estimates: dict[str, ModelEstimate], report: ClinicalReport,
+                        sex_used: str, sex_source: str, estimates: dict[str, ModelEstimate], report: ClinicalReport,
                         overlay_rgb: np.ndarray, female_fallback: bool) -> DicomResults:
     """The SR and SC of one prediction. `film` is the uploaded DICOM when the results join its study
-    (`film_study_missing` found nothing missing), else None: a new study with placeholders. `estimates` is
-    {"male"|"female": estimate}; `overlay_rgb` the heatmap overlay to show (the applicable one,
-    or both side by side)."""
+    (`film_study_missing` found nothing missing), else None: a new study with placeholders. `sex_source` says where
+    `sex_used` came from (form, dicom or none: a form's sex overrides the film's Patient's Sex, which the header
+    keeps). `estimates` is {"male"|"female": estimate}; `overlay_rgb` the heatmap overlay to show (the applicable
+    one, or both side by side)."""
     header = study_header(film, patient_id, sex_used, created_at, uid_root)
-    sr = _structured_report(header, film, uid_root, sex_used, estimates, report, female_fallback)
+    sr = _structured_report(header, film, uid_root, sex_used, sex_source, estimates, report, female_fallback)
     sc = _secondary_capture(header, film, uid_root, overlay_rgb)
     return DicomResults({REPORT_FILE: _encode(sr), HEATMAP_FILE: _encode(sc)},
                         {REPORT_FILE: str(sr.SOPInstanceUID), HEATMAP_FILE: str(sc.SOPInstanceUID)}, film is not None)
@@ -171,12 +194,13 @@ def side_by_side(left_rgb: np.ndarray, right_rgb: np.ndarray, gap: int = 8) -> n
     return np.concatenate([left_rgb, np.zeros((height, gap, 3), np.uint8), right_rgb], axis=1)
 
 
-def _structured_report(header: Dataset, film: Dataset | None, uid_root: str, sex_used: str,
+def _structured_report(header: Dataset, film: Dataset | None, uid_root: str, sex_used: str, sex_source: str,
                        estimates: dict[str, ModelEstimate], report: ClinicalReport,
                        female_fallback: bool) -> hd.sr.ComprehensiveSR:
     items: list[hd.sr.ContentItem] = [
         _text(COMMENT, NOTICE),
         _text(SUBJECT_SEX, sex_used),
+        _text(_code("BA-SEX-SOURCE", "Subject sex source"), sex_source),
     ]
     for sex, estimate in estimates.items():
         items.append(_model_container(sex, estimate, female_fallback and sex == "female"))
@@ -213,7 +237,7 @@ def _structured_report(header: Dataset, film: Dataset | None, uid_root: str, sex
         series_description="Bone age (research model, not for diagnosis)")
     if film is None:  # highdicom records any evidence of the same study; the stand-in above is no evidence
         del sr.CurrentRequestedProcedureEvidenceSequence
-    _copy_issuer(header, sr)
+    _copy_from_header(header, sr)
     sr.CodingSchemeIdentificationSequence = [_private_scheme()]
     return sr
 
@@ -270,7 +294,7 @@ def _secondary_capture(header: Dataset, film: Dataset | None, uid_root: str,
         source = Dataset()
         source.ReferencedSOPClassUID, source.ReferencedSOPInstanceUID = film.SOPClassUID, film.SOPInstanceUID
         sc.SourceImageSequence = [source]
-    _copy_issuer(header, sc)
+    _copy_from_header(header, sc)
     return sc
 
 
@@ -288,11 +312,12 @@ def _evidence(header: Dataset, film: Dataset | None, uid_root: str) -> Dataset:
     return evidence
 
 
-def _copy_issuer(header: Dataset, target: Dataset) -> None:
-    if "IssuerOfPatientID" in header:
-        target.IssuerOfPatientID = header.IssuerOfPatientID
-    if "StudyDescription" in header:
-        target.StudyDescription = header.StudyDescription
+def _copy_from_header(header: Dataset, target: Dataset) -> None:
+    """What highdicom does not take from the evidence: the issuer, the study description and the character set
+    their texts and the patient's name are written in."""
+    for keyword in ("IssuerOfPatientID", "StudyDescription", "SpecificCharacterSet"):
+        if keyword in header:
+            setattr(target, keyword, header[keyword].value)
 
 
 def _laterality(film: Dataset | None) -> str:

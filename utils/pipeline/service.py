@@ -395,8 +395,12 @@ class BoneAgeService:
         female_png = None if female_overlay is None else self._heatmaps.submit(encode_png, female_overlay.result())
         overlays = {"male": male_overlay, "female": male_overlay if female_overlay is None else female_overlay.result()}
         # The film joins its study only if it has one; other films get results only with BONEAGE_DICOM_FOR_ALL.
-        study_film = draft.image.dicom if film_study_missing(draft.image.dicom) is None else None
+        missing = film_study_missing(draft.image.dicom)
+        study_film = draft.image.dicom if missing is None else None
         wants_dicom = self.dicom is not None and (study_film is not None or self.dicom.for_all)
+        if draft.image.dicom is not None and missing is not None:  # names tags only, never a value of the film
+            logger.info("prediction %s: the DICOM's results cannot join its study (%s): %s", draft.prediction_id,
+                        missing, "a new study is made" if wants_dicom else "none are written")
         dicom = self._heatmaps.submit(self._dicom_results, draft, study_film, overlays) if wants_dicom else None
         male_png = encode_png(male_overlay)
         files = {draft.original_name: draft.image.data, GRADCAM_PNG["male"]: male_png,
@@ -426,8 +430,8 @@ class BoneAgeService:
             shown = rgb["male"] if overlays["female"] is overlays["male"] else side_by_side(rgb["male"], rgb["female"])
         estimates = {"male": draft.male, "female": draft.female}
         return build_dicom_results(study_film, draft.patient_id, draft.created_at, self.dicom.uid_root,
-                                   draft.sex_used, estimates, draft.report, np.ascontiguousarray(shown),
-                                   self.models.female_fallback)
+                                   draft.sex_used, draft.sex_source, estimates, draft.report,
+                                   np.ascontiguousarray(shown), self.models.female_fallback)
 
     def _add_dicom(self, prediction: Prediction, dicom: DicomResults, paths: dict[str, str],
                    created_at: dt.datetime) -> None:

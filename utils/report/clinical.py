@@ -66,8 +66,8 @@ def build_report(sex: str, male: ModelEstimate | None, female: ModelEstimate | N
     if applicable is None:
         notes.append("sex unknown: no estimate applies, so there is no bone age to compare")
     if chronological_age_months is None:
-        notes.append("no chronological age given (form field chronological_age_months, or a DICOM's "
-                     "Patient's Age or birth and study dates)")
+        notes.append("no chronological age (the form field chronological_age_months, or a DICOM's "
+                     "Patient's Age, or its birth date and a study date after it)")
     if applicable is not None and chronological_age_months is not None:
         raw_difference = applicable.age_months - chronological_age_months
         half = Z_90 * applicable.sigma_months
