@@ -214,6 +214,13 @@ def test_unknown_sex_shows_both_overlays_side_by_side(client: TestClient, film_d
     pixels = sc.pixel_array[-male.shape[0]:]
     assert np.array_equal(pixels[:, :male.shape[1]], male)
     assert np.array_equal(pixels[:, -female.shape[1]:], female)
+    # above the overlays two lines of white text on black: the research banner, then a caption over each overlay
+    above = sc.pixel_array[:-male.shape[0]]
+    lit = np.flatnonzero(above.max(axis=(1, 2)) > 200)
+    lines = np.split(lit, np.flatnonzero(np.diff(lit) > 1) + 1)
+    assert len(lines) == 2
+    captions = above[lines[1]]
+    assert captions[:, :male.shape[1]].max() > 200 and captions[:, -female.shape[1]:].max() > 200
     tree = content_tree(fetch_dicom(client, body["dicom"]["report_url"]).ContentSequence)
     assert "Bone age" not in tree and tree["Note"] == body["report"]["note"]
 

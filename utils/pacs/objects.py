@@ -51,6 +51,7 @@ from utils.report.clinical import ClinicalReport
 
 MANUFACTURER = "Open-source bone age service (research)"
 SC_BANNER = "RESEARCH USE ONLY - NOT FOR DIAGNOSIS - Grad-CAM of a bone age model"
+SIDE_CAPTIONS = ("MODEL TRAINED ON BOYS", "MODEL TRAINED ON GIRLS")  # over the two overlays when the sex is unknown
 REPORT_FILE, HEATMAP_FILE = "report.dcm", "heatmap.dcm"
 SR_SERIES_NUMBER, SC_SERIES_NUMBER = 9901, 9902
 # What a film must carry for its results to join its study and reference it (the SR's evidence names its series).
@@ -189,9 +190,13 @@ def build_dicom_results(film: Dataset | None, patient_id: str, created_at: dt.da
 
 
 def side_by_side(left_rgb: np.ndarray, right_rgb: np.ndarray, gap: int = 8) -> np.ndarray:
-    """Two overlays of the same film next to each other, a black gap between."""
-    height = left_rgb.shape[0]
-    return np.concatenate([left_rgb, np.zeros((height, gap, 3), np.uint8), right_rgb], axis=1)
+    """Two overlays of the same film next to each other, a black gap between, each under a burned-in caption that
+    names its model (boys' left, girls' right): a PACS viewer shows no legend."""
+    height, left_width = left_rgb.shape[:2]
+    pictures = np.concatenate([left_rgb, np.zeros((height, gap, 3), np.uint8), right_rgb], axis=1)
+    captions = _text_band(pictures.shape[1], ((0, left_width, SIDE_CAPTIONS[0]),
+                                              (left_width + gap, right_rgb.shape[1], SIDE_CAPTIONS[1])))
+    return np.ascontiguousarray(np.concatenate([captions, pictures], axis=0))
 
 
 def _structured_report(header: Dataset, film: Dataset | None, uid_root: str, sex_used: str, sex_source: str,
@@ -344,17 +349,26 @@ def _patient_orientation(film: Dataset | None) -> tuple[str, str] | None:
 
 def _with_banner(rgb: np.ndarray) -> np.ndarray:
     """The overlay under a black band that says it is for research only (burned in: viewers show it always)."""
-    width = rgb.shape[1]
+    band = _text_band(rgb.shape[1], ((0, rgb.shape[1], SC_BANNER),))
+    return np.ascontiguousarray(np.concatenate([band, rgb], axis=0))
+
+
+def _text_band(width: int, texts: tuple[tuple[int, int, str], ...]) -> np.ndarray:
+    """A black band `width` pixels wide with white texts, each (left edge, width available, text): one size for
+    all, scaled to the band's width and shrunk until each text fits its space."""
     scale = max(0.35, width / 1400)
     thickness = max(1, round(scale * 2))
-    (text_w, text_h), base = cv2.getTextSize(SC_BANNER, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
-    if text_w > width - 8:  # a narrow film: shrink the text to fit
-        scale *= (width - 8) / text_w
-        (text_w, text_h), base = cv2.getTextSize(SC_BANNER, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
+    for _, available, text in texts:  # a narrow film: shrink the text to fit
+        text_w = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)[0][0]
+        if text_w > available - 8:
+            scale *= (available - 8) / text_w
+    sizes = [cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness) for *_, text in texts]
+    text_h, base = max(size[0][1] for size in sizes), max(size[1] for size in sizes)
     band = np.zeros((text_h + base + 12, width, 3), np.uint8)
-    cv2.putText(band, SC_BANNER, (4, text_h + 6), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thickness,
-                cv2.LINE_AA)
-    return np.ascontiguousarray(np.concatenate([band, rgb], axis=0))
+    for left, _, text in texts:
+        cv2.putText(band, text, (left + 4, text_h + 6), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thickness,
+                    cv2.LINE_AA)
+    return band
 
 
 def _text(name: CodedConcept, value: str) -> hd.sr.TextContentItem:
