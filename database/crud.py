@@ -219,6 +219,17 @@ def prediction_exists(session: Session, prediction_id: str) -> bool:
     return session.scalar(select(Prediction.id).where(Prediction.id == prediction_id)) is not None
 
 
+def prediction_of_patient(session: Session, patient_id: str, prediction_id: str) -> bool:
+    return session.scalar(select(Prediction.id).where(Prediction.id == prediction_id,
+                                                      Prediction.patient_id == patient_id)) is not None
+
+
+def recent_run_ids(session: Session, limit: int) -> list[str]:
+    """The MLflow run ids of the latest stored predictions that have one (of any patient)."""
+    return list(session.scalars(select(Prediction.mlflow_run_id).where(Prediction.mlflow_run_id.is_not(None))
+                                .order_by(Prediction.created_at.desc()).limit(limit)))
+
+
 def prediction_by_key(session: Session, patient_id: str, idempotency_key: str) -> Prediction | None:
     """The patient's prediction stored by an upload with this Idempotency-Key, if any."""
     return session.scalar(select(Prediction).where(Prediction.patient_id == patient_id,

@@ -76,6 +76,7 @@ def make_engine(url: str, pool: PoolSettings) -> Engine:
     def _sqlite_pragmas(dbapi_connection: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA secure_delete=ON")  # deleted rows (an erasure's) are overwritten, not left in free pages
         cursor.execute("PRAGMA journal_mode")
         row = cursor.fetchone()
         if row is None or str(row[0]).lower() != "wal":  # set once per file; every later connection finds it set
@@ -157,6 +158,18 @@ class Database:
             raise
         finally:
             session.close()
+
+    def drop_deleted_pages(self) -> None:
+        """SQLite: fold the write-ahead log into the database and empty it, so the pages of rows deleted (an
+        erasure's) do not stay readable in the `-wal` file until the last connection closes. Best effort: a reader
+        in another connection may keep part of it until the next checkpoint. PostgreSQL keeps its own log."""
+        if self.is_postgresql:
+            return
+        try:
+            with self.engine.connect() as connection:
+                connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+        except SQLAlchemyError:
+            logger.warning("the SQLite write-ahead log could not be checkpointed now; SQLite does so later itself")
 
     def ping(self) -> None:
         with self.session() as session:

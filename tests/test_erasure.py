@@ -26,6 +26,7 @@ from patient_data import (
     artifact_folder,
     assert_nothing_left_of,
     audit_rows,
+    execute,
     header,
     patient_runs,
     query,
@@ -36,6 +37,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from database import crud
 from database.db import Database
+from storage.store import StorageUnavailable
 from utils.audit_trail import main as audit_cli
 from utils.config import Settings
 from utils.pacs.receiver import Inbox
@@ -326,3 +328,118 @@ def test_erasure_removes_the_patients_films_from_the_receivers_inbox(tmp_path: P
     assert inbox.waiting() == [unreadable, other]
     assert list(inbox.refused_dir.iterdir()) == []
     assert [f.name for f in inbox.receiving_dir.iterdir()] == ["tmpd4e5f6.dcm"]
+
+
+def test_an_erasure_against_another_mlflow_store_waits_for_the_one_the_runs_were_logged_to(tmp_path: Path) -> None:
+    """A run the store does not hold counts as purged (another purge may have taken it first), so a mistyped
+    MLFLOW_TRACKING_URI, which gives a new and empty store, made every erasure 'purge' its runs and report success
+    while the patient's runs, film and heatmaps stayed in the real store. Now the erasure waits (503) until it runs
+    against a store that holds runs this database recorded."""
+    keys = write_keys_file(tmp_path)
+    settings = make_settings(tmp_path, api_keys_file=keys)
+    with running_app(settings) as client:
+        for patient_id in ("P-elsewhere", "P-other"):
+            assert upload(client, FILM, patient_id).status_code == 200
+            wait_until_logged(client, patient_id, 120, header("viewer"))
+    elsewhere = make_settings(tmp_path, api_keys_file=keys,
+                              mlflow_tracking_uri=f"sqlite:///{tmp_path / 'typo' / 'mlflow.db'}")
+    with running_app(elsewhere) as client:
+        refused = client.delete("/patients/P-elsewhere", headers=OFFICER)
+        assert refused.status_code == 503, refused.text
+        assert "not the store the predictions were logged to" in refused.json()["detail"]
+        assert upload(client, FILM, "P-elsewhere").status_code == 409  # the erasure waits
+    assert len(patient_runs(settings, "P-elsewhere")) == 1  # still in the real store, and said so
+    with running_app(settings) as client:  # the right store again: start-up recovery or a repeat finishes it
+        assert client.delete("/patients/P-elsewhere", headers=OFFICER).status_code == 200
+        assert len(client.get("/results/P-other", headers=header("viewer")).json()["predictions"]) == 1
+    assert_nothing_left_of(settings, "P-elsewhere")
+    assert len(patient_runs(settings, "P-other")) == 1
+
+
+def test_erasures_of_one_patient_at_once_all_finish(tmp_path: Path) -> None:
+    """Three DELETEs of one patient at once: each purges the same runs, and one finding a run another is removing
+    answered 503 'MLflow is unreachable' (and left the patient blocked) though MLflow was fine."""
+    settings = make_settings(tmp_path, api_keys_file=write_keys_file(tmp_path))
+    with running_app(settings) as client:
+        for film in (FILM, OTHER_FILM, FILM):
+            assert upload(client, film, "P-thrice").status_code == 200
+        wait_until_logged(client, "P-thrice", 120, header("viewer"))
+        with ThreadPoolExecutor(max_workers=3) as pool:
+            answers = list(pool.map(lambda _: client.delete("/patients/P-thrice", headers=OFFICER), range(3)))
+        assert [a.status_code for a in answers] == [200, 200, 200], [a.text for a in answers]
+        assert sum(a.json()["predictions_removed"] for a in answers) == 3
+        assert_nothing_left_of(settings, "P-thrice")
+        assert upload(client, FILM, "P-thrice").status_code == 200  # not blocked
+
+
+def test_the_files_of_an_erasure_that_could_not_remove_them_are_not_served(tmp_path: Path) -> None:
+    """An erasure deletes the rows, then the files: when the files stay (an unremovable folder), the answer is 503
+    and a repeat finishes it, and meanwhile a read key got the films all the same."""
+    settings = make_settings(tmp_path, api_keys_file=write_keys_file(tmp_path))
+    with running_app(settings) as client:
+        stored = upload(client, FILM, "P-stuck").json()
+        service = client.app.state.service  # type: ignore[attr-defined]
+        remove_patient = service.store.remove_patient
+
+        def unremovable(patient_id: str) -> int:
+            raise OSError(f"cannot remove {patient_id}")
+
+        service.store.remove_patient = unremovable
+        assert client.delete("/patients/P-stuck", headers=OFFICER).status_code == 503
+        assert (settings.storage_dir / stored["original_path"]).is_file()  # the file is still on disk
+        for url in (stored["original_url"], stored["male_prediction"]["gradcam_url"]):
+            assert client.get(url, headers=header("viewer")).status_code == 404, url
+        service.store.remove_patient = remove_patient
+        assert client.delete("/patients/P-stuck", headers=OFFICER).status_code == 200
+        assert_nothing_left_of(settings, "P-stuck")
+
+
+def test_an_upload_whose_folder_an_erasure_removed_mid_write_is_refused_as_erased(tmp_path: Path) -> None:
+    """An erasure removes the patient's folder with an upload's unfinished folder in it: the write fails. That was
+    answered 503 'patient storage is not writable', which invites a retry that stores the erased patient's film
+    again; it is the 409 of an upload the patient's erasure overtook."""
+    settings = make_settings(tmp_path, api_keys_file=write_keys_file(tmp_path))
+    with running_app(settings) as client:
+        assert upload(client, FILM, "P-midwrite").status_code == 200
+        service = client.app.state.service  # type: ignore[attr-defined]
+        write_prediction = service.store.write_prediction
+
+        def erased_mid_write(*args: Any) -> dict[str, str]:
+            assert client.delete("/patients/P-midwrite", headers=OFFICER).status_code == 200
+            raise StorageUnavailable("patient storage is not writable (read-only or full disk); retry later")
+
+        service.store.write_prediction = erased_mid_write
+        refused = upload(client, OTHER_FILM, "P-midwrite")
+        service.store.write_prediction = write_prediction
+        assert refused.status_code == 409, refused.text
+        assert "erased while this upload was processed" in refused.json()["detail"]
+        assert_nothing_left_of(settings, "P-midwrite")
+
+
+def test_a_patient_read_between_an_erasures_two_steps_is_not_found(tmp_path: Path) -> None:
+    """/results reads the patient, then the predictions; an erasure between the two reads (SQLite reads outside a
+    transaction) answered 200 with no predictions and the erased film's path. A patient without predictions, which
+    no stored patient is, is not found."""
+    settings = make_settings(tmp_path, api_keys_file=write_keys_file(tmp_path))
+    with running_app(settings) as client:
+        assert upload(client, FILM, "P-between").status_code == 200
+        execute(settings, "DELETE FROM predictions WHERE patient_id = :p", p="P-between")  # as the second read sees
+        for url in ("/results/P-between", "/results/P-between/fhir"):
+            answer = client.get(url, headers=header("viewer"))
+            assert answer.status_code == 404, (url, answer.text)
+
+
+def test_an_erasure_leaves_no_copy_of_its_rows_in_the_sqlite_files(tmp_path: Path) -> None:
+    """SQLite kept the erased rows readable in its write-ahead log (`-wal`) until the service stopped, and could
+    keep them in free pages after: an erasure now empties the log, and deleted rows are overwritten."""
+    settings = make_settings(tmp_path, api_keys_file=write_keys_file(tmp_path))
+    database = tmp_path / "predictions.db"
+    with running_app(settings) as client:
+        stored = upload(client, FILM, "P-wal").json()
+        assert upload(client, OTHER_FILM, "P-stays").status_code == 200
+        traces = [stored["image_sha256"].encode(), stored["original_path"].encode()]
+        on_disk = b"".join(p.read_bytes() for p in (database, Path(f"{database}-wal")) if p.exists())
+        assert all(trace in on_disk for trace in traces)  # the rows are there before
+        assert client.delete("/patients/P-wal", headers=OFFICER).status_code == 200
+        on_disk = b"".join(p.read_bytes() for p in (database, Path(f"{database}-wal")) if p.exists())
+        assert [trace for trace in traces if trace in on_disk] == []

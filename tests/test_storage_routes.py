@@ -97,3 +97,13 @@ def test_a_file_removed_after_the_route_answered_is_still_sent_whole(tmp_path: P
     assert (messages[0]["status"], headers[b"content-type"]) == (200, b"image/png")
     assert body == b"\x89PNG" + bytes(range(256)) * 2000
     assert headers[b"content-length"] == str(len(body)).encode() and messages[-1]["more_body"] is False
+
+
+def test_head_of_a_stored_file_gives_its_headers_without_the_body(shared_client: TestClient,
+                                                                  stored: dict[str, Any]) -> None:
+    """A client may ask for a file's size and type first (HEAD): it was answered 405."""
+    response = shared_client.head(stored["original_url"])
+    assert response.status_code == 200 and response.content == b""
+    assert response.headers["content-type"] == "image/png"
+    assert int(response.headers["content-length"]) == len((RAW / "7041.png").read_bytes())
+    assert shared_client.head(stored["original_url"].replace("original.png", "nothing.png")).status_code == 404

@@ -4,8 +4,10 @@ a real test film in DICOM, read back with pydicom and highdicom, against the JSO
 from __future__ import annotations
 
 import io
+import logging
 import shutil
 import subprocess
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -291,6 +293,21 @@ def test_a_film_without_its_series_uid_gets_no_sr_that_names_a_made_up_series(cl
     so its results cannot join its study (an invented UID referenced a series that exists nowhere)."""
     body = post_dicom(client, make_dicom(gray(FILM), sex="F", tags={"SeriesInstanceUID": ""}), "P-noseries")
     assert body["dicom"] is None and body["female_prediction"]["age_months"] > 0
+
+
+def test_a_one_part_name_is_copied_and_quoted_in_no_warning_or_log(client: TestClient,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """highdicom warns about a name of one component by quoting it ('The string "SMITH JOHN" is unlikely to
+    represent the intended person name'), which reached the service log: names are copied after it is done."""
+    tags = {"PatientName": "SECRETNAMEONEPART", "ReferringPhysicianName": "REFERRERONEPART"}
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.DEBUG):
+        warnings.simplefilter("always")  # whatever the filters: nothing that quotes it is raised
+        body = post_dicom(client, make_dicom(gray(FILM), sex="M", tags=tags), "P-one-part")
+    said = [str(w.message) for w in caught] + [record.getMessage() for record in caplog.records]
+    assert [message for message in said if "ONEPART" in message] == []
+    for url in (body["dicom"]["report_url"], body["dicom"]["heatmap_url"]):
+        result = fetch_dicom(client, url)
+        assert (str(result.PatientName), str(result.ReferringPhysicianName)) == tuple(tags.values())
 
 
 def test_png_upload_gets_no_dicom_results_by_default(client: TestClient, app_settings: Settings) -> None:

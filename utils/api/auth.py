@@ -130,9 +130,10 @@ class KeyRing:
 
 
 def presented_key(x_api_key: str, authorization: str) -> str:
-    """The key a request presents: `X-API-Key`, else `Authorization: Bearer <key>`; empty if none."""
-    if x_api_key:
-        return x_api_key
+    """The key a request presents: `X-API-Key`, else `Authorization: Bearer <key>`; empty if none. Whitespace
+    around a header's value is not part of it (RFC 9110, 5.5; uvicorn keeps a trailing space)."""
+    if x_api_key.strip():
+        return x_api_key.strip()
     if authorization.lower().startswith("bearer "):
         return authorization[7:].strip()
     return ""

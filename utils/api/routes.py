@@ -165,13 +165,18 @@ class WholeFileResponse(Response):
 )
 def stored_file(patient_id: str, prediction_id: str, file_name: str, service: ServiceDep) -> WholeFileResponse:
     """An original upload, a DICOM's film as PNG, a Grad-CAM overlay, or a DICOM result (SR or SC)."""
-    path = service.store.resolve(patient_id, prediction_id, file_name)
+    path = service.stored_file(patient_id, prediction_id, file_name)
     try:
         if path is not None:
             return WholeFileResponse(path, media_type="application/dicom" if path.suffix == ".dcm" else None)
     except FileNotFoundError:
         pass  # erased meanwhile
     raise PatientNotFound("no such stored file")
+
+
+# HEAD of a stored file (a client checking its size or type first): the same checks, audit row and headers, no body.
+patient_router.add_api_route("/storage/patients/{patient_id}/{prediction_id}/{file_name}", stored_file,
+                             methods=["HEAD"], response_class=WholeFileResponse, include_in_schema=False)
 
 
 @open_router.get("/health", response_model=HealthResponse)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import logging
+import warnings
 from dataclasses import dataclass
 
 import cv2
@@ -63,12 +64,17 @@ PATIENT_AND_STUDY = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBi
 TYPE_2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "StudyID",
           "AccessionNumber", "ReferringPhysicianName")
 DICOM_SEX = {"male": "M", "female": "F"}
+# The names highdicom is not shown (`_evidence`).
+NAMES = ("PatientName", "ReferringPhysicianName")
 # Patient's Sex values (CS): a film's lower-case "m" is read as male by the service, so it is written as "M".
 PATIENT_SEX_VALUES = ("M", "F", "O")
 # The value representations whose text a Specific Character Set governs.
 TEXT_VRS = ("PN", "LO", "SH", "ST", "LT", "UT", "UC")
-# highdicom logs each module it copies at INFO, naming the film's UIDs: not for the service log.
+# highdicom logs each module it copies at INFO, naming the film's UIDs, and warns about an odd value by quoting it
+# (a Patient's Name of one component: 'The string "SMITH JOHN" is unlikely to represent ...'): not for the service
+# log. Its warnings are silenced as pydicom's are (utils/imaging/dicom.py).
 logging.getLogger("highdicom").setLevel(logging.WARNING)
+warnings.filterwarnings("ignore", module=r"highdicom(\.|$)")
 # Decimals of the numbers in the SR: those of the JSON response.
 DECIMALS = 2
 
@@ -308,6 +314,9 @@ def _evidence(header: Dataset, film: Dataset | None, uid_root: str) -> Dataset:
     film the SOP and series UIDs are new ones that nothing records (`record_evidence=False`)."""
     evidence = Dataset()
     evidence.update(header)
+    for keyword in NAMES:  # copied after highdicom is done: it warns about a one-part name by quoting it
+        if keyword in evidence:
+            evidence[keyword] = DataElement(evidence[keyword].tag, "PN", "")
     if film is not None:
         evidence.SOPClassUID, evidence.SOPInstanceUID = film.SOPClassUID, film.SOPInstanceUID
         evidence.SeriesInstanceUID = film.get("SeriesInstanceUID") or generate_uid(uid_root)
@@ -318,9 +327,9 @@ def _evidence(header: Dataset, film: Dataset | None, uid_root: str) -> Dataset:
 
 
 def _copy_from_header(header: Dataset, target: Dataset) -> None:
-    """What highdicom does not take from the evidence: the issuer, the study description and the character set
-    their texts and the patient's name are written in."""
-    for keyword in ("IssuerOfPatientID", "StudyDescription", "SpecificCharacterSet"):
+    """What highdicom does not take from the evidence: the issuer, the study description, the names (kept from it,
+    `_evidence`) and the character set these texts are written in."""
+    for keyword in ("IssuerOfPatientID", "StudyDescription", "SpecificCharacterSet", *NAMES):
         if keyword in header:
             setattr(target, keyword, header[keyword].value)
 

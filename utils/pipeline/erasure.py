@@ -8,7 +8,8 @@ recovery:
    erasure's audit row (what was removed, which DICOM objects the PACS may already hold; no clinical data);
 3. the patient's folder goes, with every upload, heatmap, SR and SC in it, and so do the patient's films in the
    DICOM receiver's inbox under the same storage folder (being received, waiting for the service, or refused by it);
-4. every MLflow run tagged with the patient is purged: artifacts, params, metrics and tags;
+4. every MLflow run tagged with the patient is purged: artifacts, params, metrics and tags (in a store that holds
+   runs this database recorded: in another one, a mistyped MLFLOW_TRACKING_URI's, the erasure waits);
 5. the `erasures` row is deleted: nothing of the patient is left but the audit rows.
 
 An upload of the same patient in flight is either erased (its row committed before step 2, so step 2 finds it and
@@ -38,6 +39,8 @@ logger = logging.getLogger(__name__)
 ERASE_ACTION = "erase"
 RECOVERY_ROUTE = "start-up recovery"
 SWEEP_ROUTE = "clean-up pass"
+# Other patients' latest runs, looked up to tell the store the runs were logged to from another one.
+REFERENCE_RUNS = 5
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,7 @@ class PatientEraser:
             audit.status, audit.detail = 200, describe(patient_id, rows)
             audit_log.append(session, audit)
         audit.recorded = True
+        self.database.drop_deleted_pages()
         try:
             files = self.store.remove_patient(patient_id)
             inbox_films = (0 if self.inbox is None
@@ -104,8 +108,14 @@ class PatientEraser:
         except (StorageUnavailable, OSError):
             raise ErasureIncomplete("the patient's records are erased but not all their files could be removed; "
                                     "repeat the erasure (it is also finished at the next start)") from None
+        with self.database.session() as session:
+            others = crud.recent_run_ids(session, REFERENCE_RUNS)
         try:
-            run_ids = sorted(set(rows.mlflow_run_ids) | set(self.runs.runs_of_patient(patient_id)))
+            # A run the store does not hold counts as purged; so first, is this the store the runs were logged to?
+            # (A mistyped MLFLOW_TRACKING_URI gives a new, empty store, where every run would "count as purged".)
+            recognised = self.runs.holds_any(rows.mlflow_run_ids + others) if rows.mlflow_run_ids + others else True
+            run_ids = sorted(set(rows.mlflow_run_ids) | set(self.runs.runs_of_patient(patient_id))) \
+                if recognised else []
             purged = [self.runs.purge_run(run_id) for run_id in run_ids]
         except Exception:
             self.runs.reset()
@@ -113,6 +123,13 @@ class PatientEraser:
                            exc_info=True)
             raise ErasureIncomplete("the patient's records and files are erased but MLflow is unreachable: repeat "
                                     "the erasure once it is back (it is also finished at the next start)") from None
+        if not recognised:
+            logger.warning("the MLflow store in use holds none of the %d runs of this database looked up: an erasure "
+                           "waits for the store the runs were logged to", len(rows.mlflow_run_ids + others))
+            raise ErasureIncomplete("the patient's records and files are erased, but the MLflow store in use holds "
+                                    "none of the runs this database recorded: it is not the store the predictions "
+                                    "were logged to (check MLFLOW_TRACKING_URI); the erasure waits, repeat it once "
+                                    "the store is the right one (it is also finished at the next start)")
         with self.database.session() as session:
             crud.end_erasure(session, patient_id)
         report = ErasureReport(patient_id, len(rows.prediction_ids), files, inbox_films, len(run_ids), all(purged),

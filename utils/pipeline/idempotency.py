@@ -32,9 +32,11 @@ class StoredMeanwhile(Exception):
 
 
 def check_key(value: str | None) -> str | None:
-    """The header's value, or None without one; `InvalidInput` for a malformed key."""
+    """The header's value (without the whitespace around it, which is not part of a header's value: RFC 9110,
+    5.5), or None without one; `InvalidInput` for a malformed key."""
     if value is None:
         return None
+    value = value.strip(" \t")
     if not KEY_PATTERN.fullmatch(value):
         raise InvalidInput("Idempotency-Key must be 1-128 visible ASCII characters (no spaces)")
     return value

@@ -13,6 +13,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -28,6 +29,7 @@ from storage.store import (
     GRADCAM_PNG,
     PatientId,
     PatientStore,
+    StorageUnavailable,
     check_patient_id,
     new_prediction_id,
 )
@@ -295,6 +297,15 @@ class BoneAgeService:
                 raise PatientBeingErased(f"patient '{patient_id}' is being erased; nothing was stored")
             return audit_log.head_seq(session)
 
+    def _erased_since(self, patient_id: str, audit_position: int) -> bool:
+        """Whether the patient's erasure is under way or was done since `audit_position` (False if the database
+        cannot say)."""
+        try:
+            with self.database.session() as session:
+                return audit_log.erasure_since(session, patient_id, audit_position)
+        except DatabaseUnavailable:
+            return False
+
     def _store(self, draft: PredictionDraft, film: np.ndarray, watch: _Stopwatch, audit_position: int,
                audit: AuditEntry | None) -> Prediction:
         """Heatmaps, files, MLflow run and database row of one prediction; nothing is left behind if a step fails.
@@ -313,7 +324,15 @@ class BoneAgeService:
         try:
             files, dicom = self._files(draft, film)
             watch.lap("heatmap_png")
-            paths = self.store.write_prediction(draft.patient_id, draft.prediction_id, files)
+            try:
+                paths = self.store.write_prediction(draft.patient_id, draft.prediction_id, files)
+            except StorageUnavailable:
+                # An erasure removes the patient's folder with this upload's unfinished one in it: that is no disk
+                # fault, and a retry must not store the erased patient's film again.
+                if self._erased_since(draft.patient_id, audit_position):
+                    raise PatientBeingErased(f"patient '{draft.patient_id}' was erased while this upload was "
+                                             "processed; nothing was stored") from None
+                raise
             watch.lap("storage")
             prediction = draft.to_row(paths, run_future.result())
             if dicom is not None:
@@ -451,9 +470,23 @@ class BoneAgeService:
         checked_id = check_patient_id(patient_id)
         with self.database.session() as session:
             patient = crud.get_patient(session, checked_id)
-            if patient is None:
+            # The two reads may see different moments (SQLite reads outside a transaction): an erasure between them
+            # leaves the patient without predictions, which no stored patient is.
+            predictions = [] if patient is None else crud.list_predictions(session, checked_id)
+            if patient is None or not predictions:
                 raise PatientNotFound(f"no predictions stored for patient '{checked_id}'")
-            return patient, crud.list_predictions(session, checked_id)
+            return patient, predictions
+
+    def stored_file(self, patient_id: str, prediction_id: str, file_name: str) -> Path | None:
+        """The path of a file of a stored prediction of the patient, for its /storage URL; None if there is none.
+        Files the database does not know are not served: those of an erasure that could not remove them all (it
+        removes the rows first), or of an upload not stored."""
+        path = self.store.resolve(patient_id, prediction_id, file_name)
+        if path is None:
+            return None
+        with self.database.session() as session:
+            known = crud.prediction_of_patient(session, patient_id, prediction_id)
+        return path if known else None
 
     def close(self, timeout_s: float = 60.0) -> None:
         """At shutdown: let predictions still running in worker threads finish (up to `timeout_s`), then stop

@@ -153,25 +153,44 @@ class MlflowRuns:
     def purge_run(self, run_id: str) -> bool:
         """Remove a run for good: its artifacts, then its params, metrics and tags. True when it is gone; False when
         the tracking store can only mark it deleted (a tracking server: `mlflow gc` there removes it for good).
-        A run that does not exist counts as gone."""
-        client = self.client
+        A run that does not exist counts as gone. Another purge of the same run (an upload's clean-up, a second
+        erasure, the tracking worker) may change it meanwhile: a step that fails is taken once more from the run's
+        state then, and the run that is gone by then counts as gone."""
         try:
-            run = client.get_run(run_id)
-        except MlflowException as exc:
-            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-                return True
-            raise
+            return self._purge(run_id)
+        except Exception:
+            return self._purge(run_id)
+
+    def _purge(self, run_id: str) -> bool:
+        run = self._run_or_none(run_id)
+        if run is None:
+            return True
         if run.info.lifecycle_stage != LifecycleStage.DELETED:
-            client.delete_run(run_id)
+            self.client.delete_run(run_id)
         repository = get_artifact_repository(run.info.artifact_uri)
-        repository.delete_artifacts()  # type: ignore[no-untyped-call]  # MLflow's artifact repositories are untyped
+        try:
+            repository.delete_artifacts()  # type: ignore[no-untyped-call]  # MLflow's repositories are untyped
+        except FileNotFoundError:  # another purge removed some of them first
+            pass
         _remove_empty_run_folder(run.info.artifact_uri)
         # No public API deletes a run for good; `mlflow gc` calls this same method of SQL and file stores.
-        hard_delete = getattr(client._tracking_client.store, "_hard_delete_run", None)
+        hard_delete = getattr(self.client._tracking_client.store, "_hard_delete_run", None)
         if hard_delete is None:
             return False
         hard_delete(run_id)
         return True
+
+    def holds_any(self, run_ids: list[str]) -> bool:
+        """Whether the tracking store holds at least one of these runs (deleted or not)."""
+        return any(self._run_or_none(run_id) is not None for run_id in run_ids)
+
+    def _run_or_none(self, run_id: str) -> Run | None:
+        try:
+            return self.client.get_run(run_id)
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return None
+            raise
 
 
 def _remove_empty_run_folder(artifact_uri: str) -> None:
