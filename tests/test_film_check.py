@@ -72,6 +72,11 @@ def test_a_dicom_of_another_body_part_is_refused_on_that_alone(client: TestClien
     assert post_image(client, make_dicom(hand), "P1", filename="x.dcm").status_code == 200  # HAND: accepted
     metrics = client.get("/metrics").text
     assert 'boneage_film_check_failures_total{mode="refuse",reason="body_part"} 1.0' in metrics
+    # a value far beyond a code string's 16 characters is quoted cut, not echoed whole
+    long = post_image(client, make_dicom(hand, tags={"BodyPartExamined": "KNEE" + "X" * 5000}), "P1",
+                      filename="x.dcm", content_type="application/dicom")
+    assert long.status_code == 422 and "Body Part Examined is KNEEXXXXXXXXXXXX..., not" in long.json()["detail"]
+    assert len(long.json()["detail"]) < 400
 
 
 def test_warn_mode_answers_and_marks_the_result(tmp_path: Path) -> None:

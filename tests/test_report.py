@@ -66,6 +66,12 @@ def test_without_an_age_or_a_sex_the_report_says_so(client: TestClient) -> None:
     assert "sex unknown" in report["note"] and "no chronological age" in report["note"]
 
 
+def test_an_age_of_minus_zero_is_zero(client: TestClient) -> None:
+    """'-0' is a valid age, and it is 0: it was stored and echoed as -0.0."""
+    report = predict(client, FILM, "P-minus-zero", age="-0")["report"]
+    assert str(report["chronological_age_months"]) == "0.0"
+
+
 @pytest.mark.parametrize("age", ["-1", "240.5", "ten", "nan"])
 def test_bad_ages_are_refused_and_nothing_is_stored(client: TestClient, settings: Settings, age: str) -> None:
     response = client.post(

@@ -107,3 +107,15 @@ def test_head_of_a_stored_file_gives_its_headers_without_the_body(shared_client:
     assert response.headers["content-type"] == "image/png"
     assert int(response.headers["content-length"]) == len((RAW / "7041.png").read_bytes())
     assert shared_client.head(stored["original_url"].replace("original.png", "nothing.png")).status_code == 404
+
+
+@pytest.mark.parametrize("url", ["/", "/viewer/app.js", "/docs-assets/swagger-ui.css"])
+@pytest.mark.parametrize("range_header", ["bytes=5-1", "bytes=99999999-", "garbage", "bytes=0-9"])
+def test_the_pages_and_their_assets_are_sent_whole_whatever_range_asks(shared_client: TestClient, url: str,
+                                                                        range_header: str) -> None:
+    """Starlette answered a malformed or unsatisfiable Range on the viewer page and on the viewer's and Swagger
+    UI's assets with a plain-text 400 or 416; they are sent whole, as stored files are."""
+    whole = shared_client.get(url)
+    response = shared_client.get(url, headers={"Range": range_header})
+    assert whole.status_code == response.status_code == 200, response.text[:200]
+    assert response.content == whole.content and response.headers["accept-ranges"] == "none"

@@ -209,6 +209,24 @@ def test_a_dicom_with_an_unreadable_element_is_answered_and_read_without_it(
             assert [i["value"] for i in studies[0]["identifier"]] == ["urn:oid:1.2.3.4"]
 
 
+def test_malformed_text_tags_of_a_film_are_left_out_of_its_imaging_study(
+        app_with_two_predictions: tuple[TestClient, Path, dict[str, Any]]) -> None:
+    """Films are read without validation: a Modality of two values became the code "['CR', 'DX']", and a control
+    character or a 300-character Accession Number went into the ImagingStudy as they were."""
+    client, _, _ = app_with_two_predictions
+    film = make_dicom(gray(FILM), sex="F", tags={"Modality": ["CR", "DX"], "SeriesDescription": "hand\x07left",
+                                                 "AccessionNumber": "A" * 300})
+    answer = client.post("/predict", files={"image": ("film.dcm", film, "application/dicom")},
+                         data={"patient_id": "P-fhir-tags"})
+    assert answer.status_code == 200, answer.text
+    (study,) = resources(fhir_bundle(client, "/results/P-fhir-tags/fhir"), "ImagingStudy")
+    assert len(study["identifier"]) == 1  # the study's UID; no accession number
+    # the film's series as "OT" (other) and without a description; the service's SR and SC as ever
+    assert sorted(s["modality"]["code"] for s in study["series"]) == ["OT", "OT", "SR"]
+    assert [s["description"] for s in study["series"] if "description" in s] == [
+        "Bone age (research model, not for diagnosis)", "Bone age heatmap (research model, not for diagnosis)"]
+
+
 def test_a_png_of_unknown_sex_gives_both_estimates_none_applicable_and_no_sds(
         app_with_two_predictions: tuple[TestClient, Path, dict[str, Any]]) -> None:
     client, _, answers = app_with_two_predictions

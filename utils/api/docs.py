@@ -12,7 +12,8 @@ from __future__ import annotations
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
 from fastapi.responses import HTMLResponse
-from fastapi.staticfiles import StaticFiles
+
+from utils.api.static import WholeStaticFiles
 
 DOCS_URL = "/docs"
 REDOC_URL = "/redoc"
@@ -72,5 +73,5 @@ def redoc(request: Request) -> HTMLResponse:
 
 def install_docs(app: FastAPI) -> None:
     """Serve the docs pages and their assets; the app must be built with `docs_url=None, redoc_url=None`."""
-    app.mount(ASSETS_URL, StaticFiles(packages=[ASSETS_PACKAGE]), name="docs-assets")
+    app.mount(ASSETS_URL, WholeStaticFiles(packages=[ASSETS_PACKAGE]), name="docs-assets")
     app.include_router(docs_router)

@@ -141,14 +141,25 @@ def _header(path: Path | None) -> pydicom.Dataset | None:
         return None
 
 
-def _series_of(header: pydicom.Dataset, description: str | None = None) -> Series | None:
+def _series_of(header: pydicom.Dataset) -> Series | None:
     """The series of a stored DICOM, or None when its Series Instance UID is missing or malformed (films are read
     without validation; FHIR's `id` type takes at most 64 of digits and dots here)."""
     uid = str(header.get("SeriesInstanceUID") or "").strip()
     if len(uid) > UID_MAX_LENGTH or not UID_PATTERN.fullmatch(uid):
         return None
-    return Series(uid, str(header.get("Modality") or "OT").strip() or "OT",
-                  ((str(header.SOPInstanceUID), str(header.SOPClassUID)),), description)
+    return Series(uid, _text(header, "Modality", 16) or "OT", ((str(header.SOPInstanceUID), str(header.SOPClassUID)),),
+                  _text(header, "SeriesDescription", 64))
+
+
+def _text(header: pydicom.Dataset, keyword: str, max_chars: int) -> str | None:
+    """A text tag's value as FHIR gets it: one value of printable characters within its value representation's
+    length (CS and SH 16, LO 64), else None (films are read without validation: a list, a control character or an
+    over-long value is malformed there too)."""
+    value = header.get(keyword)
+    if not isinstance(value, str):
+        return None
+    text = str(value).strip()
+    return text if text and len(text) <= max_chars and text.isprintable() else None
 
 
 def film_study(response: PredictionResponse, resolve: Callable[[str], Path | None]) -> FilmStudy | None:
@@ -159,14 +170,14 @@ def film_study(response: PredictionResponse, resolve: Callable[[str], Path | Non
     film = _header(resolve(Path(response.original_path).name))
     if film is None or film_study_missing(film) is not None:
         return None
-    study = FilmStudy(str(film.StudyInstanceUID), str(film.get("AccessionNumber") or "").strip() or None)
-    if (series := _series_of(film, str(film.get("SeriesDescription") or "").strip() or None)) is not None:
+    study = FilmStudy(str(film.StudyInstanceUID), _text(film, "AccessionNumber", 16))
+    if (series := _series_of(film)) is not None:
         study.series.append(series)
     if response.dicom is not None:
         for path in (response.dicom.report_path, response.dicom.heatmap_path):
             result = _header(resolve(Path(path).name))
             if result is not None and str(result.get("StudyInstanceUID")) == study.study_uid:
-                if (series := _series_of(result, str(result.get("SeriesDescription") or "") or None)) is not None:
+                if (series := _series_of(result)) is not None:
                     study.series.append(series)
     return study
 

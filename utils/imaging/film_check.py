@@ -43,6 +43,9 @@ class FilmCheck:
         return asdict(self)
 
 
+MAX_CODE_STRING = 16  # characters of a DICOM code string (CS), such as Body Part Examined
+
+
 def body_part_of(image: DecodedImage) -> str | None:
     """The DICOM's Body Part Examined, upper-cased and stripped; None for other formats or a malformed value."""
     if image.dicom is None:
@@ -51,6 +54,12 @@ def body_part_of(image: DecodedImage) -> str | None:
         return str(image.dicom.get("BodyPartExamined", "") or "").strip().upper()
     except Exception:  # a value pydicom cannot read is no body part
         return None
+
+
+def _quoted(body_part: str) -> str:
+    """The value as a reason quotes it: printable, and cut at the 16 characters a code string holds."""
+    printable = "".join(c if c.isprintable() else "?" for c in body_part)
+    return printable if len(printable) <= MAX_CODE_STRING else printable[:MAX_CODE_STRING] + "..."
 
 
 class FilmGate:
@@ -80,8 +89,8 @@ class FilmGate:
         reason: str | None = None
         if body_part is not None and body_part.replace("  ", " ") not in HAND_BODY_PARTS:
             reason_code = "body_part"
-            reason = (f"the DICOM's Body Part Examined is {body_part}, not a hand: this service estimates bone age "
-                      f"from hand radiographs only ({EXPECTED})")
+            reason = (f"the DICOM's Body Part Examined is {_quoted(body_part)}, not a hand: this service estimates "
+                      f"bone age from hand radiographs only ({EXPECTED})")
         elif not result.passed:
             reason_code = "not_a_hand"
             reason = (f"this does not look like a radiograph of a hand (hand score {score:.2f} of 1, at least "

@@ -76,7 +76,7 @@ def check_age(value: float | None) -> float | None:
         return None
     if not 0 <= value <= MAX_CHRONOLOGICAL_AGE_MONTHS:
         raise InvalidInput(f"chronological_age_months must be between 0 and {MAX_CHRONOLOGICAL_AGE_MONTHS:g}")
-    return float(value)
+    return float(value) + 0.0  # "-0" is 0, not -0.0
 
 
 def resolve_age(form_age: float | None, image: DecodedImage) -> tuple[float | None, str | None]:

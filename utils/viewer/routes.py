@@ -7,8 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastapi import APIRouter, FastAPI
-from fastapi.responses import FileResponse
-from fastapi.staticfiles import StaticFiles
+from fastapi.responses import HTMLResponse
+
+from utils.api.static import WholeStaticFiles
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 ASSETS_URL = "/viewer"
@@ -18,15 +19,16 @@ CONTENT_SECURITY_POLICY = ("default-src 'none'; script-src 'self'; style-src 'se
 viewer_router = APIRouter(include_in_schema=False)
 
 
-@viewer_router.get("/", response_class=FileResponse)
-def viewer_page() -> FileResponse:
-    """The viewer: upload a film, see both estimates, the heatmaps, the report and the patient's course."""
+@viewer_router.get("/", response_class=HTMLResponse)
+def viewer_page() -> HTMLResponse:
+    """The viewer: upload a film, see both estimates, the heatmaps, the report and the patient's course. The page
+    is sent whole, whatever `Range` asks (a malformed one was a plain-text 400)."""
     headers = {"Content-Security-Policy": CONTENT_SECURITY_POLICY, "Cache-Control": "no-cache",
-               "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
-    return FileResponse(STATIC_DIR / "index.html", media_type="text/html", headers=headers)
+               "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Accept-Ranges": "none"}
+    return HTMLResponse((STATIC_DIR / "index.html").read_bytes(), headers=headers)
 
 
 def install_viewer(app: FastAPI) -> None:
     """Serve the viewer page at `/` and its script and styles under `/viewer/`."""
-    app.mount(ASSETS_URL, StaticFiles(directory=STATIC_DIR), name="viewer-assets")
+    app.mount(ASSETS_URL, WholeStaticFiles(directory=STATIC_DIR), name="viewer-assets")
     app.include_router(viewer_router)
