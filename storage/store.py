@@ -162,12 +162,12 @@ class PatientStore:
         for _attempt in range(REMOVE_ATTEMPTS):
             if not folder.exists():
                 return len(removed)
-            removed.update(path for path in folder.rglob("*") if path.is_file())
             try:
+                removed.update(path for path in folder.rglob("*") if path.is_file())
                 shutil.rmtree(folder)
                 return len(removed)
             except FileNotFoundError:
-                continue  # part of it vanished meanwhile (an upload removing its own staging folder)
+                continue  # part of it vanished meanwhile (an upload removing its own staging folder, another erasure)
             except OSError:
                 if not folder.exists():
                     return len(removed)

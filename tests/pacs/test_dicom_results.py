@@ -207,6 +207,14 @@ def test_the_secondary_capture_takes_the_films_side(client: TestClient) -> None:
         assert sc.Laterality == side, tags
 
 
+def test_the_secondary_capture_takes_the_films_body_part_in_capitals(client: TestClient) -> None:
+    """The film check reads a lower-case 'hand' as HAND and accepts the film; the SC left such a value out (it is
+    no valid code string) and now writes it in capitals."""
+    for value, written in (("hand", "HAND"), ("HAND ", "HAND"), ("Left Hand", "LEFT HAND")):
+        body = post_dicom(client, make_dicom(gray(FILM), sex="F", tags={"BodyPartExamined": value}), "P-part")
+        assert fetch_dicom(client, body["dicom"]["heatmap_url"]).BodyPartExamined == written, value
+
+
 def test_unknown_sex_shows_both_overlays_side_by_side(client: TestClient, film_dicom: bytes) -> None:
     body = post_dicom(client, make_dicom(gray(FILM)), "P-unknown")  # no sex in the form or the DICOM
     assert body["sex"] == "unknown"

@@ -294,8 +294,8 @@ def _secondary_capture(header: Dataset, film: Dataset | None, uid_root: str,
     # SC IOD has none): the film's side (its Laterality, else its Image Laterality) when it says L or R, else
     # empty (unknown). Body Part Examined (Type 3) as the film gives it.
     sc.Laterality = _laterality(film)
-    if film is not None and "BodyPartExamined" in film and film.BodyPartExamined and _valid(film["BodyPartExamined"]):
-        sc.BodyPartExamined = film.BodyPartExamined
+    if (body_part := _body_part(film)) is not None:
+        sc.BodyPartExamined = body_part
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.BurnedInAnnotation = "YES"
     sc.SeriesDescription = "Bone age heatmap (research model, not for diagnosis)"
@@ -332,6 +332,17 @@ def _copy_from_header(header: Dataset, target: Dataset) -> None:
     for keyword in ("IssuerOfPatientID", "StudyDescription", "SpecificCharacterSet", *NAMES):
         if keyword in header:
             setattr(target, keyword, header[keyword].value)
+
+
+def _body_part(film: Dataset | None) -> str | None:
+    """The film's Body Part Examined in capitals (the film check reads a lower-case 'hand' as HAND), when it is a
+    valid code string."""
+    try:
+        value = str(film.get("BodyPartExamined", "") or "").strip().upper() if film is not None else ""
+        validate_value("CS", value, pydicom.config.RAISE)
+    except (ValueError, TypeError):
+        return None
+    return value or None
 
 
 def _laterality(film: Dataset | None) -> str:
