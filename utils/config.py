@@ -13,6 +13,8 @@ import mlflow_config
 PROJECT_ROOT = mlflow_config.PROJECT_ROOT
 # The oldest chronological age the service accepts (from the form or a DICOM), months.
 MAX_CHRONOLOGICAL_AGE_MONTHS = 240.0
+# How many PACS timeouts a sender's claim on an object must outlast (Settings._pacs_all_or_nothing).
+PACS_LEASE_PER_TIMEOUT = 2
 # pydicom's UID root (registered for pydicom's users): the default root of the UIDs the service makes.
 DEFAULT_UID_ROOT = "1.2.826.0.1.3680043.8.498."
 
@@ -123,6 +125,8 @@ class Settings(BaseSettings):
     scp_port: int = Field(11112, ge=1, le=65535, description="port of the storage SCP")
     scp_service_url: str = Field("", description="the service the storage SCP posts films to "
                                  "(default http://<BONEAGE_HOST>:<BONEAGE_PORT>)")
+    scp_calling_ae_titles: str = Field("", description="comma-separated AE titles the storage SCP takes films from "
+                                       "(empty: any)")
 
     @model_validator(mode="after")
     def _pacs_all_or_nothing(self) -> Settings:
@@ -131,6 +135,12 @@ class Settings(BaseSettings):
         missing = [name for name, value in given.items() if not value]
         if 0 < len(missing) < len(given):
             raise ValueError(f"a PACS needs host, port and AE title: {', '.join(missing)} not set")
+        if self.pacs_lease_seconds < PACS_LEASE_PER_TIMEOUT * self.pacs_timeout_seconds:
+            # A sender renews its claim before each object only: one C-STORE (the data sent, then the answer
+            # awaited, each within the timeout) that outlasts the lease lets another process claim and send it too.
+            raise ValueError(f"BONEAGE_PACS_LEASE_SECONDS ({self.pacs_lease_seconds:g}) must be at least "
+                             f"{PACS_LEASE_PER_TIMEOUT} times BONEAGE_PACS_TIMEOUT_SECONDS "
+                             f"({self.pacs_timeout_seconds:g}), or a slow C-STORE is sent twice by two processes")
         return self
 
     @property
@@ -145,6 +155,10 @@ class Settings(BaseSettings):
     def keys_configured(self) -> bool:
         """Whether any API key is set (flat or in the keys file): then every patient route needs one."""
         return bool(self.api_key_list or self.api_keys_file)
+
+    @property
+    def scp_calling_ae_title_list(self) -> list[str]:
+        return _comma_separated(self.scp_calling_ae_titles)
 
     @property
     def cors_origin_list(self) -> list[str]:

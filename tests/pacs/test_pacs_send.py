@@ -21,6 +21,7 @@ from dicom_films import gray, make_dicom
 from dicom_scp import AE_TITLE, OUT_OF_RESOURCES, StorageSCP
 from fastapi.testclient import TestClient
 from helpers import TEST20, make_prediction, make_settings, post_image, running_app, wait_until
+from patient_data import query
 from pynetdicom.sop_class import SecondaryCaptureImageStorage  # type: ignore[attr-defined]
 from sqlalchemy import select
 
@@ -182,11 +183,17 @@ def test_a_pacs_that_never_answers_times_out_and_the_results_are_delivered_once_
     BONEAGE_PACS_TIMEOUT_SECONDS (it is not stuck), says why, and delivers once the PACS answers again."""
     scp.hang.set()
     scp.start()
-    with running_app(pacs_settings(tmp_path, scp, pacs_timeout_seconds=3)) as client:
+    settings = pacs_settings(tmp_path, scp, pacs_timeout_seconds=3)
+    with running_app(settings) as client:
         body = post_dicom(client, film_dicom, "P-hung")
         scp.wait_for(lambda s: len(s.unanswered) >= 2, timeout=90)  # the first object, and again after a timeout
         pacs = wait_for_pacs_state(client, "P-hung", lambda p: p["state"] == "retrying")
         assert "no answer" in pacs["last_error"], pacs
+        # Only the object the PACS took may be at the PACS ("no answer", which an erasure lists as maybe
+        # delivered); the one after it in the association was never sent, and says so.
+        errors = sorted(row["last_error"] or "" for row in query(settings, "SELECT last_error FROM pacs_sends"))
+        assert len(errors) == 2 and errors[0].startswith(crud.NO_ANSWER_ERROR), errors
+        assert errors[1].startswith("not sent: the association ended when"), errors
         scp.hang.clear()
         scp.answer.set()
         pacs = wait_for_pacs_state(client, "P-hung", lambda p: p["state"] == "sent", timeout=120)
@@ -230,6 +237,10 @@ def test_a_pacs_that_takes_no_sr_gets_the_heatmap_and_the_report_waits_with_the_
 def test_a_bad_pacs_setting_stops_the_start(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="BONEAGE_PACS_AE_TITLE"):
         make_settings(tmp_path, pacs_host="pacs.example", pacs_port=104)
+    # a claim shorter than a slow C-STORE lets a second process send the same object (10 s against 40 s did)
+    with pytest.raises(ValueError, match="BONEAGE_PACS_LEASE_SECONDS .* at least 2 times"):
+        make_settings(tmp_path, pacs_timeout_seconds=40, pacs_lease_seconds=10)
+    make_settings(tmp_path, pacs_timeout_seconds=40, pacs_lease_seconds=80)
 
 
 # --- the sender's rules on their own ---------------------------------------------------------------------------

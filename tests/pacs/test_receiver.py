@@ -30,7 +30,9 @@ from pynetdicom.dsutils import split_dataset
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation  # type: ignore[attr-defined]
 
 from bench.harness import reserve_port
+from utils.errors import InvalidImage
 from utils.imaging.checks import UploadLimits
+from utils.imaging.dicom import check_film_header
 from utils.pacs import receiver as receiver_module
 from utils.pacs.receiver import (
     CANNOT_UNDERSTAND,
@@ -62,13 +64,15 @@ def c_store(port: int, data: bytes) -> int:
 
 
 @contextmanager
-def receiving_while_busy(inbox: Inbox, limits: UploadLimits) -> Iterator[int]:
+def receiving_while_busy(inbox: Inbox, limits: UploadLimits, calling_ae_titles: list[str] | None = None
+                         ) -> Iterator[int]:
     """A receiver on a free port (yielded) whose service answers busy: what it keeps stays in the inbox."""
     busy = httpx.Client(base_url="http://service",
                         transport=httpx.MockTransport(lambda _: httpx.Response(503, json={"detail": "busy"})))
     with reserve_port() as reservation, busy:
         port = int(reservation.getsockname()[1])
-        receiver = Receiver(inbox, Forwarder(inbox, busy, retry_seconds=3600), RECEIVER_AE, limits)
+        receiver = Receiver(inbox, Forwarder(inbox, busy, retry_seconds=3600), RECEIVER_AE, limits,
+                            calling_ae_titles)
         receiver.start("127.0.0.1", port)
         try:
             yield port
@@ -363,7 +367,9 @@ def test_a_film_the_service_would_refuse_on_its_header_is_refused_at_the_c_store
                "colour": make_dicom(np.stack([film] * 3, axis=-1), samples=3, photometric="RGB"),
                "several frames": make_dicom(film, frames=2),
                "over the pixel limit": make_dicom(np.zeros((1100, 1000), dtype=np.uint8)),
-               "32 bits": make_dicom(film.astype(np.uint32), bits_stored=32)}
+               "32 bits": make_dicom(film.astype(np.uint32), bits_stored=32),
+               # fewer pixel bytes than Rows x Columns (it was answered Success, and the service refused it later)
+               "pixel data cut short": make_dicom(film, rows_columns=(film.shape[0] + 100, film.shape[1]))}
     inbox = Inbox(tmp_path / "inbox")
     with receiving_while_busy(inbox, UploadLimits(max_pixels=1_000_000)) as port:
         for what, data in refused.items():
@@ -371,6 +377,44 @@ def test_a_film_the_service_would_refuse_on_its_header_is_refused_at_the_c_store
         assert inbox.waiting() == []
         assert c_store(port, make_dicom(film)) == 0x0000
     assert len(inbox.waiting()) == 1
+
+
+def test_associations_must_call_the_receiver_and_come_from_a_listed_sender(tmp_path: Path) -> None:
+    """Any calling and called AE title was taken, so whoever reached the port could store films under any patient
+    and have results sent into any study. The called AE title must be the receiver's; with
+    BONEAGE_SCP_CALLING_AE_TITLES set, the calling one must be listed."""
+    film = make_dicom(gray(FILM)[:400, :300])
+    dataset = pydicom.dcmread(io.BytesIO(film))
+    inbox = Inbox(tmp_path / "inbox")
+
+    def associates(port: int, calling: str, called: str) -> bool:
+        ae = AE(ae_title=calling)
+        ae.add_requested_context(DigitalXRayImageStorageForPresentation, dataset.file_meta.TransferSyntaxUID)
+        association = ae.associate("127.0.0.1", port, ae_title=called)
+        established = bool(association.is_established)
+        if established:
+            association.release()
+        return established
+
+    with receiving_while_busy(inbox, UploadLimits(), calling_ae_titles=["CR01", "PACS"]) as port:
+        assert associates(port, "CR01", RECEIVER_AE) and associates(port, "PACS", RECEIVER_AE)
+        assert not associates(port, "EVIL", RECEIVER_AE)
+        assert not associates(port, "CR01", "ANOTHER-NODE")
+    with receiving_while_busy(Inbox(tmp_path / "open"), UploadLimits()) as port:  # no list: any sender
+        assert associates(port, "EVIL", RECEIVER_AE) and not associates(port, "EVIL", "ANOTHER-NODE")
+    assert inbox.waiting() == []
+
+
+def test_a_received_file_cut_short_is_refused_on_its_header(tmp_path: Path) -> None:
+    """A file whose pixel data ends before its declared length (a transfer cut off, a file copied in part) passed
+    the header check, which leaves the pixel data on disk; the declared length is now held against the file."""
+    data = make_dicom(gray(FILM))
+    whole, cut = tmp_path / "whole.dcm", tmp_path / "cut.dcm"
+    whole.write_bytes(data)
+    cut.write_bytes(data[:-5000])
+    check_film_header(whole, UploadLimits())
+    with pytest.raises(InvalidImage, match="truncated or corrupt"):
+        check_film_header(cut, UploadLimits())
 
 
 SEND_FROM_ANOTHER_PROCESS = """

@@ -28,6 +28,7 @@ import pydicom
 import pydicom.config
 from PIL import Image
 from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import get_frame
 from pydicom.filereader import _read_file_meta_info as read_file_meta  # pydicom 3.0's, pinned
@@ -149,10 +150,17 @@ def check_film_header(path: Path, limits: UploadLimits) -> None:
     or decoding its pixel data: how the DICOM receiver answers a C-STORE before it keeps the film. A deflated file is
     inflated whole by pydicom: cap it first (`check_inflated_file`). pydicom's errors for a file that is no DICOM
     pass through."""
-    # Values over 1 KB (the pixel data) are left on disk, read only if asked for: their presence is what counts.
+    # Values over 1 KB (the pixel data) are left on disk, read only if asked for: their presence and length count.
     dataset = pydicom.dcmread(path, defer_size=1024)
+    pixels: object = dataset.get_item(PIXEL_DATA, keep_deferred=True) if PIXEL_DATA in dataset else None
     drop_unreadable(dataset)
-    _check_dicom_header(dataset, limits)
+    columns, rows = _check_dicom_header(dataset, limits)
+    if isinstance(pixels, RawDataElement) and pixels.length != UNDEFINED_LENGTH:  # native, not encapsulated (whose
+        # end pydicom must find while parsing, or the pixel data is absent)
+        deflated = dataset.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian  # read inflated
+        cut_short = not deflated and pixels.value_tell + pixels.length > path.stat().st_size
+        if cut_short or pixels.length < columns * rows * (_dicom_int(dataset, "BitsAllocated") // 8):
+            raise InvalidImage("the DICOM pixel data is truncated or corrupt")
 
 
 # Far more top-level elements than any film carries (a few hundred): a DICOM beyond it is refused before each is
@@ -162,6 +170,7 @@ MAX_DICOM_ELEMENTS = 10_000
 # module and the pixel data.
 IMAGE_GROUPS = frozenset({0x0028, 0x7FE0})
 UNDEFINED_LENGTH = 0xFFFFFFFF
+PIXEL_DATA = BaseTag(0x7FE00010)
 
 
 def drop_unreadable(dataset: Dataset) -> list[str]:

@@ -324,15 +324,19 @@ def _detail(response: httpx.Response, field: str = "detail") -> str:
     return str(body[field]) if isinstance(body, dict) and field in body else response.text[:200]
 
 
+ACSE_TIMEOUT_SECONDS = 5.0
+
+
 class Receiver:
     """The storage SCP and its forwarder."""
 
     def __init__(self, inbox: Inbox, forwarder: Forwarder, ae_title: str,
-                 limits: UploadLimits | None = None) -> None:
+                 limits: UploadLimits | None = None, calling_ae_titles: list[str] | None = None) -> None:
         self.inbox = inbox
         self.forwarder = forwarder
         self.ae_title = ae_title
         self.limits = limits or UploadLimits()
+        self.calling_ae_titles = calling_ae_titles or []  # empty: any modality may send
         self._server: ThreadedAssociationServer | None = None
         self._chunked_before = _config.STORE_RECV_CHUNKED_DATASET
 
@@ -346,6 +350,15 @@ class Receiver:
         if swept := self.inbox.sweep_receiving():
             logger.info("removed %d partly received films left by aborted transfers", swept)
         ae = AE(ae_title=self.ae_title)
+        # An association must call this AE title (a modality configured for another node is refused), and come from
+        # one of BONEAGE_SCP_CALLING_AE_TITLES when set (otherwise anyone who reaches the port may store films,
+        # and so results in any study: firewall the port).
+        ae.require_called_aet = True
+        if self.calling_ae_titles:
+            ae.require_calling_aet = self.calling_ae_titles
+        # A modality sends its association request as soon as it connects: a connection that sends none is closed
+        # after ACSE_TIMEOUT_SECONDS, not pynetdicom's 30, so a few idle ones cannot hold every slot for long.
+        ae.acse_timeout = ACSE_TIMEOUT_SECONDS
         for sop_class in FILM_CLASSES:
             ae.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES)
         # Verification (C-ECHO): how a modality or PACS tests the connection (`echoscu`); pynetdicom answers it
@@ -429,7 +442,8 @@ def main(argv: list[str] | None = None) -> None:
         # pynetdicom writes what arrives to temporary files: under the inbox, on the storage volume (not a tmpfs,
         # which would hold it in memory), where the start-up sweep and an erasure find what an aborted transfer left.
         tempfile.tempdir = str(inbox.receiving_dir)
-        receiver = Receiver(inbox, Forwarder(inbox, client), settings.ae_title, UploadLimits.from_settings(settings))
+        receiver = Receiver(inbox, Forwarder(inbox, client), settings.ae_title, UploadLimits.from_settings(settings),
+                            settings.scp_calling_ae_title_list)
         try:
             receiver.start(args.host, args.port, block=True)
         except KeyboardInterrupt:

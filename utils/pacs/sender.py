@@ -114,8 +114,9 @@ class PacsSender:
                               else f"sending {send.file_path} failed ({type(exc).__name__})")
                     self._failed(send, reason)
                     if not association.is_established:  # the PACS went away: the rest waits for the next round
-                        for rest in claimed[index + 1:]:
-                            self._failed(rest, reason)
+                        for rest in claimed[index + 1:]:  # never sent: not "no answer", which may be at the PACS
+                            self._failed(rest, f"not sent: the association ended when {send.file_path} failed "
+                                               f"({reason})")
                         break
                     continue
                 with self.database.session() as session:
