@@ -31,7 +31,7 @@ from utils.api.fhir import fhir_router
 from utils.api.metrics import RequestMetrics, ServiceMetrics
 from utils.api.patients import admin_router
 from utils.api.routes import open_router, patient_router, upload_router
-from utils.config import Settings
+from utils.config import Settings, settings_or_exit
 from utils.imaging import UploadLimits
 from utils.imaging.film_check import FilmGate
 from utils.memory import limit_malloc_arenas
@@ -163,7 +163,7 @@ app = create_app()
 if __name__ == "__main__":
     import uvicorn  # only when run as a script: `uvicorn app:app` has it loaded already
 
-    _settings = Settings()
+    _settings = settings_or_exit("python app.py")
     logging.basicConfig(level=_settings.log_level, format=LOG_FORMAT)
     _host = _settings.host if _settings.keys_configured or is_loopback(_settings.host) else "127.0.0.1"
     uvicorn.run("app:app", host=_host, port=_settings.port)

@@ -12,11 +12,14 @@ target is at most 2 ms added to a prediction's median (measured through the serv
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable
+
+from sqlalchemy import inspect
 
 from database import audit as audit_log
 from database import crud
@@ -36,8 +39,19 @@ def median_ms(step: Callable[[], None], repeats: int = REPEATS) -> float:
 
 
 def main(argv: list[str]) -> int:
-    url = argv[0] if argv else f"sqlite:///{tempfile.mkdtemp(prefix='audit-cost-')}/predictions.db"
-    database = Database(url)
+    parser = argparse.ArgumentParser(prog="python -m bench.audit_cost", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("database_url", nargs="?", help="an EMPTY database to time on (it gets 600 audit rows of "
+                        "a made-up patient); default: a new SQLite file in a temporary folder")
+    args = parser.parse_args(argv)
+    url = args.database_url or f"sqlite:///{tempfile.mkdtemp(prefix='audit-cost-')}/predictions.db"
+    try:
+        database = Database(url)
+        tables = inspect(database.engine).get_table_names()
+    except Exception as exc:  # an unparsable URL, an unreachable server
+        parser.error(f"cannot open {args.database_url}: {type(exc).__name__}")
+    if tables:  # the rows it appends would join a real audit trail, and a chain that verifies
+        parser.error(f"the database holds tables ({', '.join(sorted(tables)[:4])}, ...): give an empty one")
     database.upgrade_schema()
 
     def pre_check() -> None:

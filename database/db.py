@@ -54,9 +54,10 @@ def _sqlite_file(url: str) -> Path | None:
     return None if not database or database == ":memory:" else Path(database)
 
 
-def make_engine(url: str, pool: PoolSettings) -> Engine:
+def make_engine(url: str, pool: PoolSettings, read_only: bool = False) -> Engine:
     """An engine. PostgreSQL: a bounded pool, pre-ping, connect and statement timeouts. SQLite: WAL, a busy
-    timeout and foreign keys, so concurrent requests and processes do not trip."""
+    timeout and foreign keys, so concurrent requests and processes do not trip. `read_only` (a command that only
+    reads): no folder is made and a SQLite file's journal mode is left as it is (setting WAL writes the file)."""
     if make_url(url).get_backend_name() == "postgresql":
         return create_engine(url, pool_pre_ping=True, pool_size=pool.pool_size, max_overflow=pool.max_overflow,
                              pool_timeout=pool.pool_timeout_s,
@@ -65,7 +66,7 @@ def make_engine(url: str, pool: PoolSettings) -> Engine:
     if not url.startswith("sqlite"):
         return create_engine(url, pool_pre_ping=True)
     path = _sqlite_file(url)
-    if path is not None:
+    if path is not None and not read_only:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError:
@@ -79,8 +80,8 @@ def make_engine(url: str, pool: PoolSettings) -> Engine:
         cursor.execute("PRAGMA secure_delete=ON")  # deleted rows (an erasure's) are overwritten, not left in free pages
         cursor.execute("PRAGMA journal_mode")
         row = cursor.fetchone()
-        if row is None or str(row[0]).lower() != "wal":  # set once per file; every later connection finds it set
-            _set_wal(cursor, pool.busy_timeout_s)
+        if not read_only and (row is None or str(row[0]).lower() != "wal"):  # set once per file; every later
+            _set_wal(cursor, pool.busy_timeout_s)  # connection finds it set
         cursor.close()
 
     return engine
@@ -102,9 +103,9 @@ def _set_wal(cursor: DBAPICursor, timeout_s: float) -> None:
 class Database:
     """One engine and its session factory, created in the app's lifespan."""
 
-    def __init__(self, url: str, pool: PoolSettings | None = None) -> None:
+    def __init__(self, url: str, pool: PoolSettings | None = None, read_only: bool = False) -> None:
         self.url = url
-        self.engine = make_engine(url, pool or PoolSettings())
+        self.engine = make_engine(url, pool or PoolSettings(), read_only)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @property

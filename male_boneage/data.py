@@ -40,11 +40,17 @@ def read_labels(folder: Path) -> list[Case]:
     labels = folder / "labels.csv"
     if not labels.is_file():
         raise FileNotFoundError(f"{labels} not found: a data folder needs labels.csv (image,boneage_months,male)")
-    with labels.open(newline="") as f:
-        return [
-            Case(Path(row["image"]).stem, folder / row["image"], float(row["boneage_months"]), row["male"] == "1")
-            for row in csv.DictReader(f)
-        ]
+    with labels.open(newline="", encoding="utf-8-sig") as f:  # a spreadsheet's byte order mark is no column name
+        reader = csv.DictReader(f)
+        missing = {"image", "boneage_months", "male"} - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(f"{labels} lacks the column(s) {', '.join(sorted(missing))} "
+                             "(a header image,boneage_months,male is expected)")
+        cases = [Case(Path(row["image"]).stem, folder / row["image"], float(row["boneage_months"]),
+                      row["male"] == "1") for row in reader]
+    if not cases:
+        raise ValueError(f"{labels} lists no films")
+    return cases
 
 
 def split_of(image_id: str, seed: int, val_percent: int = 10, calib_percent: int = 10) -> str:

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from male_boneage.augment import TTA_VARIANTS
 from male_boneage.data import load_pixels
 from male_boneage.inference import (
     BoneAgeModel,
@@ -54,8 +55,8 @@ def member_spec(text: str) -> tuple[Path, int | None]:
     path, sep, count = text.rpartition(":")
     if not sep or not count.isdigit():
         return Path(text), None
-    if int(count) < 1:
-        raise argparse.ArgumentTypeError(f"{text}: a member runs at least 1 test-time variant")
+    if not 1 <= int(count) <= len(TTA_VARIANTS):
+        raise argparse.ArgumentTypeError(f"{text}: a member runs 1 to {len(TTA_VARIANTS)} test-time variants")
     return Path(path), int(count)
 
 

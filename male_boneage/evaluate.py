@@ -23,10 +23,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import UnidentifiedImageError
 
 from male_boneage.augment import DEFAULT_TTA, TTA_VARIANTS
 from male_boneage.data import Case, load_pixels, read_labels, select
-from male_boneage.inference import PRECISIONS, BoneAgeModel, ModelEstimate, Precision, out_of_distribution
+from male_boneage.inference import (
+    PRECISIONS,
+    BoneAgeModel,
+    ModelEstimate,
+    ModelUnavailable,
+    Precision,
+    out_of_distribution,
+)
 from male_boneage.metrics import Z_90, summarize
 from male_boneage.preprocess import film_pixels, read_film
 from male_boneage.variants import VARIANTS, apply_variant
@@ -212,7 +220,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", type=Path, required=True, help="folder with labels.csv")
     parser.add_argument("--male-weights", type=Path, default=DEFAULT_WEIGHTS / "male.pt")
     parser.add_argument("--female-weights", type=Path, default=DEFAULT_WEIGHTS / "female.pt")
-    parser.add_argument("--out", type=Path, default=Path("evaluation.csv"), help="per-case CSV to write")
+    parser.add_argument("--out", type=Path, default=None, help="per-case CSV to write (with --variants: the table, "
+                        "and the cases beside it as <out>-cases.csv); none: the figures are only printed")
     parser.add_argument("--tta", type=int, choices=range(1, len(TTA_VARIANTS) + 1), default=len(DEFAULT_TTA),
                         help="test-time variants (1 = off)")
     parser.add_argument("--split", choices=("all", "val", "calib", "train", "heldout"), default="all",
@@ -227,18 +236,35 @@ def main(argv: list[str] | None = None) -> None:
                              "where the CPU runs it natively)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    if args.variants is not None:
-        started = time.perf_counter()
-        cases_csv = args.out.with_name(f"{args.out.stem}-cases.csv")
-        table = evaluate_variants(args.data, args.male_weights, args.female_weights, args.variants or tuple(VARIANTS),
-                                  args.tta, args.split, args.seed, cases_csv, args.precision)
-        write_variant_csv(table, args.out)
-        sys.stdout.write(f"{format_variant_table(table)}\n{len(table)} variants in "
-                         f"{time.perf_counter() - started:.0f} s; table: {args.out}, per case: {cases_csv}\n")
-        return
-    results = evaluate(args.data, args.male_weights, args.female_weights, args.out, args.tta, args.split,
-                       args.precision)
-    sys.stdout.write(f"{format_report(results)}\nper-case results: {args.out}\n")
+    if args.out is not None:  # checked before the models run for minutes
+        if args.out.is_dir():
+            parser.error(f"--out {args.out} is a folder: name a CSV file")
+        if args.out.resolve() == (args.data / "labels.csv").resolve():
+            parser.error(f"--out {args.out} is the labels being evaluated against")
+        try:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            parser.error(f"--out {args.out}: its folder cannot be made ({exc.strerror or type(exc).__name__})")
+    try:
+        if args.variants is not None:
+            started = time.perf_counter()
+            cases_csv = None if args.out is None else args.out.with_name(f"{args.out.stem}-cases.csv")
+            table = evaluate_variants(args.data, args.male_weights, args.female_weights,
+                                      args.variants or tuple(VARIANTS), args.tta, args.split, args.seed, cases_csv,
+                                      args.precision)
+            if args.out is not None:
+                write_variant_csv(table, args.out)
+            written = "" if args.out is None else f"; table: {args.out}, per case: {cases_csv}"
+            sys.stdout.write(f"{format_variant_table(table)}\n{len(table)} variants in "
+                             f"{time.perf_counter() - started:.0f} s{written}\n")
+            return
+        results = evaluate(args.data, args.male_weights, args.female_weights, args.out, args.tta, args.split,
+                           args.precision)
+    except (OSError, ValueError, KeyError, ModelUnavailable, UnidentifiedImageError) as exc:
+        # a missing or malformed labels.csv or film, weights that do not fit, an unwritable --out: one line
+        parser.error(f"{type(exc).__name__}: {exc}")
+    written = "" if args.out is None else f"\nper-case results: {args.out}"
+    sys.stdout.write(f"{format_report(results)}{written}\n")
 
 
 if __name__ == "__main__":

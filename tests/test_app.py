@@ -29,6 +29,18 @@ def test_a_bad_setting_stops_the_start_and_names_the_variable(monkeypatch: pytes
         pass
 
 
+def test_python_app_py_with_bad_settings_says_which_in_one_line_and_exits_2() -> None:
+    """`python app.py` printed pydantic's traceback for a malformed setting, and took a port beyond 65535 (it
+    logged that port and listened on another)."""
+    broken = {"BONEAGE_PORT": "99999", "BONEAGE_MAX_UPLOAD_BYTES": "-1", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "app.py"], cwd=PROJECT_ROOT, env=broken, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines() == [
+        "python app.py: invalid settings: BONEAGE_PORT: Input should be less than or equal to 65535; "
+        "BONEAGE_MAX_UPLOAD_BYTES: Input should be greater than 0"]
+
+
 def test_settings_come_from_the_environment_at_start_up(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     app = create_app()  # built before the environment is set: nothing was read yet
     environment = {

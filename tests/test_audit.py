@@ -8,6 +8,7 @@ import csv
 import datetime as dt
 import io
 import json
+import sqlite3
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -213,3 +214,18 @@ def test_the_cli_refuses_a_moment_beyond_utc_and_a_missing_database_without_crea
     errors = capsys.readouterr().err
     assert "outside the years 1-9999" in errors and "no SQLite database" in errors and "cannot be parsed" in errors
     assert not missing.parent.exists()
+
+
+def test_the_cli_leaves_a_database_it_reads_as_it_was(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """It switched a SQLite file's journal to WAL (a write), so an empty file became a database and another
+    program's database changed; and a URL with no driver here (mysql://) was a traceback."""
+    empty, other = tmp_path / "empty.db", tmp_path / "other.db"
+    empty.write_bytes(b"")
+    sqlite3.connect(other).execute("CREATE TABLE notes (x)").connection.commit()
+    before = other.read_bytes()
+    for path in (empty, other):
+        assert audit_cli(["--database-url", f"sqlite:///{path}", "verify"]) == 2
+    assert empty.read_bytes() == b"" and other.read_bytes() == before
+    with pytest.raises(SystemExit) as exit_info:
+        audit_cli(["--database-url", "mysql://u:p@127.0.0.1:1/x", "verify"])
+    assert exit_info.value.code == 2 and "cannot be opened" in capsys.readouterr().err

@@ -86,7 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("the database URL cannot be parsed")
     if parsed.get_backend_name() == "sqlite" and not Path(parsed.database or "").is_file():
         parser.error(f"no SQLite database at {parsed.database!r} (this command never creates one)")
-    database = Database(url)
+    try:
+        database = Database(url, read_only=True)  # it reads only: the file is left as it is
+    except Exception as exc:  # a scheme with no driver here (mysql://, http://)
+        parser.error(f"the database URL cannot be opened ({type(exc).__name__}): a sqlite:/// or postgresql URL")
     try:
         with database.session() as session:
             if args.command == "export":

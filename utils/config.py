@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 import mlflow_config
@@ -25,7 +26,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="BONEAGE_", extra="ignore")
 
     host: str = Field("127.0.0.1", description="address to listen on")
-    port: int = Field(8000, description="port to listen on")
+    port: int = Field(8000, ge=1, le=65535, description="port to listen on")
     database_url: str = Field(
         f"sqlite:///{PROJECT_ROOT / 'boneage_predictions.db'}", description="SQLAlchemy URL of the predictions database"
     )
@@ -176,3 +177,18 @@ class Settings(BaseSettings):
 
 def _comma_separated(value: str) -> list[str]:
     return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def settings_or_exit(program: str) -> Settings:
+    """The environment's settings, or exit status 2 with one line per malformed setting, named as it is set
+    (`BONEAGE_PORT: Input should be a valid integer`), instead of pydantic's traceback."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = "; ".join(f"{_setting_name(error['loc'])}: {error['msg']}" for error in exc.errors())
+        sys.stderr.write(f"{program}: invalid settings: {problems}\n")
+        raise SystemExit(2) from None
+
+
+def _setting_name(location: tuple[int | str, ...]) -> str:
+    return f"{Settings.model_config.get('env_prefix', '')}{location[0]}".upper() if location else "settings"

@@ -170,3 +170,36 @@ def test_the_answered_films_mae_leaves_out_exactly_the_films_the_service_refuses
     assert metrics["mae_months"] == pytest.approx(np.mean(errors), abs=1e-6)
     assert metrics["mae_answered_months"] == pytest.approx(
         np.mean([e for e, r in zip(errors, refused, strict=True) if not r]), abs=1e-6)
+
+
+def test_the_evaluate_command_reads_a_spreadsheets_labels_and_refuses_bad_ones_in_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`python -m male_boneage.evaluate`: labels saved by a spreadsheet (a byte order mark) read as any; a CSV
+    without the columns, an --out that is the labels themselves, a folder without labels.csv end in one line and
+    exit status 2 (they were tracebacks, or overwrote labels.csv); without --out nothing is written (it wrote
+    evaluation.csv into the working folder, the repository's when run as the README says)."""
+    from male_boneage import evaluate as evaluate_module
+
+    folder = tmp_path / "films"
+    folder.mkdir()
+    rows = list(csv.reader((TEST20 / "labels.csv").read_text().splitlines()))[:3]  # the header and two films
+    for row in rows[1:]:
+        (folder / row[0]).write_bytes((TEST20 / row[0]).read_bytes())
+    labels = folder / "labels.csv"
+    labels.write_text("\n".join(",".join(r) for r in rows) + "\n", encoding="utf-8-sig")
+    monkeypatch.chdir(tmp_path)
+    evaluate_module.main(["--data", str(folder), "--tta", "1"])
+    assert "MAE" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["films"]  # no evaluation.csv
+    for argv, said in ((["--data", str(folder), "--out", str(labels)], "labels being evaluated against"),
+                       (["--data", str(tmp_path)], "labels.csv not found"),
+                       (["--data", str(folder), "--out", str(tmp_path)], "is a folder")):
+        before = labels.read_bytes()
+        with pytest.raises(SystemExit) as exit_info:
+            evaluate_module.main(argv)
+        assert exit_info.value.code == 2 and said in capsys.readouterr().err, argv
+        assert labels.read_bytes() == before
+    labels.write_text("file,age\nx.png,12\n")
+    with pytest.raises(SystemExit):
+        evaluate_module.main(["--data", str(folder)])
+    assert "lacks the column(s) boneage_months, image, male" in capsys.readouterr().err

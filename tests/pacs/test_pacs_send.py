@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import sqlite3
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -158,6 +159,26 @@ def test_objects_waiting_for_a_pacs_no_longer_configured_are_reported_and_can_be
         assert pacs["destination"] == f"{AE_TITLE}@127.0.0.1:{scp.port}" and pacs["last_error"] is None
         assert client.get("/health").json()["pacs"] == "ok"
     assert backlog_main(["--redirect", f"{AE_TITLE}@127.0.0.1:{scp.port}"], settings=new) == 2  # itself: refused
+    with pytest.raises(SystemExit) as malformed:  # no destination at all: said, not "0 objects ... now go to"
+        backlog_main(["--redirect", "not a destination"], settings=new)
+    assert malformed.value.code == 2 and "AE@HOST:PORT" in capsys.readouterr().err
+
+
+def test_the_backlog_command_never_creates_or_rewrites_a_database(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """It created a database (and its folders) where BONEAGE_DATABASE_URL pointed to nothing, then failed with a
+    traceback; listing the backlog switched a SQLite file's journal to WAL. It reads only, and says what is wrong
+    in one line."""
+    missing = make_settings(tmp_path, database_url=f"sqlite:///{tmp_path / 'typo' / 'db.sqlite'}")
+    with pytest.raises(SystemExit) as refused:
+        backlog_main([], settings=missing)
+    assert refused.value.code == 2 and "no SQLite database at" in capsys.readouterr().err
+    assert not (tmp_path / "typo").exists()
+    other = tmp_path / "other.db"
+    sqlite3.connect(other).execute("CREATE TABLE notes (x)").connection.commit()
+    before = other.read_bytes()
+    assert backlog_main([], settings=make_settings(tmp_path, database_url=f"sqlite:///{other}")) == 2
+    assert "cannot be read" in capsys.readouterr().err and other.read_bytes() == before  # still journal "delete"
 
 
 def test_a_refusing_pacs_leads_to_retries_and_a_clear_state_then_delivery(tmp_path: Path, scp: StorageSCP,

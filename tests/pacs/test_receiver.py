@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -500,3 +501,13 @@ def test_the_command_refuses_a_bad_port_inbox_or_host_with_a_usage_error(tmp_pat
             receiver_module.main(args)
         assert exit_info.value.code == 2, args
     assert not (tmp_path / "unused").exists()
+    # a --service that is no URL (it listened, and failed only when a film came), a port already taken (a
+    # traceback after it logged "listening")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        for args in (["--service", "not a url", "--inbox", str(tmp_path / "in1")],
+                     ["--port", str(taken.getsockname()[1]), "--inbox", str(tmp_path / "in2")]):
+            with pytest.raises(SystemExit) as exit_info:
+                receiver_module.main(args)
+            assert exit_info.value.code == 2, args

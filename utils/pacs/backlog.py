@@ -15,12 +15,21 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import re
 import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from database import crud
-from database.db import Database
+from database.db import Database, DatabaseUnavailable
 from utils.config import Settings
 from utils.pacs.policy import DicomPolicy
+
+# How a destination is written (`PacsDestination.label`): AE title @ host : port.
+DESTINATION_LABEL = re.compile(r"[^@\s]{1,16}@\S+:\d{1,5}")
 
 
 def main(argv: list[str] | None = None, settings: Settings | None = None) -> int:
@@ -28,9 +37,21 @@ def main(argv: list[str] | None = None, settings: Settings | None = None) -> int
     parser.add_argument("--redirect", metavar="AE@HOST:PORT",
                         help="send the objects waiting for this destination to the configured PACS instead")
     args = parser.parse_args(argv)
-    settings = settings or Settings()
+    if args.redirect is not None and not DESTINATION_LABEL.fullmatch(args.redirect):
+        parser.error(f"--redirect {args.redirect!r}: a destination is written AE@HOST:PORT, as this command lists "
+                     "them")
+    try:
+        settings = settings or Settings()
+    except ValidationError as exc:
+        parser.error("; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()))
     destination = DicomPolicy.from_settings(settings).destination
-    database = Database(settings.database_url)
+    path = _sqlite_path(settings.database_url)
+    if path is not None and not path.is_file():
+        parser.error(f"no SQLite database at {str(path)!r} (BONEAGE_DATABASE_URL; this command never creates one)")
+    try:
+        database = Database(settings.database_url, read_only=args.redirect is None)
+    except Exception as exc:  # an unparsable URL, a scheme with no driver here
+        parser.error(f"BONEAGE_DATABASE_URL cannot be opened ({type(exc).__name__})")
     try:
         if args.redirect is not None:
             if destination is None:
@@ -55,8 +76,21 @@ def main(argv: list[str] | None = None, settings: Settings | None = None) -> int
         if not backlog:
             sys.stdout.write("no object waits for a PACS\n")
         return 0
+    except (DatabaseUnavailable, SQLAlchemyError) as exc:  # unreachable, or not this service's database
+        sys.stderr.write(f"the service's database cannot be read: {exc}\n")
+        return 2
     finally:
         database.dispose()
+
+
+def _sqlite_path(url: str) -> Path | None:
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return None  # Database says so
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
 
 
 if __name__ == "__main__":

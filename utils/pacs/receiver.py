@@ -47,7 +47,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from storage.store import fsync_folder
-from utils.config import Settings
+from utils.config import settings_or_exit
 from utils.errors import InvalidImage
 from utils.imaging.checks import UploadLimits
 from utils.imaging.dicom import check_film_header, check_inflated_file, read_dicom, read_header
@@ -420,7 +420,7 @@ def _port(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    settings = Settings()
+    settings = settings_or_exit("python -m utils.pacs.receiver")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default=settings.scp_host)
     parser.add_argument("--port", type=_port, default=settings.scp_port)
@@ -437,6 +437,9 @@ def main(argv: list[str] | None = None) -> None:
         inbox = Inbox(args.inbox)
     except OSError as exc:
         parser.error(f"--inbox {args.inbox} cannot be made the inbox folder ({exc.strerror or type(exc).__name__})")
+    service = httpx.URL(args.service) if "://" in args.service else None
+    if service is None or service.scheme not in ("http", "https") or not service.host:
+        parser.error(f"--service {args.service!r} is no http(s) URL of the service (e.g. http://127.0.0.1:8000)")
     # A prediction takes well under a second; the long timeout covers a cold or heavily loaded service.
     with httpx.Client(base_url=args.service, headers=headers, timeout=120) as client:
         # pynetdicom writes what arrives to temporary files: under the inbox, on the storage volume (not a tmpfs,
@@ -448,6 +451,8 @@ def main(argv: list[str] | None = None) -> None:
             receiver.start(args.host, args.port, block=True)
         except KeyboardInterrupt:
             pass
+        except OSError as exc:  # the port is taken, or not ours to listen on
+            parser.error(f"cannot listen on {args.host}:{args.port} ({exc.strerror or type(exc).__name__})")
         finally:
             receiver.stop()
 
