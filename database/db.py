@@ -54,6 +54,15 @@ def _sqlite_file(url: str) -> Path | None:
     return None if not database or database == ":memory:" else Path(database)
 
 
+def absent_sqlite_file(url: str) -> str | None:
+    """The file of a SQLite URL when it does not exist (a command that only reads must not create it), else None;
+    sqlalchemy's ArgumentError for a URL it cannot parse."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and not Path(parsed.database or "").is_file():
+        return parsed.database or ""
+    return None
+
+
 def make_engine(url: str, pool: PoolSettings, read_only: bool = False) -> Engine:
     """An engine. PostgreSQL: a bounded pool, pre-ping, connect and statement timeouts. SQLite: WAL, a busy
     timeout and foreign keys, so concurrent requests and processes do not trip. `read_only` (a command that only

@@ -21,14 +21,12 @@ import logging
 import os
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, TextIO
 
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from database import audit as audit_log
-from database.db import Database, DatabaseUnavailable
+from database.db import Database, DatabaseUnavailable, absent_sqlite_file
 from database.models import AuditEvent
 from utils.config import Settings
 
@@ -81,11 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     url = args.database_url or Settings().database_url
     try:
-        parsed = make_url(url)
+        absent = absent_sqlite_file(url)
     except ArgumentError:
         parser.error("the database URL cannot be parsed")
-    if parsed.get_backend_name() == "sqlite" and not Path(parsed.database or "").is_file():
-        parser.error(f"no SQLite database at {parsed.database!r} (this command never creates one)")
+    if absent is not None:
+        parser.error(f"no SQLite database at {absent!r} (this command never creates one)")
     try:
         database = Database(url, read_only=True)  # it reads only: the file is left as it is
     except Exception as exc:  # a scheme with no driver here (mysql://, http://)

@@ -17,15 +17,12 @@ import argparse
 import datetime as dt
 import re
 import sys
-from pathlib import Path
 
-from pydantic import ValidationError
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 
 from database import crud
-from database.db import Database, DatabaseUnavailable
-from utils.config import Settings
+from database.db import Database, DatabaseUnavailable, absent_sqlite_file
+from utils.config import Settings, settings_or_exit
 from utils.pacs.policy import DicomPolicy
 
 # How a destination is written (`PacsDestination.label`): AE title @ host : port.
@@ -40,18 +37,15 @@ def main(argv: list[str] | None = None, settings: Settings | None = None) -> int
     if args.redirect is not None and not DESTINATION_LABEL.fullmatch(args.redirect):
         parser.error(f"--redirect {args.redirect!r}: a destination is written AE@HOST:PORT, as this command lists "
                      "them")
-    try:
-        settings = settings or Settings()
-    except ValidationError as exc:
-        parser.error("; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()))
+    settings = settings or settings_or_exit("python -m utils.pacs.backlog")
     destination = DicomPolicy.from_settings(settings).destination
-    path = _sqlite_path(settings.database_url)
-    if path is not None and not path.is_file():
-        parser.error(f"no SQLite database at {str(path)!r} (BONEAGE_DATABASE_URL; this command never creates one)")
     try:
+        absent = absent_sqlite_file(settings.database_url)
         database = Database(settings.database_url, read_only=args.redirect is None)
     except Exception as exc:  # an unparsable URL, a scheme with no driver here
         parser.error(f"BONEAGE_DATABASE_URL cannot be opened ({type(exc).__name__})")
+    if absent is not None:
+        parser.error(f"no SQLite database at {absent!r} (BONEAGE_DATABASE_URL; this command never creates one)")
     try:
         if args.redirect is not None:
             if destination is None:
@@ -81,16 +75,6 @@ def main(argv: list[str] | None = None, settings: Settings | None = None) -> int
         return 2
     finally:
         database.dispose()
-
-
-def _sqlite_path(url: str) -> Path | None:
-    try:
-        parsed = make_url(url)
-    except ArgumentError:
-        return None  # Database says so
-    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
-        return None
-    return Path(parsed.database)
 
 
 if __name__ == "__main__":

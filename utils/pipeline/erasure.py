@@ -113,7 +113,8 @@ class PatientEraser:
         try:
             # A run the store does not hold counts as purged; so first, is this the store the runs were logged to?
             # (A mistyped MLFLOW_TRACKING_URI gives a new, empty store, where every run would "count as purged".)
-            recognised = self.runs.holds_any(rows.mlflow_run_ids + others) if rows.mlflow_run_ids + others else True
+            looked_up = rows.mlflow_run_ids + others
+            recognised = not looked_up or self.runs.holds_any(looked_up)
             run_ids = sorted(set(rows.mlflow_run_ids) | set(self.runs.runs_of_patient(patient_id))) \
                 if recognised else []
             purged = [self.runs.purge_run(run_id) for run_id in run_ids]
@@ -125,7 +126,7 @@ class PatientEraser:
                                     "the erasure once it is back (it is also finished at the next start)") from None
         if not recognised:
             logger.warning("the MLflow store in use holds none of the %d runs of this database looked up: an erasure "
-                           "waits for the store the runs were logged to", len(rows.mlflow_run_ids + others))
+                           "waits for the store the runs were logged to", len(looked_up))
             raise ErasureIncomplete("the patient's records and files are erased, but the MLflow store in use holds "
                                     "none of the runs this database recorded: it is not the store the predictions "
                                     "were logged to (check MLFLOW_TRACKING_URI); the erasure waits, repeat it once "
