@@ -253,6 +253,37 @@ def test_an_erasure_finds_a_film_the_forwarder_sets_aside_while_it_looks(tmp_pat
     assert inbox.waiting() == [] and list(inbox.refused_dir.iterdir()) == []
 
 
+def _aged(path: Path, seconds: float) -> Path:
+    """`path`, last written `seconds` ago."""
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+    return path
+
+
+def test_a_copy_into_the_inbox_cut_short_by_a_kill_is_swept_and_found_by_an_erasure(tmp_path: Path) -> None:
+    """A receiver killed while it copied a film into the inbox (before the rename, so the C-STORE was never answered
+    Success) left an `.incoming-*` file with the film's patient data, which no sweep removed and an erasure did not
+    look at. A sweep removes one not written to for ten minutes (not one being written); an erasure removes the
+    patient's at once, and one too short to read once it is stale."""
+    inbox = Inbox(tmp_path / "inbox")
+    data = make_dicom(gray(FILM), tags={"PatientID": "P-x"})
+    stale = inbox.root / ".incoming-stale"
+    stale.write_bytes(data[:200])  # cut short: unreadable
+    _aged(stale, 3600)
+    fresh = inbox.root / ".incoming-fresh"
+    fresh.write_bytes(data)
+    assert inbox.sweep_receiving() == 1
+    assert not stale.exists() and fresh.exists()
+
+    other = inbox.root / ".incoming-other"
+    other.write_bytes(make_dicom(gray(FILM), tags={"PatientID": "P-y"}))
+    cut_short = inbox.root / ".incoming-cut"
+    cut_short.write_bytes(data[:200])
+    _aged(cut_short, 3600)
+    assert remove_patient_films(inbox.root, "P-x") == 1  # the readable copy; the stale one swept beside it
+    assert not fresh.exists() and not cut_short.exists() and other.exists()
+
+
 def test_a_film_without_a_valid_sop_instance_uid_is_keyed_by_its_inbox_name(tmp_path: Path) -> None:
     film = tmp_path / "00001-x.dcm"
     dataset = Dataset()

@@ -71,6 +71,7 @@ MAX_INTERNAL_ERRORS = 3
 # written to for this long was left by a transfer that was aborted (pynetdicom aborts one idle for a minute), and is
 # removed.
 RECEIVING = ".receiving"
+INCOMING = ".incoming-"  # a received film being copied into the inbox (fsync, then renamed to `*.dcm`)
 STALE_RECEIVING_SECONDS = 600
 NOT_A_PATIENT_ID_CHARACTER = re.compile(r"[^A-Za-z0-9._-]")
 UNKNOWN_PATIENT = "unknown-patient"
@@ -116,26 +117,8 @@ class Inbox:
         self.receiving_dir.mkdir(exist_ok=True)
 
     def sweep_receiving(self, older_than_seconds: float = STALE_RECEIVING_SECONDS) -> int:
-        """Remove what aborted transfers left in `receiving_dir`: files not written to for `older_than_seconds`
-        (pynetdicom writes each fragment as it comes and aborts an association idle for a minute); how many. Never
-        raises: a file it cannot remove is logged and left for the next sweep."""
-        cutoff = time.time() - older_than_seconds
-        removed = 0
-        try:
-            left_over = list(self.receiving_dir.glob("*.dcm"))
-        except OSError:
-            logger.warning("could not list %s to sweep it", self.receiving_dir, exc_info=True)
-            return 0
-        for left in left_over:
-            try:
-                if left.stat().st_mtime <= cutoff:
-                    left.unlink()
-                    removed += 1
-            except FileNotFoundError:
-                pass  # its transfer ended meanwhile, and pynetdicom removed it
-            except OSError:
-                logger.warning("could not remove %s, left by an aborted transfer", left.name, exc_info=True)
-        return removed
+        """Remove what aborted transfers left (`sweep_left_over`); how many. Never raises."""
+        return sweep_left_over(self.root, older_than_seconds)
 
     def put(self, dataset: Dataset) -> Path:
         """Write a film durably; its name sorts by arrival."""
@@ -152,7 +135,7 @@ class Inbox:
     @contextmanager
     def _incoming(self) -> Iterator[IO[bytes]]:
         """A temporary file in the inbox, fsynced when the block ends; removed if it fails."""
-        with tempfile.NamedTemporaryFile(dir=self.root, prefix=".incoming-", delete=False) as f:
+        with tempfile.NamedTemporaryFile(dir=self.root, prefix=INCOMING, delete=False) as f:
             try:
                 yield f
                 f.flush()
@@ -178,23 +161,51 @@ class Inbox:
         (self.refused_dir / f"{film.name}.reason.txt").write_text(reason + "\n")
 
 
+def sweep_left_over(root: Path, older_than_seconds: float = STALE_RECEIVING_SECONDS) -> int:
+    """Remove what aborted transfers left in the inbox at `root`: files in `.receiving/` not written to for
+    `older_than_seconds` (pynetdicom writes each fragment as it comes and aborts an association idle for a minute),
+    and `.incoming-*` copies as old (a receiver killed while it copied a film in: that C-STORE was never answered
+    Success, so the sender still holds the film); how many. Never raises: a file it cannot remove is logged and left
+    for the next sweep."""
+    cutoff = time.time() - older_than_seconds
+    removed = 0
+    try:
+        left_over = [*(root / RECEIVING).glob("*.dcm"), *root.glob(f"{INCOMING}*")]
+    except OSError:
+        logger.warning("could not list %s to sweep it", root, exc_info=True)
+        return 0
+    for left in left_over:
+        try:
+            if left.stat().st_mtime <= cutoff:
+                left.unlink()
+                removed += 1
+        except FileNotFoundError:
+            pass  # its transfer ended meanwhile, and pynetdicom (or the rename into the inbox) removed it
+        except OSError:
+            logger.warning("could not remove %s, left by an aborted transfer", left.name, exc_info=True)
+    return removed
+
+
 def remove_patient_films(root: Path, patient_id: str, limits: UploadLimits | None = None) -> int:
     """Remove the films of a patient (as `patient_id_of` names them) from an inbox at `root`, being received,
     waiting or refused, with their reasons; how many. For an erasure (`utils.pipeline.erasure`); creates nothing, and
     a film that cannot be read is left (and logged without its name's patient data). `OSError` if a film could not
     be removed. `limits` (the receiver's) bound what is read of a film not yet checked on arrival."""
     receiving, refused = root / RECEIVING, root / "refused"
-    # In the order films move (.receiving/, the inbox, refused/), each folder listed only after the one before it
-    # was: a film that moves on meanwhile (a transfer that ends; one the forwarder sets aside with the service's 409
-    # to uploads of a patient being erased) is found in the next.
+    swept = sweep_left_over(root)  # what aborted transfers left, readable or not (a copy cut short by a kill)
+    # In the order films move (.receiving/, .incoming-* copies, the inbox, refused/), each listed only after the
+    # one before it was: a film that moves on meanwhile (a transfer that ends; one the forwarder sets aside with the
+    # service's 409 to uploads of a patient being erased) is found in the next. A copy being written cannot be read
+    # yet and is left: it is in the inbox when that is listed.
     removed = sum(_remove_if_of(film, patient_id, limits or UploadLimits()) for film in sorted(receiving.glob("*.dcm")))
+    removed += sum(_remove_if_of(film, patient_id) for film in sorted(root.glob(f"{INCOMING}*")))
     removed += sum(_remove_if_of(film, patient_id) for film in sorted(root.glob("*.dcm")))
     removed += sum(_remove_if_of(film, patient_id) for film in sorted(refused.glob("*.dcm")))
     for reason in refused.glob("*.dcm.reason.txt"):  # a reason whose film went (written as the film was removed)
         if not (refused / reason.name.removesuffix(".reason.txt")).exists():
             reason.unlink(missing_ok=True)
     for folder in (receiving, root, refused):
-        if removed and folder.is_dir():
+        if (removed or swept) and folder.is_dir():
             fsync_folder(folder)
     return removed
 
