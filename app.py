@@ -19,8 +19,8 @@ from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import make_url
 
-from database.db import Database, LiveLock, PoolSettings
-from storage.store import PatientStore
+from database.db import Database, DatabaseUnavailable, LiveLock, PoolSettings
+from storage.store import PatientStore, StorageUnavailable
 from utils.api.audit import AuditWriter
 from utils.api.auth import KeyRing
 from utils.api.body_limit import UploadBodyLimit
@@ -68,12 +68,19 @@ def create_app(settings: Settings | None = None, load_models: ModelsLoader = Mod
         warn_if_exposed(config)
         app.state.settings = config
         app.state.keys = KeyRing.from_settings(config)  # a malformed keys file stops the start, naming the line
-        database = Database(config.database_url, PoolSettings(
-            config.database_busy_timeout, config.database_pool_size, config.database_max_overflow,
-            config.database_pool_timeout, statement_timeout_ms=config.database_statement_timeout_ms))
-        database.upgrade_schema()
+        try:
+            database = Database(config.database_url, PoolSettings(
+                config.database_busy_timeout, config.database_pool_size, config.database_max_overflow,
+                config.database_pool_timeout, statement_timeout_ms=config.database_statement_timeout_ms))
+            database.upgrade_schema()
+        except DatabaseUnavailable as exc:  # for whoever starts the service: which database, and why
+            url = make_url(config.database_url).render_as_string(hide_password=True)
+            raise DatabaseUnavailable(f"{exc}: {url}: {_reason(exc)} (BONEAGE_DATABASE_URL)") from None
         store = PatientStore(config.patients_dir)
-        store.ensure_writable()
+        try:
+            store.ensure_writable()
+        except StorageUnavailable as exc:  # for whoever starts the service: which folder, and why
+            raise StorageUnavailable(f"{exc}: {_reason(exc)} (BONEAGE_STORAGE_DIR)") from None
         runs = MlflowRuns(config.mlflow_tracking_uri, config.mlflow_experiment)
         eraser = PatientEraser(store, database, runs, config.inbox_dir,
                                inbox_limits=UploadLimits.from_settings(config))
@@ -148,6 +155,13 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return host == "localhost"
+
+
+def _reason(exc: Exception) -> str:
+    """Why a start-up check failed, in one line: its cause's message (the driver's own for a database error)."""
+    cause = exc.__cause__
+    cause = getattr(cause, "orig", None) or cause  # SQLAlchemy's error wraps the driver's, with SQL and a link
+    return " ".join(str(cause).split()) if cause is not None else "no reason given"
 
 
 def warn_if_exposed(settings: Settings) -> None:

@@ -78,8 +78,8 @@ def make_engine(url: str, pool: PoolSettings, read_only: bool = False) -> Engine
     if path is not None and not read_only:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError:
-            raise DatabaseUnavailable("the database folder cannot be created (not writable)") from None
+        except OSError as exc:  # the cause stays for whoever starts the service (app.py); the message is for clients
+            raise DatabaseUnavailable("the database folder cannot be created (not writable)") from exc
     engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": pool.busy_timeout_s})
 
     @event.listens_for(engine, "connect")
@@ -136,8 +136,8 @@ class Database:
                     logger.info("database of the first release found: migrating it in place")
                     command.stamp(config, FIRST_RELEASE)
                 command.upgrade(config, "head")
-        except OperationalError:
-            raise DatabaseUnavailable("the database is unavailable (locked, unwritable or unreachable)") from None
+        except OperationalError as exc:
+            raise DatabaseUnavailable("the database is unavailable (locked, unwritable or unreachable)") from exc
 
     @contextmanager
     def _migration_lock(self) -> Iterator[None]:

@@ -83,8 +83,8 @@ class PatientStore:
             self.root.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=self.root, prefix=".probe-"):
                 pass
-        except OSError:
-            raise StorageUnavailable("patient storage is not writable (read-only or full disk)") from None
+        except OSError as exc:  # the cause (which folder, why) stays for the log; the message is for clients
+            raise StorageUnavailable("patient storage is not writable (read-only or full disk)") from exc
 
     def write_prediction(self, patient_id: PatientId, prediction_id: str, files: dict[str, bytes]) -> dict[str, str]:
         """Write a new prediction folder atomically; returns {name: path relative to the storage root}.

@@ -8,10 +8,13 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from helpers import PROJECT_ROOT, WEIGHTS
+from helpers import PROJECT_ROOT, WEIGHTS, make_settings, running_app
 from pydantic import ValidationError
 
 from app import create_app
+from bench.harness import reserve_port
+from database.db import DatabaseUnavailable
+from storage.store import StorageUnavailable
 
 
 def test_importing_the_app_reads_no_environment() -> None:
@@ -61,3 +64,34 @@ def test_settings_come_from_the_environment_at_start_up(monkeypatch: pytest.Monk
             "http://viewer.example")
     assert (tmp_path / "env.db").is_file() and (tmp_path / "env-storage" / "patients").is_dir()
     assert (tmp_path / "env-mlflow.db").is_file()
+
+
+def test_a_storage_folder_that_cannot_be_written_stops_the_start_naming_it_and_why(tmp_path: Path) -> None:
+    """The start failed with 'patient storage is not writable (read-only or full disk)', whichever folder it was and
+    whatever the cause (here a file where a folder should be): the setting's folder and the OS's reason now."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    settings = make_settings(tmp_path, storage_dir=blocker / "storage")
+    with pytest.raises(StorageUnavailable) as refused, running_app(settings):
+        pass
+    message = str(refused.value)
+    assert str(blocker / "storage" / "patients") in message and "Not a directory" in message
+    assert "BONEAGE_STORAGE_DIR" in message
+
+
+def test_a_database_that_cannot_be_reached_stops_the_start_naming_it_and_why_without_its_password(
+        tmp_path: Path) -> None:
+    """The start failed with 'the database is unavailable (locked, unwritable or unreachable)' for any database and
+    cause: the URL (its password hidden) and the driver's or OS's reason now."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with reserve_port() as reservation:  # bound, not listening: a PostgreSQL server that is not running
+        port = int(reservation.getsockname()[1])
+        cases = {f"sqlite:///{blocker / 'x.db'}": ("File exists", str(blocker)),
+                 f"postgresql://boneage:s3cret@127.0.0.1:{port}/boneage": ("Connection refused", f":{port}/boneage")}
+        for url, (reason, named) in cases.items():
+            with pytest.raises(DatabaseUnavailable) as refused, running_app(make_settings(tmp_path, database_url=url)):
+                pass
+            message = str(refused.value)
+            assert reason in message and named in message and "BONEAGE_DATABASE_URL" in message
+            assert "s3cret" not in message
