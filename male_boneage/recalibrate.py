@@ -28,15 +28,18 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import UnidentifiedImageError
 
 from male_boneage.augment import DEFAULT_TTA, TTA_VARIANTS
 from male_boneage.data import HELDOUT_SPLITS, read_labels, select
 from male_boneage.evaluate import DEFAULT_WEIGHTS, load_models, variant_pixels
-from male_boneage.inference import PRECISIONS, ModelEstimate, Precision
+from male_boneage.inference import PRECISIONS, ModelEstimate, ModelUnavailable, Precision
 from male_boneage.metrics import Z_90, calibrate_sigma_scale, summarize
 from male_boneage.variants import VARIANTS
 
 logger = logging.getLogger(__name__)
+# `--write` fits the scale on at least this many films per sex (the shipped one: 515 boys, 440 girls).
+MIN_FILMS_TO_WRITE = 100
 
 
 def coverage(estimates: Sequence[ModelEstimate], ages: Sequence[float], scale: float) -> float:
@@ -47,15 +50,21 @@ def coverage(estimates: Sequence[ModelEstimate], ages: Sequence[float], scale: f
 
 def recalibrate(data: Path, male_weights: Path, female_weights: Path, variants: Sequence[str], split: str = "train",
                 seed: int = 17, tta_variants: int = len(DEFAULT_TTA),
-                precision: Precision = "auto") -> dict[str, dict[str, Any]]:
+                precision: Precision = "auto", min_films: int = 1) -> dict[str, dict[str, Any]]:
     """{sex: {"old_scale", "new_scale", "n", "precision" (as resolved), "variants": {variant: {"scale", "mae_months",
     "coverage_old", "coverage_new"}}}}: every film of `split` is sent as each of `variants` to the model of its sex,
-    with the first `tta_variants` test-time variants; the new scale is the largest of the per-variant scales."""
+    with the first `tta_variants` test-time variants; the new scale is the largest of the per-variant scales.
+    `ValueError` before any model runs if a sex has fewer than `min_films` films."""
     if split in HELDOUT_SPLITS or split in ("heldout", "all"):
         raise ValueError(f"split {split!r} holds benchmark films: calibrate on 'train' only")
     if not variants:
         raise ValueError("name at least one variant to calibrate on")
     cases = select(read_labels(data), split, "both")  # drawn with data.HELDOUT_SEED, whatever `seed`
+    for sex in ("male", "female"):
+        n = sum(c.male == (sex == "male") for c in cases)
+        if n < max(min_films, 1):
+            raise ValueError(f"{data} has {n} {sex} films in split {split!r}; calibrating needs at least "
+                             f"{max(min_films, 1)}")
     models = load_models(male_weights, female_weights, tta_variants, precision)
     old = {sex: model.sigma_scale for sex, model in models.items()}
     for model in models.values():
@@ -63,8 +72,6 @@ def recalibrate(data: Path, male_weights: Path, female_weights: Path, variants: 
     result: dict[str, dict[str, Any]] = {}
     for sex, model in models.items():
         group = [c for c in cases if c.male == (sex == "male")]
-        if not group:
-            raise ValueError(f"{data} has no {sex} films in split {split!r} to calibrate on")
         films = [(c.image_id, c.path.read_bytes()) for c in group]
         ages = [c.boneage_months for c in group]
         sent = {}  # variant -> (estimates at scale 1, the scale covering 90% of them)
@@ -112,11 +119,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="what the convolutions run in (the service's BONEAGE_INFERENCE_PRECISION)")
     parser.add_argument("--write", action="store_true", help="store the new scales in the weights files")
+    parser.add_argument("--min-films", type=int, default=MIN_FILMS_TO_WRITE,
+                        help="with --write: fewest films per sex to fit a scale on (default %(default)s: the 90th "
+                        "percentile of a few films' errors is a guess, and it replaces the shipped scale)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     variants = args.variants or tuple(VARIANTS)
-    result = recalibrate(args.data, args.male_weights, args.female_weights, variants, args.split, args.seed,
-                         args.tta, args.precision)
+    try:
+        result = recalibrate(args.data, args.male_weights, args.female_weights, variants, args.split, args.seed,
+                             args.tta, args.precision, min_films=args.min_films if args.write else 1)
+    except (OSError, ValueError, KeyError, ModelUnavailable, UnidentifiedImageError) as exc:
+        # too few films, the benchmark films, a missing or malformed labels.csv or film, weights that do not fit
+        parser.error(str(exc) if type(exc) is ValueError else f"{type(exc).__name__}: {exc}")
     for sex, r in result.items():
         sys.stdout.write(f"{sex}: sigma scale {r['old_scale']:.3f} -> {r['new_scale']:.3f} ({r['n']} films)\n")
         for name, v in r["variants"].items():
@@ -128,7 +142,10 @@ def main(argv: list[str] | None = None) -> None:
                f" --variants {' '.join(variants)} --tta {args.tta} --precision {result['male']['precision']}"
                " (the largest per-variant scale)")
         for sex, path in (("male", args.male_weights), ("female", args.female_weights)):
-            write_scale(path, result[sex]["new_scale"], how, result[sex]["precision"], args.tta)
+            try:
+                write_scale(path, result[sex]["new_scale"], how, result[sex]["precision"], args.tta)
+            except OSError as exc:  # a read-only weights folder: the file is left as it was (temp file, rename)
+                parser.error(f"{path}: the scale could not be written ({exc.strerror or type(exc).__name__})")
             sys.stdout.write(f"wrote sigma scale {result[sex]['new_scale']:.4f} into {path}\n")
 
 

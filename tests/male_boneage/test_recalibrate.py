@@ -61,7 +61,7 @@ def test_the_command_prints_each_variant_and_writes_the_largest_scale(
         copy_weights(sex, tmp_path)
     recalibrate_module.main(["--data", str(calibration_folder), "--male-weights", str(tmp_path / "male.pt"),
                              "--female-weights", str(tmp_path / "female.pt"), "--variants", "clean", "jpeg_q20",
-                             "--tta", "1", "--write"])
+                             "--tta", "1", "--write", "--min-films", "5"])
     out = capsys.readouterr().out
     for sex in ("male", "female"):
         metadata = load_weights(tmp_path / f"{sex}.pt")[1]
@@ -71,6 +71,26 @@ def test_the_command_prints_each_variant_and_writes_the_largest_scale(
         assert len(marked) == 1 and f"scale {metadata['sigma_scale']:.3f}" in marked[0]
         assert "--variants clean jpeg_q20 --tta 1" in metadata["sigma_calibration"]
         assert metadata["tta"] == [list(v) for v in TTA_VARIANTS[:1]]
+
+
+def test_writing_a_scale_fitted_on_a_few_films_is_refused_before_any_model_runs(
+        calibration_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--write` replaced the shipped weights' scale with the 90th percentile of however many films it was given
+    (five here): it now needs 100 per sex unless --min-films says otherwise, and says so before the inference."""
+    for sex in ("male", "female"):
+        copy_weights(sex, tmp_path)
+    before = (tmp_path / "male.pt").read_bytes()
+    monkeypatch.setattr(recalibrate_module, "load_models", lambda *_: pytest.fail("the models ran"))
+    with pytest.raises(SystemExit) as exit_info:
+        recalibrate_module.main(["--data", str(calibration_folder), "--male-weights", str(tmp_path / "male.pt"),
+                                 "--female-weights", str(tmp_path / "female.pt"), "--write"])
+    assert exit_info.value.code == 2
+    assert "has 5 male films in split 'train'; calibrating needs at least 100" in capsys.readouterr().err
+    assert (tmp_path / "male.pt").read_bytes() == before
+    with pytest.raises(SystemExit) as exit_info:  # the benchmark films: one line, not a traceback
+        recalibrate_module.main(["--data", str(calibration_folder), "--split", "heldout"])
+    assert exit_info.value.code == 2 and "holds benchmark films" in capsys.readouterr().err
 
 
 def test_a_written_scale_keeps_the_weights_and_their_version_and_changes_the_served_version(tmp_path: Path) -> None:
