@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 from pathlib import Path
 
 import ray
@@ -22,6 +23,7 @@ from utils.config import PROJECT_ROOT, Settings
 from utils.pipeline.batch_scoring import OutputBusy, ScoringInputError, ScoringOptions, list_films, score
 
 logger = logging.getLogger("score")
+CONNECT_TIMEOUT_SECONDS = 5.0  # to reach a Ray cluster named by --ray-address
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -49,6 +51,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def cluster_unreachable(address: str, timeout_s: float = CONNECT_TIMEOUT_SECONDS) -> str | None:
+    """Why nothing answers at a Ray cluster's `host:port` (or `ray://host:port`, Ray Client's), else None. Asked
+    before `ray.init`, which waits minutes for a cluster that is not there; `auto` (the local machine's cluster, which
+    Ray finds itself and says at once if there is none) is not checked."""
+    if address == "auto":
+        return None
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return f"--ray-address {address!r}: expected host:port, ray://host:port or auto"
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        return f"no Ray cluster answers at {address} ({exc.strerror or type(exc).__name__})"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
@@ -63,7 +82,14 @@ def main(argv: list[str] | None = None) -> int:
     path = os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH")) if p)
     runtime_env = {"env_vars": {"PYTHONPATH": path}}
     if args.ray_address:
-        ray.init(address=args.ray_address, runtime_env=runtime_env)
+        if (unreachable := cluster_unreachable(args.ray_address)) is not None:
+            logger.error("%s", unreachable)
+            return 2
+        try:
+            ray.init(address=args.ray_address, runtime_env=runtime_env)
+        except (ConnectionError, RuntimeError, ValueError) as exc:  # no cluster there after all, or another version
+            logger.error("could not join the Ray cluster at %s: %s", args.ray_address, exc)
+            return 2
     else:
         ray.init(num_cpus=args.num_cpus, include_dashboard=False, runtime_env=runtime_env)
     options = ScoringOptions(actors=args.actors, actor_cpus=args.actor_cpus, actor_gpus=args.num_gpus,

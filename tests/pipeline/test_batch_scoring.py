@@ -18,7 +18,7 @@ import ray
 from helpers import PROJECT_ROOT, TEST20, colour_photo, jpeg_bytes, make_settings, post_image, running_app
 from PIL import Image
 
-from bench.harness import descendants
+from bench.harness import descendants, reserve_port
 from utils.config import Settings
 from utils.imaging import UploadLimits, decode_upload
 from utils.pipeline.batch_scoring import (
@@ -260,3 +260,21 @@ def test_an_output_that_cannot_be_a_folder_or_holds_a_foreign_part_is_refused_wi
     (out / "part-00000-x.parquet").write_bytes(b"not parquet")
     with pytest.raises(ScoringInputError, match="no readable part of a scoring run"):
         already_scored(out)
+
+
+def test_a_ray_address_where_no_cluster_answers_is_refused_in_one_line(
+        archive: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """`--ray-address` naming a host and port where nothing listens waited in `ray.init` for minutes (a GCS
+    address) or ended in a traceback (`ray://`): the command now says so and exits 2, with no output written."""
+    import score as score_command  # the entry point, as `python -m score` runs it
+
+    out = tmp_path / "results.parquet"
+    with reserve_port() as reservation:  # bound, not listening
+        port = int(reservation.getsockname()[1])
+        for address, said in ((f"127.0.0.1:{port}", "no Ray cluster answers"),
+                              (f"ray://127.0.0.1:{port}", "no Ray cluster answers"),
+                              ("head-node", "expected host:port")):
+            caplog.clear()
+            assert score_command.main([str(archive), "--out", str(out), "--ray-address", address]) == 2
+            assert said in caplog.text and address in caplog.text
+    assert not ray.is_initialized() and not out.exists()
