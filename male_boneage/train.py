@@ -83,11 +83,16 @@ class TrainConfig:
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temp file, then rename: a killed run never leaves a half-written file."""
+    """torch.save to a temp file, then rename: a killed run never leaves a half-written file. The file gets the
+    permissions any new file gets (the umask's), not a temp file's owner-only 0600, which a service run as another
+    user could not read."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         torch.save(obj, tmp)
         os.replace(tmp, path)
     finally:

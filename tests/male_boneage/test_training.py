@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import os
 import tarfile
 from dataclasses import replace
 from pathlib import Path
@@ -55,6 +56,11 @@ def test_tiny_training_writes_loadable_calibrated_weights(tiny_weights: tuple[Pa
     assert metadata["sigma_scale"] > 0 and metadata["split_sizes"]["train"] == 256
     assert 0 < metadata["val_metrics"]["mae_months"] < 240
     assert path.stat().st_size < 20 * 1024 * 1024
+    # readable as any new file is (the umask's permissions): it was a temp file's 0600, which a service run as
+    # another user could not load
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
     model = BoneAgeModel.from_file(path, torch.device("cpu"))
     assert model.version == f"{metadata['version']}+s{metadata['sigma_scale']:.4f}"
     client = MlflowClient(uri)
