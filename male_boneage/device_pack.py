@@ -43,6 +43,9 @@ def add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+MIN_PART_MIB, MAX_PART_MIB = 1.0, 60.0  # a part is one device call's carry
+
+
 def pack(data: Path, raw: Path, out: Path, part_bytes: int) -> list[Path]:
     """Write the parts (any old ones removed first); returns their paths. The films are those `train.py --raw`
     trains on (`split_cases`)."""
@@ -81,7 +84,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--part-mib", type=float, default=34.0,
                         help="largest part (64 MiB per call, less the working tree)")
     args = parser.parse_args(argv)
-    paths = pack(args.data, args.raw, args.out, int(args.part_mib * 2**20))
+    if not MIN_PART_MIB <= args.part_mib <= MAX_PART_MIB:  # 0 wrote a part per film, 11,411 of them
+        parser.error(f"--part-mib must be {MIN_PART_MIB}-{MAX_PART_MIB} (a call carries 64 MiB, the tree included)")
+    try:
+        paths = pack(args.data, args.raw, args.out, int(args.part_mib * 2**20))
+    except (OSError, ValueError, KeyError) as exc:  # missing or malformed labels.csv, an --out that is no folder
+        parser.error(f"{type(exc).__name__}: {exc}")
     for path in paths:
         sys.stdout.write(f"{path.relative_to(PROJECT_ROOT) if path.is_relative_to(PROJECT_ROOT) else path}: "
                          f"{path.stat().st_size / 2**20:.1f} MiB\n")

@@ -39,13 +39,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from PIL import Image, ImageDraw, ImageFilter, ImageFont, UnidentifiedImageError
 from torch import nn
 
 from male_boneage.augment import TrainAugmentation, standardize
 from male_boneage.data import SHARED_DATA, Case, read_labels, select
 from male_boneage.inference import ModelUnavailable, read_weights_file
 from male_boneage.preprocess import PREPROCESSING_VERSION, read_film, to_model_pixels
+from male_boneage.train import atomic_save, unwritable
 from male_boneage.variants import VARIANTS, apply_variant
 
 logger = logging.getLogger(__name__)
@@ -429,8 +430,7 @@ def train_release(data_root: Path, out: Path, count: int, seed: int, epochs: int
                      "seconds": round(time.monotonic() - started)},
         "validation_hands": len(val),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": state_dict, "metadata": metadata}, out)
+    atomic_save({"state_dict": state_dict, "metadata": metadata}, out)  # a kill never leaves the shipped file half
     logger.info("wrote %s: %s", out, metadata)
     return metadata
 
@@ -481,16 +481,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=17)
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args(argv)
+    for name, least in (("hands", 1), ("epochs", 1), ("folds", 2), ("threads", 0)):
+        if getattr(args, name) < least:
+            parser.error(f"--{name} must be at least {least}")
+    if args.command == "train" and (problem := unwritable(args.out)):
+        parser.error(f"--out {args.out}: {problem}")  # before the training, not after it
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.command == "train":
-        train_release(args.data_root, args.out, args.hands, args.seed, args.epochs)
-    elif args.command == "hands":
-        sys.stdout.write(json.dumps(measure_hands(args.data_root, args.out, args.seed), indent=2) + "\n")
-    else:
-        sys.stdout.write(json.dumps(measure(args.data_root, args.folds, args.hands, args.seed, args.epochs), indent=2)
-                         + "\n")
+    try:
+        if args.command == "train":
+            train_release(args.data_root, args.out, args.hands, args.seed, args.epochs)
+        elif args.command == "hands":
+            sys.stdout.write(json.dumps(measure_hands(args.data_root, args.out, args.seed), indent=2) + "\n")
+        else:
+            sys.stdout.write(json.dumps(measure(args.data_root, args.folds, args.hands, args.seed, args.epochs),
+                                        indent=2) + "\n")
+    except (OSError, ValueError, KeyError, ModelUnavailable, UnidentifiedImageError) as exc:
+        # missing or malformed data (labels.csv, a film), weights that do not load: one line
+        parser.error(f"{type(exc).__name__}: {exc}")
 
 
 if __name__ == "__main__":

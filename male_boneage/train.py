@@ -43,11 +43,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import UnidentifiedImageError
 from tqdm import tqdm
 
 from male_boneage.augment import AUGMENTATIONS, DEFAULT_TTA, standardize
 from male_boneage.data import HELDOUT_SEED, Case, load_pixels, read_labels, select, split_of
-from male_boneage.inference import BoneAgeModel, half_precision, load_weights, state_digest
+from male_boneage.inference import BoneAgeModel, ModelUnavailable, half_precision, load_weights, state_digest
 from male_boneage.metrics import calibrate_sigma_scale, summarize
 from male_boneage.model import ARCHITECTURE, BoneAgeNet, age_group_index, months_to_target, target_to_months
 from male_boneage.preprocess import PREPROCESSING_VERSION
@@ -80,6 +81,18 @@ class TrainConfig:
     validate: bool = True
     workers: int = 1
     augmentation: str = "full"  # a key of augment.AUGMENTATIONS: "mild" for a finishing schedule
+
+
+def unwritable(path: Path) -> str | None:
+    """Why a weights file cannot be written at `path` (checked before hours of work, not after), else None."""
+    if path.is_dir():
+        return "is a folder: name a file"
+    folder = next((p for p in path.parents if p.exists()), None)
+    if folder is None or not folder.is_dir():
+        return f"{folder} is not a folder"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"{folder} is not writable"
+    return None
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -487,9 +500,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
                         help="processes decoding the training films into the cache")
     args = parser.parse_args(argv)
+    for name, least in (("epochs", 0), ("batch_size", 1), ("input_size", 32), ("width", 1), ("threads", 0),
+                        ("workers", 1)):
+        if getattr(args, name) < least:
+            parser.error(f"--{name.replace('_', '-')} must be at least {least}")
+    if not args.lr > 0:
+        parser.error("--lr must be positive")
+    if problem := unwritable(args.out):
+        parser.error(f"--out {args.out}: {problem}")  # before the training, not after it
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        run_training(args)
+    except (OSError, ValueError, KeyError, ModelUnavailable, UnidentifiedImageError) as exc:
+        # missing or malformed data (labels.csv, a film), --init weights that do not load or do not fit, a checkpoint
+        # of other settings: one line
+        parser.error(f"{type(exc).__name__}: {exc}")
+
+
+def run_training(args: argparse.Namespace) -> None:
     train(TrainConfig(data=args.data, sex=args.sex, out=args.out, epochs=args.epochs, batch_size=args.batch_size,
                       lr=args.lr, input_size=args.input_size, width=args.width, seed=args.seed, init=args.init,
                       raw=args.raw, bf16=not args.fp32, limit=args.limit, tracking_uri=args.tracking_uri,
