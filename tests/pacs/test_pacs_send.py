@@ -111,6 +111,7 @@ def test_with_the_pacs_down_the_send_waits_and_is_delivered_once_it_is_up_also_a
         assert health["pacs"].startswith("failing") and health["pacs_backlog"] == 2
         metrics = client.get("/metrics").text
         assert "boneage_pacs_backlog 2.0" in metrics and "boneage_pacs_failing 2.0" in metrics
+        assert "boneage_pacs_stranded 0.0" in metrics  # for the configured PACS: failing, not stranded
         uids = stored_uids(client, body)
     scp.start()  # the PACS comes up while the service is down
     with running_app(settings) as client:
@@ -141,12 +142,15 @@ def test_objects_waiting_for_a_pacs_no_longer_configured_are_reported_and_can_be
         health = client.get("/health").json()
         assert health["pacs"] == "not configured; 2 objects stored for an earlier PACS wait"
         assert health["pacs_backlog"] == 2 and "pacs" not in (health["failing"] or [])
+        assert "boneage_pacs_stranded 2.0" in client.get("/metrics").text
     scp.start()
     new = pacs_settings(tmp_path, scp)
     with running_app(new) as client:
         health = client.get("/health").json()
         assert health["status"] == "degraded" and "pacs" in health["failing"]
         assert f"2 for {old_label}" in health["pacs"] and "--redirect" in health["pacs"]
+        # an alert on the gauges sees them too (no send of this configuration fails on them)
+        assert "boneage_pacs_stranded 2.0" in client.get("/metrics").text
     assert scp.stored == []  # not sent by the new configuration on its own
 
     assert backlog_main([], settings=new) == 0
@@ -158,6 +162,7 @@ def test_objects_waiting_for_a_pacs_no_longer_configured_are_reported_and_can_be
         pacs = wait_for_pacs_state(client, "P-moved", lambda p: p["state"] == "sent")
         assert pacs["destination"] == f"{AE_TITLE}@127.0.0.1:{scp.port}" and pacs["last_error"] is None
         assert client.get("/health").json()["pacs"] == "ok"
+        assert "boneage_pacs_stranded 0.0" in client.get("/metrics").text
     assert backlog_main(["--redirect", f"{AE_TITLE}@127.0.0.1:{scp.port}"], settings=new) == 2  # itself: refused
     with pytest.raises(SystemExit) as malformed:  # no destination at all: said, not "0 objects ... now go to"
         backlog_main(["--redirect", "not a destination"], settings=new)

@@ -68,6 +68,8 @@ TRACKING_GAUGES = [
 PACS_GAUGES = [
     ("boneage_pacs_backlog", "DICOM objects not yet stored by the PACS"),
     ("boneage_pacs_failing", "DICOM objects not yet stored whose last send failed"),
+    ("boneage_pacs_stranded", "DICOM objects waiting for a PACS this process is not configured for (never sent "
+     "until redirected: python -m utils.pacs.backlog --redirect)"),
 ]
 
 
@@ -80,9 +82,16 @@ def read_tracking_backlog(session: Session) -> list[float]:
     return [count, age_s]
 
 
-def read_pacs_backlog(session: Session) -> list[float]:
-    waiting, failed, _ = crud.pacs_backlog(session)
-    return [waiting, failed]
+def pacs_backlog_reader(destination: str | None) -> Callable[[Session], list[float]]:
+    """The PACS gauges' values, objects for other destinations than `destination` (the configured PACS's label,
+    None when none is) counted as stranded: no send of this process ever fails on them, so `failing` stays 0."""
+    def read(session: Session) -> list[float]:
+        unsent = crud.unsent_by_destination(session)
+        waiting = sum(count for count, _ in unsent.values())
+        failed = sum(failed for _, failed in unsent.values())
+        stranded = sum(count for label, (count, _) in unsent.items() if label != destination)
+        return [waiting, failed, stranded]
+    return read
 
 
 class ServiceMetrics:
@@ -117,7 +126,9 @@ class ServiceMetrics:
         service.film_gate.observe_refusals(
             lambda reason: self.film_check_failed.labels(reason, service.film_gate.mode).inc())
         self.registry.register(DatabaseGauges(service.database, TRACKING_GAUGES, read_tracking_backlog))
-        self.registry.register(DatabaseGauges(service.database, PACS_GAUGES, read_pacs_backlog))
+        destination = None if service.dicom is None or service.dicom.destination is None \
+            else service.dicom.destination.label
+        self.registry.register(DatabaseGauges(service.database, PACS_GAUGES, pacs_backlog_reader(destination)))
         in_flight = service.in_flight
         self.in_flight.set_function(lambda: in_flight.count)
         self.in_flight_limit.set(in_flight.limit or 0)
