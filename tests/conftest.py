@@ -37,11 +37,16 @@ def _no_caller_settings() -> Iterator[None]:
     """The service's settings come from BONEAGE_* variables (utils/config.py) and MLflow's store from
     MLFLOW_TRACKING_URI: none set in the shell that runs the tests may change what they test (an exported
     BONEAGE_API_KEYS would put every app behind keys). The tests' own switches (BONEAGE_TEST_*) stay, and so do the
-    MLflow HTTP settings the service itself sets at import (utils/tracking/mlflow_runs.py)."""
+    MLflow HTTP settings the service itself sets at import (utils/tracking/mlflow_runs.py). Nor may a proxy (the
+    tests' servers are on this machine: HTTP_PROXY would send their requests away) or a Ray cluster (RAY_ADDRESS
+    would make the tests' local Ray join it)."""
     with pytest.MonkeyPatch.context() as patch:
         for name in list(os.environ):
-            if (name.startswith("BONEAGE_") and not name.startswith("BONEAGE_TEST_")) or name == "MLFLOW_TRACKING_URI":
+            if (name.startswith("BONEAGE_") and not name.startswith("BONEAGE_TEST_")) or name in (
+                    "MLFLOW_TRACKING_URI", "RAY_ADDRESS"):
                 patch.delenv(name)
+        for name in ("NO_PROXY", "no_proxy"):
+            patch.setenv(name, ",".join(filter(None, [os.environ.get(name), "127.0.0.1,localhost,::1"])))
         yield
 
 

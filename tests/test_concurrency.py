@@ -67,8 +67,10 @@ def test_32_concurrent_predictions_match_sequential_ones(tmp_path: Path, databas
     for i, (body, reference) in enumerate(zip(bodies, references, strict=True)):
         assert body["patient_id"] == f"C{i}"
         for key in ("male_prediction", "female_prediction"):
-            assert body[key]["age_months"] == pytest.approx(reference[key]["age_months"], abs=1e-4 + 0.005)
-            assert body[key]["sigma_months"] == pytest.approx(reference[key]["sigma_months"], abs=0.01)
+            # answers are rounded to 0.01 months: a difference of 1e-5 in a batch of another size may cross a
+            # rounding edge, so one step is allowed (another film's answer is months away)
+            assert body[key]["age_months"] == pytest.approx(reference[key]["age_months"], abs=0.011)
+            assert body[key]["sigma_months"] == pytest.approx(reference[key]["sigma_months"], abs=0.011)
             mine = np.asarray(Image.open(settings.storage_dir / body[key]["gradcam_path"]), dtype=np.float32)
             theirs = np.asarray(Image.open(sequential_settings.storage_dir / reference[key]["gradcam_path"]),
                                 dtype=np.float32)

@@ -24,6 +24,7 @@ from helpers import (
     post_image,
     running_app,
     stored_files,
+    wait_until,
     wait_until_logged,
 )
 from mlflow import MlflowClient
@@ -117,6 +118,7 @@ def test_database_locked_gives_503_and_leaves_nothing(tmp_path: Path) -> None:
     settings = make_settings(tmp_path, database_busy_timeout=0.3)
     with running_app(settings) as client:
         assert post_image(client, FILM, "P-read").status_code == 200
+        wait_until_logged(client, "P-read")  # its MLflow run is not written meanwhile: the lock alone holds the file
         stored_before = stored_files(settings)
         lock = sqlite3.connect(tmp_path / "predictions.db")
         lock.execute("BEGIN EXCLUSIVE")
@@ -135,9 +137,13 @@ def test_database_locked_gives_503_and_leaves_nothing(tmp_path: Path) -> None:
             assert conn.execute(text("SELECT COUNT(*) FROM predictions")).scalar() == 1
         # the run opened beside the heatmaps is deleted
         assert _runs(settings) == {"active": 1, "deleted": 1}
-        # and the service recovers once the lock is gone
+        # and the service recovers once the lock is gone (its short busy timeout still in force: the new
+        # prediction's MLflow run is written beside the read, so the read may wait for it, and is asked again)
         assert post_image(client, FILM, "P-locked").status_code == 200
-        assert len(client.get("/results/P-read").json()["predictions"]) == 1
+        reads: list[Any] = []
+        wait_until(lambda: reads.append(client.get("/results/P-read")) or reads[-1].status_code == 200, 30,
+                   lambda: f"/results/P-read answered {reads[-1].status_code} after the lock was gone")
+        assert len(reads[-1].json()["predictions"]) == 1
 
 
 def test_a_prediction_not_stored_within_half_the_recovery_age_is_refused_whole(tmp_path: Path) -> None:

@@ -327,7 +327,7 @@ def test_the_decoders_share_a_pixel_budget_and_wait_for_it() -> None:
     """Large decodes wait while the budget is spent (their memory is bounded whatever the number in flight), small
     films never wait, a film larger than the whole budget still decodes, alone, one that cannot start in time is
     refused as busy (503), and a decode that fails gives its share back."""
-    budget = PixelBudget(100, small_pixels=10, wait_seconds=0.5)
+    budget = PixelBudget(100, small_pixels=10, wait_seconds=60)  # the waiting decode never gives up, however slow
     entered = threading.Event()
 
     def second() -> None:
@@ -342,10 +342,12 @@ def test_the_decoders_share_a_pixel_budget_and_wait_for_it() -> None:
             assert budget.held == 60
     assert entered.wait(30)
     waiting.join()
-    with budget.hold(10**9):  # counted as the whole budget
-        assert budget.held == 100
-        with pytest.raises(Overloaded), budget.hold(50):
+    impatient = PixelBudget(100, small_pixels=10, wait_seconds=0.05)
+    with impatient.hold(10**9):  # counted as the whole budget
+        assert impatient.held == 100
+        with pytest.raises(Overloaded), impatient.hold(50):  # never released meanwhile: refused, whatever the load
             pass
+    assert impatient.held == 0
     with pytest.raises(ValueError), budget.hold(50):
         raise ValueError("a damaged film")
     assert budget.held == 0

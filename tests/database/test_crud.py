@@ -4,7 +4,6 @@ an earlier release's (SQLite) database, and failures mapped to DatabaseUnavailab
 from __future__ import annotations
 
 import datetime as dt
-import socket
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 from helpers import make_prediction, make_settings, running_app
 from sqlalchemy import inspect, select
 
+from bench.harness import reserve_port
 from database import crud
 from database.db import Database, DatabaseUnavailable, PoolSettings
 from database.models import Patient, Prediction
@@ -152,13 +152,12 @@ def test_database_that_cannot_be_opened_raises_database_unavailable(tmp_path: Pa
 
 
 def test_unreachable_postgresql_raises_database_unavailable() -> None:
-    with socket.socket() as probe:  # a port nothing listens on: the connection is refused at once
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    database = Database(f"postgresql+psycopg://boneage:secret@127.0.0.1:{port}/boneage")
-    with pytest.raises(DatabaseUnavailable, match="unavailable"):
-        database.ping()
-    database.dispose()
+    with reserve_port() as reservation:  # held, never listening: the connection is refused at once
+        port = reservation.getsockname()[1]
+        database = Database(f"postgresql+psycopg://boneage:secret@127.0.0.1:{port}/boneage")
+        with pytest.raises(DatabaseUnavailable, match="unavailable"):
+            database.ping()
+        database.dispose()
 
 
 def test_error_inside_a_session_rolls_back_and_is_not_mapped(database: Database) -> None:

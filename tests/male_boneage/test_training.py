@@ -56,17 +56,22 @@ def test_tiny_training_writes_loadable_calibrated_weights(tiny_weights: tuple[Pa
     assert metadata["sigma_scale"] > 0 and metadata["split_sizes"]["train"] == 256
     assert 0 < metadata["val_metrics"]["mae_months"] < 240
     assert path.stat().st_size < 20 * 1024 * 1024
-    # readable as any new file is (the umask's permissions): it was a temp file's 0600, which a service run as
-    # another user could not load
-    umask = os.umask(0)
-    os.umask(umask)
-    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
     model = BoneAgeModel.from_file(path, torch.device("cpu"))
     assert model.version == f"{metadata['version']}+s{metadata['sigma_scale']:.4f}"
     client = MlflowClient(uri)
     run = client.search_runs([client.get_experiment_by_name("bone-age-training").experiment_id])[0]
     assert "val_mae_months" in run.data.metrics and run.data.params["sex"] == "female"
     assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["female.pt"]
+
+
+def test_weights_files_get_the_permissions_of_any_new_file(tmp_path: Path) -> None:
+    """They were a temp file's owner-only 0600, which a service run as another user could not load."""
+    before = os.umask(0o022)  # a common umask, set here so that the test means the same everywhere
+    try:
+        train_module.atomic_save({"state_dict": {}}, tmp_path / "weights.pt")
+    finally:
+        os.umask(before)
+    assert (tmp_path / "weights.pt").stat().st_mode & 0o777 == 0o644
 
 
 def test_training_resumes_from_checkpoint(tiny_weights: tuple[Path, str]) -> None:

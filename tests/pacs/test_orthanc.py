@@ -54,7 +54,7 @@ def test_the_sr_and_sc_land_in_the_films_study_in_orthanc(tmp_path: Path, orthan
     stranger = AE(ae_title="STRANGER")
     stranger.add_requested_context(ComprehensiveSRStorage)
     association = stranger.associate("127.0.0.1", orthanc.dicom_port, ae_title=AE_TITLE)
-    assert not association.is_established
+    assert association.is_rejected  # turned away by Orthanc, not merely not established (as with nothing listening)
 
     settings = make_settings(tmp_path, pacs_host="127.0.0.1", pacs_port=orthanc.dicom_port, pacs_ae_title=AE_TITLE,
                              ae_title=CALLING_AE, pacs_timeout_seconds=60, pacs_retry_seconds=0.2,

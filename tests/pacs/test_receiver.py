@@ -523,7 +523,10 @@ def test_a_film_is_received_without_being_held_in_memory_and_one_over_the_byte_l
 
 
 def test_the_command_refuses_a_bad_port_inbox_or_host_with_a_usage_error(tmp_path: Path) -> None:
-    """Each gave a traceback (OverflowError, NotADirectoryError, gaierror), the last two after the forwarder started."""
+    """Each gave a traceback (OverflowError, NotADirectoryError, gaierror), the last two after the forwarder started.
+    The process's temporary folder and pynetdicom's settings are left as they were (a start that could not listen
+    left both changed: every later temporary file of the process went under that inbox)."""
+    tempdir_before, chunked_before = tempfile.tempdir, receiver_module._config.STORE_RECV_CHUNKED_DATASET
     a_file = tmp_path / "inbox-is-a-file"
     a_file.write_text("")
     for args in (["--port", "70000"], ["--inbox", str(a_file), "--port", "0"],
@@ -542,3 +545,5 @@ def test_the_command_refuses_a_bad_port_inbox_or_host_with_a_usage_error(tmp_pat
             with pytest.raises(SystemExit) as exit_info:
                 receiver_module.main(args)
             assert exit_info.value.code == 2, args
+    assert tempfile.tempdir == tempdir_before
+    assert receiver_module._config.STORE_RECV_CHUNKED_DATASET == chunked_before

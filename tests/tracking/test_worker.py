@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from PIL import Image
 from sqlalchemy import select
 
 import mlflow_config
+from bench.harness import reserve_port
 from database import crud
 from database.db import Database
 from database.models import Prediction
@@ -57,11 +57,12 @@ class FakeClock:
         self.now += dt.timedelta(seconds=seconds)
 
 
-def closed_port() -> int:
-    """A local TCP port nothing listens on (bound, then released): connections to it are refused at once."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+@pytest.fixture
+def unreachable_mlflow() -> Iterator[str]:
+    """The URL of an MLflow server that is not there: a local port held for the test and never listening, so
+    connections are refused at once (a port merely released could be taken by another test's server meanwhile)."""
+    with reserve_port() as reservation:
+        yield f"http://127.0.0.1:{reservation.getsockname()[1]}"
 
 
 def open_store(folder: Path) -> str:
@@ -205,14 +206,14 @@ def test_backlog_longer_than_one_page_is_all_logged_in_one_round(rig: Rig) -> No
 # --- MLflow unreachable, then back -----------------------------------------------------------------------------
 
 
-def test_open_run_returns_none_when_mlflow_is_unreachable(rig: Rig) -> None:
-    worker = rig.worker(MlflowRuns(f"http://127.0.0.1:{closed_port()}", EXPERIMENT))
+def test_open_run_returns_none_when_mlflow_is_unreachable(rig: Rig, unreachable_mlflow: str) -> None:
+    worker = rig.worker(MlflowRuns(unreachable_mlflow, EXPERIMENT))
     assert worker.open_run("20261127T100000000000Z-0123456789ab", "P1") is None
 
 
-def test_mlflow_unreachable_run_once_reports_failure_and_rows_stay_pending(rig: Rig) -> None:
+def test_mlflow_unreachable_run_once_reports_failure_and_rows_stay_pending(rig: Rig, unreachable_mlflow: str) -> None:
     rig.traffic.busy = False
-    worker = rig.worker(MlflowRuns(f"http://127.0.0.1:{closed_port()}", EXPERIMENT))
+    worker = rig.worker(MlflowRuns(unreachable_mlflow, EXPERIMENT))
     added = rig.add(3, open_run=worker.open_run)
     files = {path: path.read_bytes() for path in sorted(rig.storage_dir.rglob("*")) if path.is_file()}
     assert worker.run_once(defer=True) == (3, True)
@@ -295,13 +296,14 @@ def test_row_whose_run_id_was_lost_reuses_its_run(rig: Rig) -> None:
     assert rig.mlflow.get_run(lost_run_id).info.status == "FINISHED"
 
 
-def test_discard_run_deletes_the_run_and_never_raises_when_mlflow_is_unreachable(rig: Rig) -> None:
+def test_discard_run_deletes_the_run_and_never_raises_when_mlflow_is_unreachable(rig: Rig,
+                                                                                unreachable_mlflow: str) -> None:
     worker = rig.worker()
     run_id = worker.open_run("20261127T100000000000Z-0123456789ab", "P1")
     assert run_id is not None
     worker.discard_run(run_id)
     assert rig.mlflow.get_run(run_id).info.lifecycle_stage == "deleted"
-    rig.worker(MlflowRuns(f"http://127.0.0.1:{closed_port()}", EXPERIMENT)).discard_run(run_id)
+    rig.worker(MlflowRuns(unreachable_mlflow, EXPERIMENT)).discard_run(run_id)
 
 
 # --- what a run is made of -------------------------------------------------------------------------------------

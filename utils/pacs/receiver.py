@@ -384,7 +384,7 @@ class Receiver:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
-            _config.STORE_RECV_CHUNKED_DATASET = self._chunked_before
+        _config.STORE_RECV_CHUNKED_DATASET = self._chunked_before  # also after a start that could not listen
         self.forwarder.stop()
 
     def _on_store(self, event: Any) -> int:
@@ -455,7 +455,7 @@ def main(argv: list[str] | None = None) -> None:
     with httpx.Client(base_url=args.service, headers=headers, timeout=120) as client:
         # pynetdicom writes what arrives to temporary files: under the inbox, on the storage volume (not a tmpfs,
         # which would hold it in memory), where the start-up sweep and an erasure find what an aborted transfer left.
-        tempfile.tempdir = str(inbox.receiving_dir)
+        tempdir_before, tempfile.tempdir = tempfile.tempdir, str(inbox.receiving_dir)
         receiver = Receiver(inbox, Forwarder(inbox, client), settings.ae_title, UploadLimits.from_settings(settings),
                             settings.scp_calling_ae_title_list)
         try:
@@ -466,6 +466,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"cannot listen on {args.host}:{args.port} ({exc.strerror or type(exc).__name__})")
         finally:
             receiver.stop()
+            tempfile.tempdir = tempdir_before  # this process's other temporary files go where they went before
 
 
 if __name__ == "__main__":
