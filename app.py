@@ -24,6 +24,7 @@ from storage.store import PatientStore, StorageUnavailable
 from utils.api.audit import AuditWriter
 from utils.api.auth import KeyRing
 from utils.api.body_limit import UploadBodyLimit
+from utils.api.browser import CrossSiteGuard, PrivateResponses
 from utils.api.cors import CORSFromSettings
 from utils.api.docs import install_docs
 from utils.api.errors import install_error_handlers
@@ -137,7 +138,9 @@ def create_app(settings: Settings | None = None, load_models: ModelsLoader = Mod
     app = FastAPI(title="Bone age estimation", version="1.0.0", description=DESCRIPTION, lifespan=lifespan,
                   docs_url=None, redoc_url=None)  # served by install_docs from local files, not a CDN
     app.add_middleware(UploadBodyLimit)  # innermost: counts the body the routes read
+    app.add_middleware(CrossSiteGuard)  # before a body is read: another site's page changes nothing
     app.add_middleware(CORSFromSettings)
+    app.add_middleware(PrivateResponses)  # every answer, CORS's and the guard's too: no-store unless it says otherwise
     app.add_middleware(RequestMetrics)  # outermost: also counts what CORS answers
     install_error_handlers(app)
     app.include_router(open_router)

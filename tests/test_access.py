@@ -47,6 +47,35 @@ def test_cors_is_off_by_default_and_origins_are_a_setting(tmp_path: Path) -> Non
         assert "access-control-allow-credentials" not in response.headers  # never with a wildcard origin
 
 
+def test_a_page_of_another_site_changes_nothing_and_no_answer_is_cached(tmp_path: Path) -> None:
+    """Without API keys, any web page open on the machine could file a film under any patient id: a browser sends a
+    multipart POST of another site's page (`fetch` in no-cors mode, a form) without a CORS preflight. Such a
+    request, known by its `Origin`, is refused (403) before anything is read or stored; the service's own page
+    (the viewer: its origin is the Host asked for, or X-Forwarded-Host behind a proxy), an origin listed in
+    BONEAGE_CORS_ORIGINS and clients that send no Origin (curl, scripts) are not. Every answer carrying patient
+    data is `Cache-Control: no-store` (a shared cache does not take X-API-Key for a private request), and none
+    may be sniffed into another type."""
+    film = {"image": ("x.png", FILM)}
+    settings = make_settings(tmp_path / "a", cors_origins="http://viewer.example")
+    with running_app(settings) as client:
+        for origin in ("http://evil.example", "null", "http://testserver.evil.example"):
+            refused = client.post("/predict", files=film, data={"patient_id": "P-csrf"}, headers={"Origin": origin})
+            assert refused.status_code == 403 and "another site" in refused.json()["detail"], origin
+        assert client.delete("/patients/P-csrf", headers={"Origin": "http://evil.example"}).status_code == 403
+        assert not (settings.storage_dir / "patients" / "P-csrf").exists()
+        for headers in ({"Origin": "http://testserver"}, {"Origin": "http://viewer.example"},
+                        {"Origin": "https://boneage.hospital.example", "X-Forwarded-Host": "boneage.hospital.example"},
+                        {}):
+            answer = client.post("/predict", files=film, data={"patient_id": "P-csrf"}, headers=headers)
+            assert answer.status_code == 200, (headers, answer.text)
+        for url in ("/results/P-csrf", client.get("/results/P-csrf").json()["predictions"][0]["original_url"],
+                    "/results/P-csrf/fhir", "/results/P-nobody", "/health"):
+            response = client.get(url)
+            assert response.headers["cache-control"] == "no-store", url
+            assert response.headers["x-content-type-options"] == "nosniff", url
+        assert client.get("/").headers["cache-control"] == "no-cache"  # the page itself: revalidated, no data
+
+
 def test_start_up_removes_unrecorded_and_partial_folders(tmp_path: Path) -> None:
     settings = make_settings(tmp_path)
     with running_app(settings) as client:

@@ -23,4 +23,5 @@ class WholeStaticFiles(StaticFiles):
                       status_code: int = 200) -> Response:
         response = super().file_response(full_path, stat_result, scope, status_code)
         response.headers["accept-ranges"] = "none"
+        response.headers["cache-control"] = "no-cache"  # kept, and revalidated (ETag) when the service is updated
         return response
