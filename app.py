@@ -24,7 +24,7 @@ from storage.store import PatientStore, StorageUnavailable
 from utils.api.audit import AuditWriter
 from utils.api.auth import KeyRing
 from utils.api.body_limit import UploadBodyLimit
-from utils.api.browser import CrossSiteGuard, PrivateResponses
+from utils.api.browser import CrossSiteGuard, KeylessLocalOnly, PrivateResponses
 from utils.api.cors import CORSFromSettings
 from utils.api.docs import install_docs
 from utils.api.errors import install_error_handlers
@@ -139,6 +139,7 @@ def create_app(settings: Settings | None = None, load_models: ModelsLoader = Mod
                   docs_url=None, redoc_url=None)  # served by install_docs from local files, not a CDN
     app.add_middleware(UploadBodyLimit)  # innermost: counts the body the routes read
     app.add_middleware(CrossSiteGuard)  # before a body is read: another site's page changes nothing
+    app.add_middleware(KeylessLocalOnly)  # without keys: requests for this machine's loopback only
     app.add_middleware(CORSFromSettings)
     app.add_middleware(PrivateResponses)  # every answer, CORS's and the guard's too: no-store unless it says otherwise
     app.add_middleware(RequestMetrics)  # outermost: also counts what CORS answers

@@ -34,6 +34,9 @@ RAW = DATA / "rsna-raw-12"
 TEST20 = DATA / "rsna-test-20"
 TRAIN100 = DATA / "rsna-train-100px"
 WEIGHTS = PROJECT_ROOT / "male_boneage" / "weights"
+# The test clients' base URL: a service without API keys answers only requests for a loopback host (not
+# TestClient's default "testserver").
+LOCAL_URL = "http://127.0.0.1"
 
 
 _mlflow_template: Path | None = None
@@ -147,7 +150,7 @@ def wait_until(condition: Callable[[], bool], timeout_s: float, message: str | C
 
 def running_app(settings: Settings) -> TestClient:
     """The real app with `settings`, as a client to use in `with`: the lifespan starts on entry, stops on exit."""
-    return TestClient(create_app(settings))
+    return TestClient(create_app(settings), base_url=LOCAL_URL)
 
 
 @dataclass

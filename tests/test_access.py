@@ -58,12 +58,12 @@ def test_a_page_of_another_site_changes_nothing_and_no_answer_is_cached(tmp_path
     film = {"image": ("x.png", FILM)}
     settings = make_settings(tmp_path / "a", cors_origins="http://viewer.example")
     with running_app(settings) as client:
-        for origin in ("http://evil.example", "null", "http://testserver.evil.example"):
+        for origin in ("http://evil.example", "null", "http://127.0.0.1.evil.example"):
             refused = client.post("/predict", files=film, data={"patient_id": "P-csrf"}, headers={"Origin": origin})
             assert refused.status_code == 403 and "another site" in refused.json()["detail"], origin
         assert client.delete("/patients/P-csrf", headers={"Origin": "http://evil.example"}).status_code == 403
         assert not (settings.storage_dir / "patients" / "P-csrf").exists()
-        for headers in ({"Origin": "http://testserver"}, {"Origin": "http://viewer.example"},
+        for headers in ({"Origin": "http://127.0.0.1"}, {"Origin": "http://viewer.example"},
                         {"Origin": "https://boneage.hospital.example", "X-Forwarded-Host": "boneage.hospital.example"},
                         {}):
             answer = client.post("/predict", files=film, data={"patient_id": "P-csrf"}, headers=headers)
@@ -74,6 +74,23 @@ def test_a_page_of_another_site_changes_nothing_and_no_answer_is_cached(tmp_path
             assert response.headers["cache-control"] == "no-store", url
             assert response.headers["x-content-type-options"] == "nosniff", url
         assert client.get("/").headers["cache-control"] == "no-cache"  # the page itself: revalidated, no data
+
+
+def test_without_keys_only_requests_for_this_machine_are_answered(tmp_path: Path) -> None:
+    """A service without API keys (README: this machine only) answered any Host: a page of any site could read
+    results through DNS rebinding (its name resolved to 127.0.0.1). It answers a loopback Host only; with keys,
+    which every request then needs, any Host."""
+    with running_app(make_settings(tmp_path / "a")) as client:
+        assert post_image(client, FILM, "P-host").status_code == 200
+        for host in ("attacker-rebind.example:8000", "10.1.2.3:8000", "127.0.0.1.nip.io", "localhost.example"):
+            refused = client.get("/results/P-host", headers={"Host": host})
+            assert refused.status_code == 403 and "BONEAGE_API_KEYS" in refused.json()["detail"], host
+            assert "P-host" not in refused.text
+        for host in ("127.0.0.1:8000", "localhost:8000", "[::1]:8000", "127.0.0.2", "viewer.localhost"):
+            assert client.get("/results/P-host", headers={"Host": host}).status_code == 200, host
+    with running_app(make_settings(tmp_path / "b", api_keys="key-one")) as client:
+        answer = client.get("/health", headers={"Host": "boneage.hospital.example"})
+        assert answer.status_code == 200 and answer.json()["database"] == "ok"
 
 
 def test_start_up_removes_unrecorded_and_partial_folders(tmp_path: Path) -> None:

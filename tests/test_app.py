@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from helpers import PROJECT_ROOT, WEIGHTS, make_settings, running_app
+from helpers import LOCAL_URL, PROJECT_ROOT, WEIGHTS, make_settings, running_app
 from pydantic import ValidationError
 
 from app import create_app
@@ -57,7 +57,7 @@ def test_settings_come_from_the_environment_at_start_up(monkeypatch: pytest.Monk
     }
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
-    with TestClient(app) as client:
+    with TestClient(app, base_url=LOCAL_URL) as client:
         assert client.get("/health").json()["database"] == "ok"
         preflight = {"Origin": "http://viewer.example", "Access-Control-Request-Method": "POST"}
         assert client.options("/predict", headers=preflight).headers["access-control-allow-origin"] == (

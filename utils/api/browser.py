@@ -1,8 +1,10 @@
 """What a browser may do with the service: no request of another site's page may change anything
-(`CrossSiteGuard`), and no answer is kept by a cache or sniffed into another type (`PrivateResponses`)."""
+(`CrossSiteGuard`), nor reach a service without keys under another name (`KeylessLocalOnly`), and no answer is kept
+by a cache or sniffed into another type (`PrivateResponses`)."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from urllib.parse import urlsplit
 
@@ -36,11 +38,8 @@ class CrossSiteGuard:
         if origin is None or self._allowed(origin, [h for h in hosts if h], scope):
             await self.app(scope, receive, send)
             return
-        body = json.dumps({"detail": "refused: a page of another site (Origin) may not change anything here; "
-                                     "list its origin in BONEAGE_CORS_ORIGINS if it should"}).encode()
-        await send({"type": "http.response.start", "status": 403,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        await _refuse(send, "refused: a page of another site (Origin) may not change anything here; list its "
+                            "origin in BONEAGE_CORS_ORIGINS if it should")
 
     @staticmethod
     def _allowed(origin: str, hosts: list[str], scope: Scope) -> bool:
@@ -49,6 +48,44 @@ class CrossSiteGuard:
             return True
         parts = urlsplit(origin)
         return parts.scheme in ("http", "https") and parts.netloc.lower() in {h.lower() for h in hosts}
+
+
+class KeylessLocalOnly:
+    """Without API keys, answers (403) only requests for this machine's own names: a `Host` of localhost or a
+    loopback address. Such a service listens on 127.0.0.1 (`python app.py`) and must not be reached from elsewhere
+    (README: serving beyond this machine needs keys); a page of any site could otherwise read it through DNS
+    rebinding (its own name resolved to 127.0.0.1, so that the browser counts the service's answers as that site's).
+    With keys configured, every request needs one anyway and any `Host` is served."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["app"].state.settings.keys_configured or \
+                is_local_host(Headers(scope=scope).get("host", "")):
+            await self.app(scope, receive, send)
+            return
+        await _refuse(send, "refused: without API keys this service answers only requests for localhost or a "
+                            "loopback address (the Host asked for); set BONEAGE_API_KEYS to serve other hosts")
+
+
+def is_local_host(host: str) -> bool:
+    """Whether a `Host` header (name or address, with or without a port) names this machine's loopback."""
+    name = urlsplit(f"//{host}").hostname or ""
+    if name == "localhost" or name.endswith(".localhost"):  # RFC 6761: always the loopback
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+async def _refuse(send: Send, detail: str) -> None:
+    """Answer 403 with a JSON `detail`, as every other error of the service."""
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": 403,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
 
 
 class PrivateResponses:
