@@ -37,6 +37,7 @@ WEIGHTS = PROJECT_ROOT / "male_boneage" / "weights"
 # The test clients' base URL: a service without API keys answers only requests for a loopback host (not
 # TestClient's default "testserver").
 LOCAL_URL = "http://127.0.0.1"
+TEST_CLIENT = ("127.0.0.1", 50000)  # the address the test clients' requests come from (the audit records it)
 
 
 _mlflow_template: Path | None = None
@@ -150,7 +151,7 @@ def wait_until(condition: Callable[[], bool], timeout_s: float, message: str | C
 
 def running_app(settings: Settings) -> TestClient:
     """The real app with `settings`, as a client to use in `with`: the lifespan starts on entry, stops on exit."""
-    return TestClient(create_app(settings), base_url=LOCAL_URL)
+    return TestClient(create_app(settings), base_url=LOCAL_URL, client=TEST_CLIENT)
 
 
 @dataclass

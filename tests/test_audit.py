@@ -16,10 +16,11 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from helpers import RAW, make_settings, running_app
+from helpers import LOCAL_URL, RAW, make_settings, running_app
 from patient_data import audit_rows, execute, header, query, upload, write_keys_file
 from starlette.requests import Request
 
+from app import create_app
 from utils.api.audit import printable_route
 from utils.audit_trail import main as audit_cli
 from utils.config import Settings
@@ -71,7 +72,7 @@ def test_each_patient_route_leaves_one_row_with_who_what_and_the_answer(tmp_path
         ("results", "GET /results/P-a", "uploader", "P-a", None, 403),
         ("audit", "GET /audit", "everything", "P-a", None, 200),
     ]
-    assert {r["client"] for r in rows} == {"testclient"}
+    assert {r["client"] for r in rows} == {"127.0.0.1"}
     assert [r["seq"] for r in rows] == list(range(1, len(rows) + 1))
     assert all(isinstance(r["at"], (str, dt.datetime)) and len(r["row_hash"]) == 64 for r in rows)
 
@@ -229,3 +230,23 @@ def test_the_cli_leaves_a_database_it_reads_as_it_was(tmp_path: Path, capsys: py
     with pytest.raises(SystemExit) as exit_info:
         audit_cli(["--database-url", "mysql://u:p@127.0.0.1:1/x", "verify"])
     assert exit_info.value.code == 2 and "cannot be opened" in capsys.readouterr().err
+
+
+def test_a_forged_client_address_is_not_recorded_and_the_csv_export_holds_no_formula(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """uvicorn takes X-Forwarded-For from a trusted proxy (by default any process on the machine) as it comes: the
+    audit recorded `=HYPERLINK("http://ev.il/x")` as the client, and the CSV export wrote it as a formula for a
+    spreadsheet to run. A client that is no IP address is recorded as `not an address`; the CSV export shows any
+    cell a spreadsheet would take for a formula as text (a leading `'`), the JSON lines as stored."""
+    settings = keyed_settings(tmp_path)
+    forged = '=HYPERLINK("http://ev.il/x")'
+    # the client's address as uvicorn would set it from the header
+    with TestClient(create_app(settings), base_url=LOCAL_URL, client=(forged, 1)) as forger:
+        assert forger.get("/results/P-forged").status_code == 401
+        assert forger.get("/results/-P", headers=header("viewer")).status_code == 404
+    assert [r["client"] for r in audit_rows(settings)] == ["not an address"] * 2
+    status, csv_text = cli(capsys, settings, "export", "--format", "csv")
+    exported = list(csv.DictReader(io.StringIO(csv_text)))
+    assert status == 0 and [r["patient_id"] for r in exported] == ["P-forged", "'-P"]
+    status, lines = cli(capsys, settings, "export", "--format", "jsonl")
+    assert [json.loads(line)["patient_id"] for line in lines.splitlines()] == ["P-forged", "-P"]

@@ -49,11 +49,19 @@ def export(events: Iterator[AuditEvent], form: str, out: TextIO) -> int:
     for event in events:
         record = as_record(event)
         if writer is not None:
-            writer.writerow(record)
+            writer.writerow({name: spreadsheet_safe(value) for name, value in record.items()})
         else:
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
         count += 1
     return count
+
+
+def spreadsheet_safe(value: Any) -> Any:
+    """A CSV cell a spreadsheet shows as text: one starting with = + - @ or a tab or carriage return (a formula to
+    Excel or LibreOffice) gets a leading `'` (OWASP's advice for CSV injection). JSON lines are written as stored."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
 
 
 def _moment(text: str) -> dt.datetime:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import logging
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
@@ -43,7 +44,14 @@ UNAUTHENTICATED = "a valid API key is required (Authorization: Bearer <key> or X
 
 
 def client_address(request: Request) -> str | None:
-    return request.client.host[:64] if request.client else None
+    """The client's IP address; a value that is none (uvicorn takes X-Forwarded-For from a trusted proxy, by
+    default any local process, as it comes) is recorded as `not an address`, never as written."""
+    if request.client is None:
+        return None
+    try:
+        return str(ipaddress.ip_address(request.client.host))
+    except ValueError:
+        return "not an address"
 
 
 def printable_route(request: Request) -> str:
