@@ -86,7 +86,8 @@ def test_without_keys_only_requests_for_this_machine_are_answered(tmp_path: Path
             refused = client.get("/results/P-host", headers={"Host": host})
             assert refused.status_code == 403 and "BONEAGE_API_KEYS" in refused.json()["detail"], host
             assert "P-host" not in refused.text
-        for host in ("127.0.0.1:8000", "localhost:8000", "[::1]:8000", "127.0.0.2", "viewer.localhost"):
+        for host in ("127.0.0.1:8000", "localhost:8000", "[::1]:8000", "127.0.0.2", "viewer.localhost",
+                     "0.0.0.0:8000"):
             assert client.get("/results/P-host", headers={"Host": host}).status_code == 200, host
     with running_app(make_settings(tmp_path / "b", api_keys="key-one")) as client:
         answer = client.get("/health", headers={"Host": "boneage.hospital.example"})

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from helpers import (
+    LOCAL_URL,
     RAW,
     TRAIN100,
     assert_nothing_stored,
@@ -197,7 +198,7 @@ def test_a_chunked_upload_over_the_limit_is_refused_as_it_arrives(tmp_path: Path
             yield b"\0" * 65536
 
     async def post(app: Any) -> httpx.Response:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://service") as http:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=LOCAL_URL) as http:
             return await http.post("/predict", content=body(),
                                    headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
 

@@ -75,9 +75,12 @@ def is_local_host(host: str) -> bool:
     if name == "localhost" or name.endswith(".localhost"):  # RFC 6761: always the loopback
         return True
     try:
-        return ipaddress.ip_address(name).is_loopback
+        address = ipaddress.ip_address(name)
     except ValueError:
         return False
+    # 0.0.0.0 and :: reach this machine too (the DICOM receiver posts to BONEAGE_HOST, which may be 0.0.0.0); a
+    # rebinding page's requests carry its own name, never these
+    return address.is_loopback or address.is_unspecified
 
 
 async def _refuse(send: Send, detail: str) -> None:
