@@ -26,11 +26,17 @@ def refusal(main: Callable[[list[str]], None], argv: list[str], capsys: pytest.C
     return last
 
 
+@pytest.fixture
+def blocker(tmp_path: Path) -> Path:
+    """A file where an --out's folder would be."""
+    path = tmp_path / "a-file"
+    path.write_text("")
+    return path
+
+
 def test_train_refuses_bad_values_an_unwritable_out_and_missing_data_before_training(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, blocker: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)  # an MLflow store made by mistake would land here
-    blocker = tmp_path / "a-file"
-    blocker.write_text("")
     base = ["--data", str(TRAIN299), "--sex", "male"]
     cases = {
         "--batch-size must be at least 1": [*base, "--out", str(tmp_path / "x.pt"), "--batch-size", "0"],
@@ -46,9 +52,7 @@ def test_train_refuses_bad_values_an_unwritable_out_and_missing_data_before_trai
 
 
 def test_film_check_refuses_bad_values_an_unwritable_out_and_missing_data(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    blocker = tmp_path / "a-file"
-    blocker.write_text("")
+        tmp_path: Path, blocker: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cases = {
         "--epochs must be at least 1": ["train", "--epochs", "0"],  # torch's "total_steps" error, after loading
         "--folds must be at least 2": ["measure", "--folds", "1"],

@@ -5,10 +5,10 @@ by a cache or sniffed into another type (`PrivateResponses`)."""
 from __future__ import annotations
 
 import ipaddress
-import json
 from urllib.parse import urlsplit
 
 from starlette.datastructures import Headers, MutableHeaders
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -38,8 +38,8 @@ class CrossSiteGuard:
         if origin is None or self._allowed(origin, [h for h in hosts if h], scope):
             await self.app(scope, receive, send)
             return
-        await _refuse(send, "refused: a page of another site (Origin) may not change anything here; list its "
-                            "origin in BONEAGE_CORS_ORIGINS if it should")
+        await _refusal("refused: a page of another site (Origin) may not change anything here; list its origin in "
+                       "BONEAGE_CORS_ORIGINS if it should")(scope, receive, send)
 
     @staticmethod
     def _allowed(origin: str, hosts: list[str], scope: Scope) -> bool:
@@ -65,8 +65,8 @@ class KeylessLocalOnly:
                 is_local_host(Headers(scope=scope).get("host", "")):
             await self.app(scope, receive, send)
             return
-        await _refuse(send, "refused: without API keys this service answers only requests for localhost or a "
-                            "loopback address (the Host asked for); set BONEAGE_API_KEYS to serve other hosts")
+        await _refusal("refused: without API keys this service answers only requests for localhost or a loopback "
+                       "address (the Host asked for); set BONEAGE_API_KEYS to serve other hosts")(scope, receive, send)
 
 
 def is_local_host(host: str) -> bool:
@@ -83,12 +83,9 @@ def is_local_host(host: str) -> bool:
     return address.is_loopback or address.is_unspecified
 
 
-async def _refuse(send: Send, detail: str) -> None:
-    """Answer 403 with a JSON `detail`, as every other error of the service."""
-    body = json.dumps({"detail": detail}).encode()
-    await send({"type": "http.response.start", "status": 403,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
+def _refusal(detail: str) -> JSONResponse:
+    """403 with a JSON `detail`, as every other error of the service."""
+    return JSONResponse({"detail": detail}, status_code=403)
 
 
 class PrivateResponses:
