@@ -13,6 +13,8 @@
 #            the warm machine.
 #   here:    bash male_boneage/device_train.sh finalise /work/.device/.../files   # folder holding male.pt, female.pt
 #
+# WIDTH=64 trains ResNet-18's own widths (64-512 channels) instead of the served 48-384 (model card: stage 16).
+#
 # Dry run on the CPU (the same steps, tiny): DEVICE=cpu SIZE=112 LIMIT=256 JOINT_EPOCHS=1 SEX_EPOCHS=1 \
 #   BENCH_ARGS="--reps 1 --warmup 0" bash male_boneage/device_train.sh unpack train bench finalise checkpoints/device
 set -euo pipefail
@@ -20,6 +22,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 DEVICE=${DEVICE:-cuda}
 SIZE=${SIZE:-288}
+WIDTH=${WIDTH:-48}  # channels of the first stage (48: the served nets; 64: ResNet-18's own, stage 16)
 BATCH=${BATCH:-128}
 JOINT_EPOCHS=${JOINT_EPOCHS:-60}
 JOINT_LR=${JOINT_LR:-3e-3}
@@ -45,7 +48,7 @@ while [ $# -gt 0 ]; do
     train)
       [ "$DEVICE" = cpu ] || nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
       args=(--data "$DATA" --raw device_data/rsna-train-512 --no-validation --device "$DEVICE" --input-size "$SIZE"
-            --batch-size "$BATCH" "${limit[@]}")
+            --width "$WIDTH" --batch-size "$BATCH" "${limit[@]}")
       mkdir -p "$WORK"
       {
         "$PY" -m male_boneage.train "${args[@]}" --sex both --epochs "$JOINT_EPOCHS" --lr "$JOINT_LR" \
@@ -63,7 +66,7 @@ while [ $# -gt 0 ]; do
       mkdir -p "$WORK/final"
       for sex in male female; do
         "$PY" -m male_boneage.train --data ../shared/data/rsna-train-299 --raw ../shared/data/rsna-train-512 \
-          --input-size "$SIZE" --sex "$sex" --epochs 0 --init "$from/$sex.pt" --out "$WORK/final/$sex.pt" \
+          --input-size "$SIZE" --width "$WIDTH" --sex "$sex" --epochs 0 --init "$from/$sex.pt" --out "$WORK/final/$sex.pt" \
           "${limit[@]}"
       done
       "$PY" -m male_boneage.recalibrate --data ../shared/data/rsna-train-512 --split train \

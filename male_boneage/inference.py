@@ -204,10 +204,12 @@ def build_nets(state_dict: dict[str, torch.Tensor], metadata: dict[str, Any], so
 
 
 def build_net(state_dict: dict[str, torch.Tensor], metadata: dict[str, Any], source: str) -> BoneAgeNet:
-    """A BoneAgeNet with the weights loaded strictly, in eval mode."""
-    net = BoneAgeNet(input_size=int(metadata["input_size"]), width=int(metadata["width"]))
+    """A BoneAgeNet with the weights loaded strictly, in eval mode. Built on the meta device, so that no random
+    initialisation runs only to be overwritten: every tensor is the file's (`assign`)."""
+    with torch.device("meta"):
+        net = BoneAgeNet(input_size=int(metadata["input_size"]), width=int(metadata["width"]))
     try:
-        net.load_state_dict(state_dict, strict=True)
+        net.load_state_dict(state_dict, strict=True, assign=True)
     except RuntimeError as exc:
         first = str(exc).splitlines()[0] if str(exc) else "shape mismatch"
         raise ModelUnavailable(f"model weights file {source} does not match {ARCHITECTURE}: {first}") from None
