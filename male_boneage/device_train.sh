@@ -13,8 +13,6 @@
 #            the warm machine.
 #   here:    bash male_boneage/device_train.sh finalise /work/.device/.../files   # folder holding male.pt, female.pt
 #
-# WIDTH=64 trains ResNet-18's own widths (64-512 channels) instead of the served 48-384 (model card: stage 16).
-#
 # Dry run on the CPU (the same steps, tiny): DEVICE=cpu SIZE=112 LIMIT=256 JOINT_EPOCHS=1 SEX_EPOCHS=1 \
 #   BENCH_ARGS="--reps 1 --warmup 0" bash male_boneage/device_train.sh unpack train bench finalise checkpoints/device
 set -euo pipefail
@@ -22,7 +20,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 DEVICE=${DEVICE:-cuda}
 SIZE=${SIZE:-288}
-WIDTH=${WIDTH:-48}  # channels of the first stage (48: the served nets; 64: ResNet-18's own, stage 16)
+WIDTH=${WIDTH:-48}  # channels of the first stage: 48 as served; 64 is ResNet-18's own (model card: stage 16)
 BATCH=${BATCH:-128}
 JOINT_EPOCHS=${JOINT_EPOCHS:-60}
 JOINT_LR=${JOINT_LR:-3e-3}
@@ -66,8 +64,8 @@ while [ $# -gt 0 ]; do
       mkdir -p "$WORK/final"
       for sex in male female; do
         "$PY" -m male_boneage.train --data ../shared/data/rsna-train-299 --raw ../shared/data/rsna-train-512 \
-          --input-size "$SIZE" --width "$WIDTH" --sex "$sex" --epochs 0 --init "$from/$sex.pt" --out "$WORK/final/$sex.pt" \
-          "${limit[@]}"
+          --input-size "$SIZE" --width "$WIDTH" --sex "$sex" --epochs 0 --init "$from/$sex.pt" \
+          --out "$WORK/final/$sex.pt" "${limit[@]}"
       done
       "$PY" -m male_boneage.recalibrate --data ../shared/data/rsna-train-512 --split train \
         --male-weights "$WORK/final/male.pt" --female-weights "$WORK/final/female.pt" --write
